@@ -1,0 +1,35 @@
+# Two entry points: `make run` and `make test`. Both set up .venv on first use and are quick after.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXAMPLES := examples
+OUT ?= out/examples
+
+.PHONY: run test setup weights bench clean
+
+setup: $(STAMP)
+
+# torch is pinned first so that a CPU build already on disk is used; an unpinned torch
+# would pull a multi-gigabyte CUDA build on machines without a GPU.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+weights: $(STAMP)
+	$(VENV)/bin/dreamfocus models fetch --missing-ok
+
+run: weights
+	$(VENV)/bin/dreamfocus run $(EXAMPLES) $(OUT)
+
+test: weights
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) scripts/bench_effect.py
+
+clean:
+	rm -rf out

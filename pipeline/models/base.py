@@ -1,0 +1,84 @@
+"""The one interface every model implements, and the resize policy they share."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from typing import ClassVar, Sequence
+
+import cv2
+import numpy as np
+
+from ..effect import resize_map
+
+SALIENCY = "saliency"
+DEPTH = "depth"
+
+
+class MapModel(ABC):
+    """A model that turns photos into one float32 map each.
+
+    Load once in ``__init__``; ``predict`` takes a batch of HxWx3 uint8 RGB photos of mixed sizes
+    and returns float32 maps at each photo's own size: saliency in 0..1, depth as relative
+    inverse depth (larger is nearer, any scale). Subclasses set the class attributes, implement
+    ``_predict_batch`` on photos already brought to the model's input size, and register
+    themselves with ``pipeline.models.register``.
+    """
+
+    name: ClassVar[str]
+    task: ClassVar[str]  # SALIENCY or DEPTH
+    licence: ClassVar[str] = ""
+    source: ClassVar[str] = ""
+    needs_weights: ClassVar[bool] = True
+
+    def __init__(self, weights: str | None = None, device: str | None = None,
+                 batch_size: int = 4) -> None:
+        self.weights = weights
+        self.device = device or default_device()
+        self.batch_size = batch_size
+
+    @property
+    def version(self) -> str:
+        """What was actually loaded (a weights digest, or a description); goes into the manifest."""
+        return "builtin"
+
+    def predict(self, photos: Sequence[np.ndarray]) -> list[np.ndarray]:
+        maps: list[np.ndarray] = []
+        for i in range(0, len(photos), self.batch_size):
+            chunk = list(photos[i:i + self.batch_size])
+            for photo, raw in zip(chunk, self._predict_batch(chunk)):
+                maps.append(resize_map(raw, photo.shape[0], photo.shape[1]))
+        return maps
+
+    @abstractmethod
+    def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
+        """Maps for a batch, each at any size with the photo's aspect ratio."""
+
+
+def default_device() -> str:
+    try:
+        import torch
+        if torch.cuda.is_available():
+            return "cuda"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return "cpu"
+
+
+def cpu_threads() -> int:
+    """Threads for CPU inference: the cores this process may use, as Ray also restricts them."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def squash(photo: np.ndarray, size: int) -> np.ndarray:
+    """The photo stretched to size x size, as salient-object models were trained (no padding)."""
+    shrinking = photo.shape[0] > size and photo.shape[1] > size
+    return cv2.resize(photo, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+
+def unsquash(values: np.ndarray, photo: np.ndarray) -> np.ndarray:
+    """A square model output brought back to the photo's aspect ratio."""
+    return resize_map(values, photo.shape[0], photo.shape[1])
