@@ -19,14 +19,17 @@ from .params import EffectParams
 
 @dataclass
 class Rendering:
-    image: np.ndarray  # uint8 HxWx3, the result
-    background: np.ndarray  # uint8 HxWx3, the painterly background at full size
-    alpha: np.ndarray  # float32 HxW at full size: 1 keeps the photo, 0 shows the background
-    fg: np.ndarray  # float32 mask at working size
+    """The result and what led to it. Maps are at working size (the photo divided by `factor`)."""
+
+    image: np.ndarray  # uint8 HxWx3, the result at full size
+    background: np.ndarray  # uint8, the painterly background at working size
+    alpha: np.ndarray  # float32 at working size: 1 keeps the photo, 0 shows the background
+    fg: np.ndarray  # float32 salient-object mask at working size
     depth: np.ndarray  # float32 normalised depth at working size (nearest = 1)
+    factor: int  # full size = working size * factor
     start: float  # depth at and in front of which the photo stays crisp
     stop: float  # depth at and behind which only the background shows
-    fg_fraction: float  # share of working-size pixels that are foreground
+    fg_fraction: float  # share of pixels that are foreground
 
 
 def resize_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -82,12 +85,12 @@ def interpolation_alpha(fg: np.ndarray, depth: np.ndarray, start: float, stop: f
     """alpha = clamp((fg + depth - stop) / (start - stop), 0, 1).
 
     Adding fg keeps every subject pixel crisp where mask and depth disagree. When start == stop
-    the ramp has no width and becomes a step at start.
+    the ramp has no width: what is strictly nearer than start stays crisp, and otherwise the mask
+    alone decides (so a flat depth map leaves exactly the subject crisp).
     """
-    level = fg + depth
     if start <= stop:
-        return (level >= start).astype(np.float32)
-    alpha = (level - np.float32(stop)) * np.float32(1.0 / (start - stop))
+        return np.clip(fg + (depth > start), 0.0, 1.0).astype(np.float32)
+    alpha = (fg + depth - np.float32(stop)) * np.float32(1.0 / (start - stop))
     return np.clip(alpha, 0.0, 1.0, out=alpha)
 
 
@@ -117,79 +120,151 @@ def luminance(photo: np.ndarray) -> np.ndarray:
     return gray.astype(np.float32) * np.float32(1 / 255)
 
 
-def directional_gradient(height: int, width: int, direction: str, strength: float) -> np.ndarray | None:
-    """A ramp from `strength` at the named edge to 0 at the opposite one, or None for "none".
+def composite(photo: np.ndarray, background: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """photo * alpha + background * (1 - alpha) as uint8; all at the same size, alpha float32."""
+    return cv2.blendLinear(photo, background, alpha, 1.0 - alpha)
 
-    Used as a floor on alpha: the named side keeps some of the photo, the far side is all
-    background, which reads as a soft fall-off of focus across the frame.
+
+def working_factor(height: int, width: int, work_size: int) -> int:
+    """The integer factor that brings the long side to at most work_size (1: full resolution).
+
+    An integer factor keeps downscaling exact and cheap, and lets the full-size result be
+    assembled tile by tile with exactly the values a whole-image upscale would give.
+    """
+    if work_size == 0:
+        return 1
+    return max(1, -(-max(height, width) // work_size))
+
+
+def downscale(photo: np.ndarray, factor: int) -> np.ndarray:
+    """Area-average by an integer factor; the < factor leftover rows/columns are dropped."""
+    if factor == 1:
+        return photo
+    h, w = photo.shape[0] // factor, photo.shape[1] // factor
+    return cv2.resize(photo[:h * factor, :w * factor], (w, h), interpolation=cv2.INTER_AREA)
+
+
+def upscale(values: np.ndarray, factor: int, height: int, width: int) -> np.ndarray:
+    """A working-size map or image brought to height x width (bilinear, pixel centres aligned)."""
+    return _upscale_block(values, factor, 0, height, 0, width)
+
+
+def _upscale_block(values: np.ndarray, factor: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+    """Rows y0:y1, columns x0:x1 of the full-size bilinear upscale, computed from a margin only.
+
+    With an integer factor, cv2.resize of a sub-block maps pixel centres exactly as the resize of
+    the whole image does, so the blocks tile into the same result.
+    """
+    if factor == 1:
+        return values[y0:y1, x0:x1]
+    h, w = values.shape[:2]
+    r0, c0 = max(0, y0 // factor - 1), max(0, x0 // factor - 1)
+    r1, c1 = -(-y1 // factor) + 1, -(-x1 // factor) + 1
+    block = values[r0:min(r1, h), c0:min(c1, w)]
+    # Past the working image's edge (the leftover rows of `downscale`) repeat its last row/column.
+    pad_b, pad_r = max(0, r1 - h), max(0, c1 - w)
+    if pad_b or pad_r:
+        block = cv2.copyMakeBorder(block, 0, pad_b, 0, pad_r, cv2.BORDER_REPLICATE)
+    up = cv2.resize(block, (block.shape[1] * factor, block.shape[0] * factor),
+                    interpolation=cv2.INTER_LINEAR)
+    oy, ox = y0 - r0 * factor, x0 - c0 * factor
+    return up[oy:oy + y1 - y0, ox:ox + x1 - x0]
+
+
+def compose_full_size(photo: np.ndarray, background: np.ndarray, coef_a: np.ndarray,
+                      coef_b: np.ndarray, factor: int, floor: tuple[np.ndarray, np.ndarray] | None = None,
+                      tile: int = 64) -> np.ndarray:
+    """The full-size composite, where alpha = clamp(up(a) * luminance(photo) + up(b), 0, 1).
+
+    background, a and b are at working size. Tiles whose alpha is 1 everywhere keep the photo
+    and tiles whose alpha is 0 everywhere take the upscaled background, so the blend runs only
+    where the subject meets the background. Bilinear upscaling is a convex combination, so
+    min(b, a + b) and max(b, a + b) over a tile and its one-pixel margin bound alpha in the tile.
+    floor: optional (column ramp, row ramp) whose sum is a floor on alpha (the gradient).
+    """
+    height, width = photo.shape[:2]
+    low = np.minimum(coef_b, coef_a + coef_b)
+    high = np.maximum(coef_b, coef_a + coef_b)
+    out = photo.copy()
+    h, w = coef_b.shape
+    for r in range(0, h, tile):
+        for c in range(0, w, tile):
+            y0, x0 = r * factor, c * factor
+            y1 = height if r + tile >= h else (r + tile) * factor
+            x1 = width if c + tile >= w else (c + tile) * factor
+            region = np.s_[max(0, r - 1):r + tile + 1, max(0, c - 1):c + tile + 1]
+            floor_block = None
+            if floor is not None:
+                floor_block = floor[0][x0:x1][None, :] + floor[1][y0:y1][:, None]
+            if low[region].min() >= 1.0:
+                continue
+            if high[region].max() <= 0.0 and (floor_block is None or floor_block.max() <= 0.0):
+                out[y0:y1, x0:x1] = _upscale_block(background, factor, y0, y1, x0, x1)
+                continue
+            photo_block = photo[y0:y1, x0:x1]
+            alpha = _upscale_block(coef_a, factor, y0, y1, x0, x1) * luminance(photo_block)
+            alpha += _upscale_block(coef_b, factor, y0, y1, x0, x1)
+            if floor_block is not None:
+                np.maximum(alpha, floor_block, out=alpha)
+            np.clip(alpha, 0.0, 1.0, out=alpha)
+            out[y0:y1, x0:x1] = composite(photo_block,
+                                          _upscale_block(background, factor, y0, y1, x0, x1), alpha)
+    return out
+
+
+def gradient_floor(height: int, width: int, direction: str,
+                   strength: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """(column ramp, row ramp) for the directional gradient, or None for "none".
+
+    The ramp runs from `strength` at the named edge to 0 at the opposite one and is a floor on
+    alpha: the named side keeps some of the photo, the far side is all background, which reads
+    as a soft fall-off of focus across the frame.
     """
     if direction == "none" or strength <= 0:
         return None
     along_x = direction in ("left", "right")
-    n = width if along_x else height
-    ramp = np.linspace(strength, 0.0, n, dtype=np.float32)
+    ramp = np.linspace(strength, 0.0, width if along_x else height, dtype=np.float32)
     if direction in ("right", "bottom"):
-        ramp = ramp[::-1]
-    return np.broadcast_to(ramp[None, :] if along_x else ramp[:, None], (height, width))
-
-
-def composite(photo: np.ndarray, background: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """photo * alpha + background * (1 - alpha), rounded to uint8."""
-    p = photo.astype(np.float32)
-    b = background.astype(np.float32)
-    a = cv2.merge([alpha, alpha, alpha]) if alpha.ndim == 2 else alpha
-    cv2.subtract(p, b, dst=p)
-    cv2.multiply(p, a, dst=p)
-    cv2.add(p, b, dst=p)
-    return cv2.convertScaleAbs(p)
-
-
-def working_size(height: int, width: int, work_size: int) -> tuple[int, int]:
-    """(h, w) with the long side at most work_size; (height, width) when work_size is 0."""
-    long_side = max(height, width)
-    if work_size == 0 or long_side <= work_size:
-        return height, width
-    scale = work_size / long_side
-    return max(1, round(height * scale)), max(1, round(width * scale))
+        ramp = ramp[::-1].copy()
+    zeros = np.zeros(height if along_x else width, np.float32)
+    return (ramp, zeros) if along_x else (zeros, ramp)
 
 
 def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectParams) -> Rendering:
     """The whole effect on one photo with the given parameters."""
     height, width = photo.shape[:2]
-    work_h, work_w = working_size(height, width, params.work_size)
-    full_size = (work_h, work_w) == (height, width)
-    work_photo = photo if full_size else cv2.resize(photo, (work_w, work_h), interpolation=cv2.INTER_AREA)
+    factor = working_factor(height, width, params.work_size)
+    work_photo = downscale(photo, factor)
+    work_h, work_w = work_photo.shape[:2]
+    # Spatial parameters are given for a working image whose long side is work_size.
+    scale = max(work_h, work_w) / params.work_size if params.work_size else 1.0
+    kernel_size = max(1, round(params.kernel_size * scale))
+    refine_radius = round(params.refine_radius * scale)
 
     fg_work = np.clip(resize_map(fg, work_h, work_w), 0.0, 1.0)
     depth_work = normalize_depth(resize_map(depth, work_h, work_w))
     start, stop = depth_bounds(fg_work, depth_work, params.fg_threshold,
                                params.start_percentile, params.stop_percentile)
     alpha = interpolation_alpha(fg_work, depth_work, start, stop)
-
-    background = painterly_background(work_photo, params.kernel_size,
+    background = painterly_background(work_photo, kernel_size,
                                       params.brightness_min, params.brightness_max)
-    if not full_size:
-        background = cv2.resize(background, (width, height), interpolation=cv2.INTER_LINEAR)
 
-    if params.refine_radius > 0:
-        a, b = guided_filter_coefficients(luminance(work_photo), alpha, params.refine_radius,
-                                          params.refine_eps)
-        guide = luminance(photo)
-        alpha = resize_map(a, height, width) * guide + resize_map(b, height, width)
-        np.clip(alpha, 0.0, 1.0, out=alpha)
-    elif not full_size:
-        alpha = resize_map(alpha, height, width)
+    if refine_radius > 0:
+        coef_a, coef_b = guided_filter_coefficients(luminance(work_photo), alpha, refine_radius,
+                                                    params.refine_eps)
+        alpha = np.clip(coef_a * luminance(work_photo) + coef_b, 0.0, 1.0)
+    else:
+        coef_a, coef_b = np.zeros_like(alpha), alpha
 
-    ramp = directional_gradient(height, width, params.gradient, params.gradient_strength)
-    if ramp is not None:
-        alpha = np.maximum(alpha, ramp)
-
+    floor = gradient_floor(height, width, params.gradient, params.gradient_strength)
+    image = compose_full_size(photo, background, coef_a, coef_b, factor, floor)
     return Rendering(
-        image=composite(photo, background, alpha),
+        image=image,
         background=background,
         alpha=alpha,
         fg=fg_work,
         depth=depth_work,
+        factor=factor,
         start=start,
         stop=stop,
         fg_fraction=float(np.count_nonzero(fg_work >= params.fg_threshold)) / fg_work.size,

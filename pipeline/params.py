@@ -26,14 +26,14 @@ class EffectParams:
     """
 
     preset: str = "default"
-    work_size: int = 1280
-    kernel_size: int = 15
+    work_size: int = 640
+    kernel_size: int = 8
     brightness_min: int = 40
     brightness_max: int = 255
     fg_threshold: float = 0.5
     start_percentile: float = 50.0
     stop_percentile: float = 50.0
-    refine_radius: int = 8
+    refine_radius: int = 4
     refine_eps: float = 1e-3
     gradient: str = "none"
     gradient_strength: float = 0.6

@@ -1,0 +1,315 @@
+"""Storage: the only place that touches files, for local paths and any fsspec URI.
+
+A `Storage` is rooted at a folder (``/photos``, ``s3://bucket/photos``, ``gs://...``,
+``memory://...``). Inputs are listed as `SourceFile` rows with a path relative to that root
+and a fingerprint that changes when a file's content is replaced; outputs are written
+atomically, so a killed job never leaves a half-written file under its final name.
+Transient errors (dropped connections, timeouts, S3 throttling and 5xx) are retried with
+exponential backoff; missing files and refused permissions are not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import errno
+import functools
+import logging
+import os
+import random
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import BadInputError, OutputError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    relpath: str  # posix, relative to the storage root
+    size: int
+    fingerprint: str  # "etag:<etag>" or "mtime:<mtime>:<size>"
+
+
+# --------------------------------------------------------------------------- retries
+
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+              FileExistsError)
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET,
+                     errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.ENETDOWN,
+                     errno.ENETUNREACH, errno.EHOSTUNREACH, getattr(errno, "EREMOTEIO", -1)}
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
+                    "RequestLimitExceeded", "ServiceUnavailable", "InternalError",
+                    "RequestTimeout"}
+_TRANSIENT_TEXT = re.compile(
+    r"\b(?:SlowDown|Throttl\w*|TooManyRequests|RequestLimitExceeded|ServiceUnavailable"
+    r"|InternalError|reduce your request rate)\b"
+    r"|\b(?:status(?: code)?|HTTP)[ :=]*(?:5\d\d|429)\b", re.IGNORECASE)
+
+
+@functools.cache
+def _transient_types() -> tuple[type, ...]:
+    types: list[type] = [ConnectionError, TimeoutError]  # TimeoutError covers asyncio's
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions as bx
+        types += [bx.ConnectionError, bx.HTTPClientError]  # endpoint, read/connect timeouts
+    with contextlib.suppress(ImportError):
+        import aiohttp
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
+                  aiohttp.ServerTimeoutError]
+    return tuple(types)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying: connection trouble, timeouts, throttling, 5xx."""
+    if isinstance(exc, _PERMANENT):
+        return False
+    seen = 0
+    e: BaseException | None = exc
+    while e is not None and seen < 5:  # s3fs wraps the botocore error as __cause__
+        if isinstance(e, _transient_types()):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        response = getattr(e, "response", None)  # botocore ClientError
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if code in _TRANSIENT_CODES or status >= 500 or status == 429:
+                return True
+        status = getattr(e, "status", None)  # aiohttp.ClientResponseError
+        if isinstance(status, int) and (status >= 500 or status == 429):
+            return True
+        if _TRANSIENT_TEXT.search(str(e)):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2,
+          what: str = "storage operation") -> T:
+    """Call fn(); on a transient error wait base_delay * 2**n (with jitter) and try again.
+
+    Permanent errors (missing file, permission, ...) are raised at once; after `attempts`
+    tries the last error is raised.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt >= attempts or not is_transient(exc):
+                raise
+            delay = base_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what,
+                        type(exc).__name__, exc, attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- paths
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def safe_relpath(relpath: str) -> str:
+    """Validate a path relative to the input root before an output path is derived from it.
+
+    Rejects absolute paths, drive letters, "..", empty components ("a//b", trailing "/"),
+    backslashes and NUL; drops "." components; returns a posix relative path.
+    """
+    def bad(why: str) -> BadInputError:
+        return BadInputError(f"unsafe relative path {relpath!r}: {why}")
+
+    if not isinstance(relpath, str) or not relpath:
+        raise bad("empty")
+    if "\0" in relpath:
+        raise bad("contains NUL")
+    if "\\" in relpath:
+        raise bad("contains a backslash")
+    if relpath.startswith("/") or _DRIVE.match(relpath):
+        raise bad("absolute path")
+    parts = [p for p in relpath.split("/") if p != "."]
+    if "" in parts:
+        raise bad("empty path component")
+    if ".." in parts:
+        raise bad("'..' component")
+    if not parts:
+        raise bad("no file name")
+    return "/".join(parts)
+
+
+_PROTOCOL_ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az", "abfss": "az", "local": "file"}
+
+
+def _split(uri: str) -> tuple[str, str]:
+    protocol, path = fsspec.core.split_protocol(uri)
+    protocol = _PROTOCOL_ALIASES.get(protocol or "file", protocol or "file")
+    if protocol == "file":
+        return protocol, os.path.realpath(os.path.expanduser(path))
+    return protocol, path.strip("/")
+
+
+def is_inside(inner_uri: str, outer_uri: str) -> bool:
+    """True if inner_uri is outer_uri or lies under it (same protocol, whole components)."""
+    (p_in, inner), (p_out, outer) = _split(inner_uri), _split(outer_uri)
+    if p_in != p_out:
+        return False
+    if p_in == "file":
+        return os.path.commonpath([inner, outer]) == outer
+    return outer == "" or inner == outer or inner.startswith(outer + "/")
+
+
+# --------------------------------------------------------------------------- storage
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _fingerprint(info: dict) -> str:
+    """ "etag:<etag>" where the store keeps one (S3, GCS), else "mtime:<mtime>:<size>"."""
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    if etag:
+        return f"etag:{etag}"
+    keys = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
+    value = next((info[k] for k in keys if info.get(k) is not None), None)
+    if isinstance(value, _dt.datetime):
+        value = value.isoformat()
+    return f"mtime:{value}:{int(info.get('size') or 0)}"
+
+
+class Storage:
+    """Files under one root folder, local or any fsspec URI."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.storage_options = dict(storage_options or {})
+        if "://" not in uri and "::" not in uri:
+            uri = os.path.expanduser(uri)
+        self._given_uri = uri
+        self.fs, root = fsspec.core.url_to_fs(uri, **self.storage_options)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.root = root.rstrip("/") or ("/" if self.is_local else "")
+        self.uri = self.root if self.is_local else self.fs.unstrip_protocol(self.root)
+
+    def __reduce__(self):  # ship to Ray workers as (uri, options), not as live clients
+        return (Storage, (self._given_uri, self.storage_options))
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    def _path(self, relpath: str) -> str:
+        return f"{self.root.rstrip('/')}/{relpath.lstrip('/')}"
+
+    def uri_of(self, relpath: str) -> str:
+        path = self._path(relpath)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    # ---- reading
+
+    def list_files(self, extensions: frozenset[str]) -> Iterator[SourceFile]:
+        """Files under the root whose lower-cased suffix is in `extensions` (".jpg" or "jpg").
+
+        Walks one directory at a time (sorted), skipping hidden files and folders and the
+        folder placeholders of object stores. Each directory listing is retried on
+        transient errors. Raises FileNotFoundError if the root does not exist.
+        """
+        exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+        prefix = self.root.rstrip("/") + "/"
+        pending = [self.root]
+        while pending:
+            folder = pending.pop()
+            self.fs.invalidate_cache(folder)  # s3fs/gcsfs cache listings; a rerun must not
+            entries = retry(lambda: self.fs.ls(folder, detail=True), what=f"list {folder}")
+            subdirs = []
+            for info in sorted(entries, key=lambda i: i["name"]):
+                name = info["name"]
+                if name.endswith("/") or name.rstrip("/") == folder.rstrip("/"):
+                    continue  # object-store folder placeholder, or the folder itself
+                if not name.startswith(prefix) or _is_hidden(name.rsplit("/", 1)[-1]):
+                    continue
+                if info["type"] == "directory":
+                    if not info.get("islink"):  # like os.walk: don't follow folder links
+                        subdirs.append(name)
+                elif info["type"] == "file":
+                    if os.path.splitext(name)[1].lower() in exts:
+                        yield SourceFile(name[len(prefix):], int(info.get("size") or 0),
+                                         _fingerprint(info))
+            pending.extend(reversed(subdirs))
+
+    def stat(self, relpath: str) -> SourceFile:
+        path = self._path(relpath)
+        self.fs.invalidate_cache(path)  # info/exists/size may answer from a cached listing
+        info = retry(lambda: self.fs.info(path), what=f"stat {self.uri_of(relpath)}")
+        return SourceFile(relpath, int(info.get("size") or 0), _fingerprint(info))
+
+    def read_bytes(self, relpath: str) -> bytes:
+        return retry(lambda: self.fs.cat_file(self._path(relpath)),
+                     what=f"read {self.uri_of(relpath)}")
+
+    def exists(self, relpath: str) -> bool:
+        path = self._path(relpath)
+        self.fs.invalidate_cache(path)
+        return retry(lambda: self.fs.exists(path),
+                     what=f"check {self.uri_of(relpath)}")
+
+    def size(self, relpath: str) -> int:
+        path = self._path(relpath)
+        self.fs.invalidate_cache(path)
+        return int(retry(lambda: self.fs.size(path),
+                         what=f"size {self.uri_of(relpath)}"))
+
+    # ---- writing
+
+    def write_atomic(self, relpath: str, data: bytes) -> None:
+        """Write `data` so the final name shows either nothing (or the old file) or all of it.
+
+        Raises BadInputError for an unsafe relpath, OutputError if the write fails.
+        """
+        relpath = safe_relpath(relpath)
+        path = self._path(relpath)
+        write = self._write_local if self.is_local else self._put
+        try:
+            retry(lambda: write(path, data), what=f"write {self.uri_of(relpath)}")
+        except Exception as exc:
+            raise OutputError(f"cannot write {self.uri_of(relpath)}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+    def _put(self, path: str, data: bytes) -> None:
+        # One put: an object only becomes visible once complete (s3fs switches to a
+        # multipart upload for large data, which is also only visible once completed).
+        try:
+            self.fs.pipe_file(path, data)
+        except FileNotFoundError:  # stores with real folders (sftp, hdfs, memory, ...)
+            self.fs.makedirs(self.fs._parent(path), exist_ok=True)
+            self.fs.pipe_file(path, data)
+
+    @staticmethod
+    def _write_local(path: str, data: bytes) -> None:
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.partial")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                     0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with contextlib.suppress(OSError, AttributeError):  # make the rename durable
+            dfd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
