@@ -26,7 +26,7 @@ Image.MAX_IMAGE_PIXELS = None  # replaced by the max_megapixels check in _open
 Image.init()
 
 # Only the plugins we mean to read: untrusted files never reach EPS (Ghostscript) and the like.
-_FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF", "AVIF")
+_FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF", "AVIF")
                  if f in Image.OPEN)
 
 IMAGE_EXTENSIONS = frozenset(
@@ -46,7 +46,7 @@ _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "G
 
 @dataclass
 class Photo:
-    pixels: np.ndarray  # HxWx3 uint8 RGB, sRGB, upright
+    pixels: np.ndarray  # HxWx3 uint8 RGB, sRGB, upright; may be read-only (as after Ray), copy to edit
     exif: bytes | None  # the EXIF block ("Exif\0\0" + TIFF data) with Orientation reset to 1
     format: str  # as Pillow names it: "JPEG", "PNG", "HEIF", ...
 
@@ -67,9 +67,11 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _open(data: bytes, source: str, max_megapixels: float = 200.0) -> tuple[Image.Image, bytes | None]:
+def _open(data: bytes, source: str, max_megapixels: float = 200.0,
+          draft_size: int | None = None) -> tuple[Image.Image, bytes | None]:
     """A fully decoded, upright image and the file's EXIF block as it was (JPEG, PNG, WebP,
-    HEIF, AVIF; TIFF tags are not one). The size is checked before any pixel is read."""
+    HEIF, AVIF; TIFF tags are not one). The size is checked before any pixel is read.
+    draft_size: JPEGs may be decoded at a reduced scale whose sides stay >= draft_size."""
     if not data:
         raise BadInputError(f"{source}: empty file (0 bytes)")
     try:
@@ -87,6 +89,8 @@ def _open(data: bytes, source: str, max_megapixels: float = 200.0) -> tuple[Imag
     if width * height > max_megapixels * 1e6:
         raise BadInputError(f"{source}: {width}x{height} = {width * height / 1e6:.1f} MP exceeds the "
                             f"{max_megapixels:g} MP limit (max_megapixels)")
+    if draft_size and im.format == "JPEG":
+        im.draft(im.mode, (draft_size, draft_size))  # DCT-domain scaling: far cheaper than decode + resize
     try:
         im.load()  # full decode here, so truncation surfaces now and not in a later stage
         exif = im.info.get("exif")  # before exif_transpose rewrites it
@@ -160,19 +164,21 @@ def _to_srgb(im: Image.Image) -> np.ndarray:
         except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
             pass  # a broken or mismatched profile: the pixels are still usable as they are
 
-    rgb = np.array(im if im.mode == "RGB" else im.convert("RGB"))
+    rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
     if alpha is not None and alpha.min() < 255:
         a = alpha[..., None].astype(np.uint32)
         rgb = ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
     return rgb
 
 
-def decode_photo(data: bytes, source: str, max_megapixels: float = 200.0) -> Photo:
+def decode_photo(data: bytes, source: str, max_megapixels: float = 200.0,
+                 draft_size: int | None = None) -> Photo:
     """An upright 8-bit sRGB photo from the bytes of any supported file; BadInputError if unusable.
 
-    Only the first frame of animated or multi-page files is used.
+    Only the first frame of animated or multi-page files is used. With draft_size, a JPEG may
+    come back reduced (both sides still >= draft_size): for model copies.
     """
-    im, raw_exif = _open(data, source, max_megapixels)
+    im, raw_exif = _open(data, source, max_megapixels, draft_size)
     try:
         pixels = _to_srgb(im)
     except Exception as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import numpy as np
 import pytest
@@ -40,10 +41,13 @@ def small(tmp_path_factory):
     pth = d / "u2netp.pth"
     torch.save(module.state_dict(), pth)
     onnx_path = d / "u2netp.onnx"
-    torch.onnx.export(module, (torch.zeros(1, 3, 320, 320),), str(onnx_path), opset_version=17,
-                      input_names=["input"], output_names=[f"d{i}" for i in range(7)],
-                      dynamic_axes={"input": {0: "batch"}, **{f"d{i}": {0: "batch"} for i in range(7)}},
-                      dynamo=False)
+    with warnings.catch_warnings():  # the TorchScript exporter is deprecated; dynamo needs onnxscript
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, 3, 320, 320),), str(onnx_path), opset_version=17,
+                          input_names=["input"], output_names=[f"d{i}" for i in range(7)],
+                          dynamic_axes={"input": {0: "batch"},
+                                        **{f"d{i}": {0: "batch"} for i in range(7)}},
+                          dynamo=False)
     return module, pth, onnx_path
 
 

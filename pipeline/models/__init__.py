@@ -46,7 +46,12 @@ def create_model(name: str, task: str | None = None, **kwargs) -> MapModel:
     return cls(**kwargs)
 
 
+def load_model(task: str, name: str | None = None, weights: str | None = None, device: str | None = None,
+               batch_size: int = 4, fallback: bool = True) -> MapModel:
+    return create_model(name or default_model(task), task, weights=weights, device=device, batch_size=batch_size)
+
+
 _discover()
 
 __all__ = ["DEPTH", "SALIENCY", "MapModel", "create_model", "default_model", "model_class",
-           "model_names", "register"]
+           "load_model", "model_names", "register"]

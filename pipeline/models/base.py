@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import ClassVar, Sequence
 
 import cv2
@@ -37,12 +38,31 @@ class MapModel(ABC):
         self.device = device or default_device()
         self.batch_size = batch_size
 
+    @classmethod
+    def local_weights(cls) -> Path | None:
+        """The cached weights (file or folder) this model would load, or None when not cached."""
+        return None
+
+    @classmethod
+    def fetch(cls, source: str | None = None) -> Path | None:
+        """Fetch the weights into the cache (from ``source`` when given); their path.
+
+        Models without weights return None; models that cannot fetch raise
+        WeightsUnavailableError saying how to supply weights instead.
+        """
+        if not cls.needs_weights:
+            return None
+        from ..errors import WeightsUnavailableError
+        raise WeightsUnavailableError(
+            f"{cls.name} weights cannot be fetched automatically; pass a weights file or URI")
+
     @property
     def version(self) -> str:
         """What was actually loaded (a weights digest, or a description); goes into the manifest."""
         return "builtin"
 
-    def predict(self, photos: Sequence[np.ndarray]) -> list[np.ndarray]:
+    def predict(self, photos: Sequence[np.ndarray],
+                saliency: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         maps: list[np.ndarray] = []
         for i in range(0, len(photos), self.batch_size):
             chunk = list(photos[i:i + self.batch_size])

@@ -1,0 +1,434 @@
+"""The library job: Ray Data over a whole photo library, resumable through the manifest.
+
+    list inputs -> plan (skip what the manifest settled) -> read + decode a model copy (CPU tasks)
+    -> saliency model (actors) -> depth model (actors) -> decode, effect, encode, write (CPU tasks)
+    -> manifest rows, committed by the driver in atomically written Parquet parts.
+
+Rows carry the compressed bytes and a reduced copy for the models; full-resolution pixels exist
+only inside the last CPU stage. A row that fails at any stage carries its error to the end and
+becomes a failed manifest row; the job goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from .effect import render
+from .errors import BadInputError, DreamfocusError
+from .manifest import FAILED, OK, SKIPPED, ManifestWriter, ResumeIndex, image_id, key_of, new_run_id
+from .models import DEPTH, SALIENCY, default_model, load_model
+from .params import EffectParams
+from .photo_io import IMAGE_EXTENSIONS, OUTPUT_EXTENSIONS, decode_photo, encode_photo
+from .process import MODEL_INPUT_SIZE, intermediate_pngs, model_copy
+from .storage import SourceFile, Storage, is_inside, safe_relpath
+
+log = logging.getLogger(__name__)
+
+IMAGES_DIR, MANIFEST_DIR, INTERMEDIATES_DIR = "images", "manifest", "intermediates"
+
+
+@dataclass
+class JobConfig:
+    input: str
+    output: str
+    params: EffectParams = field(default_factory=EffectParams)
+    storage_options: dict = field(default_factory=dict)
+    saliency_model: str | None = None
+    depth_model: str | None = None
+    saliency_weights: str | None = None
+    depth_weights: str | None = None
+    device: str | None = None
+    format: str = "jpeg"
+    quality: int = 92
+    max_megapixels: float = 200.0
+    model_batch_size: int = 4
+    saliency_actors: int | None = None  # default: one per GPU, else 1
+    depth_actors: int | None = None
+    gpus_per_actor: float | None = None  # default: 1 where the cluster has GPUs, else 0
+    cpus_per_actor: float = 0.5
+    cpu_workers: int | None = None  # CPUs of the embedded local Ray (default: all)
+    address: str | None = None  # None: embedded local Ray; "auto" or ray://host:port: a cluster
+    limit: int | None = None
+    dry_run: bool = False
+    force: bool = False
+    retry_failed: bool = False
+    save_intermediates: bool = False
+    manifest_rows_per_part: int = 1000
+
+    def __post_init__(self) -> None:
+        self.saliency_model = self.saliency_model or default_model(SALIENCY)
+        self.depth_model = self.depth_model or default_model(DEPTH)
+        if self.format not in OUTPUT_EXTENSIONS:
+            raise BadInputError(f"unknown output format {self.format!r}; choose {', '.join(OUTPUT_EXTENSIONS)}")
+        if not 1 <= self.quality <= 100:
+            raise BadInputError("quality must be within 1..100")
+
+    def job_hash(self) -> str:
+        """What decides how an output looks: effect parameters, models and encoding."""
+        what = {"params": self.params.digest(), "saliency": self.saliency_model, "depth": self.depth_model,
+                "format": self.format, "quality": self.quality}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class PlanItem:
+    source: SourceFile
+    output_relpath: str
+    reason: str  # why it is (re)processed
+    attempt: int
+
+
+def output_relpath(relpath: str, fmt: str) -> str:
+    stem, _ = os.path.splitext(safe_relpath(relpath))
+    return f"{stem}{OUTPUT_EXTENSIONS[fmt]}"
+
+
+def check_locations(config: JobConfig) -> tuple[Storage, Storage]:
+    inputs = Storage(config.input, config.storage_options)
+    output = Storage(config.output, config.storage_options)
+    if is_inside(output.uri, inputs.uri):
+        raise BadInputError(f"{config.output}: OUTPUT must not be INPUT or inside it ({config.input})")
+    if not inputs.exists(""):
+        raise BadInputError(f"{config.input}: input folder not found")
+    return inputs, output
+
+
+def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[PlanItem | str]:
+    """Each input's fate, decided from the listing and the manifest without reading any image:
+    a PlanItem to process, or the reason it is skipped."""
+    job_hash = config.job_hash()
+    resume = ResumeIndex.load(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options))
+    images = Storage(f"{output.uri}/{IMAGES_DIR}", config.storage_options)
+    try:
+        existing = np.sort(np.array([key_of(f.relpath) for f in images.list_files(
+            frozenset({OUTPUT_EXTENSIONS[config.format]}))], dtype=np.int64))
+    except FileNotFoundError:
+        existing = np.array([], dtype=np.int64)
+
+    def output_exists(relpath: str) -> bool:
+        key = key_of(relpath)
+        i = int(np.searchsorted(existing, key))
+        return i < len(existing) and existing[i] == key
+
+    for source in inputs.list_files(IMAGE_EXTENSIONS):
+        try:
+            target = output_relpath(source.relpath, config.format)
+        except BadInputError as exc:
+            yield f"unsafe name ({exc})"
+            continue
+        attempts = resume.attempts_of(source.relpath)
+        same = (source.relpath, source.fingerprint, job_hash)
+        if config.force:
+            reason = "forced"
+        elif resume.latest_is(*same, OK) and output_exists(target):
+            yield "done"
+            continue
+        elif resume.latest_is(*same, SKIPPED):
+            yield "not an image"
+            continue
+        elif resume.latest_is(*same, FAILED) and not config.retry_failed:
+            yield "failed before (use --retry-failed)"
+            continue
+        elif resume.latest_is(*same, OK):
+            reason = "output missing"
+        elif resume.latest_is(*same, FAILED):
+            reason = "retrying failure"
+        elif attempts:
+            reason = "photo or parameters changed"
+        else:
+            reason = "new"
+        yield PlanItem(source, target, reason, attempts + 1)
+
+
+# ---- stages (run on Ray workers; each takes and returns a dict of numpy arrays)
+
+def _now() -> float:
+    return time.perf_counter()
+
+
+_ROW_STATE = ("status", "error_kind", "error")
+
+
+def _pack(values: np.ndarray) -> bytes:
+    """Arrays travel between stages as .npy bytes: one plain binary column, whatever the shapes."""
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _unpack(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _writable(batch: dict, *columns: str) -> dict:
+    """Ray hands batches over zero-copy, read-only: copy the (small) columns a stage updates."""
+    for column in columns:
+        batch[column] = np.array(batch[column], copy=True)
+    return batch
+
+
+def _fail(batch: dict, i: int, exc: BaseException) -> None:
+    not_an_image = isinstance(exc, BadInputError) and "not an image" in str(exc)
+    batch["status"][i] = SKIPPED if not_an_image else FAILED
+    batch["error_kind"][i] = error_kind(exc)
+    batch["error"][i] = str(exc) if isinstance(exc, DreamfocusError) else f"{type(exc).__name__}: {exc}"
+
+
+def error_kind(exc: BaseException) -> str:
+    """A short, countable name for what went wrong."""
+    text = str(exc)
+    for marker, kind in (("empty file", "empty-file"), ("not an image", "not-an-image"),
+                         ("MP limit", "too-many-pixels"), ("truncated or corrupt", "corrupt-image"),
+                         ("unsupported image", "unsupported-image"), ("cannot write", "write-error")):
+        if marker in text:
+            return kind
+    return "bad-input" if isinstance(exc, BadInputError) else type(exc).__name__
+
+
+def read_stage(batch: dict, input_uri: str, storage_options: dict, max_megapixels: float) -> dict:
+    """Read the bytes, decode a reduced copy for the models (CPU task)."""
+    inputs = Storage(input_uri, storage_options)
+    n = len(batch["relpath"])
+    batch["status"] = np.array([OK] * n, dtype=object)
+    batch["error_kind"] = np.array([""] * n, dtype=object)
+    batch["error"] = np.array([""] * n, dtype=object)
+    batch["data"] = np.array([b""] * n, dtype=object)
+    batch["model_copy"] = np.array([b""] * n, dtype=object)
+    batch["seconds_read"] = np.zeros(n, np.float32)
+    batch["seconds_decode"] = np.zeros(n, np.float32)
+    for i, relpath in enumerate(batch["relpath"]):
+        t0 = _now()
+        try:
+            data = inputs.read_bytes(relpath)
+            t1 = _now()
+            photo = decode_photo(data, relpath, max_megapixels, draft_size=MODEL_INPUT_SIZE)
+            batch["model_copy"][i] = _pack(model_copy(photo.pixels))
+            batch["data"][i] = data
+            batch["seconds_read"][i], batch["seconds_decode"][i] = t1 - t0, _now() - t1
+        except Exception as exc:  # noqa: BLE001 - any failure becomes this photo's row
+            _fail(batch, i, exc)
+    return batch
+
+
+class ModelStage:
+    """One model on the photos of a batch that are still ok (actor: loads the model once)."""
+
+    def __init__(self, task: str, name: str, weights: str | None, device: str | None, batch_size: int) -> None:
+        self.task = task
+        self.model = load_model(task, name, weights, device, batch_size)
+        self.column = "fg" if task == SALIENCY else "depth"  # the map's column
+
+    def __call__(self, batch: dict) -> dict:
+        _writable(batch, *_ROW_STATE)
+        n = len(batch["relpath"])
+        live = [i for i in range(n) if batch["status"][i] == OK]
+        maps = np.array([b""] * n, dtype=object)
+        t0 = _now()
+        photos = [_unpack(batch["model_copy"][i]) for i in live]
+        saliency = [_unpack(batch["fg"][i]) for i in live] if self.task == DEPTH else None
+        try:
+            results = self.model.predict(photos, saliency=saliency)
+        except Exception:  # noqa: BLE001 - retry one by one, so one bad photo fails alone
+            log.warning("%s failed on a batch of %d; retrying one by one", self.model.name, len(live), exc_info=True)
+            results = []
+            for k, i in enumerate(live):
+                try:
+                    results.extend(self.model.predict([photos[k]], saliency=saliency and [saliency[k]]))
+                except Exception as exc:  # noqa: BLE001
+                    _fail(batch, i, exc)
+                    results.append(None)
+        for i, values in zip(live, results):
+            if values is not None:
+                maps[i] = _pack(values)
+        batch[self.column] = maps
+        batch[f"seconds_{self.task}"] = np.full(
+            n, (_now() - t0) / max(1, len(live)), np.float32)
+        batch[f"{self.task}_model"] = np.array([self.model.name] * n, dtype=object)
+        batch[f"{self.task}_version"] = np.array([self.model.version] * n, dtype=object)
+        return batch
+
+
+def finish_stage(batch: dict, config: JobConfig) -> dict:
+    """Decode at full resolution, apply the effect, encode and write atomically (CPU task)."""
+    images = Storage(f"{config.output.rstrip('/')}/{IMAGES_DIR}", config.storage_options)
+    intermediates = Storage(f"{config.output.rstrip('/')}/{INTERMEDIATES_DIR}", config.storage_options)
+    _writable(batch, *_ROW_STATE, "seconds_decode")
+    n = len(batch["relpath"])
+    for column, dtype in (("width", np.int32), ("height", np.int32), ("fg_fraction", np.float32),
+                          ("interp_start", np.float32), ("interp_stop", np.float32),
+                          ("seconds_effect", np.float32), ("seconds_encode", np.float32),
+                          ("seconds_write", np.float32)):
+        batch[column] = np.zeros(n, dtype)
+    batch["output_uri"] = np.array([""] * n, dtype=object)
+    for i in range(n):
+        if batch["status"][i] != OK:
+            continue
+        relpath = batch["relpath"][i]
+        try:
+            t0 = _now()
+            photo = decode_photo(batch["data"][i], relpath, config.max_megapixels)
+            t1 = _now()
+            result = render(photo.pixels, _unpack(batch["fg"][i]), _unpack(batch["depth"][i]), config.params)
+            t2 = _now()
+            data = encode_photo(result.image, config.format, config.quality, photo.exif)
+            t3 = _now()
+            target = batch["output_relpath"][i]
+            images.write_atomic(target, data)
+            if config.save_intermediates:
+                stem = os.path.splitext(target)[0]
+                for kind, png in intermediate_pngs(result, *photo.pixels.shape[:2]).items():
+                    intermediates.write_atomic(f"{stem}.{kind}.png", png)
+            batch["seconds_decode"][i] += t1 - t0
+            batch["seconds_effect"][i], batch["seconds_encode"][i] = t2 - t1, t3 - t2
+            batch["seconds_write"][i] = _now() - t3
+            batch["height"][i], batch["width"][i] = photo.pixels.shape[:2]
+            batch["fg_fraction"][i] = result.fg_fraction
+            batch["interp_start"][i], batch["interp_stop"][i] = result.start, result.stop
+            batch["output_uri"][i] = images.uri_of(target)
+        except Exception as exc:  # noqa: BLE001 - any failure becomes this photo's row
+            _fail(batch, i, exc)
+    for heavy in ("data", "model_copy", "fg", "depth"):
+        batch.pop(heavy, None)
+    return batch
+
+
+# ---- the driver
+
+@dataclass
+class JobSummary:
+    run_id: str
+    planned: int
+    counts: dict[str, int]
+    skipped: dict[str, int]
+    seconds: float  # the whole run, start-up included
+    processing_seconds: float  # from the first photo's start to the last row
+    output: str
+
+    def lines(self) -> list[str]:
+        done = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "nothing to do"
+        kept = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()))
+        return [f"run {self.run_id}: {self.planned} to process: {done} in {self.seconds:.1f} s "
+                f"({self.processing_seconds:.1f} s processing)",
+                *([f"left alone: {kept}"] if kept else []),
+                f"results: {self.output}/{IMAGES_DIR}  manifest: {self.output}/{MANIFEST_DIR}"]
+
+
+def run_job(config: JobConfig, on_row=None) -> JobSummary:
+    """Plan, then process what is left; returns counts. on_row(row) sees every committed row."""
+    started = time.perf_counter()
+    inputs, output = check_locations(config)
+    run_id = new_run_id()
+    skipped: dict[str, int] = {}
+    todo: list[PlanItem] = []
+    for item in make_plan(config, inputs, output):
+        if isinstance(item, str):
+            skipped[item] = skipped.get(item, 0) + 1
+        elif config.limit is None or len(todo) < config.limit:
+            todo.append(item)
+        else:
+            skipped["over --limit"] = skipped.get("over --limit", 0) + 1
+
+    if config.dry_run:
+        for item in todo:
+            print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
+        return JobSummary(run_id, len(todo), {}, skipped, time.perf_counter() - started, 0.0, output.uri)
+
+    counts: dict[str, int] = {}
+    processing_started = None
+    if todo:
+        writer = ManifestWriter(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options), run_id,
+                                config.manifest_rows_per_part)
+        try:
+            _start_ray(config)
+            processing_started = time.perf_counter()
+            for row in _execute(config, inputs, todo, run_id):
+                writer.add(row)
+                counts[row["status"]] = counts.get(row["status"], 0) + 1
+                if on_row:
+                    on_row(row)
+        finally:
+            writer.flush()
+    ended = time.perf_counter()
+    return JobSummary(run_id, len(todo), counts, skipped, ended - started,
+                      ended - (processing_started or ended), output.uri)
+
+
+def _task_table(items: list[PlanItem]) -> pa.Table:
+    return pa.table({
+        "relpath": [it.source.relpath for it in items],
+        "source_size": pa.array([it.source.size for it in items], pa.int64()),
+        "source_fingerprint": [it.source.fingerprint for it in items],
+        "output_relpath": [it.output_relpath for it in items],
+        "attempt": pa.array([it.attempt for it in items], pa.int32()),
+    })
+
+
+def _start_ray(config: JobConfig) -> None:
+    """An embedded local Ray, or the cluster at config.address; an already started Ray is used."""
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # no per-dataset INFO lines on the console
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.address, num_cpus=None if config.address else config.cpu_workers,
+                 include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+
+
+def _execute(config: JobConfig, inputs: Storage, todo: list[PlanItem], run_id: str) -> Iterator[dict[str, Any]]:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.verbose_stats_logs = False
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1 if gpus else 0)
+    default_actors = max(1, int(gpus // max(gpus_per_actor, 1e-9))) if gpus_per_actor else 1
+    device = config.device or ("cuda" if gpus_per_actor else "cpu")
+
+    chunk = 2000  # the task list goes to the object store in chunks: the driver holds only refs
+    refs = [ray.put(_task_table(todo[i:i + chunk])) for i in range(0, len(todo), chunk)]
+    ds = ray.data.from_arrow_refs(refs)
+    ds = ds.map_batches(read_stage, fn_kwargs=dict(input_uri=inputs.uri, storage_options=config.storage_options,
+                                                   max_megapixels=config.max_megapixels),
+                        batch_size=4, batch_format="numpy", num_cpus=1)
+    for task, name, weights, actors in ((SALIENCY, config.saliency_model, config.saliency_weights,
+                                         config.saliency_actors),
+                                        (DEPTH, config.depth_model, config.depth_weights, config.depth_actors)):
+        ds = ds.map_batches(ModelStage, fn_constructor_args=(task, name, weights, device, config.model_batch_size),
+                            batch_size=config.model_batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=actors or default_actors), num_gpus=gpus_per_actor,
+                            num_cpus=config.cpus_per_actor)
+    ds = ds.map_batches(finish_stage, fn_kwargs=dict(config=config), batch_size=1, batch_format="numpy",
+                        num_cpus=1)
+
+    source_root = inputs.uri
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
+        for i in range(len(batch["relpath"])):
+            yield _manifest_row(batch, i, source_root, config, run_id)
+
+
+def _manifest_row(batch: dict, i: int, source_root: str, config: JobConfig, run_id: str) -> dict[str, Any]:
+    row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+    relpath = row["relpath"]
+    row.update(
+        image_id=image_id(relpath),
+        source_uri=f"{source_root}/{relpath}",
+        preset=config.params.preset,
+        params_hash=config.job_hash(),
+        run_id=run_id,
+        finished_at=datetime.now(timezone.utc),
+    )
+    if row["status"] != OK:
+        row["output_uri"] = None
+    return row

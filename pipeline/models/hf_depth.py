@@ -1,0 +1,306 @@
+"""The transformers depth models' shared code: weights resolution, resize/pad policy, batching.
+
+Only a base class lives here; each registered depth model (depth_anything.py, dpt.py) is a
+subclass that names its transformers class, hub id, input size and normalisation.
+
+Resize/aspect policy. Each photo is resized keeping its aspect ratio so that its long side is
+the model size (518 for Depth Anything V2, 384 for DPT) and both sides are multiples of the
+patch grid (14, 32), normalised, then padded on the bottom and right to a size x size square
+by replicating its edge pixels. Every photo thus becomes the same square input whatever else is
+in its batch, so a batch gives the same maps as one photo at a time. The model's output is
+cropped to the photo's own region before it is resized back to the photo's size: no padded
+pixel ever reaches a map.
+
+Weights resolve in this order: an explicit path or URI (a folder with config.json and
+model.safetensors, or a .tar.gz/.tgz/.zip of one; local, file://, s3://, gs://, https://, ...;
+remote ones are fetched once into the cache) -> the model's ``*_URL`` environment variable,
+fetched once into the cache -> ``<cache>/<model name>/`` -> the model hub (only when
+HF_HUB_OFFLINE is not set and the hub answers within seconds) -> WeightsUnavailableError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import ClassVar
+from urllib.parse import urlparse
+
+import cv2
+import numpy as np
+
+from ..errors import WeightsUnavailableError
+from .base import DEPTH, MapModel, cpu_threads
+from .weights import cache_dir, fetch_dir_to_cache, local_path, read_json, uri_key, weights_digest
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class HFDepthModel(MapModel):
+    """A transformers depth-estimation model (relative inverse depth: larger is nearer)."""
+
+    task = DEPTH
+    hub_id: ClassVar[str]
+    model_type: ClassVar[str]          # config.json's model_type
+    weights_env: ClassVar[str]
+    size: ClassVar[int]                # long side of the model input
+    multiple: ClassVar[int]            # both input sides are multiples of this
+    mean: ClassVar[tuple[float, float, float]]
+    std: ClassVar[tuple[float, float, float]]
+
+    def __init__(self, weights: str | None = None, device: str | None = None,
+                 batch_size: int = 4, config=None) -> None:
+        super().__init__(weights, device, batch_size)
+        import torch
+
+        self._torch = torch
+        if config is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model = self.model_class()(config)
+            self._version = "random-init"
+            self.weights_path: Path | None = None
+        else:
+            where = self._resolve(weights)
+            model = self._load(where)
+        self.fp16 = self.device.startswith("cuda")
+        if self.device == "cpu":
+            torch.set_num_threads(cpu_threads())
+        model = model.eval().to(self.device)
+        self.model = model.half() if self.fp16 else model.float()
+        self._mean = np.array(self.mean, np.float32)
+        self._std = np.array(self.std, np.float32)
+
+    # ----------------------------------------------------------------------------- building
+
+    @classmethod
+    def model_class(cls):
+        raise NotImplementedError
+
+    @classmethod
+    def default_config(cls):
+        """The architecture's real configuration (that of the hub weights), for benchmarks."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config=None, device: str | None = None, batch_size: int = 4):
+        """The real architecture with random (seeded) weights; ``config`` defaults to the real one."""
+        return cls(device=device, batch_size=batch_size,
+                   config=config if config is not None else cls.default_config())
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    def _load(self, where: str | Path):
+        cls = self.model_class()
+        if isinstance(where, Path):
+            self._check_folder(where)
+            self.weights_path = where
+            weights_file = next(where / f for f in WEIGHT_FILES if (where / f).is_file())
+            self._version = weights_digest(weights_file)[:12]
+            return cls.from_pretrained(str(where))
+        self.weights_path = None
+        # the hub id: already known to be cached or reachable; cached needs no network at all
+        model = cls.from_pretrained(where, local_files_only=not hub_reachable())
+        self._version = f"hub:{where}@{_hub_revision(where)}"
+        return model
+
+    # ----------------------------------------------------------------------------- weights
+
+    @classmethod
+    def cached_dir(cls) -> Path:
+        return cache_dir() / cls.name
+
+    @classmethod
+    def local_weights(cls) -> Path | None:
+        path = cls.cached_dir()
+        if (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES):
+            return path
+        return None
+
+    @classmethod
+    def how_to_fetch(cls) -> str:
+        return (f"supply the weights instead: `dreamfocus models fetch {cls.name} --from DIR_OR_URI` "
+                "(a folder, or a .tar.gz/.zip of one, holding config.json and model.safetensors as "
+                f"published at {cls.hub_id}; local, s3://, gs:// or https://), or set "
+                f"{cls.weights_env} to such a URI, or pass it as the model's weights")
+
+    @classmethod
+    def _check_folder(cls, path: Path) -> None:
+        if not (path / "config.json").is_file():
+            raise WeightsUnavailableError(f"{path} holds no config.json for {cls.name}")
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise WeightsUnavailableError(f"{path} holds no {' or '.join(WEIGHT_FILES)} for {cls.name}")
+        try:
+            model_type = read_json(path / "config.json").get("model_type")
+        except ValueError as exc:
+            raise WeightsUnavailableError(f"{path}/config.json is not valid JSON: {exc}") from exc
+        if model_type != cls.model_type:
+            raise WeightsUnavailableError(
+                f"{path} holds a {model_type!r} model, not {cls.name} ({cls.model_type!r})")
+
+    @classmethod
+    def _from_uri(cls, uri: str, name: str) -> Path:
+        path = local_path(uri)
+        if path is not None and path.is_dir():
+            cls._check_folder(path)
+            return path
+        if path is not None and not path.exists():
+            raise WeightsUnavailableError(f"{cls.name} weights {uri}: no such file or folder")
+        folder = fetch_dir_to_cache(uri, name, required=("config.json",))
+        try:
+            cls._check_folder(folder)
+        except WeightsUnavailableError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def _resolve(cls, weights: str | None) -> Path | str:
+        if weights:
+            return cls._from_uri(str(weights), f"{cls.name}-{uri_key(str(weights))}")
+        cached = cls.local_weights()
+        if cached is not None:
+            return cached
+        env = os.environ.get(cls.weights_env)
+        if env:
+            return cls._from_uri(env, cls.name)
+        if _hub_cached(cls.hub_id, cls.model_class()) or hub_reachable():
+            return cls.hub_id
+        raise WeightsUnavailableError(
+            f"no weights for {cls.name} ({_offline_reason()}); {cls.how_to_fetch()}")
+
+    @classmethod
+    def fetch(cls, source: str | None = None) -> Path:
+        """Weights into ``<cache>/<name>/``: from ``source``, else $<weights_env>, else the hub."""
+        cached = cls.local_weights()
+        source = source or os.environ.get(cls.weights_env)
+        if source:
+            path = local_path(source)
+            if path is not None and path.is_dir():  # copy a local folder so the cache owns it
+                cls._check_folder(path)
+                return fetch_dir_to_cache(str(path), cls.name, required=("config.json",))
+            if cached is not None:
+                shutil.rmtree(cached)
+            return cls._from_uri(source, cls.name)
+        if cached is not None:
+            return cached
+        if not hub_reachable():
+            raise WeightsUnavailableError(
+                f"cannot fetch {cls.name}: {_offline_reason()}; {cls.how_to_fetch()}")
+        from huggingface_hub import snapshot_download
+
+        dest = cls.cached_dir()
+        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
+        try:
+            snapshot_download(cls.hub_id, local_dir=str(tmp),
+                              allow_patterns=["config.json", "*.safetensors", "*.json"])
+            cls._check_folder(tmp)
+            shutil.rmtree(tmp / ".cache", ignore_errors=True)
+            os.replace(tmp, dest)
+        except WeightsUnavailableError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise WeightsUnavailableError(f"cannot fetch {cls.name} from the hub: {exc}; "
+                                          f"{cls.how_to_fetch()}") from exc
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest
+
+    # ----------------------------------------------------------------------------- inference
+
+    def input_shape(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) a photo is resized to: long side ``size``, multiples of ``multiple``."""
+        scale = self.size / max(height, width)
+        m = self.multiple
+
+        def side(n: int) -> int:
+            return int(min(self.size, max(m, round(n * scale / m) * m)))
+        return side(height), side(width)
+
+    def _prepare(self, photo: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        h, w = photo.shape[:2]
+        nh, nw = self.input_shape(h, w)
+        shrinking = nh < h and nw < w
+        x = cv2.resize(photo, (nw, nh), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_CUBIC)
+        x = (x.astype(np.float32) * np.float32(1 / 255.0) - self._mean) / self._std
+        x = cv2.copyMakeBorder(x, 0, self.size - nh, 0, self.size - nw, cv2.BORDER_REPLICATE)
+        return x.transpose(2, 0, 1), (nh, nw)
+
+    def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
+        torch = self._torch
+        prepared = [self._prepare(p) for p in photos]
+        batch = torch.from_numpy(np.stack([x for x, _ in prepared])).to(self.device)
+        if self.fp16:
+            batch = batch.half()
+        with torch.inference_mode():
+            depth = self.model(pixel_values=batch).predicted_depth
+        depth = depth.float().cpu().numpy()
+        if depth.ndim == 4:
+            depth = depth[:, 0]
+        out_h, out_w = depth.shape[-2:]
+        maps = []
+        for d, (_, (nh, nw)) in zip(depth, prepared):
+            rows = max(1, round(nh * out_h / self.size))
+            cols = max(1, round(nw * out_w / self.size))
+            maps.append(np.ascontiguousarray(d[:rows, :cols], dtype=np.float32))
+        return maps
+
+
+# --------------------------------------------------------------------------------- the hub
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_host() -> tuple[str, int]:
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+
+
+_REACHABLE: dict[tuple[str, int], bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection within ``timeout`` (and is allowed)."""
+    if _hub_offline():
+        return False
+    host = _hub_host()
+    if host not in _REACHABLE:
+        try:
+            with socket.create_connection(host, timeout=timeout):
+                _REACHABLE[host] = True
+        except OSError:
+            _REACHABLE[host] = False
+    return _REACHABLE[host]
+
+
+def _offline_reason() -> str:
+    if _hub_offline():
+        return "HF_HUB_OFFLINE is set and nothing is cached"
+    return f"nothing cached and the model hub {_hub_host()[0]} is unreachable"
+
+
+def _hub_cached(hub_id: str, model_class) -> bool:
+    """Whether the hub's own cache already holds the model (then no network is needed)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return all(isinstance(try_to_load_from_cache(hub_id, f), str)
+                   for f in ("config.json", "model.safetensors"))
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _hub_revision(hub_id: str) -> str:
+    with contextlib.suppress(Exception):
+        from huggingface_hub import try_to_load_from_cache
+        path = try_to_load_from_cache(hub_id, "model.safetensors")
+        if isinstance(path, str):
+            return weights_digest(path)[:12]
+    return "unknown"

@@ -1,0 +1,179 @@
+"""The library job end to end with real Ray: local disk, S3 (moto on loopback), resume, kill -9."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from PIL import Image
+
+from pipeline.errors import BadInputError
+from pipeline.job import JobConfig, run_job
+from pipeline.manifest import COLUMNS, latest_rows, read_manifest
+from pipeline.params import effect_params
+from pipeline.storage import Storage
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
+TRIVIAL = dict(saliency_model="trivial-saliency", depth_model="trivial-depth")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray(s3_server):  # the S3 endpoint first: Ray workers inherit the environment
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+def library(root: Path) -> Path:
+    """The example photos, one of them nested under a folder with a space and a non-ASCII name."""
+    (root / "trip" / "día 2").mkdir(parents=True)
+    for i, photo in enumerate(EXAMPLES):
+        target = root / photo.name if i % 2 else root / "trip" / "día 2" / photo.name.upper()
+        shutil.copy(photo, target)
+    (root / "notes.txt").write_text("not a photo")
+    (root / ".hidden.jpg").write_bytes(EXAMPLES[0].read_bytes())
+    return root
+
+
+def manifest(output) -> "pa.Table":  # noqa: F821
+    return read_manifest(Storage(f"{output}/manifest"))
+
+
+def test_local_end_to_end_then_resume(tmp_path, monkeypatch):
+    inputs, output = library(tmp_path / "in"), tmp_path / "out"
+    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    summary = run_job(config)
+    assert summary.counts == {"ok": len(EXAMPLES)}
+
+    rows = manifest(output)
+    assert rows.num_rows == len(EXAMPLES) and rows.column_names == list(COLUMNS)
+    for row in rows.to_pylist():
+        assert row["status"] == "ok" and row["error"] == "" and row["attempt"] == 1
+        assert row["saliency_model"] == "trivial-saliency" and row["depth_model"] == "trivial-depth"
+        assert row["params_hash"] and row["preset"] == "default"
+        result = Image.open(row["output_uri"])
+        source = Image.open(inputs / row["relpath"])
+        assert result.size == source.size == (row["width"], row["height"])
+        assert row["output_uri"].startswith(str(output / "images"))
+        assert row["output_uri"].endswith(".jpg") and row["seconds_effect"] > 0
+    assert {r["relpath"] for r in rows.to_pylist()} >= {"trip/día 2/" + EXAMPLES[0].name.upper()}
+
+    # The same command again: nothing to do, and not one image byte read.
+    reads = []
+    original = Storage.read_bytes
+    monkeypatch.setattr(Storage, "read_bytes", lambda self, rel: reads.append(rel) or original(self, rel))
+    again = run_job(config)
+    assert again.planned == 0 and again.skipped == {"done": len(EXAMPLES)}
+    assert not [r for r in reads if not r.endswith(".parquet")]
+    assert manifest(output).num_rows == len(EXAMPLES)
+
+
+def test_changed_photo_or_parameters_reprocess_exactly_what_changed(tmp_path):
+    inputs, output = library(tmp_path / "in"), tmp_path / "out"
+    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    run_job(config)
+
+    changed = inputs / EXAMPLES[1].name
+    Image.open(changed).transpose(Image.FLIP_LEFT_RIGHT).save(changed, quality=90)
+    os.utime(changed, (time.time() + 5, time.time() + 5))
+    summary = run_job(config)
+    assert summary.planned == 1 and summary.counts == {"ok": 1}
+    latest = latest_rows(manifest(output)).to_pylist()
+    assert {r["relpath"]: r["attempt"] for r in latest}[EXAMPLES[1].name] == 2
+
+    new_look = JobConfig(input=str(inputs), output=str(output), params=effect_params("default", kernel_size=5),
+                         **TRIVIAL)
+    assert run_job(new_look).counts == {"ok": len(EXAMPLES)}
+    assert run_job(new_look).planned == 0
+
+    # An output deleted by hand is made again; --dry-run only reports.
+    (output / "images" / (EXAMPLES[3].stem + ".jpg")).unlink()
+    dry = JobConfig(input=str(inputs), output=str(output), params=new_look.params, dry_run=True, **TRIVIAL)
+    assert run_job(dry).planned == 1
+    assert run_job(new_look).counts == {"ok": 1}
+
+
+def test_bad_photo_fails_alone_and_is_retried_on_request(tmp_path):
+    inputs, output = library(tmp_path / "in"), tmp_path / "out"
+    (inputs / "broken.jpg").write_bytes(EXAMPLES[0].read_bytes()[:3000])
+    (inputs / "text.png").write_text("hello")
+    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    summary = run_job(config)
+    assert summary.counts == {"ok": len(EXAMPLES), "failed": 1, "skipped": 1}
+    rows = {r["relpath"]: r for r in manifest(output).to_pylist()}
+    assert rows["broken.jpg"]["error_kind"] == "corrupt-image" and "broken.jpg" in rows["broken.jpg"]["error"]
+    assert rows["text.png"]["status"] == "skipped" and rows["text.png"]["error_kind"] == "not-an-image"
+    assert not (output / "images" / "broken.jpg").exists()
+
+    assert run_job(config).planned == 0
+    retry = JobConfig(input=str(inputs), output=str(output), retry_failed=True, **TRIVIAL)
+    assert run_job(retry).counts == {"failed": 1}
+
+
+def test_output_inside_input_is_refused(tmp_path):
+    inputs = library(tmp_path / "in")
+    for output in (inputs, inputs / "out"):
+        with pytest.raises(BadInputError, match="must not be INPUT or inside it"):
+            run_job(JobConfig(input=str(inputs), output=str(output), **TRIVIAL))
+
+
+def test_s3_end_to_end_and_resume(s3_bucket, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    bucket = s3_bucket.removeprefix("s3://")
+    for photo in EXAMPLES:
+        s3.put_object(Bucket=bucket, Key=f"photos/2024/{photo.name}", Body=photo.read_bytes())
+    config = JobConfig(input=f"{s3_bucket}/photos", output=f"{s3_bucket}/edited", **TRIVIAL)
+    assert run_job(config).counts == {"ok": len(EXAMPLES)}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="edited/")["Contents"]}
+    assert {f"edited/images/2024/{p.stem}.jpg" for p in EXAMPLES} <= keys
+    assert any(k.startswith("edited/manifest/part-") for k in keys)
+    rows = manifest(f"{s3_bucket}/edited").to_pylist()
+    assert all(r["source_fingerprint"].startswith("etag:") for r in rows)
+    assert run_job(config).planned == 0
+
+
+def run_cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_killed_run_is_completed_by_rerunning(tmp_path):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (1500, 2000, 3), dtype=np.uint8)
+    for i in range(40):  # large enough that the run is still going when the first part lands
+        Image.fromarray(np.roll(base, i, axis=0)).save(inputs / f"p{i:02d}.jpg")
+    command = ["run", str(inputs), str(output), "--saliency-model", "trivial-saliency",
+               "--depth-model", "trivial-depth", "--commit-every", "3", "--cpu-workers", "2"]
+    first = run_cli(*command)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((output / "manifest").glob("part-*.parquet")):
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started
+    first.wait()
+    committed = manifest(output).num_rows
+    assert 0 < committed < 40
+
+    second = run_cli(*command)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    rows = manifest(output).to_pylist()
+    ok = [r["relpath"] for r in rows if r["status"] == "ok"]
+    assert sorted(ok) == sorted(set(ok)) and len(ok) == 40  # each photo exactly once
+    for i in range(40):
+        with Image.open(output / "images" / f"p{i:02d}.jpg") as result:
+            result.load()  # complete files only under final names
+    assert not [p for p in (output / "images").iterdir() if not p.name.endswith(".jpg") and not p.name.startswith(".")]
