@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 weights: $(STAMP)
-	$(VENV)/bin/dreamfocus models fetch --missing-ok
+	$(VENV)/bin/dreamfocus models fetch isnet-general-use
 
 run: weights
 	$(VENV)/bin/dreamfocus run $(EXAMPLES) $(OUT)

@@ -100,6 +100,8 @@ def guided_filter_coefficients(guide: np.ndarray, src: np.ndarray, radius: int,
 
     Kept separate so they can be computed on a small image and applied, upsampled, to the
     full-size guide: edges follow the full-resolution photo at the cost of the small one.
+    Where a moves the output by under half a grey level (|a| * local std of the guide < 1/510),
+    a * guide is folded into b, so stretches of alpha away from edges need no guide at all.
     """
     size = (2 * radius + 1, 2 * radius + 1)
 
@@ -111,7 +113,11 @@ def guided_filter_coefficients(guide: np.ndarray, src: np.ndarray, radius: int,
     cov_ip = box(guide * src) - mean_i * mean_p
     a = cov_ip / (var_i + np.float32(eps))
     b = mean_p - a * mean_i
-    return box(a), box(b)
+    a, b = box(a), box(b)
+    negligible = np.abs(a) * np.sqrt(np.maximum(var_i, 0.0)) < np.float32(1 / 510)
+    b[negligible] += a[negligible] * mean_i[negligible]
+    a[negligible] = 0.0
+    return a, b
 
 
 def luminance(photo: np.ndarray) -> np.ndarray:
@@ -156,7 +162,7 @@ def _upscale_block(values: np.ndarray, factor: int, y0: int, y1: int, x0: int, x
     the whole image does, so the blocks tile into the same result.
     """
     if factor == 1:
-        return values[y0:y1, x0:x1]
+        return values[y0:y1, x0:x1].copy()
     h, w = values.shape[:2]
     r0, c0 = max(0, y0 // factor - 1), max(0, x0 // factor - 1)
     r1, c1 = -(-y1 // factor) + 1, -(-x1 // factor) + 1
@@ -173,7 +179,7 @@ def _upscale_block(values: np.ndarray, factor: int, y0: int, y1: int, x0: int, x
 
 def compose_full_size(photo: np.ndarray, background: np.ndarray, coef_a: np.ndarray,
                       coef_b: np.ndarray, factor: int, floor: tuple[np.ndarray, np.ndarray] | None = None,
-                      tile: int = 64) -> np.ndarray:
+                      tile: int = 32) -> np.ndarray:
     """The full-size composite, where alpha = clamp(up(a) * luminance(photo) + up(b), 0, 1).
 
     background, a and b are at working size. Tiles whose alpha is 1 everywhere keep the photo
@@ -185,7 +191,7 @@ def compose_full_size(photo: np.ndarray, background: np.ndarray, coef_a: np.ndar
     height, width = photo.shape[:2]
     low = np.minimum(coef_b, coef_a + coef_b)
     high = np.maximum(coef_b, coef_a + coef_b)
-    out = photo.copy()
+    out = np.empty_like(photo)
     h, w = coef_b.shape
     for r in range(0, h, tile):
         for c in range(0, w, tile):
@@ -196,19 +202,21 @@ def compose_full_size(photo: np.ndarray, background: np.ndarray, coef_a: np.ndar
             floor_block = None
             if floor is not None:
                 floor_block = floor[0][x0:x1][None, :] + floor[1][y0:y1][:, None]
+            photo_block = photo[y0:y1, x0:x1]
             if low[region].min() >= 1.0:
+                out[y0:y1, x0:x1] = photo_block
                 continue
             if high[region].max() <= 0.0 and (floor_block is None or floor_block.max() <= 0.0):
                 out[y0:y1, x0:x1] = _upscale_block(background, factor, y0, y1, x0, x1)
                 continue
-            photo_block = photo[y0:y1, x0:x1]
-            alpha = _upscale_block(coef_a, factor, y0, y1, x0, x1) * luminance(photo_block)
-            alpha += _upscale_block(coef_b, factor, y0, y1, x0, x1)
+            alpha = _upscale_block(coef_b, factor, y0, y1, x0, x1)
+            if coef_a[region].any():  # edges of the subject: follow the full-resolution photo
+                alpha = alpha + _upscale_block(coef_a, factor, y0, y1, x0, x1) * luminance(photo_block)
             if floor_block is not None:
                 np.maximum(alpha, floor_block, out=alpha)
             np.clip(alpha, 0.0, 1.0, out=alpha)
-            out[y0:y1, x0:x1] = composite(photo_block,
-                                          _upscale_block(background, factor, y0, y1, x0, x1), alpha)
+            cv2.blendLinear(photo_block, _upscale_block(background, factor, y0, y1, x0, x1),
+                            alpha, 1.0 - alpha, dst=out[y0:y1, x0:x1])
     return out
 
 

@@ -34,7 +34,7 @@ class EffectParams:
     start_percentile: float = 50.0
     stop_percentile: float = 50.0
     refine_radius: int = 4
-    refine_eps: float = 1e-3
+    refine_eps: float = 1e-2
     gradient: str = "none"
     gradient_strength: float = 0.6
 
