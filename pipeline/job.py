@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterator
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from .effect import render
-from .errors import BadInputError, DreamfocusError
+from .errors import BadInputError, DreamfocusError, OutputError
 from .manifest import FAILED, OK, SKIPPED, ManifestWriter, ResumeIndex, image_id, key_of, new_run_id
 from .models import DEPTH, SALIENCY, default_model, load_model
 from .params import EffectParams
@@ -324,54 +325,79 @@ class JobSummary:
                 f"results: {self.output}/{IMAGES_DIR}  manifest: {self.output}/{MANIFEST_DIR}"]
 
 
-def run_job(config: JobConfig, on_row=None) -> JobSummary:
-    """Plan, then process what is left; returns counts. on_row(row) sees every committed row."""
+def run_job(config: JobConfig) -> JobSummary:
+    """Plan, then process what is left; returns counts.
+
+    The plan streams: to-do items go to Ray's object store in chunks as the listing proceeds,
+    so the driver's memory does not grow with the library. Ray starts only if there is work.
+    """
     started = time.perf_counter()
     inputs, output = check_locations(config)
     run_id = new_run_id()
     skipped: dict[str, int] = {}
-    todo: list[PlanItem] = []
+    planned, chunk, chunk_refs = 0, [], []
     for item in make_plan(config, inputs, output):
         if isinstance(item, str):
             skipped[item] = skipped.get(item, 0) + 1
-        elif config.limit is None or len(todo) < config.limit:
-            todo.append(item)
-        else:
+        elif config.limit is not None and planned >= config.limit:
             skipped["over --limit"] = skipped.get("over --limit", 0) + 1
-
-    if config.dry_run:
-        for item in todo:
+        elif config.dry_run:
+            planned += 1
             print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
-        return JobSummary(run_id, len(todo), {}, skipped, time.perf_counter() - started, 0.0, output.uri)
+        else:
+            planned += 1
+            chunk.append(item)
+            if len(chunk) == TASK_CHUNK:
+                chunk_refs.append(_put_tasks(config, chunk))
+                chunk = []
+    if chunk:
+        chunk_refs.append(_put_tasks(config, chunk))
 
     counts: dict[str, int] = {}
-    processing_started = None
-    if todo:
+    processing_started = ended = time.perf_counter()
+    if chunk_refs:
+        check_writable(output)
         writer = ManifestWriter(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options), run_id,
                                 config.manifest_rows_per_part)
+        failing_writes = 0
         try:
-            _start_ray(config)
-            processing_started = time.perf_counter()
-            for row in _execute(config, inputs, todo, run_id):
+            for row in _execute(config, inputs, chunk_refs, run_id):
                 writer.add(row)
                 counts[row["status"]] = counts.get(row["status"], 0) + 1
-                if on_row:
-                    on_row(row)
+                # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
+                failing_writes = failing_writes + 1 if row["error_kind"] == "write-error" else 0
+                if failing_writes >= MAX_FAILING_WRITES:
+                    raise OutputError(f"{output.uri}: {failing_writes} writes in a row failed, stopping "
+                                      f"(last: {row['error']})")
         finally:
             writer.flush()
-    ended = time.perf_counter()
-    return JobSummary(run_id, len(todo), counts, skipped, ended - started,
-                      ended - (processing_started or ended), output.uri)
+        ended = time.perf_counter()
+    return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started,
+                      output.uri)
 
 
-def _task_table(items: list[PlanItem]) -> pa.Table:
-    return pa.table({
+TASK_CHUNK = 2000  # to-do items per object in Ray's object store
+MAX_FAILING_WRITES = 8
+
+
+def check_writable(output: Storage) -> None:
+    """Fail fast, before any work, when OUTPUT cannot be written."""
+    probe = f"{MANIFEST_DIR}/.write-probe-{uuid.uuid4().hex[:8]}"
+    output.write_atomic(probe, b"")
+    output.remove(probe)
+
+
+def _put_tasks(config: JobConfig, items: list[PlanItem]):
+    import ray
+
+    _start_ray(config)
+    return ray.put(pa.table({
         "relpath": [it.source.relpath for it in items],
         "source_size": pa.array([it.source.size for it in items], pa.int64()),
         "source_fingerprint": [it.source.fingerprint for it in items],
         "output_relpath": [it.output_relpath for it in items],
         "attempt": pa.array([it.attempt for it in items], pa.int32()),
-    })
+    }))
 
 
 def _start_ray(config: JobConfig) -> None:
@@ -385,7 +411,7 @@ def _start_ray(config: JobConfig) -> None:
                  include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
 
 
-def _execute(config: JobConfig, inputs: Storage, todo: list[PlanItem], run_id: str) -> Iterator[dict[str, Any]]:
+def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) -> Iterator[dict[str, Any]]:
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -396,9 +422,7 @@ def _execute(config: JobConfig, inputs: Storage, todo: list[PlanItem], run_id: s
     default_actors = max(1, int(gpus // max(gpus_per_actor, 1e-9))) if gpus_per_actor else 1
     device = config.device or ("cuda" if gpus_per_actor else "cpu")
 
-    chunk = 2000  # the task list goes to the object store in chunks: the driver holds only refs
-    refs = [ray.put(_task_table(todo[i:i + chunk])) for i in range(0, len(todo), chunk)]
-    ds = ray.data.from_arrow_refs(refs)
+    ds = ray.data.from_arrow_refs(chunk_refs)
     ds = ds.map_batches(read_stage, fn_kwargs=dict(input_uri=inputs.uri, storage_options=config.storage_options,
                                                    max_megapixels=config.max_megapixels),
                         batch_size=4, batch_format="numpy", num_cpus=1)

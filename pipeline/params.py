@@ -27,7 +27,7 @@ class EffectParams:
 
     preset: str = "default"
     work_size: int = 640
-    kernel_size: int = 8
+    kernel_size: int = 16
     brightness_min: int = 40
     brightness_max: int = 255
     fg_threshold: float = 0.5

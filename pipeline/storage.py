@@ -267,6 +267,11 @@ class Storage:
 
     # ---- writing
 
+    def remove(self, relpath: str) -> None:
+        """Delete one file under the root (the job only ever removes what it wrote itself)."""
+        path = self._path(safe_relpath(relpath))
+        retry(lambda: self.fs.rm_file(path), what=f"remove {self.uri_of(relpath)}")
+
     def write_atomic(self, relpath: str, data: bytes) -> None:
         """Write `data` so the final name shows either nothing (or the old file) or all of it.
 
