@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -88,6 +89,7 @@ class PlanItem:
     output_relpath: str
     reason: str  # why it is (re)processed
     attempt: int
+    error: str = ""  # set when the input is refused before any reading (an unsafe name)
 
 
 def output_relpath(relpath: str, fmt: str) -> str:
@@ -124,10 +126,9 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
 
     for source in inputs.list_files(IMAGE_EXTENSIONS):
         try:
-            target = output_relpath(source.relpath, config.format)
+            target, error = output_relpath(source.relpath, config.format), ""
         except BadInputError as exc:
-            yield f"unsafe name ({exc})"
-            continue
+            target, error = "", str(exc)
         attempts = resume.attempts_of(source.relpath)
         same = (source.relpath, source.fingerprint, job_hash)
         if config.force:
@@ -149,7 +150,7 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
             reason = "photo or parameters changed"
         else:
             reason = "new"
-        yield PlanItem(source, target, reason, attempts + 1)
+        yield PlanItem(source, target, reason, attempts + 1, error)
 
 
 # ---- stages (run on Ray workers; each takes and returns a dict of numpy arrays)
@@ -335,7 +336,7 @@ def run_job(config: JobConfig) -> JobSummary:
     inputs, output = check_locations(config)
     run_id = new_run_id()
     skipped: dict[str, int] = {}
-    planned, chunk, chunk_refs = 0, [], []
+    planned, chunk, chunk_refs, refused = 0, [], [], []
     for item in make_plan(config, inputs, output):
         if isinstance(item, str):
             skipped[item] = skipped.get(item, 0) + 1
@@ -344,6 +345,9 @@ def run_job(config: JobConfig) -> JobSummary:
         elif config.dry_run:
             planned += 1
             print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
+        elif item.error:
+            planned += 1
+            refused.append(_refused_row(item, inputs, config, run_id))
         else:
             planned += 1
             chunk.append(item)
@@ -355,13 +359,14 @@ def run_job(config: JobConfig) -> JobSummary:
 
     counts: dict[str, int] = {}
     processing_started = ended = time.perf_counter()
-    if chunk_refs:
+    if chunk_refs or refused:
         check_writable(output)
         writer = ManifestWriter(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options), run_id,
                                 config.manifest_rows_per_part)
         failing_writes = 0
+        rows = _execute(config, inputs, chunk_refs, run_id) if chunk_refs else iter(())
         try:
-            for row in _execute(config, inputs, chunk_refs, run_id):
+            for row in itertools.chain(refused, rows):
                 writer.add(row)
                 counts[row["status"]] = counts.get(row["status"], 0) + 1
                 # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
@@ -440,6 +445,13 @@ def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) 
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
         for i in range(len(batch["relpath"])):
             yield _manifest_row(batch, i, source_root, config, run_id)
+
+
+def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str) -> dict[str, Any]:
+    batch = {"relpath": [item.source.relpath], "source_size": [item.source.size],
+             "source_fingerprint": [item.source.fingerprint], "attempt": [item.attempt],
+             "status": [FAILED], "error_kind": ["unsafe-name"], "error": [item.error]}
+    return _manifest_row(batch, 0, inputs.uri, config, run_id)
 
 
 def _manifest_row(batch: dict, i: int, source_root: str, config: JobConfig, run_id: str) -> dict[str, Any]:
