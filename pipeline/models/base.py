@@ -44,6 +44,12 @@ class MapModel(ABC):
         return None
 
     @classmethod
+    def cache_paths(cls) -> list[Path]:
+        """Everything this model keeps in the cache (weights and anything derived from them)."""
+        path = cls.local_weights()
+        return [] if path is None else [path]
+
+    @classmethod
     def fetch(cls, source: str | None = None) -> Path | None:
         """Fetch the weights into the cache (from ``source`` when given); their path.
 
@@ -63,12 +69,27 @@ class MapModel(ABC):
 
     def predict(self, photos: Sequence[np.ndarray],
                 saliency: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+        """One float32 map per photo, at that photo's size.
+
+        ``saliency``, when given, holds one saliency map (0..1, any size with the photo's aspect)
+        per photo; depth models that can use it do (the ground prior places each subject at the
+        depth of its lowest point), all others ignore it.
+        """
+        if saliency is not None and len(saliency) != len(photos):
+            raise ValueError(f"{len(saliency)} saliency maps for {len(photos)} photos")
+        step = max(1, self.batch_size)
         maps: list[np.ndarray] = []
-        for i in range(0, len(photos), self.batch_size):
-            chunk = list(photos[i:i + self.batch_size])
-            for photo, raw in zip(chunk, self._predict_batch(chunk)):
+        for i in range(0, len(photos), step):
+            chunk = list(photos[i:i + step])
+            sal = None if saliency is None else list(saliency[i:i + step])
+            for photo, raw in zip(chunk, self._predict_chunk(chunk, sal)):
                 maps.append(resize_map(raw, photo.shape[0], photo.shape[1]))
         return maps
+
+    def _predict_chunk(self, photos: list[np.ndarray],
+                       saliency: list[np.ndarray] | None) -> list[np.ndarray]:
+        """Maps for one batch; models that use saliency maps override this, the others ignore them."""
+        return self._predict_batch(photos)
 
     @abstractmethod
     def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:

@@ -73,6 +73,7 @@ class HFDepthModel(MapModel):
             torch.set_num_threads(cpu_threads())
         model = model.eval().to(self.device)
         self.model = model.half() if self.fp16 else model.float()
+        self.runtime = f"torch {self.device} {'fp16' if self.fp16 else 'fp32'}"
         self._mean = np.array(self.mean, np.float32)
         self._std = np.array(self.std, np.float32)
 
@@ -99,6 +100,9 @@ class HFDepthModel(MapModel):
 
     def _load(self, where: str | Path):
         cls = self.model_class()
+        with contextlib.suppress(Exception):  # no per-tensor progress bar on every load
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
         if isinstance(where, Path):
             self._check_folder(where)
             self.weights_path = where
@@ -153,7 +157,26 @@ class HFDepthModel(MapModel):
             return path
         if path is not None and not path.exists():
             raise WeightsUnavailableError(f"{cls.name} weights {uri}: no such file or folder")
-        folder = fetch_dir_to_cache(uri, name, required=("config.json",))
+        folder = fetch_dir_to_cache(str(path) if path is not None else uri, name, required=("config.json",))
+        try:
+            cls._check_folder(folder)
+        except WeightsUnavailableError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def _fetch_into_cache(cls, source: str, replace: bool = False) -> Path:
+        path = local_path(source)
+        if path is not None and path.is_dir():
+            cls._check_folder(path)
+        elif path is not None and not path.exists():
+            raise WeightsUnavailableError(f"{cls.name} weights {source}: no such file or folder")
+        dest = cls.cached_dir()
+        if replace and dest.exists():
+            shutil.rmtree(dest)
+        folder = fetch_dir_to_cache(str(path) if path is not None else source, cls.name,
+                                    required=("config.json",))
         try:
             cls._check_folder(folder)
         except WeightsUnavailableError:
@@ -168,30 +191,26 @@ class HFDepthModel(MapModel):
         cached = cls.local_weights()
         if cached is not None:
             return cached
-        env = os.environ.get(cls.weights_env)
-        if env:
-            return cls._from_uri(env, cls.name)
-        if _hub_cached(cls.hub_id, cls.model_class()) or hub_reachable():
+        if os.environ.get(cls.weights_env):
+            return cls.fetch()  # fills <cache>/<name> from the URL, once
+        if _hub_cached(cls.hub_id) or hub_reachable():
             return cls.hub_id
         raise WeightsUnavailableError(
             f"no weights for {cls.name} ({_offline_reason()}); {cls.how_to_fetch()}")
 
     @classmethod
     def fetch(cls, source: str | None = None) -> Path:
-        """Weights into ``<cache>/<name>/``: from ``source``, else $<weights_env>, else the hub."""
-        cached = cls.local_weights()
-        source = source or os.environ.get(cls.weights_env)
+        """Weights into ``<cache>/<name>/``: from ``source`` (replacing what is cached), else what
+        is cached, else from $<weights_env>, else from the hub."""
         if source:
-            path = local_path(source)
-            if path is not None and path.is_dir():  # copy a local folder so the cache owns it
-                cls._check_folder(path)
-                return fetch_dir_to_cache(str(path), cls.name, required=("config.json",))
-            if cached is not None:
-                shutil.rmtree(cached)
-            return cls._from_uri(source, cls.name)
+            return cls._fetch_into_cache(source, replace=True)
+        cached = cls.local_weights()
         if cached is not None:
             return cached
-        if not hub_reachable():
+        if os.environ.get(cls.weights_env):
+            return cls._fetch_into_cache(os.environ[cls.weights_env])
+        online = hub_reachable()
+        if not online and not _hub_cached(cls.hub_id):
             raise WeightsUnavailableError(
                 f"cannot fetch {cls.name}: {_offline_reason()}; {cls.how_to_fetch()}")
         from huggingface_hub import snapshot_download
@@ -199,10 +218,12 @@ class HFDepthModel(MapModel):
         dest = cls.cached_dir()
         tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
         try:
-            snapshot_download(cls.hub_id, local_dir=str(tmp),
+            snapshot_download(cls.hub_id, local_dir=str(tmp), local_files_only=not online,
                               allow_patterns=["config.json", "*.safetensors", "*.json"])
             cls._check_folder(tmp)
             shutil.rmtree(tmp / ".cache", ignore_errors=True)
+            if dest.exists():
+                shutil.rmtree(dest)
             os.replace(tmp, dest)
         except WeightsUnavailableError:
             raise
@@ -287,7 +308,7 @@ def _offline_reason() -> str:
     return f"nothing cached and the model hub {_hub_host()[0]} is unreachable"
 
 
-def _hub_cached(hub_id: str, model_class) -> bool:
+def _hub_cached(hub_id: str) -> bool:
     """Whether the hub's own cache already holds the model (then no network is needed)."""
     try:
         from huggingface_hub import try_to_load_from_cache

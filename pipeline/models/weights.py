@@ -149,6 +149,8 @@ def fetch_dir_to_cache(uri: str, name: str, required: tuple[str, ...] = ("config
     final = cache_dir() / name
     if final.is_dir() and all((final / r).exists() for r in required):
         return final
+    if final.exists():  # an incomplete folder from elsewhere: start afresh
+        shutil.rmtree(final)
     fs, path = _filesystem(uri, storage_options)
     try:
         with _partial(final) as tmp:

@@ -1,0 +1,385 @@
+"""The model registry, the transformers depth models (tiny random configs), weights resolution,
+the fallback to the ground prior, the weight-free models and `dreamfocus models`."""
+
+from __future__ import annotations
+
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline.models as models
+from pipeline.errors import WeightsUnavailableError
+from pipeline.models import DEPTH, SALIENCY, create_model, default_model, load_model, model_names
+from pipeline.models.depth_anything import DepthAnythingV2Small
+from pipeline.models.dpt import DPTLarge
+from pipeline.models.ground_prior import GroundPrior
+from pipeline.models.weights import extract_archive, fetch_to_cache, sha256_file
+
+RNG = np.random.default_rng(7)
+SIZES = [(120, 200), (300, 90), (64, 64), (40, 500)]
+
+
+def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth photo-like image (gradients and a blob) with a little noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([255 * y / max(h - 1, 1), 255 * x / max(w - 1, 1),
+                    255 * np.exp(-((x - w / 2) ** 2 + (y - h / 2) ** 2) / (0.1 * h * w + 1))], -1)
+    return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
+
+
+PHOTOS = [_photo(h, w, i) for i, (h, w) in enumerate(SIZES)]
+
+
+def _tiny_da_config():
+    from transformers import DepthAnythingConfig, Dinov2Config
+    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                            image_size=518, patch_size=14, out_indices=[1, 2], reshape_hidden_states=False)
+    return DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16],
+                               reassemble_factors=[2, 1], fusion_hidden_size=16, head_hidden_size=8)
+
+
+def _tiny_dpt_config():
+    from transformers import DPTConfig
+    return DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                     backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16)
+
+
+def _scramble(model, seed: int) -> None:
+    """He-scaled random weights: transformers' own init gives near-constant maps, which would
+    make the equality checks below vacuous."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.model.parameters():
+            if p.ndim > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+@pytest.fixture(scope="module")
+def da():
+    model = DepthAnythingV2Small.from_config(_tiny_da_config(), device="cpu", batch_size=4)
+    _scramble(model, 0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def dpt():
+    model = DPTLarge.from_config(_tiny_dpt_config(), device="cpu", batch_size=4)
+    _scramble(model, 1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def da_saved(da, tmp_path_factory):
+    """The tiny DA model saved as a hub-style folder (config.json + model.safetensors)."""
+    folder = tmp_path_factory.mktemp("da-weights")
+    da.model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty weights cache, no hub, no weights URLs in the environment."""
+    root = tmp_path / "cache"
+    monkeypatch.setenv("DREAMFOCUS_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("DREAMFOCUS_DEPTH_ANYTHING_URL", "DREAMFOCUS_DPT_URL", "DREAMFOCUS_ISNET_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(models, "_warned_fallback", set())
+    return root
+
+
+# ------------------------------------------------------------------------------------ registry
+
+def test_registry_lists_models_by_task():
+    assert {"isnet-general-use", "trivial-saliency"} <= set(model_names(SALIENCY))
+    assert {"depth-anything-v2-small", "dpt-large", "ground-prior", "trivial-depth"} <= set(model_names(DEPTH))
+    assert not set(model_names(SALIENCY)) & set(model_names(DEPTH))
+    assert default_model(SALIENCY) == "isnet-general-use"
+    assert default_model(DEPTH) == "depth-anything-v2-small"
+    for name in model_names():
+        cls = models.model_class(name)
+        assert cls.name == name and cls.licence and cls.source
+
+
+# ---------------------------------------------------------------------- transformers depth models
+
+@pytest.mark.parametrize("which", ["da", "dpt"])
+def test_depth_maps_at_each_photo_size(which, request):
+    model = request.getfixturevalue(which)
+    maps = model.predict(PHOTOS)
+    assert [m.shape for m in maps] == SIZES
+    for m in maps:
+        assert m.dtype == np.float32 and np.isfinite(m).all()
+        assert m.std() > 1e-3  # a real map, not a constant
+
+
+@pytest.mark.parametrize("which", ["da", "dpt"])
+def test_input_shape_policy(which, request):
+    model = request.getfixturevalue(which)
+    for h, w in SIZES + [(3000, 4000), (1, 1)]:
+        ih, iw = model.input_shape(h, w)
+        assert ih % model.multiple == 0 and iw % model.multiple == 0
+        assert max(ih, iw) == model.size and min(ih, iw) >= model.multiple
+        if min(h, w) * model.size / max(h, w) >= 2 * model.multiple:
+            assert abs(ih / iw - h / w) / (h / w) < 0.25  # the aspect is kept (up to the grid)
+
+
+@pytest.mark.parametrize("which", ["da", "dpt"])
+def test_batched_equals_one_by_one_and_deterministic(which, request):
+    model = request.getfixturevalue(which)
+    batched = model.predict(PHOTOS)
+    again = model.predict(PHOTOS)
+    single = [model.predict([p])[0] for p in PHOTOS]
+    for b, a, s in zip(batched, again, single):
+        np.testing.assert_allclose(b, s, atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(b, a)
+
+
+@pytest.mark.parametrize("which", ["da", "dpt"])
+def test_padding_does_not_leak_between_photos(which, request):
+    """A tall photo with a bright object gives the same map alone and beside a very wide photo."""
+    model = request.getfixturevalue(which)
+    tall = _photo(300, 80, 11)
+    tall[100:160, 20:60] = (255, 40, 40)
+    wide = _photo(50, 700, 12)
+    alone = model.predict([tall])[0]
+    together = model.predict([wide, tall, wide])[1]
+    np.testing.assert_allclose(alone, together, atol=1e-4, rtol=0)
+
+
+class _PositionModel(torch.nn.Module):
+    """Stands in for the network: its 'depth' at each output pixel is that pixel's input row,
+    or 1000 where the input pixel is padding, at half the input resolution like a coarse head."""
+
+    def __init__(self, pad_rows: list[int], pad_cols: list[int]):
+        super().__init__()
+        self.valid = list(zip(pad_rows, pad_cols))
+
+    def forward(self, pixel_values):
+        n, _, s, _ = pixel_values.shape
+        rows = torch.arange(s, dtype=torch.float32)[:, None].expand(s, s)
+        out = []
+        for h, w in self.valid[:n]:
+            d = rows.clone()
+            d[h:, :] = 1000.0
+            d[:, w:] = 1000.0
+            out.append(d[::2, ::2])
+        return type("Out", (), {"predicted_depth": torch.stack(out)})()
+
+
+def test_crop_removes_every_padded_pixel(dpt):
+    """With a stand-in network that marks padding, no mark survives in any map."""
+    photos = [_photo(*s) for s in SIZES]
+    shapes = [dpt.input_shape(*p.shape[:2]) for p in photos]
+    real = dpt.model
+    try:
+        dpt.model = _PositionModel([h for h, _ in shapes], [w for _, w in shapes])
+        raws = dpt._predict_batch(photos)
+    finally:
+        dpt.model = real
+    for raw, (h, w) in zip(raws, shapes):
+        assert raw.max() < 1000.0
+        assert raw.shape == (h // 2, w // 2)
+
+
+# ------------------------------------------------------------------------------ weights resolution
+
+def test_weights_from_local_folder(da, da_saved, cache):
+    loaded = DepthAnythingV2Small(weights=str(da_saved), device="cpu")
+    assert loaded.version == sha256_file(da_saved / "model.safetensors")[:12]
+    np.testing.assert_allclose(loaded.predict(PHOTOS[:2])[0], da.predict(PHOTOS[:2])[0], atol=1e-5)
+    assert not cache.exists() or not any(cache.iterdir())  # a local folder is used in place
+
+
+def test_weights_from_uri_fetched_once_into_cache(da, da_saved, cache):
+    import fsspec
+    mem = fsspec.filesystem("memory")
+    for f in da_saved.iterdir():
+        mem.pipe(f"/tiny-da/{f.name}", f.read_bytes())
+    first = DepthAnythingV2Small(weights="memory://tiny-da", device="cpu")
+    fetched = [p for p in cache.iterdir() if p.name.startswith("depth-anything-v2-small-")]
+    assert len(fetched) == 1 and (fetched[0] / "config.json").is_file()
+    assert not list(cache.glob("*.partial"))
+    mem.rm("/tiny-da", recursive=True)  # the cached copy is used from now on
+    second = DepthAnythingV2Small(weights="memory://tiny-da", device="cpu")
+    assert first.version == second.version == sha256_file(da_saved / "model.safetensors")[:12]
+    np.testing.assert_allclose(second.predict(PHOTOS[:1])[0], da.predict(PHOTOS[:1])[0], atol=1e-5)
+
+
+def test_weights_from_archive_uri(da_saved, cache, tmp_path):
+    archive = tmp_path / "da.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(da_saved, arcname="Depth-Anything-V2-Small-hf")
+    model = DepthAnythingV2Small(weights=f"file://{archive}", device="cpu")
+    assert model.version == sha256_file(da_saved / "model.safetensors")[:12]
+
+
+def test_weights_from_s3(da_saved, cache, s3_bucket):
+    import fsspec
+    fs = fsspec.filesystem("s3")
+    fs.put(str(da_saved) + "/", f"{s3_bucket}/models/da/", recursive=True)
+    model = DepthAnythingV2Small(weights=f"{s3_bucket}/models/da", device="cpu")
+    assert model.version == sha256_file(da_saved / "model.safetensors")[:12]
+
+
+def test_resolution_order_explicit_then_env_then_cache(da_saved, cache, tmp_path, monkeypatch):
+    digest = sha256_file(da_saved / "model.safetensors")[:12]
+    # nothing anywhere: the loader says how to supply weights
+    with pytest.raises(WeightsUnavailableError, match="models fetch depth-anything-v2-small --from"):
+        DepthAnythingV2Small(device="cpu")
+    # the environment's URL fills the cache once
+    monkeypatch.setenv("DREAMFOCUS_DEPTH_ANYTHING_URL", f"file://{da_saved}")
+    assert DepthAnythingV2Small(device="cpu").version == digest
+    assert DepthAnythingV2Small.local_weights() == cache / "depth-anything-v2-small"
+    monkeypatch.setenv("DREAMFOCUS_DEPTH_ANYTHING_URL", f"file://{tmp_path}/gone")
+    assert load_model(DEPTH).version == digest  # the cache wins over the URL now
+    # an explicit path wins over the cache
+    other = DepthAnythingV2Small.from_config(_tiny_da_config(), device="cpu")
+    _scramble(other, 5)
+    other_dir = tmp_path / "other"
+    other.model.save_pretrained(other_dir)
+    chosen = load_model(DEPTH, weights=str(other_dir))
+    assert chosen.name == "depth-anything-v2-small"
+    assert chosen.version == sha256_file(other_dir / "model.safetensors")[:12] != digest
+
+
+def test_weights_of_another_architecture_are_refused(da_saved, cache):
+    with pytest.raises(WeightsUnavailableError, match="not dpt-large"):
+        DPTLarge(weights=str(da_saved), device="cpu")
+
+
+def test_fetch_to_cache_checks_checksum_and_writes_atomically(cache, tmp_path):
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"weights" * 1000)
+    digest = sha256_file(src)
+    with pytest.raises(WeightsUnavailableError, match="checksum mismatch"):
+        fetch_to_cache(str(src), "w.bin", sha256="0" * 64)
+    assert not (cache / "w.bin").exists() and not list(cache.glob("*.partial"))
+    path = fetch_to_cache(f"file://{src}", "w.bin", sha256=digest)
+    assert path == cache / "w.bin" and sha256_file(path) == digest
+    src.unlink()
+    assert fetch_to_cache(str(src), "w.bin", sha256=digest) == path  # cached: not fetched again
+    with pytest.raises(WeightsUnavailableError, match="cannot fetch"):
+        fetch_to_cache(str(tmp_path / "missing.bin"), "missing.bin")
+
+
+def test_extract_archive_refuses_paths_outside(tmp_path):
+    import io
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("../evil.txt")
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b"evil"))
+    with pytest.raises(WeightsUnavailableError, match="unsafe path"):
+        extract_archive(archive, tmp_path / "out")
+    assert not (tmp_path / "evil.txt").exists()
+
+
+# ------------------------------------------------------------------------------------- fallback
+
+def test_load_model_falls_back_to_ground_prior_once(cache, caplog):
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
+        first = load_model(DEPTH)
+        second = load_model(DEPTH, batch_size=2)
+    assert first.name == second.name == "ground-prior"
+    assert first.version.startswith("builtin")
+    warnings = [r for r in caplog.records if "using ground-prior depth instead" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "no weights for depth-anything-v2-small" in warnings[0].getMessage()
+    with pytest.raises(WeightsUnavailableError):
+        load_model(DEPTH, fallback=False)
+    with pytest.raises(WeightsUnavailableError):  # saliency never falls back
+        load_model(SALIENCY, weights=str(cache / "nothing.onnx"))
+
+
+# -------------------------------------------------------------------------- weight-free models
+
+def test_ground_prior_lower_rows_nearer():
+    depth = GroundPrior().predict([np.zeros((90, 60, 3), np.uint8)])[0]
+    assert depth.shape == (90, 60) and depth.dtype == np.float32
+    col = depth[:, 0]
+    assert np.all(np.diff(col) >= 0) and col[0] == 0.0 and col[-1] == pytest.approx(1.0)
+    assert np.all(np.diff(col[40:]) > 0)  # strictly nearer below the horizon
+    assert np.all(depth == depth[:, :1])  # constant along each row
+
+
+def test_ground_prior_places_each_subject_at_its_lowest_point():
+    photo = np.zeros((120, 80, 3), np.uint8)
+    saliency = np.zeros((120, 80), np.float32)
+    saliency[20:70, 10:30] = 0.9   # a standing figure
+    saliency[80:110, 50:70] = 0.6  # another, nearer
+    saliency[0:5, 0:80] = 0.4      # below the threshold: not a subject
+    plain, placed = create_model("ground-prior").predict([photo, photo], saliency=[None, saliency])
+    for top, bottom, left, right in ((20, 70, 10, 30), (80, 110, 50, 70)):
+        subject = placed[top:bottom, left:right]
+        assert np.ptp(subject) == 0  # the whole subject at one depth ...
+        assert subject[0, 0] == pytest.approx(plain[bottom - 1, left], abs=1e-6)  # ... its lowest row's
+    far_figure, near_figure = placed[40, 20], placed[90, 60]
+    assert near_figure > far_figure
+    background = placed[:, 40:48]
+    np.testing.assert_array_equal(background, plain[:, 40:48])
+
+
+def test_models_that_ignore_saliency_accept_it():
+    photos = [np.zeros((30, 40, 3), np.uint8), np.zeros((50, 20, 3), np.uint8)]
+    sal = [np.ones((30, 40), np.float32), np.ones((50, 20), np.float32)]
+    model = create_model("trivial-depth")
+    assert [m.shape for m in model.predict(photos, saliency=sal)] == [(30, 40), (50, 20)]
+    with pytest.raises(ValueError):
+        model.predict(photos, saliency=sal[:1])
+
+
+def test_trivial_models():
+    photos = [np.zeros((300, 400, 3), np.uint8), np.full((33, 17, 3), 200, np.uint8)]
+    sal = create_model("trivial-saliency").predict(photos)
+    depth = create_model("trivial-depth").predict(photos)
+    for photo, s, d in zip(photos, sal, depth):
+        assert s.shape == d.shape == photo.shape[:2]
+        assert s.dtype == d.dtype == np.float32
+        h, w = s.shape
+        assert s[h // 2, w // 2] == 1.0 and s[0, 0] == 0.0 and 0.2 < s.mean() < 0.4
+        assert d[0, 0] == 0.0 and d[-1, 0] == 1.0 and np.all(np.diff(d[:, 0]) >= 0)
+    again = create_model("trivial-saliency").predict(photos)
+    np.testing.assert_array_equal(sal[0], again[0])
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+def _cli(monkeypatch, capsys, *argv) -> tuple[int, str, str]:
+    import pipeline.cli as cli
+    if "models" not in cli.SUBCOMMANDS:
+        monkeypatch.setattr(cli, "SUBCOMMANDS", tuple(cli.SUBCOMMANDS) + ("models",))
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_models_list(cache, da_saved, monkeypatch, capsys):
+    code, out, _ = _cli(monkeypatch, capsys, "models", "fetch", "depth-anything-v2-small", "--from", str(da_saved))
+    assert code == 0 and str(cache / "depth-anything-v2-small") in out
+    code, out, _ = _cli(monkeypatch, capsys, "models", "list")
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:] if line and not line.startswith("cache:")}
+    assert set(model_names()) <= set(rows)
+    assert rows["depth-anything-v2-small"][1:3] == ["depth", "yes"]
+    assert rows["dpt-large"][1:3] == ["depth", "no"]
+    assert rows["ground-prior"][2] == "yes"
+    assert "Apache-2.0" in " ".join(rows["isnet-general-use"]) and "MIT" in rows["dpt-large"]
+
+
+def test_cli_models_fetch_offline_fails_clearly(cache, monkeypatch, capsys):
+    code, out, err = _cli(monkeypatch, capsys, "models", "fetch", "dpt-large")
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dreamfocus: error:")
+    assert "dpt-large" in lines[0] and "--from" in lines[0] and "DREAMFOCUS_DPT_URL" in lines[0]
+    code, _, err = _cli(monkeypatch, capsys, "models", "fetch", "dpt-large", "--missing-ok")
+    assert code == 0 and "warning" in err
+    code, _, err = _cli(monkeypatch, capsys, "models", "fetch", "no-such-model")
+    assert code == 2 and "unknown model" in err
