@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from .effect import render
 from .errors import BadInputError, DreamfocusError, OutputError
-from .manifest import FAILED, OK, SKIPPED, ManifestWriter, ResumeIndex, image_id, key_of, new_run_id
+from .manifest import FAILED, OK, SKIPPED, KeySet, ManifestWriter, ResumeIndex, image_id, key_of, new_run_id
 from .models import DEPTH, SALIENCY, default_model, load_model
 from .params import EffectParams
 from .photo_io import IMAGE_EXTENSIONS, OUTPUT_EXTENSIONS, decode_photo, encode_photo
@@ -113,16 +113,11 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
     job_hash = config.job_hash()
     resume = ResumeIndex.load(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options))
     images = Storage(f"{output.uri}/{IMAGES_DIR}", config.storage_options)
-    try:
-        existing = np.sort(np.array([key_of(f.relpath) for f in images.list_files(
-            frozenset({OUTPUT_EXTENSIONS[config.format]}))], dtype=np.int64))
+    outputs = frozenset({OUTPUT_EXTENSIONS[config.format]})
+    try:  # one listing of OUTPUT/images answers "does the output exist" for every input
+        existing = KeySet(key_of(f.relpath) for f in images.list_files(outputs))
     except FileNotFoundError:
-        existing = np.array([], dtype=np.int64)
-
-    def output_exists(relpath: str) -> bool:
-        key = key_of(relpath)
-        i = int(np.searchsorted(existing, key))
-        return i < len(existing) and existing[i] == key
+        existing = KeySet(())
 
     for source in inputs.list_files(IMAGE_EXTENSIONS):
         try:
@@ -133,7 +128,7 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
         same = (source.relpath, source.fingerprint, job_hash)
         if config.force:
             reason = "forced"
-        elif resume.latest_is(*same, OK) and output_exists(target):
+        elif resume.latest_is(*same, OK) and key_of(target) in existing:
             yield "done"
             continue
         elif resume.latest_is(*same, SKIPPED):
@@ -181,20 +176,24 @@ def _writable(batch: dict, *columns: str) -> dict:
 
 
 def _fail(batch: dict, i: int, exc: BaseException) -> None:
-    not_an_image = isinstance(exc, BadInputError) and "not an image" in str(exc)
-    batch["status"][i] = SKIPPED if not_an_image else FAILED
-    batch["error_kind"][i] = error_kind(exc)
-    batch["error"][i] = str(exc) if isinstance(exc, DreamfocusError) else f"{type(exc).__name__}: {exc}"
+    kind = error_kind(exc, batch["relpath"][i])
+    batch["status"][i] = SKIPPED if isinstance(exc, BadInputError) and kind == "not-an-image" else FAILED
+    batch["error_kind"][i] = kind
+    batch["error"][i] = (str(exc) if isinstance(exc, DreamfocusError)  # these name the file already
+                         else f"{batch['relpath'][i]}: {type(exc).__name__}: {exc}")
 
 
-def error_kind(exc: BaseException) -> str:
-    """A short, countable name for what went wrong."""
-    text = str(exc)
+def error_kind(exc: BaseException, relpath: str = "") -> str:
+    """A short, countable name for what went wrong (a file named "empty file.jpg" is no hint)."""
+    text = str(exc).replace(os.path.splitext(relpath)[0], "") if relpath else str(exc)
     for marker, kind in (("empty file", "empty-file"), ("not an image", "not-an-image"),
                          ("MP limit", "too-many-pixels"), ("truncated or corrupt", "corrupt-image"),
-                         ("unsupported image", "unsupported-image"), ("cannot write", "write-error")):
+                         ("unsupported image", "unsupported-image"), ("cannot write", "write-error"),
+                         ("out of memory", "out-of-memory")):
         if marker in text:
             return kind
+    if isinstance(exc, MemoryError):
+        return "out-of-memory"
     return "bad-input" if isinstance(exc, BadInputError) else type(exc).__name__
 
 

@@ -123,6 +123,17 @@ def latest_rows(table: pa.Table) -> pa.Table:
     return order.filter(pa.array(first))
 
 
+class KeySet:
+    """A sorted array of 64-bit keys: membership tests for millions of entries in a few MB."""
+
+    def __init__(self, keys: Iterable[np.int64]) -> None:
+        self.keys = np.sort(np.fromiter(keys, dtype=np.int64))
+
+    def __contains__(self, key: np.int64) -> bool:
+        i = int(np.searchsorted(self.keys, key))
+        return i < len(self.keys) and self.keys[i] == key
+
+
 @dataclass
 class ResumeIndex:
     """What earlier runs settled, as sorted 64-bit keys (a few bytes per input).
@@ -131,7 +142,7 @@ class ResumeIndex:
     attempts: key(relpath) -> the number of attempts so far.
     """
 
-    settled: np.ndarray
+    settled: KeySet
     attempt_keys: np.ndarray
     attempts: np.ndarray
 
@@ -147,22 +158,18 @@ class ResumeIndex:
             attempt_keys.append(key_of(relpath))
             attempts.append(attempt)
         order = np.argsort(np.array(attempt_keys, dtype=np.int64))
-        return cls(settled=np.sort(np.array(settled, dtype=np.int64)),
+        return cls(settled=KeySet(settled),
                    attempt_keys=np.array(attempt_keys, dtype=np.int64)[order],
                    attempts=np.array(attempts, dtype=np.int32)[order])
 
     def latest_is(self, relpath: str, fingerprint: str, params_hash: str, status: str) -> bool:
-        return _contains(self.settled, key_of(relpath, fingerprint, params_hash, status))
+        return key_of(relpath, fingerprint, params_hash, status) in self.settled
 
     def attempts_of(self, relpath: str) -> int:
         key = key_of(relpath)
         i = int(np.searchsorted(self.attempt_keys, key))
         return int(self.attempts[i]) if i < len(self.attempt_keys) and self.attempt_keys[i] == key else 0
 
-
-def _contains(sorted_keys: np.ndarray, key: np.int64) -> bool:
-    i = int(np.searchsorted(sorted_keys, key))
-    return i < len(sorted_keys) and sorted_keys[i] == key
 
 
 @dataclass
