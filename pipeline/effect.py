@@ -30,6 +30,8 @@ class Rendering:
     start: float  # depth at and in front of which the photo stays crisp
     stop: float  # depth at and behind which only the background shows
     fg_fraction: float  # share of pixels that are foreground
+    background_detail: float  # background detail relative to the subject's (nan: no subject or background)
+    left_alone: bool = False  # True when the background is already soft: image is the photo itself
 
 
 def resize_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -238,6 +240,23 @@ def gradient_floor(height: int, width: int, direction: str,
     return (ramp, zeros) if along_x else (zeros, ramp)
 
 
+def background_detail(photo: np.ndarray, fg: np.ndarray, fg_threshold: float = 0.5) -> float:
+    """Mean Laplacian magnitude over the background relative to that over the subject.
+
+    A photo whose background already has far less fine detail than its subject (a portrait
+    shot with a fast lens, a macro) would look fake with a painted background; a low value
+    says so. Measured on a lightly smoothed working-size image, away from the subject's edge.
+    nan when there is no subject or no background.
+    """
+    gray = cv2.GaussianBlur(luminance(photo), (0, 0), 1.0)  # float: 8-bit steps would read as detail
+    detail = np.abs(cv2.Laplacian(gray, cv2.CV_32F))
+    subject = fg >= fg_threshold
+    background = cv2.erode((~subject).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    if not subject.any() or not background.any():
+        return float("nan")
+    return float(detail[background].mean() / max(float(detail[subject].mean()), 1e-6))
+
+
 def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectParams) -> Rendering:
     """The whole effect on one photo with the given parameters."""
     height, width = photo.shape[:2]
@@ -264,8 +283,13 @@ def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectP
     else:
         coef_a, coef_b = np.zeros_like(alpha), alpha
 
-    floor = gradient_floor(height, width, params.gradient, params.gradient_strength)
-    image = compose_full_size(photo, background, coef_a, coef_b, factor, floor)
+    detail = background_detail(work_photo, fg_work, params.fg_threshold)
+    left_alone = bool(detail < params.min_background_detail)  # False for nan
+    if left_alone:
+        image = photo
+    else:
+        floor = gradient_floor(height, width, params.gradient, params.gradient_strength)
+        image = compose_full_size(photo, background, coef_a, coef_b, factor, floor)
     return Rendering(
         image=image,
         background=background,
@@ -276,4 +300,6 @@ def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectP
         start=start,
         stop=stop,
         fg_fraction=float(np.count_nonzero(fg_work >= params.fg_threshold)) / fg_work.size,
+        background_detail=detail,
+        left_alone=left_alone,
     )

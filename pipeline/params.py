@@ -23,6 +23,8 @@ class EffectParams:
     work_size: long side (px) at which background and alpha are computed, then brought back to
         full size; 0 computes everything at full resolution. A fixed working size is what makes
         the look independent of the photo's resolution.
+    min_background_detail: photos whose background has less fine detail than this share of the
+        subject's are left as they are (their background is already soft); 0 turns this off.
     """
 
     preset: str = "default"
@@ -37,6 +39,7 @@ class EffectParams:
     refine_eps: float = 1e-2
     gradient: str = "none"
     gradient_strength: float = 0.6
+    min_background_detail: float = 0.2
 
     def __post_init__(self) -> None:
         problems = []
@@ -57,6 +60,8 @@ class EffectParams:
             problems.append(f"gradient must be one of {', '.join(GRADIENT_DIRECTIONS)}")
         if not 0 <= self.gradient_strength <= 1:
             problems.append("gradient_strength must be within 0..1")
+        if self.min_background_detail < 0:
+            problems.append("min_background_detail must be >= 0 (0 = never leave a photo alone)")
         if problems:
             raise BadInputError("invalid effect parameters: " + "; ".join(problems))
 
@@ -68,7 +73,7 @@ class EffectParams:
 
 PRESETS: dict[str, EffectParams] = {
     # The original write-up, number for number: full resolution, 24 px kernel, no refinement.
-    "seed": EffectParams(preset="seed", work_size=0, kernel_size=24, refine_radius=0),
+    "seed": EffectParams(preset="seed", work_size=0, kernel_size=24, refine_radius=0, min_background_detail=0.0),
     "default": EffectParams(),
 }
 

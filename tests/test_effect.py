@@ -216,3 +216,24 @@ def test_parameters_validate_hash_and_load_from_yaml(tmp_path):
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(BadInputError, match="must be a mapping"):
         load_yaml_config(tmp_path / "bad.yaml")
+
+
+def test_a_photo_whose_background_is_already_soft_is_left_alone():
+    photo = example("astronaut")
+    h, w = photo.shape[:2]
+    fg = np.zeros((h, w), np.float32)
+    fg[h // 4:, w // 4:3 * w // 4] = 1.0
+    depth = np.tile(np.linspace(0, 1, h, dtype=np.float32)[:, None], (1, w))
+    soft = cv2.GaussianBlur(photo, (0, 0), 6)
+    inside = fg[..., None] >= 0.5
+    shallow = np.where(inside, photo, soft)  # as if shot with a fast lens
+
+    left = effect.render(shallow, fg, depth, PRESETS["default"])
+    assert left.left_alone and left.background_detail < 0.2
+    np.testing.assert_array_equal(left.image, shallow)
+
+    sharp = effect.render(photo, fg, depth, PRESETS["default"])
+    assert not sharp.left_alone and sharp.background_detail > 0.2
+    assert not effect.render(shallow, fg, depth, PRESETS["seed"]).left_alone  # seed: as written up
+    off = effect.render(shallow, fg, depth, effect_params("default", min_background_detail=0))
+    assert not off.left_alone

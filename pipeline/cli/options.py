@@ -22,6 +22,8 @@ _EFFECT_HELP = {
     "refine_radius": "edge-aware refinement radius, px at the working size; 0 = off",
     "refine_eps": "edge-aware refinement regularisation",
     "gradient_strength": "alpha at the gradient's named edge",
+    "min_background_detail": "leave photos alone whose background detail is below this share of the "
+                             "subject's (already soft); 0 = never",
 }
 
 

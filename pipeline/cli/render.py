@@ -9,6 +9,7 @@ import fsspec
 
 from ..effect import render
 from ..errors import BadInputError
+from ..job import soft_background_reason
 from ..models import DEPTH, SALIENCY, load_model
 from ..photo_io import OUTPUT_EXTENSIONS, decode_photo, encode_photo, read_depth, read_mask
 from ..process import intermediate_pngs, model_copy
@@ -87,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         for kind, png in intermediate_pngs(result, *pixels.shape[:2]).items():
             target.write_atomic(f"{stem}.{kind}.png", png)
 
+    if result.left_alone:
+        print(f"{args.output}: {soft_background_reason(result, params)}")
     models = f" models: {', '.join(used)};" if used else ""
     print(f"{args.output}: {pixels.shape[1]}x{pixels.shape[0]}, preset {params.preset};{models} "
           f"crisp in front of depth {result.start:.3f}, background behind {result.stop:.3f}")
