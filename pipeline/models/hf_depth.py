@@ -155,28 +155,25 @@ class HFDepthModel(MapModel):
         if path is not None and path.is_dir():
             cls._check_folder(path)
             return path
-        if path is not None and not path.exists():
-            raise WeightsUnavailableError(f"{cls.name} weights {uri}: no such file or folder")
-        folder = fetch_dir_to_cache(str(path) if path is not None else uri, name, required=("config.json",))
-        try:
-            cls._check_folder(folder)
-        except WeightsUnavailableError:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        return folder
+        return cls._fetch_checked(uri, name)
 
     @classmethod
     def _fetch_into_cache(cls, source: str, replace: bool = False) -> Path:
         path = local_path(source)
         if path is not None and path.is_dir():
             cls._check_folder(path)
-        elif path is not None and not path.exists():
-            raise WeightsUnavailableError(f"{cls.name} weights {source}: no such file or folder")
         dest = cls.cached_dir()
         if replace and dest.exists():
             shutil.rmtree(dest)
-        folder = fetch_dir_to_cache(str(path) if path is not None else source, cls.name,
-                                    required=("config.json",))
+        return cls._fetch_checked(source, cls.name)
+
+    @classmethod
+    def _fetch_checked(cls, source: str, name: str) -> Path:
+        """Fetch a weights folder or archive into <cache>/<name>; removed again if it is not ours."""
+        path = local_path(source)
+        if path is not None and not path.exists():
+            raise WeightsUnavailableError(f"{cls.name} weights {source}: no such file or folder")
+        folder = fetch_dir_to_cache(str(path) if path is not None else source, name, required=("config.json",))
         try:
             cls._check_folder(folder)
         except WeightsUnavailableError:
