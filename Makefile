@@ -12,11 +12,12 @@ setup: $(STAMP)
 
 # torch is pinned first so that a CPU build already on disk is used; an unpinned torch
 # would pull a multi-gigabyte CUDA build on machines without a GPU.
-$(STAMP): pyproject.toml Makefile
+# The rest comes from requirements.lock: exact versions install without dependency resolution.
+$(STAMP): pyproject.toml requirements.lock Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 weights: $(STAMP)
