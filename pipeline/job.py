@@ -132,7 +132,7 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
             yield "done"
             continue
         elif resume.latest_is(*same, SKIPPED):
-            yield "not an image"
+            yield "skipped before (not an image, or its background is already soft)"
             continue
         elif resume.latest_is(*same, FAILED) and not config.retry_failed:
             yield "failed before (use --retry-failed)"
@@ -183,12 +183,19 @@ def _fail(batch: dict, i: int, exc: BaseException) -> None:
                          else f"{batch['relpath'][i]}: {type(exc).__name__}: {exc}")
 
 
+def soft_background_reason(result, params: EffectParams) -> str:
+    return (f"left as it is: the background is already soft (detail {result.background_detail:.2f} of the "
+            f"subject's, below min_background_detail {params.min_background_detail:g})")
+
+
 def error_kind(exc: BaseException, relpath: str = "") -> str:
-    """A short, countable name for what went wrong (a file named "empty file.jpg" is no hint)."""
-    text = str(exc).replace(os.path.splitext(relpath)[0], "") if relpath else str(exc)
-    for marker, kind in (("empty file", "empty-file"), ("not an image", "not-an-image"),
-                         ("MP limit", "too-many-pixels"), ("truncated or corrupt", "corrupt-image"),
-                         ("unsupported image", "unsupported-image"), ("cannot write", "write-error"),
+    """A short, countable name for what went wrong; the file's own name is no hint ("empty file.jpg")."""
+    text = str(exc)
+    if relpath and text.startswith(f"{relpath}: "):
+        text = text[len(relpath) + 2:]
+    for marker, kind in (("cannot write", "write-error"), ("empty file", "empty-file"),
+                         ("not an image", "not-an-image"), ("MP limit", "too-many-pixels"),
+                         ("truncated or corrupt", "corrupt-image"), ("unsupported image", "unsupported-image"),
                          ("out of memory", "out-of-memory")):
         if marker in text:
             return kind
@@ -297,6 +304,9 @@ def finish_stage(batch: dict, config: JobConfig) -> dict:
             batch["fg_fraction"][i] = result.fg_fraction
             batch["interp_start"][i], batch["interp_stop"][i] = result.start, result.stop
             batch["output_uri"][i] = images.uri_of(target)
+            if result.left_alone:  # written unchanged, so the library's output stays complete
+                batch["status"][i], batch["error_kind"][i] = SKIPPED, "background-already-soft"
+                batch["error"][i] = soft_background_reason(result, config.params)
         except Exception as exc:  # noqa: BLE001 - any failure becomes this photo's row
             _fail(batch, i, exc)
     for heavy in ("data", "model_copy", "fg", "depth"):
