@@ -92,8 +92,11 @@ class PlanItem:
     error: str = ""  # set when the input is refused before any reading (an unsafe name)
 
 
-def output_relpath(relpath: str, fmt: str) -> str:
-    stem, _ = os.path.splitext(safe_relpath(relpath))
+def output_relpath(relpath: str, fmt: str, keep_extension: bool = False) -> str:
+    """images/<relpath with the output extension>; keep_extension gives x.png -> x.png.jpg."""
+    stem, ext = os.path.splitext(safe_relpath(relpath))
+    if keep_extension:
+        stem += ext.lower()
     return f"{stem}{OUTPUT_EXTENSIONS[fmt]}"
 
 
@@ -119,9 +122,13 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
     except FileNotFoundError:
         existing = KeySet(())
 
+    claimed: set[int] = set()  # outputs given out in this listing: x.jpg and x.png must not share one
     for source in inputs.list_files(IMAGE_EXTENSIONS):
         try:
             target, error = output_relpath(source.relpath, config.format), ""
+            if int(key_of(target.lower())) in claimed:  # the listing is sorted: the same file wins each run
+                target = output_relpath(source.relpath, config.format, keep_extension=True)
+            claimed.add(int(key_of(target.lower())))
         except BadInputError as exc:
             target, error = "", str(exc)
         attempts = resume.attempts_of(source.relpath)
@@ -142,7 +149,7 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
         elif resume.latest_is(*same, FAILED):
             reason = "retrying failure"
         elif attempts:
-            reason = "photo or parameters changed"
+            reason = "changed photo or parameters, or a failure not of its own making"
         else:
             reason = "new"
         yield PlanItem(source, target, reason, attempts + 1, error)
@@ -184,8 +191,9 @@ def _fail(batch: dict, i: int, exc: BaseException) -> None:
 
 
 def soft_background_reason(result, params: EffectParams) -> str:
-    return (f"left as it is: the background is already soft (detail {result.background_detail:.2f} of the "
-            f"subject's, below min_background_detail {params.min_background_detail:g})")
+    return (f"left as it is: the background has little fine detail, already soft or plain "
+            f"({result.background_detail:.2f} of the subject's, below min_background_detail "
+            f"{params.min_background_detail:g})")
 
 
 def error_kind(exc: BaseException, relpath: str = "") -> str:
@@ -215,7 +223,9 @@ def read_stage(batch: dict, input_uri: str, storage_options: dict, max_megapixel
     batch["model_copy"] = np.array([b""] * n, dtype=object)
     batch["seconds_read"] = np.zeros(n, np.float32)
     batch["seconds_decode"] = np.zeros(n, np.float32)
+    batch["started_at"] = np.empty(n, dtype="datetime64[ms]")
     for i, relpath in enumerate(batch["relpath"]):
+        batch["started_at"][i] = np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "ms")
         t0 = _now()
         try:
             data = inputs.read_bytes(relpath)
@@ -385,6 +395,8 @@ def run_job(config: JobConfig) -> JobSummary:
                                       f"(last: {row['error']})")
         finally:
             writer.flush()
+            if hasattr(rows, "close"):
+                rows.close()  # stops the dataset's workers now when the loop ended early
         ended = time.perf_counter()
     return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started,
                       output.uri)
@@ -422,7 +434,7 @@ def _start_ray(config: JobConfig) -> None:
 
     if not ray.is_initialized():
         ray.init(address=config.address, num_cpus=None if config.address else config.cpu_workers,
-                 include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+                 include_dashboard=False, logging_level=logging.WARNING)
 
 
 def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) -> Iterator[dict[str, Any]]:
@@ -466,13 +478,16 @@ def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str
 def _manifest_row(batch: dict, i: int, source_root: str, config: JobConfig, run_id: str) -> dict[str, Any]:
     row = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
     relpath = row["relpath"]
+    finished_at = datetime.now(timezone.utc)
+    started_at = row.get("started_at")
     row.update(
+        started_at=started_at.replace(tzinfo=timezone.utc) if started_at else finished_at,
         image_id=image_id(relpath),
         source_uri=f"{source_root}/{relpath}",
         preset=config.params.preset,
         params_hash=config.job_hash(),
         run_id=run_id,
-        finished_at=datetime.now(timezone.utc),
+        finished_at=finished_at,
     )
     if row["status"] != OK:
         row["output_uri"] = None

@@ -23,6 +23,8 @@ from .storage import Storage
 
 MANIFEST_DIR = "manifest"
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
+# Failures that are not the photo's fault: a rerun retries them without --retry-failed.
+RETRIED_KINDS = frozenset({"write-error", "out-of-memory"})
 STAGES = ("read", "decode", "saliency", "depth", "effect", "encode", "write")
 
 SCHEMA = pa.schema([
@@ -49,6 +51,7 @@ SCHEMA = pa.schema([
     *[(f"seconds_{stage}", pa.float32()) for stage in STAGES],
     ("attempt", pa.int32()),
     ("run_id", pa.string()),
+    ("started_at", pa.timestamp("ms", tz="UTC")),  # when reading the photo began
     ("finished_at", pa.timestamp("ms", tz="UTC")),
 ])
 COLUMNS = tuple(SCHEMA.names)
@@ -104,7 +107,10 @@ def read_manifest(store: Storage, columns: Iterable[str] | None = None) -> pa.Ta
     except FileNotFoundError:
         parts = []
     for part in parts:
-        tables.append(pq.read_table(io.BytesIO(store.read_bytes(part.relpath)), columns=names))
+        table = pq.read_table(io.BytesIO(store.read_bytes(part.relpath)))
+        # Parts written before a column existed read as nulls in it.
+        tables.append(pa.table({n: table.column(n) if n in table.column_names
+                                else pa.nulls(table.num_rows, schema.field(n).type) for n in names}))
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables).cast(schema)
@@ -148,13 +154,13 @@ class ResumeIndex:
 
     @classmethod
     def load(cls, store: Storage) -> "ResumeIndex":
-        latest = latest_rows(read_manifest(
-            store, ["relpath", "source_fingerprint", "params_hash", "status", "attempt", "finished_at"]))
-        rows = zip(*(latest.column(c).to_pylist() for c in
-                     ("relpath", "source_fingerprint", "params_hash", "status", "attempt")))
+        columns = ("relpath", "source_fingerprint", "params_hash", "status", "error_kind", "attempt")
+        latest = latest_rows(read_manifest(store, [*columns, "finished_at"]))
         settled, attempt_keys, attempts = [], [], []
-        for relpath, fingerprint, params_hash, status, attempt in rows:
-            settled.append(key_of(relpath, fingerprint or "", params_hash or "", status))
+        for relpath, fingerprint, params_hash, status, kind, attempt in zip(
+                *(latest.column(c).to_pylist() for c in columns)):
+            if kind not in RETRIED_KINDS:
+                settled.append(key_of(relpath, fingerprint or "", params_hash or "", status))
             attempt_keys.append(key_of(relpath))
             attempts.append(attempt)
         order = np.argsort(np.array(attempt_keys, dtype=np.int64))
@@ -193,7 +199,8 @@ class ManifestReport:
 
 
 def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
-    table = read_manifest(store, ["relpath", "status", "error_kind", "error", "attempt", "run_id", "finished_at"])
+    table = read_manifest(store, ["relpath", "status", "error_kind", "error", "attempt", "run_id", "started_at",
+                                  "finished_at"])
     latest = latest_rows(table)
     latest_counts = {k: int(v) for k, v in zip(*np.unique(latest.column("status").to_numpy(zero_copy_only=False),
                                                            return_counts=True))} if latest.num_rows else {}
@@ -205,10 +212,10 @@ def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
     failure_kinds = sorted(((k, n, e) for k, (n, e) in kinds.items()), key=lambda t: -t[1])[:top]
     runs = []
     if table.num_rows:
-        grouped = table.group_by("run_id").aggregate([("finished_at", "min"), ("finished_at", "max"),
+        grouped = table.group_by("run_id").aggregate([("started_at", "min"), ("finished_at", "max"),
                                                       ("relpath", "count")])
         for run, first, last, n in zip(*(grouped.column(c).to_pylist() for c in
-                                         ("run_id", "finished_at_min", "finished_at_max", "relpath_count"))):
+                                         ("run_id", "started_at_min", "finished_at_max", "relpath_count"))):
             span = (last - first).total_seconds()
             runs.append((run, n, n / span if span > 0 else float("nan")))
         runs.sort()

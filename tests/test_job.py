@@ -177,3 +177,31 @@ def test_killed_run_is_completed_by_rerunning(tmp_path):
         with Image.open(output / "images" / f"p{i:02d}.jpg") as result:
             result.load()  # complete files only under final names
     assert not [p for p in (output / "images").iterdir() if not p.name.endswith(".jpg") and not p.name.startswith(".")]
+
+
+def test_inputs_differing_only_in_extension_get_their_own_outputs(tmp_path):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    photo = Image.open(EXAMPLES[0])
+    photo.save(inputs / "shot.jpg")
+    photo.transpose(Image.FLIP_LEFT_RIGHT).save(inputs / "shot.png")
+    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    assert run_job(config).counts == {"ok": 2}
+    outputs = {r["relpath"]: r["output_uri"] for r in manifest(output).to_pylist()}
+    assert outputs == {"shot.jpg": str(output / "images" / "shot.jpg"),
+                       "shot.png": str(output / "images" / "shot.png.jpg")}
+    assert run_job(config).planned == 0  # the same names again on a rerun
+
+
+def test_a_failed_write_is_retried_by_a_plain_rerun(tmp_path):
+    inputs, output = library(tmp_path / "in"), tmp_path / "out"
+    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    blocked = output / "images" / (EXAMPLES[1].stem + ".jpg")
+    blocked.mkdir(parents=True)  # a folder where the output file goes: that write fails
+    summary = run_job(config)
+    assert summary.counts == {"ok": len(EXAMPLES) - 1, "failed": 1}
+    row = next(r for r in manifest(output).to_pylist() if r["status"] == "failed")
+    assert row["error_kind"] == "write-error" and EXAMPLES[1].stem in row["error"]
+    blocked.rmdir()
+    again = run_job(config)
+    assert again.planned == 1 and again.counts == {"ok": 1}
