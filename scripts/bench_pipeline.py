@@ -4,7 +4,8 @@
 
 Uses the built-in trivial models ("trivial-saliency", "trivial-depth") so the figures are about
 the job, not the models. Prints:
-  - busy share: per-photo work (sum of the manifest's per-stage seconds) / (wall x CPUs);
+  - busy share: per-photo work (the job's stage functions timed alone, in this process) times the
+    number of photos, over (processing time x CPUs) and over (wall time with start-up x CPUs);
   - the wall time of a rerun over --done already-processed photos, start-up included;
   - the driver's peak memory for --photos and for --done photos, and their ratio.
 """
@@ -12,7 +13,8 @@ the job, not the models. Prints:
 from __future__ import annotations
 
 import argparse
-import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +39,10 @@ def make_library(root: Path, count: int, size: tuple[int, int]) -> Path:
         if not path.exists():
             Image.fromarray(np.roll(base, i, axis=1)).save(path, quality=85)
     return root
+
+
+def summary_line(out: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith("run "))
 
 
 def run_cli(inputs: Path, output: Path) -> tuple[float, int, str]:
@@ -68,12 +74,25 @@ def run_cli(inputs: Path, output: Path) -> tuple[float, int, str]:
     return wall, peak[0], out
 
 
-def busy_seconds(output: Path) -> float:
-    from pipeline.manifest import STAGES, read_manifest
-    from pipeline.storage import Storage
+def seconds_per_photo(inputs: Path, scratch: Path, count: int = 40) -> float:
+    """The per-photo work alone: the job's own stage functions in this process, one photo at a
+    time, no Ray, no other process competing for the core."""
+    from pipeline.job import JobConfig, ModelStage, finish_photos, read_photos
+    from pipeline.models import DEPTH, SALIENCY
 
-    table = read_manifest(Storage(f"{output}/manifest"))
-    return float(sum(np.nansum(table.column(f"seconds_{s}").to_numpy(zero_copy_only=False)) for s in STAGES))
+    config = JobConfig(input=str(inputs), output=str(scratch), saliency_model="trivial-saliency",
+                       depth_model="trivial-depth")
+    saliency = ModelStage(SALIENCY, config.saliency_model, None, "cpu", 1)
+    depth = ModelStage(DEPTH, config.depth_model, None, "cpu", 1)
+    photos = sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*.jpg"))[:count]
+    started = time.perf_counter()
+    for relpath in photos:
+        batch = {"relpath": np.array([relpath], dtype=object),
+                 "output_relpath": np.array([relpath], dtype=object)}
+        batch = read_photos(batch, str(inputs), {}, config.max_megapixels)
+        batch = finish_photos(depth.predict(saliency.predict(batch)), config)
+        assert batch["status"][0] == "ok", batch["error"][0]
+    return (time.perf_counter() - started) / len(photos)
 
 
 def main() -> None:
@@ -86,17 +105,24 @@ def main() -> None:
     print(f"work folder: {work}")
 
     small = make_library(work / "in-small", args.photos, (1024, 768))
+    for old_output in ("out-small", "out-big"):  # outputs of an earlier bench run would all be skipped
+        shutil.rmtree(work / old_output, ignore_errors=True)
     wall, peak_small, out = run_cli(small, work / "out-small")
-    busy = busy_seconds(work / "out-small")
-    print(out.strip().splitlines()[0])
-    print(f"{args.photos} photos (1024x768): wall {wall:.1f} s with start-up, per-photo work {busy:.1f} CPU-s, "
-          f"busy share {busy / (wall * CPUS):.0%} of {CPUS} CPUs")
+    line = summary_line(out)
+    processing = float(re.search(r"\(([\d.]+) s processing\)", line).group(1))
+    per_photo = seconds_per_photo(small, work / "scratch")
+    work_seconds = per_photo * args.photos
+    print(line)
+    print(f"{args.photos} photos (1024x768): per-photo work {per_photo * 1000:.0f} ms each when run alone, "
+          f"{work_seconds:.1f} CPU-s in all")
+    print(f"busy share: {work_seconds / (processing * CPUS):.0%} of {CPUS} CPUs over the {processing:.1f} s "
+          f"of processing, {work_seconds / (wall * CPUS):.0%} over the {wall:.1f} s wall time with start-up")
 
     big = make_library(work / "in-big", args.done, (256, 192))
     _, peak_big, out = run_cli(big, work / "out-big")
-    print(out.strip().splitlines()[0])
+    print(summary_line(out))
     rerun, _, out = run_cli(big, work / "out-big")
-    print(out.strip().splitlines()[0])
+    print(summary_line(out))
     print(f"rerun over {args.done} done photos: {rerun:.1f} s including start-up")
     print(f"driver peak memory: {peak_small} MiB for {args.photos} photos, {peak_big} MiB for {args.done}, "
           f"ratio {peak_big / max(1, peak_small):.2f}")

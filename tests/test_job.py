@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 from PIL import Image
@@ -44,7 +45,7 @@ def library(root: Path) -> Path:
     return root
 
 
-def manifest(output) -> "pa.Table":  # noqa: F821
+def manifest(output) -> pa.Table:
     return read_manifest(Storage(f"{output}/manifest"))
 
 

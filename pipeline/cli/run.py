@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     job.add_argument("--saliency-actors", type=int, default=None, help="saliency model actors (default: one per GPU, else 1)")
     job.add_argument("--depth-actors", type=int, default=None, help="depth model actors (default: one per GPU, else 1)")
     job.add_argument("--gpus-per-actor", type=float, default=None, help="GPUs per model actor (default: 1 with GPUs, else 0)")
-    job.add_argument("--cpus-per-actor", type=float, default=0.5, help="CPUs reserved per model actor")
+    job.add_argument("--cpus-per-actor", type=float, default=0.0,
+                     help="CPUs reserved per model actor (default 0: actors share cores with the CPU stages)")
     job.add_argument("--cpu-workers", type=int, default=None, help="CPUs of the embedded local Ray (default: all)")
     add_effect_options(parser)
     add_output_options(parser)
