@@ -30,7 +30,8 @@ class Rendering:
     start: float  # depth at and in front of which the photo stays crisp
     stop: float  # depth at and behind which only the background shows
     fg_fraction: float  # share of pixels that are foreground
-    background_detail: float  # background detail relative to the subject's (nan: no subject or background)
+    background_detail: float  # background detail relative to the subject's (nan: not measured, or no
+    # subject or no background)
     left_alone: bool = False  # True when the background is already soft: image is the photo itself
 
 
@@ -181,7 +182,7 @@ def _upscale_block(values: np.ndarray, factor: int, y0: int, y1: int, x0: int, x
 
 def compose_full_size(photo: np.ndarray, background: np.ndarray, coef_a: np.ndarray,
                       coef_b: np.ndarray, factor: int, floor: tuple[np.ndarray, np.ndarray] | None = None,
-                      tile: int = 32) -> np.ndarray:
+                      tile_pixels: int = 192) -> np.ndarray:
     """The full-size composite, where alpha = clamp(up(a) * luminance(photo) + up(b), 0, 1).
 
     background, a and b are at working size. Tiles whose alpha is 1 everywhere keep the photo
@@ -195,6 +196,7 @@ def compose_full_size(photo: np.ndarray, background: np.ndarray, coef_a: np.ndar
     high = np.maximum(coef_b, coef_a + coef_b)
     out = np.empty_like(photo)
     h, w = coef_b.shape
+    tile = max(8, round(tile_pixels / factor))  # working pixels per tile: ~tile_pixels at full size
     for r in range(0, h, tile):
         for c in range(0, w, tile):
             y0, x0 = r * factor, c * factor
@@ -283,7 +285,8 @@ def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectP
     else:
         coef_a, coef_b = np.zeros_like(alpha), alpha
 
-    detail = background_detail(work_photo, fg_work, params.fg_threshold)
+    detail = (background_detail(work_photo, fg_work, params.fg_threshold)
+              if params.min_background_detail > 0 else float("nan"))
     left_alone = bool(detail < params.min_background_detail)  # False for nan
     if left_alone:
         image = photo
