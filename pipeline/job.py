@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import itertools
 import json
 import logging
@@ -23,14 +22,15 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-import cv2
 import numpy as np
 import pyarrow as pa
 
 from .effect import render
 from .errors import BadInputError, DreamfocusError, OutputError
+from .batches import (HEAVY, ROW_STATE, UPDATED, arrow_stage, pack, pack_map, unpack, unpack_map,
+                      writable)
 from .manifest import FAILED, OK, SKIPPED, KeySet, ManifestWriter, ResumeIndex, image_id, key_of, new_run_id
 from .models import DEPTH, SALIENCY, default_model, load_model
 from .params import EffectParams
@@ -166,90 +166,6 @@ def _now() -> float:
     return time.perf_counter()
 
 
-_ROW_STATE = ("status", "error_kind", "error")
-_UPDATED = (*_ROW_STATE, "seconds_decode")  # columns a stage may change in place
-_ARRAYS = ("model_copy", "fg", "depth")  # arrays travelling as .npy bytes
-_HEAVY = ("data", *_ARRAYS)  # not needed once the photo is written
-
-
-def _pack(values: np.ndarray) -> bytes:
-    """Arrays travel between stages as .npy bytes: one plain binary column, whatever the shapes."""
-    values = np.ascontiguousarray(values)
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(values))
-    return header.getvalue() + values.data
-
-
-def _unpack(data) -> np.ndarray:
-    """The array of _pack's bytes (or of a zero-copy Arrow buffer of them), without copying."""
-    view = memoryview(data)
-    header = io.BytesIO(view[:1024])
-    version = np.lib.format.read_magic(header)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(header)
-    values = np.frombuffer(view, dtype=dtype, count=int(np.prod(shape)), offset=header.tell())
-    return values.reshape(shape, order="F" if fortran_order else "C")
-
-
-def _pack_map(values: np.ndarray, task: str) -> bytes:
-    """Maps travel quantised: saliency as 8 bits, depth min-max normalised to 16 bits (the
-    effect normalises it anyway). A half to a quarter of the bytes, well below visible steps."""
-    values = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    if task == SALIENCY:
-        return _pack(cv2.convertScaleAbs(values, alpha=255))
-    return _pack(cv2.normalize(values, None, 0, 65535, cv2.NORM_MINMAX, dtype=cv2.CV_16U))
-
-
-def _unpack_map(data) -> np.ndarray:
-    """float32 0..1 from _pack_map's bytes (float arrays, as given)."""
-    values = _unpack(data)
-    if values.dtype.kind in "ui":
-        return values.astype(np.float32) * np.float32(1 / np.iinfo(values.dtype).max)
-    return values.astype(np.float32)
-
-
-def arrow_stage(table: pa.Table, stage: Callable[[dict], dict], reads: tuple[str, ...],
-                drops: tuple[str, ...] = ()) -> pa.Table:
-    """Run a stage on numpy copies of the columns it reads; the others pass through untouched.
-
-    Ray Data hands Arrow blocks over zero-copy: the photo's bytes and the model copy ride along
-    to the stage that needs them without being converted at every hop in between.
-    """
-    batch = stage({name: _column(table, name) for name in reads})
-    for name, values in batch.items():
-        if name in reads and name not in _UPDATED:
-            continue
-        column = pa.array(list(values) if values.dtype == object else values)
-        if name in table.column_names:
-            table = table.set_column(table.column_names.index(name), name, column)
-        else:
-            table = table.append_column(name, column)
-    return table.drop_columns([name for name in drops if name in table.column_names])
-
-
-def _column(table: pa.Table, name: str) -> np.ndarray:
-    if name not in _ARRAYS:
-        return table.column(name).to_numpy(zero_copy_only=False)
-    # Slices of the Arrow data buffer, one per row: _unpack reads the arrays in place.
-    values = np.empty(table.num_rows, dtype=object)
-    row = 0
-    for chunk in table.column(name).chunks:
-        _, offsets, data = chunk.buffers()
-        width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-        bounds = np.frombuffer(offsets, dtype=width)[chunk.offset:chunk.offset + len(chunk) + 1]
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            values[row] = data.slice(int(start), int(end - start))
-            row += 1
-    return values
-
-
-def _writable(batch: dict, *columns: str) -> dict:
-    """Ray hands batches over zero-copy, read-only: copy the (small) columns a stage updates."""
-    for column in columns:
-        batch[column] = np.array(batch[column], copy=True)
-    return batch
-
-
 def _fail(batch: dict, i: int, exc: BaseException) -> None:
     kind = error_kind(exc, batch["relpath"][i])
     batch["status"][i] = SKIPPED if isinstance(exc, BadInputError) and kind == "not-an-image" else FAILED
@@ -299,7 +215,7 @@ def read_photos(batch: dict, input_uri: str, storage_options: dict, max_megapixe
             data = inputs.read_bytes(relpath)
             t1 = _now()
             photo = decode_photo(data, relpath, max_megapixels, draft_size=MODEL_INPUT_SIZE)
-            batch["model_copy"][i] = _pack(model_copy(photo.pixels))
+            batch["model_copy"][i] = pack(model_copy(photo.pixels))
             batch["data"][i] = data
             batch["seconds_read"][i], batch["seconds_decode"][i] = t1 - t0, _now() - t1
         except Exception as exc:  # noqa: BLE001 - any failure becomes this photo's row
@@ -321,18 +237,18 @@ class ModelStage:
         self.column = "fg" if task == SALIENCY else "depth"  # the map's column
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        reads = ("relpath", *_ROW_STATE, "model_copy", *(("fg",) if self.task == DEPTH else ()))
+        reads = ("relpath", *ROW_STATE, "model_copy", *(("fg",) if self.task == DEPTH else ()))
         # Depth is the last stage that needs the model copy: don't ship it on to the CPU stage.
         return arrow_stage(table, self.predict, reads, drops=("model_copy",) if self.task == DEPTH else ())
 
     def predict(self, batch: dict) -> dict:
-        _writable(batch, *_ROW_STATE)
+        writable(batch, *ROW_STATE)
         n = len(batch["relpath"])
         live = [i for i in range(n) if batch["status"][i] == OK]
         maps = np.array([b""] * n, dtype=object)
         t0 = _now()
-        photos = [_unpack(batch["model_copy"][i]) for i in live]
-        saliency = [_unpack_map(batch["fg"][i]) for i in live] if self.task == DEPTH else None
+        photos = [unpack(batch["model_copy"][i]) for i in live]
+        saliency = [unpack_map(batch["fg"][i]) for i in live] if self.task == DEPTH else None
         try:
             results = self.model.predict(photos, saliency=saliency)
         except Exception:  # noqa: BLE001 - retry one by one, so one bad photo fails alone
@@ -347,7 +263,7 @@ class ModelStage:
                     results.append(None)
         for i, values in zip(live, results):
             if values is not None:
-                maps[i] = _pack_map(values, self.task)
+                maps[i] = pack_map(values, self.task)
         batch[self.column] = maps
         batch[f"seconds_{self.task}"] = np.full(
             n, (_now() - t0) / max(1, len(live)), np.float32)
@@ -367,7 +283,7 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
     """Decode at full resolution, apply the effect, encode and write atomically (CPU task)."""
     images = Storage(f"{config.output.rstrip('/')}/{IMAGES_DIR}", config.storage_options)
     intermediates = Storage(f"{config.output.rstrip('/')}/{INTERMEDIATES_DIR}", config.storage_options)
-    _writable(batch, *_ROW_STATE, "seconds_decode")
+    writable(batch, *ROW_STATE, "seconds_decode")
     n = len(batch["relpath"])
     for column, dtype in (("width", np.int32), ("height", np.int32), ("fg_fraction", np.float32),
                           ("interp_start", np.float32), ("interp_stop", np.float32),
@@ -383,7 +299,7 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
             t0 = _now()
             photo = decode_photo(batch["data"][i], relpath, config.max_megapixels)
             t1 = _now()
-            result = render(photo.pixels, _unpack_map(batch["fg"][i]), _unpack_map(batch["depth"][i]),
+            result = render(photo.pixels, unpack_map(batch["fg"][i]), unpack_map(batch["depth"][i]),
                             config.params)
             t2 = _now()
             data = encode_photo(result.image, config.format, config.quality, photo.exif)
@@ -411,8 +327,8 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
 
 def finish_stage(table: pa.Table, config: JobConfig) -> pa.Table:
     """finish_photos as a Ray Data stage (CPU task)."""
-    return arrow_stage(table, functools.partial(finish_photos, config=config), drops=_HEAVY,
-                       reads=("relpath", "output_relpath", *_UPDATED, "data", "fg", "depth"))
+    return arrow_stage(table, functools.partial(finish_photos, config=config), drops=HEAVY,
+                       reads=("relpath", "output_relpath", *UPDATED, "data", "fg", "depth"))
 
 
 # ---- the driver
@@ -470,7 +386,7 @@ def run_job(config: JobConfig) -> JobSummary:
     counts: dict[str, int] = {}
     processing_started = ended = time.perf_counter()
     if chunk_refs or refused:
-        check_writable(output)
+        checkwritable(output)
         writer = ManifestWriter(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options), run_id,
                                 config.manifest_rows_per_part)
         failing_writes = 0
@@ -497,7 +413,7 @@ TASK_CHUNK = 2000  # to-do items per object in Ray's object store
 MAX_FAILING_WRITES = 8
 
 
-def check_writable(output: Storage) -> None:
+def checkwritable(output: Storage) -> None:
     """Fail fast, before any work, when OUTPUT cannot be written."""
     probe = f"{MANIFEST_DIR}/.write-probe-{uuid.uuid4().hex[:8]}"
     output.write_atomic(probe, b"")

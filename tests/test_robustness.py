@@ -31,9 +31,10 @@ from PIL import Image
 
 from make_library import FAILED, IGNORED, OK, SKIPPED, Expected, build_library, textured
 from pipeline import job, storage
+from pipeline.batches import pack, unpack_map
 from pipeline.cli import main, parse_args
 from pipeline.errors import BadInputError, OutputError
-from pipeline.job import (JobConfig, ModelStage, _pack, _unpack_map, finish_photos, make_plan, output_relpath,
+from pipeline.job import (JobConfig, ModelStage, finish_photos, make_plan, output_relpath,
                           read_photos, run_job)
 from pipeline.manifest import latest_rows, read_manifest
 from pipeline.models import DEPTH, SALIENCY
@@ -408,8 +409,8 @@ def test_out_of_memory_on_a_batch_falls_back_to_smaller_batches(monkeypatch, tas
         "status": np.array(["ok"] * 4 + ["failed"], dtype=object),
         "error_kind": np.array([""] * 4 + ["corrupt-image"], dtype=object),
         "error": np.array([""] * 4 + ["album/50.jpg: truncated or corrupt image data"], dtype=object),
-        "model_copy": np.array([_pack(p) for p in photos[:4]] + [b""], dtype=object),
-        "fg": np.array([_pack(np.ones(p.shape[:2], np.float32)) for p in photos[:4]] + [b""], dtype=object),
+        "model_copy": np.array([pack(p) for p in photos[:4]] + [b""], dtype=object),
+        "fg": np.array([pack(np.ones(p.shape[:2], np.float32)) for p in photos[:4]] + [b""], dtype=object),
     }
     out = stage.predict(batch)
 
@@ -417,9 +418,9 @@ def test_out_of_memory_on_a_batch_falls_back_to_smaller_batches(monkeypatch, tas
     column = "fg" if task == SALIENCY else "depth"
     for i in (0, 1, 3):
         assert out["status"][i] == "ok", out["error"][i]
-        assert _unpack_map(out[column][i]).shape == photos[i].shape[:2]
+        assert unpack_map(out[column][i]).shape == photos[i].shape[:2]
         if task == SALIENCY:  # depth travels min-max normalised: a flat map carries no level
-            assert np.allclose(_unpack_map(out[column][i]), values[i] / 255, atol=1 / 255)
+            assert np.allclose(unpack_map(out[column][i]), values[i] / 255, atol=1 / 255)
     assert (out["status"][2], out["error_kind"][2]) == ("failed", "out-of-memory")
     assert out["error"][2].startswith("album/30.jpg: ") and ("out of memory" in out["error"][2]
                                                              or "MemoryError" in out["error"][2])
