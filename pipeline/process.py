@@ -5,16 +5,21 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from .effect import Rendering, downscale, upscale
+from .effect import Rendering, upscale
 
 # Models never need more than this many pixels on the long side (IS-Net's input is 1024).
 MODEL_INPUT_SIZE = 1024
 
 
 def model_copy(photo: np.ndarray) -> np.ndarray:
-    """A reduced copy for the models: full-resolution pixels stay with the CPU stages."""
-    factor = max(1, max(photo.shape[:2]) // MODEL_INPUT_SIZE)
-    return downscale(photo, factor)
+    """A copy with the long side at most MODEL_INPUT_SIZE: full-resolution pixels stay with the
+    CPU stages."""
+    height, width = photo.shape[:2]
+    scale = MODEL_INPUT_SIZE / max(height, width)
+    if scale >= 1:
+        return photo
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(photo, size, interpolation=cv2.INTER_AREA)
 
 
 def intermediate_pngs(rendering: Rendering, height: int, width: int) -> dict[str, bytes]:
