@@ -149,12 +149,15 @@ def run_cli(*args: str, **kwargs) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+N_KILLED = 80
+
+
 def test_killed_run_is_completed_by_rerunning(tmp_path):
     inputs, output = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     rng = np.random.default_rng(0)
     base = rng.integers(0, 255, (1500, 2000, 3), dtype=np.uint8)
-    for i in range(40):  # large enough that the run is still going when the first part lands
+    for i in range(N_KILLED):  # large enough that the run is still going when the first part lands
         Image.fromarray(np.roll(base, i, axis=0)).save(inputs / f"p{i:02d}.jpg")
     command = ["run", str(inputs), str(output), "--saliency-model", "trivial-saliency",
                "--depth-model", "trivial-depth", "--commit-every", "3", "--cpu-workers", "2"]
@@ -162,19 +165,19 @@ def test_killed_run_is_completed_by_rerunning(tmp_path):
     deadline = time.time() + 180
     while time.time() < deadline and not list((output / "manifest").glob("part-*.parquet")):
         assert first.poll() is None, first.stdout.read()
-        time.sleep(0.2)
+        time.sleep(0.02)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray processes it started
     first.wait()
     committed = manifest(output).num_rows
-    assert 0 < committed < 40
+    assert 0 < committed < N_KILLED
 
     second = run_cli(*command)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out
     rows = manifest(output).to_pylist()
     ok = [r["relpath"] for r in rows if r["status"] == "ok"]
-    assert sorted(ok) == sorted(set(ok)) and len(ok) == 40  # each photo exactly once
-    for i in range(40):
+    assert sorted(ok) == sorted(set(ok)) and len(ok) == N_KILLED  # each photo exactly once
+    for i in range(N_KILLED):
         with Image.open(output / "images" / f"p{i:02d}.jpg") as result:
             result.load()  # complete files only under final names
     assert not [p for p in (output / "images").iterdir() if not p.name.endswith(".jpg") and not p.name.startswith(".")]
