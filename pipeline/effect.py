@@ -129,9 +129,11 @@ def luminance(photo: np.ndarray) -> np.ndarray:
     return gray.astype(np.float32) * np.float32(1 / 255)
 
 
-def composite(photo: np.ndarray, background: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """photo * alpha + background * (1 - alpha) as uint8; all at the same size, alpha float32."""
-    return cv2.blendLinear(photo, background, alpha, 1.0 - alpha)
+def composite(photo: np.ndarray, background: np.ndarray, alpha: np.ndarray,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """photo * alpha + background * (1 - alpha) as uint8; all at the same size, alpha float32.
+    out: where to write the result (a view into a larger image works)."""
+    return cv2.blendLinear(photo, background, alpha, 1.0 - alpha, dst=out)
 
 
 def working_factor(height: int, width: int, work_size: int) -> int:
@@ -219,8 +221,8 @@ def compose_full_size(photo: np.ndarray, background: np.ndarray, coef_a: np.ndar
             if floor_block is not None:
                 np.maximum(alpha, floor_block, out=alpha)
             np.clip(alpha, 0.0, 1.0, out=alpha)
-            cv2.blendLinear(photo_block, _upscale_block(background, factor, y0, y1, x0, x1),
-                            alpha, 1.0 - alpha, dst=out[y0:y1, x0:x1])
+            composite(photo_block, _upscale_block(background, factor, y0, y1, x0, x1), alpha,
+                      out=out[y0:y1, x0:x1])
     return out
 
 

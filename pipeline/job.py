@@ -31,7 +31,8 @@ from .effect import render
 from .errors import BadInputError, DreamfocusError, OutputError
 from .batches import (HEAVY, ROW_STATE, UPDATED, arrow_stage, pack, pack_map, unpack, unpack_map,
                       writable)
-from .manifest import FAILED, OK, SKIPPED, KeySet, ManifestWriter, ResumeIndex, image_id, key_of, new_run_id
+from .manifest import (FAILED, MANIFEST_DIR, OK, SKIPPED, KeySet, ManifestWriter, ResumeIndex, image_id, key_of,
+                       new_run_id)
 from .models import DEPTH, SALIENCY, default_model, load_model
 from .params import EffectParams
 from .photo_io import IMAGE_EXTENSIONS, OUTPUT_EXTENSIONS, decode_photo, encode_photo
@@ -40,7 +41,7 @@ from .storage import SourceFile, Storage, is_inside, safe_relpath
 
 log = logging.getLogger(__name__)
 
-IMAGES_DIR, MANIFEST_DIR, INTERMEDIATES_DIR = "images", "manifest", "intermediates"
+IMAGES_DIR, INTERMEDIATES_DIR = "images", "intermediates"
 
 
 @dataclass
@@ -386,7 +387,7 @@ def run_job(config: JobConfig) -> JobSummary:
     counts: dict[str, int] = {}
     processing_started = ended = time.perf_counter()
     if chunk_refs or refused:
-        checkwritable(output)
+        check_writable(output)
         writer = ManifestWriter(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options), run_id,
                                 config.manifest_rows_per_part)
         failing_writes = 0
@@ -413,7 +414,7 @@ TASK_CHUNK = 2000  # to-do items per object in Ray's object store
 MAX_FAILING_WRITES = 8
 
 
-def checkwritable(output: Storage) -> None:
+def check_writable(output: Storage) -> None:
     """Fail fast, before any work, when OUTPUT cannot be written."""
     probe = f"{MANIFEST_DIR}/.write-probe-{uuid.uuid4().hex[:8]}"
     output.write_atomic(probe, b"")

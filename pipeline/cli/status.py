@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..job import MANIFEST_DIR
-from ..manifest import FAILED, manifest_report
+from ..manifest import FAILED, MANIFEST_DIR, manifest_report
 from ..storage import Storage
 
 
