@@ -15,11 +15,10 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from .models.base import SALIENCY
 
 ROW_STATE = ("status", "error_kind", "error")
 UPDATED = (*ROW_STATE, "seconds_decode")  # columns a stage may change in place
-ARRAYS = ("model_copy", "fg", "depth")  # arrays travelling as .npy bytes
+ARRAYS = ("model_copy", "saliency", "depth")  # arrays travelling as .npy bytes
 HEAVY = ("data", *ARRAYS)  # not needed once the photo is written
 
 
@@ -32,7 +31,7 @@ def pack(values: np.ndarray) -> bytes:
 
 
 def unpack(data) -> np.ndarray:
-    """The array of _pack's bytes (or of a zero-copy Arrow buffer of them), without copying."""
+    """The array of pack's bytes (or of a zero-copy Arrow buffer of them), without copying."""
     view = memoryview(data)
     header = io.BytesIO(view[:1024])
     version = np.lib.format.read_magic(header)
@@ -42,17 +41,24 @@ def unpack(data) -> np.ndarray:
     return values.reshape(shape, order="F" if fortran_order else "C")
 
 
-def pack_map(values: np.ndarray, task: str) -> bytes:
-    """Maps travel quantised: saliency as 8 bits, depth min-max normalised to 16 bits (the
-    effect normalises it anyway). A half to a quarter of the bytes, well below visible steps."""
-    values = np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    if task == SALIENCY:
-        return pack(cv2.convertScaleAbs(values, alpha=255))
-    return pack(cv2.normalize(values, None, 0, 65535, cv2.NORM_MINMAX, dtype=cv2.CV_16U))
+# Maps travel quantised, a half to a quarter of the bytes, well below visible steps.
+
+def pack_saliency(values: np.ndarray) -> bytes:
+    """A 0..1 saliency map as 8 bits."""
+    return pack(cv2.convertScaleAbs(_finite(values), alpha=255))
+
+
+def pack_depth(values: np.ndarray) -> bytes:
+    """A depth map min-max normalised to 16 bits (the effect normalises it anyway)."""
+    return pack(cv2.normalize(_finite(values), None, 0, 65535, cv2.NORM_MINMAX, dtype=cv2.CV_16U))
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    return np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def unpack_map(data) -> np.ndarray:
-    """float32 0..1 from pack_map's bytes (float arrays, as given)."""
+    """float32 0..1 from pack_saliency's or pack_depth's bytes (float arrays, as given)."""
     values = unpack(data)
     if values.dtype.kind in "ui":
         return values.astype(np.float32) * np.float32(1 / np.iinfo(values.dtype).max)
@@ -81,7 +87,7 @@ def arrow_stage(table: pa.Table, stage: Callable[[dict], dict], reads: tuple[str
 def column_values(table: pa.Table, name: str) -> np.ndarray:
     if name not in ARRAYS:
         return table.column(name).to_numpy(zero_copy_only=False)
-    # Slices of the Arrow data buffer, one per row: _unpack reads the arrays in place.
+    # Slices of the Arrow data buffer, one per row: unpack reads the arrays in place.
     values = np.empty(table.num_rows, dtype=object)
     row = 0
     for chunk in table.column(name).chunks:

@@ -19,13 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .errors import RETRIED_KINDS
 from .storage import Storage
 
 MANIFEST_DIR = "manifest"
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
-# Failures that are not the photo's fault: a rerun retries them without --retry-failed.
-RETRIED_KINDS = frozenset({"write-error", "out-of-memory"})
-STAGES = ("read", "decode", "saliency", "depth", "effect", "encode", "write")
+STAGES = ("read", "decode", "models", "effect", "encode", "write")
+# Columns renamed since: old parts are read under the new name.
+RENAMED = {"job_hash": "params_hash"}
 
 SCHEMA = pa.schema([
     ("image_id", pa.string()),  # stable id of the input: a hash of its relative path
@@ -44,7 +45,7 @@ SCHEMA = pa.schema([
     ("depth_model", pa.string()),
     ("depth_version", pa.string()),
     ("preset", pa.string()),
-    ("params_hash", pa.string()),
+    ("job_hash", pa.string()),  # what decides the output: effect parameters, models, format, quality
     ("fg_fraction", pa.float32()),
     ("interp_start", pa.float32()),
     ("interp_stop", pa.float32()),
@@ -108,12 +109,19 @@ def read_manifest(store: Storage, columns: Iterable[str] | None = None) -> pa.Ta
         parts = []
     for part in parts:
         table = pq.read_table(io.BytesIO(store.read_bytes(part.relpath)))
-        # Parts written before a column existed read as nulls in it.
-        tables.append(pa.table({n: table.column(n) if n in table.column_names
-                                else pa.nulls(table.num_rows, schema.field(n).type) for n in names}))
+        tables.append(pa.table({n: _column(table, n, schema.field(n).type) for n in names}))
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables).cast(schema)
+
+
+def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.ChunkedArray | pa.Array:
+    """A column of a part, under its old name where it was renamed; parts written before a
+    column existed read as nulls in it."""
+    for found in (name, RENAMED.get(name)):
+        if found in table.column_names:
+            return table.column(found)
+    return pa.nulls(table.num_rows, type_)
 
 
 def latest_rows(table: pa.Table) -> pa.Table:
@@ -144,7 +152,7 @@ class KeySet:
 class ResumeIndex:
     """What earlier runs settled, as sorted 64-bit keys (a few bytes per input).
 
-    settled: key(relpath, fingerprint, params_hash, status) of each input's latest row.
+    settled: key(relpath, fingerprint, job_hash, status) of each input's latest row.
     attempts: key(relpath) -> the number of attempts so far.
     """
 
@@ -154,13 +162,13 @@ class ResumeIndex:
 
     @classmethod
     def load(cls, store: Storage) -> "ResumeIndex":
-        columns = ("relpath", "source_fingerprint", "params_hash", "status", "error_kind", "attempt")
+        columns = ("relpath", "source_fingerprint", "job_hash", "status", "error_kind", "attempt")
         latest = latest_rows(read_manifest(store, [*columns, "finished_at"]))
         settled, attempt_keys, attempts = [], [], []
-        for relpath, fingerprint, params_hash, status, kind, attempt in zip(
+        for relpath, fingerprint, job_hash, status, kind, attempt in zip(
                 *(latest.column(c).to_pylist() for c in columns)):
             if kind not in RETRIED_KINDS:
-                settled.append(key_of(relpath, fingerprint or "", params_hash or "", status))
+                settled.append(key_of(relpath, fingerprint or "", job_hash or "", status))
             attempt_keys.append(key_of(relpath))
             attempts.append(attempt)
         order = np.argsort(np.array(attempt_keys, dtype=np.int64))
@@ -168,8 +176,8 @@ class ResumeIndex:
                    attempt_keys=np.array(attempt_keys, dtype=np.int64)[order],
                    attempts=np.array(attempts, dtype=np.int32)[order])
 
-    def latest_is(self, relpath: str, fingerprint: str, params_hash: str, status: str) -> bool:
-        return key_of(relpath, fingerprint, params_hash, status) in self.settled
+    def latest_is(self, relpath: str, fingerprint: str, job_hash: str, status: str) -> bool:
+        return key_of(relpath, fingerprint, job_hash, status) in self.settled
 
     def attempts_of(self, relpath: str) -> int:
         key = key_of(relpath)

@@ -2,27 +2,29 @@
 
 Photos come out as HxWx3 uint8 sRGB, upright (EXIF orientation applied), whatever the input:
 grayscale, palette, alpha (composited over white), CMYK, 16-bit, float, an embedded ICC profile,
-HEIC. Every problem with an input raises BadInputError with one line naming the file.
+HEIC. Every problem with an input raises a BadInputError subclass naming its kind, with one
+line naming the file.
 
-Importing this module registers the HEIF opener and turns off Pillow's own decompression-bomb
-check (Image.MAX_IMAGE_PIXELS) process-wide: every open here checks our own megapixel limit
-from the header instead, before any pixel is decoded.
+Every open checks the megapixel limit from the header, before any pixel is decoded, in place
+of Pillow's own decompression-bomb guard (which is lifted for the duration of the open only).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
-from .errors import BadInputError
+from .errors import (BadInputError, CorruptImageError, EmptyFileError, NotAnImageError,
+                     TooManyPixelsError, UnsupportedImageError)
 
 pillow_heif.register_heif_opener()
-Image.MAX_IMAGE_PIXELS = None  # replaced by the max_megapixels check in _open
 Image.init()
 
 # Only the plugins we mean to read: untrusted files never reach EPS (Ghostscript) and the like.
@@ -67,28 +69,44 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _our_pixel_limit():
+    """Pillow's guard lifted while one file's header is read: _open checks max_megapixels itself
+    right after, with a message that names the file and the limit."""
+    with _PIXEL_LIMIT_LOCK:
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
 def _open(data: bytes, source: str, max_megapixels: float = 200.0,
           draft_size: int | None = None) -> tuple[Image.Image, bytes | None]:
     """A fully decoded, upright image and the file's EXIF block as it was (JPEG, PNG, WebP,
     HEIF, AVIF; TIFF tags are not one). The size is checked before any pixel is read.
     draft_size: JPEGs may be decoded at a reduced scale whose sides stay >= draft_size."""
     if not data:
-        raise BadInputError(f"{source}: empty file (0 bytes)")
+        raise EmptyFileError(f"{source}: empty file (0 bytes)")
     try:
-        im = Image.open(io.BytesIO(data), formats=_FORMATS)
+        with _our_pixel_limit():
+            im = Image.open(io.BytesIO(data), formats=_FORMATS)
     except UnidentifiedImageError:
         kind = _sniff(data)
         if kind is None:
-            raise BadInputError(f"{source}: not an image (unrecognised format)") from None
-        raise BadInputError(
+            raise NotAnImageError(f"{source}: not an image (unrecognised format)") from None
+        raise CorruptImageError(
             f"{source}: truncated or corrupt image data ({kind} signature but unreadable header)"
         ) from None
     except Exception as exc:
-        raise BadInputError(f"{source}: truncated or corrupt image data ({_one_line(exc)})") from exc
+        raise CorruptImageError(f"{source}: truncated or corrupt image data ({_one_line(exc)})") from exc
     width, height = im.size
     if width * height > max_megapixels * 1e6:
-        raise BadInputError(f"{source}: {width}x{height} = {width * height / 1e6:.1f} MP exceeds the "
-                            f"{max_megapixels:g} MP limit (max_megapixels)")
+        raise TooManyPixelsError(f"{source}: {width}x{height} = {width * height / 1e6:.1f} MP exceeds the "
+                                 f"{max_megapixels:g} MP limit (max_megapixels)")
     if draft_size and im.format == "JPEG":
         im.draft(im.mode, (draft_size, draft_size))  # DCT-domain scaling: far cheaper than decode + resize
     try:
@@ -96,7 +114,7 @@ def _open(data: bytes, source: str, max_megapixels: float = 200.0,
         exif = im.info.get("exif")  # before exif_transpose rewrites it
         ImageOps.exif_transpose(im, in_place=True)
     except Exception as exc:
-        raise BadInputError(f"{source}: truncated or corrupt image data ({_one_line(exc)})") from exc
+        raise CorruptImageError(f"{source}: truncated or corrupt image data ({_one_line(exc)})") from exc
     return im, exif
 
 
@@ -182,7 +200,7 @@ def decode_photo(data: bytes, source: str, max_megapixels: float = 200.0,
     try:
         pixels = _to_srgb(im)
     except Exception as exc:
-        raise BadInputError(f"{source}: unsupported image ({im.mode} pixels: {_one_line(exc)})") from exc
+        raise UnsupportedImageError(f"{source}: unsupported image ({im.mode} pixels: {_one_line(exc)})") from exc
     return Photo(pixels=pixels, exif=_reset_orientation(raw_exif) if raw_exif else None,
                  format=im.format or "unknown")
 
@@ -221,7 +239,7 @@ def read_mask(data: bytes, source: str) -> np.ndarray:
     try:
         im, _ = _open(data, source)
     except BadInputError as exc:
-        raise BadInputError(f"{exc}; {_MASK_EXPECTED}") from None
+        raise type(exc)(f"{exc}; {_MASK_EXPECTED}") from None
     if im.mode in _SIXTEEN_BIT:
         return np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0.0, 1.0)
     if im.mode == "F":
@@ -260,7 +278,7 @@ def read_depth(data: bytes, source: str) -> np.ndarray:
         try:
             im, _ = _open(data, source)
         except BadInputError as exc:
-            raise BadInputError(f"{exc}; {_DEPTH_EXPECTED}") from None
+            raise type(exc)(f"{exc}; {_DEPTH_EXPECTED}") from None
         if im.mode == "RGB":
             r, g, b = (np.asarray(c) for c in im.split())
             if np.array_equal(r, g) and np.array_equal(g, b):

@@ -26,7 +26,7 @@ from typing import Callable, Iterator, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import BadInputError, OutputError
+from pipeline.errors import OutputError, UnsafeNameError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -125,8 +125,8 @@ def safe_relpath(relpath: str) -> str:
     Rejects absolute paths, drive letters, "..", empty components ("a//b", trailing "/"),
     backslashes and NUL; drops "." components; returns a posix relative path.
     """
-    def bad(why: str) -> BadInputError:
-        return BadInputError(f"unsafe relative path {relpath!r}: {why}")
+    def bad(why: str) -> UnsafeNameError:
+        return UnsafeNameError(f"unsafe relative path {relpath!r}: {why}")
 
     if not isinstance(relpath, str) or not relpath:
         raise bad("empty")
@@ -275,7 +275,7 @@ class Storage:
     def write_atomic(self, relpath: str, data: bytes) -> None:
         """Write `data` so the final name shows either nothing (or the old file) or all of it.
 
-        Raises BadInputError for an unsafe relpath, OutputError if the write fails.
+        Raises UnsafeNameError for an unsafe relpath, OutputError if the write fails.
         """
         relpath = safe_relpath(relpath)
         path = self._path(relpath)

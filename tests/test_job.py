@@ -60,7 +60,7 @@ def test_local_end_to_end_then_resume(tmp_path, monkeypatch):
     for row in rows.to_pylist():
         assert row["status"] == "ok" and row["error"] == "" and row["attempt"] == 1
         assert row["saliency_model"] == "trivial-saliency" and row["depth_model"] == "trivial-depth"
-        assert row["params_hash"] and row["preset"] == "default"
+        assert row["job_hash"] and row["preset"] == "default"
         result = Image.open(row["output_uri"])
         source = Image.open(inputs / row["relpath"])
         assert result.size == source.size == (row["width"], row["height"])

@@ -27,15 +27,18 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import ray
+import torch
 from PIL import Image
 
 from make_library import FAILED, IGNORED, OK, SKIPPED, Expected, build_library, textured
-from pipeline import job, storage
+from pipeline import photo, storage
 from pipeline.batches import pack, unpack_map
 from pipeline.cli import main, parse_args
 from pipeline.errors import BadInputError, OutputError
-from pipeline.job import (JobConfig, ModelStage, finish_photos, make_plan, output_relpath,
-                          read_photos, run_job)
+from pipeline.job import JobConfig, JobSummary, driver, run_job
+from pipeline.job.plan import make_plan, output_relpath
+from pipeline.job.stages import ModelStage, finish_photos, read_photos
+from pipeline.models import load_model
 from pipeline.manifest import latest_rows, read_manifest
 from pipeline.models import DEPTH, SALIENCY
 from pipeline.storage import Storage, safe_relpath
@@ -125,7 +128,7 @@ class LibraryRun:
     output: Path
     expected: dict[str, Expected]
     before: dict
-    summary: job.JobSummary
+    summary: JobSummary
     rows: list[dict]
 
 
@@ -303,7 +306,7 @@ def wait_until(condition, timeout: float) -> bool:
 class KilledRun:
     output: Path
     names: list[str]
-    summary: job.JobSummary
+    summary: JobSummary
     killed: dict[str, tuple[int, float, str]]  # what -> (pid, when, its title then)
     model_pids: dict[int, float] = field(default_factory=dict)  # ModelStage actor pid -> first seen
 
@@ -323,7 +326,7 @@ def killed_run(tmp_path_factory) -> KilledRun:
     root = tmp_path_factory.mktemp("killed")
     inputs, output = root / "in", root / "out"
     names = noise_photos(inputs, 16)
-    config = JobConfig(input=str(inputs), output=str(output), manifest_rows_per_part=4, model_batch_size=2,
+    config = JobConfig(input=str(inputs), output=str(output), commit_every=4, model_batch_size=2,
                        **TRIVIAL)
     result: dict = {}
 
@@ -381,7 +384,7 @@ def test_task_workers_killed_mid_task_are_retried(killed_run):
 class OutOfMemoryModel:
     """Fails every call with more than one photo, and the photo whose pixels are `poison` always."""
 
-    name, version = "oom-test", "1"
+    name, version, accepts_tensors = "oom-test", "1", False
 
     def __init__(self, error: BaseException, poison: int) -> None:
         self.error, self.poison, self.calls = error, poison, []
@@ -396,12 +399,15 @@ class OutOfMemoryModel:
 
 
 @pytest.mark.parametrize("task", [SALIENCY, DEPTH])
-@pytest.mark.parametrize("error", [MemoryError(), RuntimeError(
-    "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB total capacity)")], ids=["MemoryError", "cuda"])
+@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError(
+    "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB total capacity)"), RuntimeError(
+    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory: out of memory")],
+    ids=["MemoryError", "cuda", "onnxruntime"])
 def test_out_of_memory_on_a_batch_falls_back_to_smaller_batches(monkeypatch, task, error):
     model = OutOfMemoryModel(error, poison=30)
-    monkeypatch.setattr(job, "load_model", lambda *args, **kwargs: model)
-    stage = ModelStage(task, "oom-test", None, "cpu", 4)
+    monkeypatch.setattr(photo, "load_model", lambda t, *args, **kwargs: model if t == task else load_model(
+        t, TRIVIAL[f"{t}_model"]))
+    stage = ModelStage(TRIVIAL["saliency_model"], TRIVIAL["depth_model"], None, None, "cpu", 4)
     values = [10, 20, 30, 40, 50]  # 30 fails even alone; 50 failed in an earlier stage
     photos = [np.full((12 + v // 10, 16, 3), v, np.uint8) for v in values]
     batch = {
@@ -410,12 +416,11 @@ def test_out_of_memory_on_a_batch_falls_back_to_smaller_batches(monkeypatch, tas
         "error_kind": np.array([""] * 4 + ["corrupt-image"], dtype=object),
         "error": np.array([""] * 4 + ["album/50.jpg: truncated or corrupt image data"], dtype=object),
         "model_copy": np.array([pack(p) for p in photos[:4]] + [b""], dtype=object),
-        "fg": np.array([pack(np.ones(p.shape[:2], np.float32)) for p in photos[:4]] + [b""], dtype=object),
     }
     out = stage.predict(batch)
 
     assert model.calls[0] == 4 and all(n < 4 for n in model.calls[1:]) and len(model.calls) > 1
-    column = "fg" if task == SALIENCY else "depth"
+    column = task
     for i in (0, 1, 3):
         assert out["status"][i] == "ok", out["error"][i]
         assert unpack_map(out[column][i]).shape == photos[i].shape[:2]
@@ -425,7 +430,7 @@ def test_out_of_memory_on_a_batch_falls_back_to_smaller_batches(monkeypatch, tas
     assert out["error"][2].startswith("album/30.jpg: ") and ("out of memory" in out["error"][2]
                                                              or "MemoryError" in out["error"][2])
     assert (out["status"][4], out["error"][4]) == ("failed", "album/50.jpg: truncated or corrupt image data")
-    assert out[column][2] == b"" and out[column][4] == b""
+    assert all(out[c][2] == b"" and out[c][4] == b"" for c in ("saliency", "depth"))
 
 
 # ------------------------------------------------------------------------------ flaky storage
@@ -525,8 +530,7 @@ def test_a_photo_whose_write_keeps_failing_fails_alone(tmp_path, monkeypatch):
     batch = {"relpath": np.array(names, dtype=object),
              "output_relpath": np.array([output_relpath(n, "jpeg") for n in names], dtype=object)}
     batch = read_photos(batch, str(inputs), {}, config.max_megapixels)
-    for task, name in ((SALIENCY, config.saliency_model), (DEPTH, config.depth_model)):
-        batch = ModelStage(task, name, None, "cpu", 4).predict(batch)
+    batch = ModelStage(config.saliency_model, config.depth_model, None, None, "cpu", 4).predict(batch)
     batch = finish_photos(batch, config)
 
     assert list(batch["status"]) == ["ok", "failed", "ok"], list(batch["error"])
@@ -554,11 +558,11 @@ def test_the_job_goes_on_past_failing_writes_and_stops_when_they_all_fail(tmp_pa
     noise_photos(inputs, 12, size=(16, 16))
     w, ok = "write-error", ""
     # Scattered failures: every photo gets its row, the job goes on.
-    monkeypatch.setattr(job, "_execute", fake_execution([ok, w, w, ok, w, ok, w, w, w, w, w, w]))
+    monkeypatch.setattr(driver, "_execute", fake_execution([ok, w, w, ok, w, ok, w, w, w, w, w, w]))
     summary = run_job(JobConfig(input=str(inputs), output=str(tmp_path / "a"), **TRIVIAL))
     assert summary.counts == {"ok": 3, "failed": 9}
     # Eight in a row: the job stops with a clear error; the rows so far are committed and readable.
-    monkeypatch.setattr(job, "_execute", fake_execution([ok] + [w] * 11))
+    monkeypatch.setattr(driver, "_execute", fake_execution([ok] + [w] * 11))
     with pytest.raises(OutputError, match=r"out: 8 writes in a row failed, stopping \(last: cannot write "):
         run_job(JobConfig(input=str(inputs), output=str(tmp_path / "out"), **TRIVIAL))
     rows = manifest(tmp_path / "out").to_pylist()
@@ -660,7 +664,7 @@ def test_unsafe_object_names_never_escape_output_and_inputs_stay(s3_bucket, tmp_
     for item in make_plan(config, Storage(config.input), Storage(str(local))):
         assert not isinstance(item, str)  # nothing done yet: every listed input is planned
         if item.error:
-            assert "unsafe relative path" in item.error
+            assert "unsafe relative path" in str(item.error)
         else:
             target = (local / "images" / item.output_relpath).resolve()
             assert target.is_relative_to(local / "images"), item.output_relpath

@@ -31,11 +31,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if getattr(args, "config", None):
         config = load_yaml_config(args.config)
-        sub = subparsers[args.command]
-        unknown = sorted(set(config) - {a.dest for a in sub._actions} - {"config"})
+        unknown = sorted(set(config) - set(args.config_keys))
         if unknown:
             raise BadInputError(f"{args.config}: unknown option(s): {', '.join(unknown)}")
-        sub.set_defaults(**config)
+        subparsers[args.command].set_defaults(**config)
         args = parser.parse_args(argv)
     return args
 

@@ -1,6 +1,9 @@
-"""Options shared by subcommands, and the rule that joins them with a YAML config.
+"""Options shared by subcommands, made from the fields that define them, and the rule that joins
+them with a YAML config.
 
-Precedence: preset < config file < flags. Every flag's dest is also a config key.
+Every option is a field: effect options are EffectParams' fields, model, output and job options
+are JobConfig's. A flag, its YAML key and its field share one name (dashes for underscores).
+Precedence: preset < config file < flags.
 """
 
 from __future__ import annotations
@@ -8,8 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from ..job.plan import JobConfig, config_fields
 from ..params import GRADIENT_DIRECTIONS, PRESETS, EffectParams, effect_params
-from ..photo_io import OUTPUT_EXTENSIONS
 
 _EFFECT_HELP = {
     "work_size": "long side (px) of the working image; 0 = full resolution",
@@ -25,6 +28,12 @@ _EFFECT_HELP = {
     "min_background_detail": "leave photos alone whose background detail is below this share of the "
                              "subject's (already soft); 0 = never",
 }
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _keys(parser: argparse.ArgumentParser, *names: str) -> None:
+    """Remember which option names a subcommand takes: the keys its --config file may hold."""
+    parser.set_defaults(config_keys=(parser.get_default("config_keys") or frozenset()) | set(names))
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -40,28 +49,35 @@ def add_effect_options(parser: argparse.ArgumentParser) -> None:
     for field in dataclasses.fields(EffectParams):
         if field.name in ("preset", "gradient"):
             continue
-        group.add_argument("--" + field.name.replace("_", "-"), type={"int": int, "float": float}[field.type],
+        group.add_argument("--" + field.name.replace("_", "-"), type=_TYPES[str(field.type)],
                            default=None, help=_EFFECT_HELP.get(field.name))
+    _keys(parser, *(f.name for f in dataclasses.fields(EffectParams)))
 
 
-def add_output_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("output")
-    group.add_argument("--format", choices=sorted(OUTPUT_EXTENSIONS), default=None,
-                       help="output format (render: taken from the output name by default; run: jpeg)")
-    group.add_argument("--quality", type=int, default=92, help="JPEG/WebP quality 1..100")
-    group.add_argument("--max-megapixels", type=float, default=200.0,
-                       help="refuse photos declaring more pixels than this (decompression bombs)")
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("models")
-    group.add_argument("--saliency-model", default=None, help="salient-object model name (see `models list`)")
-    group.add_argument("--depth-model", default=None, help="depth model name (see `models list`)")
-    group.add_argument("--saliency-weights", default=None, help="path or URI of saliency weights")
-    group.add_argument("--depth-weights", default=None, help="path or URI of depth weights")
-    group.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+def add_config_fields(parser: argparse.ArgumentParser, *groups: str, **defaults) -> None:
+    """A flag for each JobConfig field of these groups (their defaults, unless given here)."""
+    for name in groups:
+        group = parser.add_argument_group(name)
+        for field in config_fields(name):
+            kwargs = dict(field.metadata["argparse"])
+            kind = str(field.type).replace(" | None", "")
+            if kind == "bool":
+                kwargs["action"] = "store_true"
+            else:
+                kwargs.setdefault("type", _TYPES.get(kind))
+            default = defaults.get(field.name, field.default if field.default is not dataclasses.MISSING
+                                   else field.default_factory())  # type: ignore[misc]
+            group.add_argument("--" + field.name.replace("_", "-"), default=default, help=field.metadata["help"],
+                               **kwargs)
+            _keys(parser, field.name)
 
 
 def params_from_args(args: argparse.Namespace) -> EffectParams:
     names = [f.name for f in dataclasses.fields(EffectParams) if f.name != "preset"]
     return effect_params(args.preset, **{n: getattr(args, n, None) for n in names})
+
+
+def config_from_args(args: argparse.Namespace, **given) -> JobConfig:
+    """A JobConfig of every field the parsed arguments hold, plus the effect parameters."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(JobConfig) if hasattr(args, f.name)}
+    return JobConfig(**{**values, "params": params_from_args(args), **given})

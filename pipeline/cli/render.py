@@ -7,15 +7,11 @@ import os
 
 import fsspec
 
-from ..effect import render
 from ..errors import BadInputError
-from ..job import soft_background_reason
-from ..models import DEPTH, SALIENCY, load_model
-from ..photo_io import OUTPUT_EXTENSIONS, decode_photo, encode_photo, read_depth, read_mask
-from ..process import intermediate_pngs, model_copy
+from ..photo import SceneModels, finish, prepare
+from ..photo_io import OUTPUT_EXTENSIONS, read_depth, read_mask
 from ..storage import Storage
-from .options import (add_config_option, add_effect_options, add_model_options, add_output_options,
-                      params_from_args)
+from .options import add_config_fields, add_config_option, add_effect_options, params_from_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,8 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--save-intermediates", metavar="DIR",
                         help="also write background, mask, depth (16-bit) and alpha PNGs here")
     add_effect_options(parser)
-    add_output_options(parser)
-    add_model_options(parser)
+    add_config_fields(parser, "output", "models", format=None)  # the format: from the output's name
     add_config_option(parser)
     return parser
 
@@ -60,37 +55,32 @@ def output_format(output: str, fmt: str | None) -> str:
 def run(args: argparse.Namespace) -> int:
     params = params_from_args(args)
     fmt = output_format(args.output, args.format)
-    photo = decode_photo(read_input(args.photo), args.photo, args.max_megapixels)
-    pixels = photo.pixels
-    fg = read_mask(read_input(args.mask), args.mask) if args.mask else None
+    data = read_input(args.photo)
+    saliency = read_mask(read_input(args.mask), args.mask) if args.mask else None
     depth = read_depth(read_input(args.depth), args.depth) if args.depth else None
 
-    used = []
-    if fg is None or depth is None:
-        small = model_copy(pixels)
-        if fg is None:
-            model = load_model(SALIENCY, args.saliency_model, args.saliency_weights, args.device)
-            fg = model.predict([small])[0]
-            used.append(f"{model.name} {model.version}")
-        if depth is None:
-            model = load_model(DEPTH, args.depth_model, args.depth_weights, args.device)
-            depth = model.predict([small], saliency=[fg])[0]
-            used.append(f"{model.name} {model.version}")
+    used = ""
+    if saliency is None or depth is None:
+        models = SceneModels(args.saliency_model, args.depth_model, args.saliency_weights, args.depth_weights,
+                             args.device, batch_size=1)
+        maps = models.predict([prepare(data, args.photo, args.max_megapixels)],
+                              saliency=None if saliency is None else [saliency],
+                              depth=None if depth is None else [depth])[0]
+        saliency, depth = maps.saliency, maps.depth
+        used = f" models: {', '.join(models.describe())};"
 
-    result = render(pixels, fg, depth, params)
-    data = encode_photo(result.image, fmt, args.quality, photo.exif)
+    done = finish(data, args.photo, saliency, depth, params, fmt, args.quality, args.max_megapixels,
+                  intermediates=bool(args.save_intermediates))
     folder, name = os.path.split(os.path.abspath(args.output))
-    Storage(folder).write_atomic(name, data)
-
+    Storage(folder).write_atomic(name, done.encoded)
     if args.save_intermediates:
         stem = os.path.splitext(os.path.basename(args.photo))[0]
         target = Storage(os.path.abspath(args.save_intermediates))
-        for kind, png in intermediate_pngs(result, *pixels.shape[:2]).items():
+        for kind, png in done.intermediates.items():
             target.write_atomic(f"{stem}.{kind}.png", png)
 
-    if result.left_alone:
-        print(f"{args.output}: {soft_background_reason(result, params)}")
-    models = f" models: {', '.join(used)};" if used else ""
-    print(f"{args.output}: {pixels.shape[1]}x{pixels.shape[0]}, preset {params.preset};{models} "
-          f"crisp in front of depth {result.start:.3f}, background behind {result.stop:.3f}")
+    if done.left_alone:
+        print(f"{args.output}: {done.reason}")
+    print(f"{args.output}: {done.width}x{done.height}, preset {params.preset};{used} "
+          f"crisp in front of depth {done.rendering.start:.3f}, background behind {done.rendering.stop:.3f}")
     return 0

@@ -1,0 +1,210 @@
+"""The driver: starts Ray (or joins a cluster), streams the plan into a Ray Data dataset of
+small photo groups, wires the stages, commits manifest rows as they arrive, and sums up.
+
+    plan (listing + manifest)  -> groups of GROUP_SIZE photos
+    -> read_stage (CPU tasks) -> ModelStage (one actor per GPU, both models) -> finish_stage (CPU tasks)
+    -> manifest rows, committed in atomically written Parquet parts
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator
+
+import pyarrow as pa
+
+from ..errors import OutputError
+from ..manifest import FAILED, MANIFEST_DIR, OK, ManifestWriter, image_id, new_run_id
+from ..storage import Storage
+from .plan import IMAGES_DIR, JobConfig, PlanItem, check_locations, make_plan
+from .stages import ModelStage, finish_stage, read_stage
+
+# Photos per group entering the dataset: a group is one read task and one block between stages,
+# so groups of tens keep every core busy from the start and results flowing out in seconds.
+GROUP_SIZE = 16
+PLAN_CHUNK = 2000  # plan rows per object put into Ray's object store as the listing proceeds
+MAX_FAILING_WRITES = 8
+
+
+@dataclass
+class JobSummary:
+    run_id: str
+    planned: int
+    counts: dict[str, int]
+    skipped: dict[str, int]
+    seconds: float  # the whole run, start-up included
+    processing_seconds: float  # from the first photo's start to the last row
+    output: str
+
+    def lines(self) -> list[str]:
+        done = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "nothing to do"
+        kept = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()))
+        return [f"run {self.run_id}: {self.planned} to process: {done} in {self.seconds:.1f} s "
+                f"({self.processing_seconds:.1f} s processing)",
+                *([f"left alone: {kept}"] if kept else []),
+                f"results: {self.output}/{IMAGES_DIR}  manifest: {self.output}/{MANIFEST_DIR}"]
+
+
+def run_job(config: JobConfig) -> JobSummary:
+    """Plan, then process what is left; returns counts.
+
+    The plan streams: to-do items go to Ray's object store in chunks as the listing proceeds,
+    so the driver's memory does not grow with the library. Ray starts only if there is work.
+    """
+    started = time.perf_counter()
+    inputs, output = check_locations(config)
+    run_id = new_run_id()
+    skipped: dict[str, int] = {}
+    planned, chunk, chunk_refs, refused = 0, [], [], []
+    for item in make_plan(config, inputs, output):
+        if isinstance(item, str):
+            skipped[item] = skipped.get(item, 0) + 1
+        elif config.limit is not None and planned >= config.limit:
+            skipped["over --limit"] = skipped.get("over --limit", 0) + 1
+        elif config.dry_run:
+            planned += 1
+            print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
+        elif item.error:
+            planned += 1
+            refused.append(_refused_row(item, inputs, config, run_id))
+        else:
+            planned += 1
+            chunk.append(item)
+            if len(chunk) == PLAN_CHUNK:
+                chunk_refs.append(_put_tasks(config, chunk))
+                chunk = []
+    if chunk:
+        chunk_refs.append(_put_tasks(config, chunk))
+
+    counts: dict[str, int] = {}
+    processing_started = ended = time.perf_counter()
+    if chunk_refs or refused:
+        check_writable(output)
+        writer = ManifestWriter(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options), run_id,
+                                config.commit_every)
+        failing_writes = 0
+        rows = _execute(config, inputs, chunk_refs, run_id) if chunk_refs else iter(())
+        try:
+            for row in itertools.chain(refused, rows):
+                writer.add(row)
+                counts[row["status"]] = counts.get(row["status"], 0) + 1
+                # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
+                failing_writes = failing_writes + 1 if row["error_kind"] == OutputError.kind else 0
+                if failing_writes >= MAX_FAILING_WRITES:
+                    raise OutputError(f"{output.uri}: {failing_writes} writes in a row failed, stopping "
+                                      f"(last: {row['error']})")
+        finally:
+            writer.flush()
+            if hasattr(rows, "close"):
+                rows.close()  # stops the dataset's workers now when the loop ended early
+        ended = time.perf_counter()
+    return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started,
+                      output.uri)
+
+
+def check_writable(output: Storage) -> None:
+    """Fail fast, before any work, when OUTPUT cannot be written."""
+    probe = f"{MANIFEST_DIR}/.write-probe-{uuid.uuid4().hex[:8]}"
+    output.write_atomic(probe, b"")
+    output.remove(probe)
+
+
+def _put_tasks(config: JobConfig, items: list[PlanItem]):
+    import ray
+
+    _start_ray(config)
+    return ray.put(pa.table({
+        "relpath": [it.source.relpath for it in items],
+        "source_size": pa.array([it.source.size for it in items], pa.int64()),
+        "source_fingerprint": [it.source.fingerprint for it in items],
+        "output_relpath": [it.output_relpath for it in items],
+        "attempt": pa.array([it.attempt for it in items], pa.int32()),
+    }))
+
+
+def _start_ray(config: JobConfig) -> None:
+    """An embedded local Ray, or the cluster at config.address; an already started Ray is used."""
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # no per-dataset INFO lines on the console
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=config.address, num_cpus=None if config.address else config.cpu_workers,
+                 include_dashboard=False, logging_level=logging.WARNING)
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """How the model actors sit on the cluster: one per GPU by default, each holding both models."""
+
+    actors: int
+    gpus_per_actor: float
+    device: str
+    batch_size: int
+
+
+def model_layout(config: JobConfig, cluster_gpus: float) -> ModelLayout:
+    gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if cluster_gpus else 0.0)
+    default_actors = max(1, int(cluster_gpus // gpus_per_actor)) if gpus_per_actor else 1
+    return ModelLayout(actors=config.model_actors or default_actors, gpus_per_actor=gpus_per_actor,
+                       device=config.device or ("cuda" if gpus_per_actor else "cpu"),
+                       batch_size=config.model_batch_size or (16 if gpus_per_actor else 4))
+
+
+def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) -> Iterator[dict[str, Any]]:
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.verbose_stats_logs = False
+    layout = model_layout(config, ray.cluster_resources().get("GPU", 0))
+
+    # The plan arrives in large chunks (cheap to hold); streaming repartition cuts them into
+    # groups without a shuffle, so reading fans out over the cluster's CPUs.
+    ds = ray.data.from_arrow_refs(chunk_refs).repartition(target_num_rows_per_block=GROUP_SIZE)
+    ds = ds.map_batches(read_stage, fn_kwargs=dict(input_uri=inputs.uri, storage_options=config.storage_options,
+                                                   max_megapixels=config.max_megapixels),
+                        batch_size=GROUP_SIZE, batch_format="pyarrow", num_cpus=1)
+    ds = ds.map_batches(ModelStage, fn_constructor_args=(config.saliency_model, config.depth_model,
+                                                         config.saliency_weights, config.depth_weights,
+                                                         layout.device, layout.batch_size),
+                        batch_size=layout.batch_size, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=layout.actors),
+                        num_gpus=layout.gpus_per_actor, num_cpus=config.cpus_per_actor)
+    ds = ds.map_batches(finish_stage, fn_kwargs=dict(config=config), batch_size=None, batch_format="pyarrow",
+                        num_cpus=1)
+
+    source_root = inputs.uri
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+        for row in table.to_pylist():
+            yield _manifest_row(row, source_root, config, run_id)
+
+
+def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str) -> dict[str, Any]:
+    row = {"relpath": item.source.relpath, "source_size": item.source.size,
+           "source_fingerprint": item.source.fingerprint, "attempt": item.attempt,
+           "status": FAILED, "error_kind": item.error.kind, "error": str(item.error)}
+    return _manifest_row(row, inputs.uri, config, run_id)
+
+
+def _manifest_row(row: dict, source_root: str, config: JobConfig, run_id: str) -> dict[str, Any]:
+    relpath = row["relpath"]
+    finished_at = datetime.now(timezone.utc)
+    started_at = row.get("started_at")
+    row.update(
+        started_at=started_at.replace(tzinfo=timezone.utc) if started_at else finished_at,
+        image_id=image_id(relpath),
+        source_uri=f"{source_root}/{relpath}",
+        preset=config.params.preset,
+        job_hash=config.job_hash(),
+        run_id=run_id,
+        finished_at=finished_at,
+    )
+    if row["status"] != OK:
+        row["output_uri"] = None
+    return row

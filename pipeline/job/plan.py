@@ -1,0 +1,177 @@
+"""Planning: the job's configuration, output naming, and the plan (each input's fate) decided
+from the listing and the manifest without reading any image."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..errors import BadInputError
+from ..manifest import FAILED, MANIFEST_DIR, OK, SKIPPED, KeySet, ResumeIndex, key_of
+from ..models import DEPTH, SALIENCY, default_model
+from ..params import EffectParams
+from ..photo_io import IMAGE_EXTENSIONS, OUTPUT_EXTENSIONS
+from ..storage import SourceFile, Storage, is_inside, safe_relpath
+
+IMAGES_DIR, INTERMEDIATES_DIR = "images", "intermediates"
+
+
+def _option(default, help: str, group: str, **argparse):
+    """A config field that is also a command-line flag and a YAML key, all of the same name."""
+    metadata = {"help": help, "group": group, "argparse": argparse}
+    if isinstance(default, dict):  # a fresh dict for each config
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class JobConfig:
+    """Everything a library job needs. Each field with help is a `dreamfocus run` flag of the
+    same name (dashes for underscores) and a key of a --config YAML file."""
+
+    input: str
+    output: str
+    params: EffectParams = field(default_factory=EffectParams)
+    storage_options: dict = _option(
+        {}, 'fsspec options for INPUT and OUTPUT, e.g. \'{"anon": false}\'', "locations",
+        type=json.loads, metavar="JSON")
+    address: str | None = _option(
+        None, "Ray cluster: 'auto' or ray://host:port (default: an embedded local Ray)", "locations")
+    # models
+    saliency_model: str | None = _option(None, "salient-object model name (see `models list`)", "models")
+    depth_model: str | None = _option(None, "depth model name (see `models list`)", "models")
+    saliency_weights: str | None = _option(None, "path or URI of saliency weights", "models")
+    depth_weights: str | None = _option(None, "path or URI of depth weights", "models")
+    device: str | None = _option(None, "cpu or cuda (default: cuda where the actor has a GPU)", "models")
+    # output
+    format: str = _option("jpeg", "output format", "output", choices=sorted(OUTPUT_EXTENSIONS))
+    quality: int = _option(92, "JPEG/WebP quality 1..100", "output")
+    max_megapixels: float = _option(
+        200.0, "refuse photos declaring more pixels than this (decompression bombs)", "output")
+    # job
+    limit: int | None = _option(None, "process at most N photos this run", "job", metavar="N")
+    dry_run: bool = _option(False, "say what would be done and why, do nothing", "job")
+    force: bool = _option(False, "reprocess everything", "job")
+    retry_failed: bool = _option(False, "retry photos whose last attempt failed", "job")
+    save_intermediates: bool = _option(False, "also write OUTPUT/intermediates", "job")
+    commit_every: int = _option(
+        1000, "write a manifest part every N photos (what a crash can lose is redone on rerun)", "job",
+        metavar="N")
+    model_batch_size: int | None = _option(
+        None, "photos per model call (default: 16 on a GPU, 4 on CPUs)", "job")
+    model_actors: int | None = _option(
+        None, "model actors, each holding both models (default: one per GPU, else 1)", "job")
+    gpus_per_actor: float | None = _option(
+        None, "GPUs per model actor (default: 1 where the cluster has GPUs, else 0; 0.5 packs two per GPU)",
+        "job")
+    # Model actors reserve no CPU by default: on a GPU they mostly wait for it, and on a CPU-only
+    # machine a reservation would idle cores whenever the models are quicker than the CPU stages.
+    cpus_per_actor: float = _option(
+        0.0, "CPUs reserved per model actor (default 0: actors share cores with the CPU stages)", "job")
+    cpu_workers: int | None = _option(None, "CPUs of the embedded local Ray (default: all)", "job")
+
+    def __post_init__(self) -> None:
+        self.saliency_model = self.saliency_model or default_model(SALIENCY)
+        self.depth_model = self.depth_model or default_model(DEPTH)
+        self.storage_options = self.storage_options or {}
+        problems = []
+        if self.format not in OUTPUT_EXTENSIONS:
+            problems.append(f"unknown output format {self.format!r}; choose {', '.join(OUTPUT_EXTENSIONS)}")
+        if not 1 <= self.quality <= 100:
+            problems.append("quality must be within 1..100")
+        for name in ("limit", "model_batch_size", "model_actors", "commit_every", "cpu_workers"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "limit" else 1):
+                problems.append(f"{name.replace('_', '-')} must be >= {0 if name == 'limit' else 1}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            problems.append("gpus-per-actor must be >= 0")
+        if problems:
+            raise BadInputError("; ".join(problems))
+
+    def job_hash(self) -> str:
+        """What decides how an output looks: effect parameters, models and encoding."""
+        what = {"params": self.params.digest(), "saliency": self.saliency_model, "depth": self.depth_model,
+                "format": self.format, "quality": self.quality}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_fields(*groups: str) -> list[dataclasses.Field]:
+    """The JobConfig fields of the given option groups, in declaration order."""
+    return [f for f in dataclasses.fields(JobConfig) if f.metadata.get("group") in groups]
+
+
+@dataclass
+class PlanItem:
+    source: SourceFile
+    output_relpath: str
+    reason: str  # why it is (re)processed
+    attempt: int
+    error: BadInputError | None = None  # set when the input is refused before any reading (an unsafe name)
+
+
+def output_relpath(relpath: str, fmt: str, keep_extension: bool = False) -> str:
+    """images/<relpath with the output extension>; keep_extension gives x.png -> x.png.jpg."""
+    stem, ext = os.path.splitext(safe_relpath(relpath))
+    if keep_extension:
+        stem += ext.lower()
+    return f"{stem}{OUTPUT_EXTENSIONS[fmt]}"
+
+
+def check_locations(config: JobConfig) -> tuple[Storage, Storage]:
+    inputs = Storage(config.input, config.storage_options)
+    output = Storage(config.output, config.storage_options)
+    if is_inside(output.uri, inputs.uri):
+        raise BadInputError(f"{config.output}: OUTPUT must not be INPUT or inside it ({config.input})")
+    if not inputs.exists(""):
+        raise BadInputError(f"{config.input}: input folder not found")
+    return inputs, output
+
+
+def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[PlanItem | str]:
+    """Each input's fate, decided from the listing and the manifest without reading any image:
+    a PlanItem to process, or the reason it is skipped."""
+    job_hash = config.job_hash()
+    resume = ResumeIndex.load(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options))
+    images = Storage(f"{output.uri}/{IMAGES_DIR}", config.storage_options)
+    outputs = frozenset({OUTPUT_EXTENSIONS[config.format]})
+    try:  # one listing of OUTPUT/images answers "does the output exist" for every input
+        existing = KeySet(key_of(f.relpath) for f in images.list_files(outputs))
+    except FileNotFoundError:
+        existing = KeySet(())
+
+    claimed: set[int] = set()  # outputs given out in this listing: x.jpg and x.png must not share one
+    for source in inputs.list_files(IMAGE_EXTENSIONS):
+        error = None
+        try:
+            target = output_relpath(source.relpath, config.format)
+            if int(key_of(target.lower())) in claimed:  # the listing is sorted: the same file wins each run
+                target = output_relpath(source.relpath, config.format, keep_extension=True)
+            claimed.add(int(key_of(target.lower())))
+        except BadInputError as exc:
+            target, error = "", exc
+        attempts = resume.attempts_of(source.relpath)
+        same = (source.relpath, source.fingerprint, job_hash)
+        if config.force:
+            reason = "forced"
+        elif resume.latest_is(*same, OK) and key_of(target) in existing:
+            yield "done"
+            continue
+        elif resume.latest_is(*same, SKIPPED):
+            yield "skipped before (not an image, or left as it is)"
+            continue
+        elif resume.latest_is(*same, FAILED) and not config.retry_failed:
+            yield "failed before (use --retry-failed)"
+            continue
+        elif resume.latest_is(*same, OK):
+            reason = "output missing"
+        elif resume.latest_is(*same, FAILED):
+            reason = "retrying failure"
+        elif attempts:
+            reason = "changed photo or parameters, or a failure not of its own making"
+        else:
+            reason = "new"
+        yield PlanItem(source, target, reason, attempts + 1, error)

@@ -1,0 +1,181 @@
+"""One photo end to end, without Ray: what `dreamfocus render` does, and what the library
+job's stages do for each photo of a group.
+
+    prepare(bytes)                   -> the model copy (reduced, upright, sRGB)
+    SceneModels.predict(copies)      -> saliency and depth maps, both models on one batch
+    finish(bytes, saliency, depth)   -> the encoded result, why it was left alone, intermediates
+
+Nothing here knows about columns, stages or the manifest.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from .effect import Rendering, render, upscale
+from .models import DEPTH, SALIENCY, MapModel, load_model
+from .params import EffectParams
+from .photo_io import decode_photo, encode_photo
+
+# Models never need more than this many pixels on the long side (IS-Net's input is 1024).
+MODEL_INPUT_SIZE = 1024
+
+# Kinds of "left alone" (a `skipped` row whose output is the photo unchanged).
+BACKGROUND_ALREADY_SOFT = "background-already-soft"
+
+
+def model_copy(pixels: np.ndarray) -> np.ndarray:
+    """A copy with the long side at most MODEL_INPUT_SIZE: full-resolution pixels stay with the
+    CPU stages."""
+    height, width = pixels.shape[:2]
+    scale = MODEL_INPUT_SIZE / max(height, width)
+    if scale >= 1:
+        return pixels
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(pixels, size, interpolation=cv2.INTER_AREA)
+
+
+def prepare(data: bytes, source: str, max_megapixels: float) -> np.ndarray:
+    """The model copy of a photo's bytes (a JPEG is decoded at a reduced scale directly)."""
+    photo = decode_photo(data, source, max_megapixels, draft_size=MODEL_INPUT_SIZE)
+    return model_copy(photo.pixels)
+
+
+@dataclass
+class SceneMaps:
+    saliency: np.ndarray  # float32 0..1 at the model copy's size
+    depth: np.ndarray  # float32 relative inverse depth (larger is nearer) at the same size
+
+
+class SceneModels:
+    """The salient-object model and the depth model, each loaded once on first use, run on the
+    same batch on the same device. Where both run in torch, the batch crosses to the device once."""
+
+    def __init__(self, saliency: str | None = None, depth: str | None = None,
+                 saliency_weights: str | None = None, depth_weights: str | None = None,
+                 device: str | None = None, batch_size: int = 4) -> None:
+        self._choice = {SALIENCY: (saliency, saliency_weights), DEPTH: (depth, depth_weights)}
+        self.device = device
+        self.batch_size = batch_size
+
+    def _load(self, task: str) -> MapModel:
+        name, weights = self._choice[task]
+        return load_model(task, name, weights, self.device, self.batch_size)
+
+    @functools.cached_property
+    def saliency(self) -> MapModel:
+        return self._load(SALIENCY)
+
+    @functools.cached_property
+    def depth(self) -> MapModel:
+        return self._load(DEPTH)
+
+    def load(self) -> "SceneModels":
+        """Load both now (an actor fails at its start, not at its first photo)."""
+        self.saliency, self.depth  # noqa: B018 - reading them loads them
+        return self
+
+    def predict(self, copies: Sequence[np.ndarray], saliency: Sequence[np.ndarray] | None = None,
+                depth: Sequence[np.ndarray] | None = None) -> list[SceneMaps]:
+        """Saliency, then depth (which may use the saliency maps), for every photo of the batch;
+        maps given are used as they are, and their model is not even loaded."""
+        if saliency is None and depth is None and self.saliency.accepts_tensors and self.depth.accepts_tensors:
+            saliency, depth = self._predict_on_device(copies)
+        if saliency is None:
+            saliency = self.saliency.predict(copies)
+        if depth is None:
+            depth = self.depth.predict(copies, saliency=saliency)
+        return [SceneMaps(s, d) for s, d in zip(saliency, depth)]
+
+    def _predict_on_device(self, copies: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        import torch
+
+        device = torch.device(self.saliency.device)
+        pinned = device.type == "cuda"
+        with torch.inference_mode():
+            tensors = [_to_device(torch, c, device, pinned) for c in copies]
+            saliency = self.saliency.predict_tensors(tensors)
+            depth = self.depth.predict_tensors(tensors, saliency=saliency)
+            return [s.float().cpu().numpy() for s in saliency], [d.float().cpu().numpy() for d in depth]
+
+    def describe(self) -> list[str]:
+        """What ran: name, version, runtime and device of each model loaded."""
+        loaded = self.__dict__  # where cached_property keeps the models loaded so far
+        return [loaded[name].describe() for name in ("saliency", "depth") if name in loaded]
+
+
+def _to_device(torch, pixels: np.ndarray, device, pinned: bool):
+    tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+    if pinned:  # page-locked host memory: the copy overlaps with the GPU's work
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=pinned)
+
+
+@dataclass
+class Finished:
+    """A photo's result, ready to write."""
+
+    encoded: bytes
+    rendering: Rendering
+    width: int
+    height: int
+    left_alone: str = ""  # kind of reason the photo was written unchanged ("" when it was not)
+    reason: str = ""  # that reason in words
+    intermediates: dict[str, bytes] = field(default_factory=dict)  # name -> PNG bytes
+    seconds: dict[str, float] = field(default_factory=dict)  # decode, effect, encode
+
+
+def finish(data: bytes, source: str, saliency: np.ndarray, depth: np.ndarray, params: EffectParams,
+           fmt: str = "jpeg", quality: int = 92, max_megapixels: float = 200.0,
+           intermediates: bool = False) -> Finished:
+    """Decode at full resolution, apply the effect, encode (EXIF kept, orientation applied)."""
+    t0 = time.perf_counter()
+    photo = decode_photo(data, source, max_megapixels)
+    t1 = time.perf_counter()
+    result = render(photo.pixels, saliency, depth, params)
+    t2 = time.perf_counter()
+    encoded = encode_photo(result.image, fmt, quality, photo.exif)
+    t3 = time.perf_counter()
+    height, width = photo.pixels.shape[:2]
+    kind, reason = ((BACKGROUND_ALREADY_SOFT, soft_background_reason(result, params)) if result.left_alone
+                    else ("", ""))
+    return Finished(encoded, result, width, height, kind, reason,
+                    intermediate_pngs(result, height, width) if intermediates else {},
+                    {"decode": t1 - t0, "effect": t2 - t1, "encode": t3 - t2})
+
+
+def soft_background_reason(result: Rendering, params: EffectParams) -> str:
+    return (f"left as it is: the background has little fine detail, already soft or plain "
+            f"({result.background_detail:.2f} of the subject's, below min_background_detail "
+            f"{params.min_background_detail:g})")
+
+
+def intermediate_pngs(rendering: Rendering, height: int, width: int) -> dict[str, bytes]:
+    """Viewable PNGs at the photo's size, named for what they show."""
+
+    def full(values: np.ndarray) -> np.ndarray:
+        return upscale(values, rendering.factor, height, width)
+
+    def gray(values: np.ndarray, peak: int, dtype: type) -> bytes:
+        return png(np.round(np.clip(full(values), 0, 1) * peak).astype(dtype))
+
+    return {
+        "background": png(cv2.cvtColor(full(rendering.background), cv2.COLOR_RGB2BGR)),
+        "mask": gray(rendering.fg, 255, np.uint8),
+        "depth16": gray(rendering.depth, 65535, np.uint16),
+        "alpha": gray(rendering.alpha, 255, np.uint8),
+    }
+
+
+def png(values: np.ndarray) -> bytes:
+    """PNG bytes of an 8- or 16-bit gray or BGR array."""
+    ok, data = cv2.imencode(".png", values)
+    if not ok:  # pragma: no cover - cv2 encodes any such array
+        raise ValueError("PNG encoding failed")
+    return data.tobytes()
