@@ -6,10 +6,10 @@ import argparse
 import sys
 
 from ..errors import BadInputError, DreamfocusError
-from ..models import model_class, model_names
+from ..models import default_models, model_class, model_names
 from ..models.weights import cache_dir, dir_size
 
-DEFAULT_FETCH = ("isnet-general-use", "depth-anything-v2-small")
+DEFAULT_FETCH = tuple(default_models())
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -1,43 +1,62 @@
-"""Model registry: every module in this package registers its classes; adding a model is one file."""
+"""Model registry: which models there are, and in which module each one lives.
+
+A model's module is imported only when the model is used or its class is asked for, so importing
+this package (as every CLI command does) loads no model code. Adding a model is its module plus
+one line in ``_MODULES``.
+"""
 
 from __future__ import annotations
 
 import importlib
 import logging
-import pkgutil
 
 from ..errors import BadInputError, WeightsUnavailableError
 from .base import DEPTH, SALIENCY, MapModel
 
-_REGISTRY: dict[str, type[MapModel]] = {}
-_DEFAULTS = {SALIENCY: "isnet-general-use", DEPTH: "depth-anything-v2-small"}
+# name -> module in this package that defines and registers it
+_MODULES: dict[str, str] = {
+    "isnet-general-use": "isnet",
+    "u2net": "u2net",
+    "u2netp": "u2net",
+    "trivial-saliency": "trivial",
+    "depth-anything-v2-small": "depth_anything",
+    "dpt-large": "dpt",
+    "ground-prior": "ground_prior",
+    "trivial-depth": "trivial",
+}
+_CLASSES: dict[str, type[MapModel]] = {}
+DEFAULTS = {SALIENCY: "isnet-general-use", DEPTH: "depth-anything-v2-small"}
+TASKS = tuple(DEFAULTS)
 
 
 def register(cls: type[MapModel]) -> type[MapModel]:
     """Class decorator: make a model available under its ``name``."""
-    _REGISTRY[cls.name] = cls
+    _CLASSES[cls.name] = cls
     return cls
 
 
-def _discover() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name not in ("base", "weights", "hf_depth"):  # helpers that register nothing
-            importlib.import_module(f"{__name__}.{info.name}")
-
-
 def model_names(task: str | None = None) -> list[str]:
-    return sorted(n for n, c in _REGISTRY.items() if task is None or c.task == task)
+    """Every model's name; with ``task``, those of that task (which imports their modules)."""
+    names = sorted(set(_MODULES) | set(_CLASSES))
+    return names if task is None else [n for n in names if model_class(n).task == task]
 
 
 def model_class(name: str) -> type[MapModel]:
+    if name not in _CLASSES and name in _MODULES:
+        importlib.import_module(f"{__name__}.{_MODULES[name]}")
     try:
-        return _REGISTRY[name]
+        return _CLASSES[name]
     except KeyError:
         raise BadInputError(f"unknown model {name!r}; available: {', '.join(model_names())}") from None
 
 
 def default_model(task: str) -> str:
-    return _DEFAULTS[task]
+    return DEFAULTS[task]
+
+
+def default_models() -> list[str]:
+    """The default model of every task: what a plain `dreamfocus models fetch` fetches."""
+    return [DEFAULTS[task] for task in TASKS]
 
 
 def create_model(name: str, task: str | None = None, **kwargs) -> MapModel:
@@ -55,10 +74,12 @@ def load_model(task: str, name: str | None = None, weights: str | None = None, d
                batch_size: int = 4, fallback: bool = True) -> MapModel:
     """The model for ``task`` (``name``, else the task's default), loaded once, ready to predict.
 
-    ``weights``: a path or URI overriding where the weights come from. When a depth model's
-    weights cannot be had and ``fallback`` is true, a warning is logged (once per model name and
-    process) and the weight-free ground prior is returned instead; ``model.name`` and
-    ``model.version`` always say which model actually runs. Saliency models never fall back.
+    ``weights``: a path or URI overriding where the weights come from. ``device``: "cpu",
+    "cuda", "cuda:1", ... (default: the first GPU when torch sees one, else the CPU). When a
+    depth model's weights cannot be had and ``fallback`` is true, a warning is logged (once per
+    model name and process) and the weight-free ground prior is returned instead;
+    ``model.describe()`` always says which model, weights, runtime and device actually run.
+    Saliency models never fall back.
     """
     name = name or default_model(task)
     try:
@@ -73,7 +94,5 @@ def load_model(task: str, name: str | None = None, weights: str | None = None, d
         return create_model(FALLBACK_DEPTH, DEPTH, device=device, batch_size=batch_size)
 
 
-_discover()
-
-__all__ = ["DEPTH", "SALIENCY", "MapModel", "create_model", "default_model", "model_class",
-           "load_model", "model_names", "register"]
+__all__ = ["DEFAULTS", "DEPTH", "SALIENCY", "TASKS", "MapModel", "create_model", "default_model",
+           "default_models", "load_model", "model_class", "model_names", "register"]

@@ -5,12 +5,17 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Sequence
+from typing import TYPE_CHECKING, ClassVar, Sequence
 
 import cv2
 import numpy as np
 
 from ..effect import resize_map
+from ..errors import WeightsUnavailableError
+from . import weights as _weights
+
+if TYPE_CHECKING:
+    import torch
 
 SALIENCY = "saliency"
 DEPTH = "depth"
@@ -22,8 +27,17 @@ class MapModel(ABC):
     Load once in ``__init__``; ``predict`` takes a batch of HxWx3 uint8 RGB photos of mixed sizes
     and returns float32 maps at each photo's own size: saliency in 0..1, depth as relative
     inverse depth (larger is nearer, any scale). Subclasses set the class attributes, implement
-    ``_predict_batch`` on photos already brought to the model's input size, and register
-    themselves with ``pipeline.models.register``.
+    ``_predict_batch`` on photos already brought to the model's input size, and are listed in
+    ``pipeline.models`` (the registry) under their ``name``.
+
+    Every instance says what runs: ``name``, ``task``, ``version`` (a weights digest, or what the
+    built-in model is), ``runtime`` ("torch", "onnxruntime" or "numpy") and ``device`` (where it
+    actually runs: "cpu", "cuda", "cuda:1", ...). Models that run torch also have a device path,
+    ``predict_tensors`` (``accepts_tensors`` says whether a model has it).
+
+    Weights: ``weights`` (a path or URI, else None) goes through the one resolver,
+    ``pipeline.models.weights.resolve_weights``; the class attributes and hooks below say where a
+    model keeps its weights and how it copies or fetches them.
     """
 
     name: ClassVar[str]
@@ -31,41 +45,36 @@ class MapModel(ABC):
     licence: ClassVar[str] = ""
     source: ClassVar[str] = ""
     needs_weights: ClassVar[bool] = True
+    # Whether this model has ``predict_tensors``; models whose runtime varies make it a property.
+    accepts_tensors: ClassVar[bool] = False
+
+    # Where the weights live: an environment variable naming them (a path or URI), the name of
+    # the model's own entry in the cache (None: the model has none, its weights are always
+    # supplied), and their sha256 where it is known (then every copy is checked against it).
+    weights_env: ClassVar[str | None] = None
+    cache_name: ClassVar[str | None] = None
+    sha256: ClassVar[str | None] = None
+
+    runtime: str = "numpy"
+    device: str = "cpu"
 
     def __init__(self, weights: str | None = None, device: str | None = None,
                  batch_size: int = 4) -> None:
+        # Once loaded: where the weights came from (a local file or folder, or a hub id).
         self.weights = weights
         self.device = device or default_device()
         self.batch_size = batch_size
-
-    @classmethod
-    def local_weights(cls) -> Path | None:
-        """The cached weights (file or folder) this model would load, or None when not cached."""
-        return None
-
-    @classmethod
-    def cache_paths(cls) -> list[Path]:
-        """Everything this model keeps in the cache (weights and anything derived from them)."""
-        path = cls.local_weights()
-        return [] if path is None else [path]
-
-    @classmethod
-    def fetch(cls, source: str | None = None) -> Path | None:
-        """Fetch the weights into the cache (from ``source`` when given); their path.
-
-        Models without weights return None; models that cannot fetch raise
-        WeightsUnavailableError saying how to supply weights instead.
-        """
-        if not cls.needs_weights:
-            return None
-        from ..errors import WeightsUnavailableError
-        raise WeightsUnavailableError(
-            f"{cls.name} weights cannot be fetched automatically; pass a weights file or URI")
 
     @property
     def version(self) -> str:
         """What was actually loaded (a weights digest, or a description); goes into the manifest."""
         return "builtin"
+
+    def describe(self) -> str:
+        """One line saying what runs, e.g. ``isnet-general-use b6e8497ba978 (torch, cuda)``."""
+        return f"{self.name} {self.version} ({self.runtime}, {self.device})"
+
+    # ----------------------------------------------------------------------------- prediction
 
     def predict(self, photos: Sequence[np.ndarray],
                 saliency: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
@@ -73,10 +82,15 @@ class MapModel(ABC):
 
         ``saliency``, when given, holds one saliency map (0..1, any size with the photo's aspect)
         per photo; depth models that can use it do (the ground prior places each subject at the
-        depth of its lowest point), all others ignore it.
+        depth of its lowest point), all others ignore it. Models with a device path on a GPU
+        upload the photos and run it.
         """
         if saliency is not None and len(saliency) != len(photos):
             raise ValueError(f"{len(saliency)} saliency maps for {len(photos)} photos")
+        if self.accepts_tensors and self.device != "cpu":
+            from .tensors import download, upload
+            return download(self.predict_tensors(upload(photos, self.device),
+                                                 None if saliency is None else upload(saliency, self.device)))
         step = max(1, self.batch_size)
         maps: list[np.ndarray] = []
         for i in range(0, len(photos), step):
@@ -94,6 +108,93 @@ class MapModel(ABC):
     @abstractmethod
     def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
         """Maps for a batch, each at any size with the photo's aspect ratio."""
+
+    def predict_tensors(self, photos: Sequence[torch.Tensor],
+                        saliency: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """The device path: ``predict`` on tensors already on ``device``, results left there.
+
+        ``photos``: HxWx3 uint8 tensors (sizes may differ); ``saliency``: HxW float tensors or
+        None. Returns one HxW float32 tensor per photo at its size. Runs in batches of
+        ``batch_size``; all pre- and post-processing happens on the device.
+        """
+        if not self.accepts_tensors:
+            raise NotImplementedError(f"{self.describe()} has no device path; use predict()")
+        if saliency is not None and len(saliency) != len(photos):
+            raise ValueError(f"{len(saliency)} saliency maps for {len(photos)} photos")
+        import torch
+
+        step = max(1, self.batch_size)
+        maps: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for i in range(0, len(photos), step):
+                sal = None if saliency is None else list(saliency[i:i + step])
+                maps.extend(self._predict_tensor_batch(list(photos[i:i + step]), sal))
+        return maps
+
+    def _predict_tensor_batch(self, photos: list[torch.Tensor],
+                              saliency: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """Maps at each photo's size for one batch; models with a device path implement it."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------- weights
+
+    @classmethod
+    def local_weights(cls) -> Path | None:
+        """The model's own cache entry (file or folder) when it holds weights, else None."""
+        if cls.cache_name is None:
+            return None
+        path = _weights.cache_dir() / cls.cache_name
+        try:
+            cls.check_weights(path)
+        except Exception:  # noqa: BLE001 - incomplete or foreign: not usable
+            return None
+        return path
+
+    @classmethod
+    def cache_paths(cls) -> list[Path]:
+        """Everything this model keeps in the cache (weights and anything derived from them)."""
+        path = cls.local_weights()
+        return [] if path is None else [path]
+
+    @classmethod
+    def check_weights(cls, path: Path) -> None:
+        """Raise WeightsUnavailableError unless ``path`` looks like this model's weights."""
+        if not path.is_file():
+            raise WeightsUnavailableError(f"{path}: no weights file for {cls.name}")
+
+    @classmethod
+    def copy_weights(cls, source: str, name: str, sha256: str | None = None) -> Path:
+        """The weights at ``source`` (a path or URI) copied into ``cache_dir()/name``, checked
+        against ``sha256`` when given."""
+        return _weights.fetch_to_cache(source, name, sha256=sha256)
+
+    @classmethod
+    def fill_cache(cls, source: str) -> Path:
+        """The weights at ``source`` copied into the model's own cache entry, replacing it."""
+        return _weights.replace_cache_entry(cls, source)
+
+    @classmethod
+    def hub_weights(cls) -> str:
+        """The last resort when no copy of the weights is at hand: an id that the model's own
+        library loads (from a model hub), or WeightsUnavailableError saying how to supply them."""
+        raise WeightsUnavailableError(
+            f"no weights for {cls.name} in {_weights.cache_dir()}; {cls.how_to_fetch()}")
+
+    @classmethod
+    def fetch_from_registry(cls) -> Path:
+        """Fetch the weights from where they are published into the model's cache entry."""
+        raise WeightsUnavailableError(f"cannot fetch {cls.name}: {cls.how_to_fetch()}")
+
+    @classmethod
+    def how_to_fetch(cls) -> str:
+        env = f", or set {cls.weights_env} to its path or URI" if cls.weights_env else ""
+        return f"{cls.name} weights cannot be fetched automatically; pass a weights file or URI{env}"
+
+    @classmethod
+    def fetch(cls, source: str | None = None) -> Path | None:
+        """The weights in the cache (from ``source`` when given); their path. See
+        ``pipeline.models.weights.fetch_weights``. Models without weights return None."""
+        return _weights.fetch_weights(cls, source)
 
 
 def default_device() -> str:

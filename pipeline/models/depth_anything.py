@@ -13,6 +13,7 @@ from .hf_depth import HFDepthModel
 @register
 class DepthAnythingV2Small(HFDepthModel):
     name = "depth-anything-v2-small"
+    cache_name = name  # weights folder: <cache>/<name>/
     licence = "Apache-2.0"
     source = "hub depth-anything/Depth-Anything-V2-Small-hf (transformers)"
     hub_id = "depth-anything/Depth-Anything-V2-Small-hf"

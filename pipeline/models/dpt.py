@@ -13,6 +13,7 @@ from .hf_depth import HFDepthModel
 @register
 class DPTLarge(HFDepthModel):
     name = "dpt-large"
+    cache_name = name  # weights folder: <cache>/<name>/
     licence = "MIT"
     source = "hub Intel/dpt-large (MiDaS v3 DPT_Large, transformers)"
     hub_id = "Intel/dpt-large"

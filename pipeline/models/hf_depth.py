@@ -11,11 +11,15 @@ in its batch, so a batch gives the same maps as one photo at a time. The model's
 cropped to the photo's own region before it is resized back to the photo's size: no padded
 pixel ever reaches a map.
 
-Weights resolve in this order: an explicit path or URI (a folder with config.json and
-model.safetensors, or a .tar.gz/.tgz/.zip of one; local, file://, s3://, gs://, https://, ...;
-remote ones are fetched once into the cache) -> the model's ``*_URL`` environment variable,
-fetched once into the cache -> ``<cache>/<model name>/`` -> the model hub (only when
-HF_HUB_OFFLINE is not set and the hub answers within seconds) -> WeightsUnavailableError.
+Weights are a folder with config.json and model.safetensors (or a .tar.gz/.tgz/.zip of one;
+local, file://, s3://, gs://, https://, ...). They resolve as every model's do
+(``pipeline.models.weights.resolve_weights``): an explicit path or URI -> ``<cache>/<model
+name>/`` -> the model's ``*_URL`` environment variable, fetched once into that folder -> the
+model hub (only when HF_HUB_OFFLINE is not set and the hub answers within seconds, or its own
+cache has the model) -> WeightsUnavailableError.
+
+Device path (``predict_tensors``): the same resize (OpenCV's area and bicubic, done in torch),
+normalisation, edge padding and crop, on the device, batched.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ import cv2
 import numpy as np
 
 from ..errors import WeightsUnavailableError
-from .base import DEPTH, MapModel, cpu_threads
-from .weights import cache_dir, fetch_dir_to_cache, local_path, read_json, uri_key, weights_digest
+from .base import DEPTH, MapModel
+from .weights import fetch_dir_to_cache, read_json, weights_digest, writable_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +57,16 @@ class HFDepthModel(MapModel):
     mean: ClassVar[tuple[float, float, float]]
     std: ClassVar[tuple[float, float, float]]
 
+    accepts_tensors = True
+    runtime = "torch"
+
     def __init__(self, weights: str | None = None, device: str | None = None,
                  batch_size: int = 4, config=None) -> None:
         super().__init__(weights, device, batch_size)
         import torch
+
+        from .tensors import torch_device
+        from .weights import resolve_weights
 
         self._torch = torch
         if config is not None:
@@ -65,17 +75,19 @@ class HFDepthModel(MapModel):
                 model = self.model_class()(config)
             self._version = "random-init"
             self.weights_path: Path | None = None
+            self.weights = None
         else:
-            where = self._resolve(weights)
+            where = resolve_weights(type(self), weights)
+            self.weights = str(where)
             model = self._load(where)
-        self.fp16 = self.device.startswith("cuda")
-        if self.device == "cpu":
-            torch.set_num_threads(cpu_threads())
-        model = model.eval().to(self.device)
+        self._device = torch_device(self.device)
+        self.fp16 = self._device.type == "cuda"
+        model = model.eval().to(self._device)
         self.model = model.half() if self.fp16 else model.float()
-        self.runtime = f"torch {self.device} {'fp16' if self.fp16 else 'fp32'}"
         self._mean = np.array(self.mean, np.float32)
         self._std = np.array(self.std, np.float32)
+        self._mean_t = torch.tensor(self.mean, dtype=torch.float32, device=self._device).view(3, 1, 1)
+        self._std_t = torch.tensor(self.std, dtype=torch.float32, device=self._device).view(3, 1, 1)
 
     # ----------------------------------------------------------------------------- building
 
@@ -104,7 +116,6 @@ class HFDepthModel(MapModel):
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()
         if isinstance(where, Path):
-            self._check_folder(where)
             self.weights_path = where
             weights_file = next(where / f for f in WEIGHT_FILES if (where / f).is_file())
             self._version = weights_digest(weights_file)[:12]
@@ -118,25 +129,7 @@ class HFDepthModel(MapModel):
     # ----------------------------------------------------------------------------- weights
 
     @classmethod
-    def cached_dir(cls) -> Path:
-        return cache_dir() / cls.name
-
-    @classmethod
-    def local_weights(cls) -> Path | None:
-        path = cls.cached_dir()
-        if (path / "config.json").is_file() and any((path / f).is_file() for f in WEIGHT_FILES):
-            return path
-        return None
-
-    @classmethod
-    def how_to_fetch(cls) -> str:
-        return (f"supply the weights instead: `dreamfocus models fetch {cls.name} --from DIR_OR_URI` "
-                "(a folder, or a .tar.gz/.zip of one, holding config.json and model.safetensors as "
-                f"published at {cls.hub_id}; local, s3://, gs:// or https://), or set "
-                f"{cls.weights_env} to such a URI, or pass it as the model's weights")
-
-    @classmethod
-    def _check_folder(cls, path: Path) -> None:
+    def check_weights(cls, path: Path) -> None:
         if not (path / "config.json").is_file():
             raise WeightsUnavailableError(f"{path} holds no config.json for {cls.name}")
         if not any((path / f).is_file() for f in WEIGHT_FILES):
@@ -150,74 +143,45 @@ class HFDepthModel(MapModel):
                 f"{path} holds a {model_type!r} model, not {cls.name} ({cls.model_type!r})")
 
     @classmethod
-    def _from_uri(cls, uri: str, name: str) -> Path:
-        path = local_path(uri)
-        if path is not None and path.is_dir():
-            cls._check_folder(path)
-            return path
-        return cls._fetch_checked(uri, name)
-
-    @classmethod
-    def _fetch_into_cache(cls, source: str, replace: bool = False) -> Path:
-        path = local_path(source)
-        if path is not None and path.is_dir():
-            cls._check_folder(path)
-        dest = cls.cached_dir()
-        if replace and dest.exists():
-            shutil.rmtree(dest)
-        return cls._fetch_checked(source, cls.name)
-
-    @classmethod
-    def _fetch_checked(cls, source: str, name: str) -> Path:
-        """Fetch a weights folder or archive into <cache>/<name>; removed again if it is not ours."""
-        path = local_path(source)
-        if path is not None and not path.exists():
-            raise WeightsUnavailableError(f"{cls.name} weights {source}: no such file or folder")
-        folder = fetch_dir_to_cache(str(path) if path is not None else source, name, required=("config.json",))
+    def copy_weights(cls, source: str, name: str, sha256: str | None = None) -> Path:
+        """A weights folder or archive copied into ``<cache>/<name>``; removed again if it is not ours."""
+        folder = fetch_dir_to_cache(source, name, required=("config.json",))
         try:
-            cls._check_folder(folder)
+            cls.check_weights(folder)
         except WeightsUnavailableError:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         return folder
 
     @classmethod
-    def _resolve(cls, weights: str | None) -> Path | str:
-        if weights:
-            return cls._from_uri(str(weights), f"{cls.name}-{uri_key(str(weights))}")
-        cached = cls.local_weights()
-        if cached is not None:
-            return cached
-        if os.environ.get(cls.weights_env):
-            return cls.fetch()  # fills <cache>/<name> from the URL, once
+    def how_to_fetch(cls) -> str:
+        return (f"supply the weights instead: `dreamfocus models fetch {cls.name} --from DIR_OR_URI` "
+                "(a folder, or a .tar.gz/.zip of one, holding config.json and model.safetensors as "
+                f"published at {cls.hub_id}; local, s3://, gs:// or https://), or set "
+                f"{cls.weights_env} to such a URI, or pass it as the model's weights")
+
+    @classmethod
+    def hub_weights(cls) -> str:
         if _hub_cached(cls.hub_id) or hub_reachable():
             return cls.hub_id
         raise WeightsUnavailableError(
             f"no weights for {cls.name} ({_offline_reason()}); {cls.how_to_fetch()}")
 
     @classmethod
-    def fetch(cls, source: str | None = None) -> Path:
-        """Weights into ``<cache>/<name>/``: from ``source`` (replacing what is cached), else what
-        is cached, else from $<weights_env>, else from the hub."""
-        if source:
-            return cls._fetch_into_cache(source, replace=True)
-        cached = cls.local_weights()
-        if cached is not None:
-            return cached
-        if os.environ.get(cls.weights_env):
-            return cls._fetch_into_cache(os.environ[cls.weights_env])
+    def fetch_from_registry(cls) -> Path:
+        """The hub's published weights into ``<cache>/<name>/``."""
         online = hub_reachable()
         if not online and not _hub_cached(cls.hub_id):
             raise WeightsUnavailableError(
                 f"cannot fetch {cls.name}: {_offline_reason()}; {cls.how_to_fetch()}")
         from huggingface_hub import snapshot_download
 
-        dest = cls.cached_dir()
+        dest = writable_cache_dir() / cls.cache_name
         tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
         try:
             snapshot_download(cls.hub_id, local_dir=str(tmp), local_files_only=not online,
                               allow_patterns=["config.json", "*.safetensors", "*.json"])
-            cls._check_folder(tmp)
+            cls.check_weights(tmp)
             shutil.rmtree(tmp / ".cache", ignore_errors=True)
             if dest.exists():
                 shutil.rmtree(dest)
@@ -252,23 +216,40 @@ class HFDepthModel(MapModel):
         return x.transpose(2, 0, 1), (nh, nw)
 
     def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
-        torch = self._torch
         prepared = [self._prepare(p) for p in photos]
-        batch = torch.from_numpy(np.stack([x for x, _ in prepared])).to(self.device)
-        if self.fp16:
-            batch = batch.half()
-        with torch.inference_mode():
-            depth = self.model(pixel_values=batch).predicted_depth
-        depth = depth.float().cpu().numpy()
-        if depth.ndim == 4:
-            depth = depth[:, 0]
-        out_h, out_w = depth.shape[-2:]
-        maps = []
-        for d, (_, (nh, nw)) in zip(depth, prepared):
-            rows = max(1, round(nh * out_h / self.size))
-            cols = max(1, round(nw * out_w / self.size))
-            maps.append(np.ascontiguousarray(d[:rows, :cols], dtype=np.float32))
-        return maps
+        batch = self._torch.from_numpy(np.stack([x for x, _ in prepared]))
+        depth = self._forward(batch).cpu().numpy()
+        return [np.ascontiguousarray(d[self._region((nh, nw), depth.shape[-2:])])
+                for d, (_, (nh, nw)) in zip(depth, prepared)]
+
+    def _predict_tensor_batch(self, photos, saliency=None):
+        import torch.nn.functional as F
+
+        from .tensors import resize_map, resize_photo
+
+        inputs, shapes = [], []
+        for photo in photos:
+            nh, nw = self.input_shape(*photo.shape[:2])
+            x = (resize_photo(photo, nh, nw) * (1 / 255.0) - self._mean_t) / self._std_t
+            inputs.append(F.pad(x[None], (0, self.size - nw, 0, self.size - nh), mode="replicate")[0])
+            shapes.append((nh, nw))
+        depth = self._forward(self._torch.stack(inputs))
+        return [resize_map(d[self._region(shape, depth.shape[-2:])], *photo.shape[:2])
+                for d, shape, photo in zip(depth, shapes, photos)]
+
+    def _forward(self, batch):
+        """N x size x size predicted depth (float32, on the device) of a normalised, padded batch."""
+        batch = batch.to(self._device, non_blocking=True)
+        with self._torch.inference_mode():
+            depth = self.model(pixel_values=batch.half() if self.fp16 else batch).predicted_depth
+        return (depth[:, 0] if depth.ndim == 4 else depth).float()
+
+    def _region(self, input_hw: tuple[int, int], output_hw) -> tuple[slice, slice]:
+        """The part of the model's output that shows the photo (not the padding)."""
+        out_h, out_w = output_hw
+        rows = max(1, round(input_hw[0] * out_h / self.size))
+        cols = max(1, round(input_hw[1] * out_w / self.size))
+        return slice(0, rows), slice(0, cols)
 
 
 # --------------------------------------------------------------------------------- the hub

