@@ -112,5 +112,5 @@ def test_render_runs_the_models_when_no_maps_are_given(tmp_path, capsys):
     code, stdout, err = run(capsys, "render", PHOTO, "-o", out, "--saliency-model", "trivial-saliency",
                             "--depth-model", "trivial-depth")
     assert code == 0, err
-    assert "models: trivial-saliency builtin, trivial-depth builtin" in stdout
+    assert "models: trivial-saliency builtin (numpy, cpu), trivial-depth builtin (numpy, cpu)" in stdout
     assert Image.open(out).format == "PNG"
