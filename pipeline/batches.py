@@ -50,7 +50,8 @@ def pack_saliency(values: np.ndarray) -> bytes:
 
 def pack_depth(values: np.ndarray) -> bytes:
     """A depth map min-max normalised to 16 bits (the effect normalises it anyway)."""
-    return pack(cv2.normalize(_finite(values), None, 0, 65535, cv2.NORM_MINMAX, dtype=cv2.CV_16U))
+    return pack(cv2.normalize(_finite(values), None, 0, 65535, cv2.NORM_MINMAX,  # type: ignore[call-overload]
+                              dtype=cv2.CV_16U))
 
 
 def _finite(values: np.ndarray) -> np.ndarray:

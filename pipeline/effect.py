@@ -66,7 +66,7 @@ def painterly_background(photo: np.ndarray, kernel_size: int, brightness_min: in
     """
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kernel_size, kernel_size))
     opened = cv2.morphologyEx(photo, cv2.MORPH_OPEN, kernel)
-    return cv2.normalize(opened, None, brightness_min, brightness_max, cv2.NORM_MINMAX)
+    return cv2.normalize(opened, None, brightness_min, brightness_max, cv2.NORM_MINMAX)  # type: ignore[call-overload]
 
 
 def depth_bounds(fg: np.ndarray, depth: np.ndarray, fg_threshold: float = 0.5,

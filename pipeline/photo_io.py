@@ -156,6 +156,12 @@ def _is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
         return False
 
 
+def _to_srgb_profile(im: Image.Image, profile) -> Image.Image:
+    converted = ImageCms.profileToProfile(im, profile, _SRGB, outputMode="RGB")
+    assert converted is not None  # only an in-place conversion returns None
+    return converted
+
+
 def _to_srgb(im: Image.Image) -> np.ndarray:
     """HxWx3 uint8 sRGB of an image in any mode; alpha is composited over white."""
     icc = im.info.get("icc_profile")
@@ -164,7 +170,7 @@ def _to_srgb(im: Image.Image) -> np.ndarray:
     elif im.mode == "F":
         im = Image.fromarray(_float_to_8bit(np.asarray(im)))
     elif im.mode == "LAB":
-        im, icc = ImageCms.profileToProfile(im, ImageCms.createProfile("LAB"), _SRGB, outputMode="RGB"), None
+        im, icc = _to_srgb_profile(im, ImageCms.createProfile("LAB")), None
 
     alpha = None
     if im.has_transparency_data:  # RGBA, LA, PA, or P/L/RGB with a transparent colour
@@ -178,7 +184,7 @@ def _to_srgb(im: Image.Image) -> np.ndarray:
         try:
             profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
             if not _is_srgb(profile):
-                im = ImageCms.profileToProfile(im, profile, _SRGB, outputMode="RGB")
+                im = _to_srgb_profile(im, profile)
         except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
             pass  # a broken or mismatched profile: the pixels are still usable as they are
 

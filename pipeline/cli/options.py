@@ -65,8 +65,9 @@ def add_config_fields(parser: argparse.ArgumentParser, *groups: str, **defaults)
                 kwargs["action"] = "store_true"
             else:
                 kwargs.setdefault("type", _TYPES.get(kind))
-            default = defaults.get(field.name, field.default if field.default is not dataclasses.MISSING
-                                   else field.default_factory())  # type: ignore[misc]
+            default = defaults.get(field.name, field.default)
+            if default is dataclasses.MISSING:  # a field with a factory: the value it makes
+                default = field.default_factory()  # type: ignore[misc,operator]
             group.add_argument("--" + field.name.replace("_", "-"), default=default, help=field.metadata["help"],
                                **kwargs)
             _keys(parser, field.name)

@@ -8,6 +8,7 @@ small photo groups, wires the stages, commits manifest rows as they arrive, and 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -167,25 +168,26 @@ def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) 
     # The plan arrives in large chunks (cheap to hold); streaming repartition cuts them into
     # groups without a shuffle, so reading fans out over the cluster's CPUs.
     ds = ray.data.from_arrow_refs(chunk_refs).repartition(target_num_rows_per_block=GROUP_SIZE)
-    ds = ds.map_batches(read_stage, fn_kwargs=dict(input_uri=inputs.uri, storage_options=config.storage_options,
-                                                   max_megapixels=config.max_megapixels),
-                        batch_size=GROUP_SIZE, batch_format="pyarrow", num_cpus=1)
+    read = functools.partial(read_stage, input_uri=inputs.uri, storage_options=config.storage_options,
+                             max_megapixels=config.max_megapixels)
+    ds = ds.map_batches(read, batch_size=GROUP_SIZE, batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(ModelStage, fn_constructor_args=(config.saliency_model, config.depth_model,
                                                          config.saliency_weights, config.depth_weights,
                                                          layout.device, layout.batch_size),
                         batch_size=layout.batch_size, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=layout.actors),
                         num_gpus=layout.gpus_per_actor, num_cpus=config.cpus_per_actor)
-    ds = ds.map_batches(finish_stage, fn_kwargs=dict(config=config), batch_size=None, batch_format="pyarrow",
+    ds = ds.map_batches(functools.partial(finish_stage, config=config), batch_size=None, batch_format="pyarrow",
                         num_cpus=1)
 
     source_root = inputs.uri
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-        for row in table.to_pylist():
+        for row in table.to_pylist():  # type: ignore[union-attr] # a pyarrow batch, as asked
             yield _manifest_row(row, source_root, config, run_id)
 
 
 def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str) -> dict[str, Any]:
+    assert item.error is not None
     row = {"relpath": item.source.relpath, "source_size": item.source.size,
            "source_fingerprint": item.source.fingerprint, "attempt": item.attempt,
            "status": FAILED, "error_kind": item.error.kind, "error": str(item.error)}

@@ -23,7 +23,7 @@ from ..batches import (HEAVY, ROW_STATE, UPDATED, arrow_stage, pack, pack_depth,
                        unpack_map, writable)
 from ..errors import DreamfocusError, classify, error_kind
 from ..manifest import FAILED, OK, SKIPPED
-from ..photo import SceneModels, finish, prepare
+from ..photo import SceneMaps, SceneModels, finish, prepare
 from ..storage import Storage
 from .plan import IMAGES_DIR, INTERMEDIATES_DIR, JobConfig
 
@@ -92,8 +92,9 @@ class ModelStage:
         saliency, depth = np.array([b""] * n, dtype=object), np.array([b""] * n, dtype=object)
         t0 = _now()
         copies = [unpack(batch["model_copy"][i]) for i in live]
+        maps: list[SceneMaps | None]
         try:
-            maps = self.models.predict(copies)
+            maps = list(self.models.predict(copies))
         except Exception:  # noqa: BLE001 - retry one by one, so one bad photo fails alone
             log.warning("models failed on a batch of %d; retrying one by one", len(live), exc_info=True)
             _release_gpu_cache()
