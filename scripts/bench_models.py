@@ -1,17 +1,23 @@
 """Model latency per photo on this CPU, and GPU throughput across batch sizes where there is one.
 
-    python scripts/bench_models.py [--models NAME ...] [--repeat 3] [--runtimes] [--batches 1 2 4 8 16]
+    python scripts/bench_models.py [--models NAME ...] [--repeat 3] [--runtimes] [--graphs]
+                                   [--batches 1 2 4 8 16] [--no-cpu]
 
-isnet-general-use runs its real weights from the cache (`dreamfocus models fetch isnet-general-use`).
-The transformers depth models are built from their real default configurations with random
-weights: same architecture, same shapes, same arithmetic, so the same time as the hub weights
-(which this machine may not be able to fetch); their maps are meaningless. The photo is a
-bundled example; models see it at their own input size, so the photo size barely matters.
+isnet-general-use runs its real weights from the cache (`dreamfocus models fetch isnet-general-use`);
+without them its GPU figures come from the same network with random weights. The transformers
+depth models are built from their real default configurations with random weights: same
+architecture, same shapes, same arithmetic, so the same time as the hub weights (which this
+machine may not be able to fetch); their maps are meaningless. The photo is a bundled example;
+models see it at their own input size, so the photo size barely matters.
 
 CPU: one photo at a time with the model's thread count (pipeline.models.base.cpu_threads()),
-median of --repeat runs after a warm-up. --runtimes also times IS-Net's ONNX graph as shipped
-(fp16), as derived (fp32, the one used on CPU) and as derived fp16, on identical input.
-GPU (when torch sees CUDA): photos per second for each batch size, fp16.
+median of --repeat runs after a warm-up, each model in the runtime it picks on the CPU.
+--runtimes times IS-Net in both its runtimes (onnxruntime, torch) on the CPU, interleaved so that
+load from elsewhere on the machine hits both alike, and how far apart their maps are.
+--graphs times IS-Net's ONNX graph as shipped (fp16), as derived (fp32, the one onnxruntime runs
+on the CPU) and as derived fp16, on identical input.
+GPU (when torch sees CUDA): photos per second for each batch size (predict: numpy photos in,
+maps out, uploads and downloads included); IS-Net runs in torch there, fp16 autocast.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.errors import WeightsUnavailableError  # noqa: E402
 from pipeline.models import create_model, model_class  # noqa: E402
 from pipeline.models.base import cpu_threads  # noqa: E402
+from pipeline.models.isnet import ISNet  # noqa: E402
 
 DEFAULT_MODELS = ("isnet-general-use", "depth-anything-v2-small", "dpt-large")
 
@@ -40,7 +47,13 @@ def build(name: str, device: str, batch_size: int = 1):
     cls = model_class(name)
     if hasattr(cls, "from_config"):
         return cls.from_config(device=device, batch_size=batch_size), "random weights, real architecture"
-    return create_model(name, device=device, batch_size=batch_size), "real weights"
+    try:
+        return create_model(name, device=device, batch_size=batch_size), "real weights"
+    except WeightsUnavailableError:
+        if name != ISNet.name or device == "cpu":
+            raise
+        from pipeline.models.rsu import ISNetNetwork
+        return ISNet.from_network(ISNetNetwork(), device, batch_size), "random weights, real architecture"
 
 
 def timed(fn, repeat: int) -> list[float]:
@@ -65,16 +78,40 @@ def cpu_latency(names, photo, repeat: int) -> None:
             print(f"  {name:26s} skipped: {exc}")
             continue
         times = timed(lambda m=model: m.predict([photo]), repeat)
-        runtime = getattr(model, "runtime", "torch cpu fp32")
         print(f"  {name:26s} {statistics.median(times):6.2f} s/photo  (min {min(times):.2f}, "
-              f"load {load:.1f} s; {what}; {runtime})", flush=True)
+              f"load {load:.1f} s; {what}; {model.runtime})", flush=True)
         model = None  # free it before the next one
 
 
 def isnet_runtimes(photo, repeat: int) -> None:
+    """IS-Net's real weights in onnxruntime and in torch on the CPU, interleaved."""
+    try:
+        models = {runtime: create_model(ISNet.name, device="cpu", batch_size=1, runtime=runtime)
+                  for runtime in ("onnxruntime", "torch")}
+    except WeightsUnavailableError as exc:
+        print(f"IS-Net runtimes skipped: {exc}")
+        return
+    maps = {k: m.predict([photo])[0] for k, m in models.items()}  # also the warm-up
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for _ in range(repeat):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            m.predict([photo])
+            times[k].append(time.perf_counter() - t0)
+    a, b = maps["onnxruntime"], maps["torch"]
+    iou = ((a >= 0.5) & (b >= 0.5)).sum() / max(1, ((a >= 0.5) | (b >= 0.5)).sum())
+    print(f"IS-Net runtimes on the CPU ({cpu_threads()} threads, photo {photo.shape[1]}x{photo.shape[0]}, "
+          f"{repeat} interleaved runs):")
+    for k, m in models.items():
+        print(f"  {m.describe():52s} median {statistics.median(times[k]):5.2f} s/photo "
+              f"(min {min(times[k]):.2f})", flush=True)
+    print(f"  maps: max |onnxruntime - torch| {np.abs(a - b).max():.1e}, mask IoU at 0.5 {iou:.5f}")
+
+
+def isnet_graphs(photo, repeat: int) -> None:
     import onnxruntime as ort
 
-    from pipeline.models.isnet import ISNet, derived_model
+    from pipeline.models.isnet import derived_model
     from pipeline.models.weights import weights_digest
     src = ISNet.local_weights()
     if src is None:
@@ -117,8 +154,8 @@ def gpu_throughput(names, photo, batches, repeat: int) -> None:
             except WeightsUnavailableError as exc:
                 cells.append(f"skipped ({exc})")
                 break
-            if getattr(model, "runtime", "cuda").startswith("onnxruntime cpu"):
-                cells.append("no CUDA provider in onnxruntime")
+            if model.device == "cpu":
+                cells.append(f"runs on the CPU ({model.describe()})")
                 break
             photos = [photo] * b
 
@@ -141,7 +178,9 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--photo", default=str(ROOT / "examples" / "motorcycle_left.jpg"))
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--runtimes", action="store_true", help="compare IS-Net's ONNX graphs on the CPU")
+    parser.add_argument("--runtimes", action="store_true",
+                        help="time IS-Net in onnxruntime and in torch on the CPU")
+    parser.add_argument("--graphs", action="store_true", help="compare IS-Net's ONNX graphs on the CPU")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--no-cpu", action="store_true", help="only the GPU part")
     args = parser.parse_args()
@@ -153,6 +192,8 @@ def main() -> int:
         cpu_latency(args.models, photo, args.repeat)
     if args.runtimes:
         isnet_runtimes(photo, args.repeat)
+    if args.graphs:
+        isnet_graphs(photo, args.repeat)
     try:
         import torch
         cuda = torch.cuda.is_available()

@@ -12,11 +12,13 @@ import torch
 
 import pipeline.models as models
 from pipeline.errors import WeightsUnavailableError
-from pipeline.models import DEPTH, SALIENCY, create_model, default_model, load_model, model_names
+from pipeline.models import (DEPTH, SALIENCY, create_model, default_model, default_models, load_model,
+                             model_names)
 from pipeline.models.depth_anything import DepthAnythingV2Small
 from pipeline.models.dpt import DPTLarge
 from pipeline.models.ground_prior import GroundPrior
-from pipeline.models.weights import extract_archive, fetch_to_cache, sha256_file
+from pipeline.models.tensors import upload
+from pipeline.models.weights import cache_dir, extract_archive, fetch_to_cache, sha256_file
 
 RNG = np.random.default_rng(7)
 SIZES = [(120, 200), (300, 90), (64, 64), (40, 500)]
@@ -107,6 +109,49 @@ def test_registry_lists_models_by_task():
         assert cls.name == name and cls.licence and cls.source
 
 
+def test_registry_imports_a_model_only_when_used():
+    """Importing the package, listing names and the defaults load no model module (nor torch)."""
+    import subprocess
+    import sys
+    code = ("import sys, pipeline.models as m; m.model_names(); m.default_models(); "
+            "m.load_model('depth', 'ground-prior'); "
+            "print(sorted(n for n in sys.modules if n.startswith('pipeline.models.')), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["['pipeline.models.base',", "'pipeline.models.ground_prior',",
+                           "'pipeline.models.weights']", "False"]
+
+
+def test_every_model_states_what_runs(da):
+    models_ = [create_model("trivial-saliency"), create_model("trivial-depth"), create_model("ground-prior"), da]
+    for model in models_:
+        assert model.describe() == f"{model.name} {model.version} ({model.runtime}, {model.device})"
+        assert model.task in (SALIENCY, DEPTH) and model.device == "cpu"
+    assert [(m.runtime, m.accepts_tensors) for m in models_] == [("numpy", False)] * 3 + [("torch", True)]
+    assert create_model("ground-prior").describe() == "ground-prior builtin-horizon0.33 (numpy, cpu)"
+    for name in model_names():
+        cls = models.model_class(name)
+        assert (cls.weights_env or "").startswith("DREAMFOCUS_") == cls.needs_weights, name
+
+
+def test_fetch_defaults_are_the_task_defaults():
+    from pipeline.cli.models import DEFAULT_FETCH
+    assert list(DEFAULT_FETCH) == default_models() == [default_model(SALIENCY), default_model(DEPTH)]
+
+
+def test_cache_folder_is_created_only_when_written(cache, da_saved, monkeypatch, capsys):
+    assert cache_dir() == cache and not cache.exists()
+    for name in model_names():
+        models.model_class(name).cache_paths()
+    with pytest.raises(WeightsUnavailableError):
+        load_model(SALIENCY)
+    load_model(DEPTH)  # the ground prior, after looking for weights
+    code, out, _ = _cli(monkeypatch, capsys, "models", "list")
+    assert code == 0 and str(cache) in out
+    assert not cache.exists()
+    DepthAnythingV2Small.fetch(str(da_saved))
+    assert (cache / "depth-anything-v2-small" / "config.json").is_file()
+
+
 # ---------------------------------------------------------------------- transformers depth models
 
 @pytest.mark.parametrize("which", ["da", "dpt"])
@@ -151,6 +196,20 @@ def test_padding_does_not_leak_between_photos(which, request):
     alone = model.predict([tall])[0]
     together = model.predict([wide, tall, wide])[1]
     np.testing.assert_allclose(alone, together, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("which", ["da", "dpt"])
+def test_predict_tensors_matches_predict(which, request):
+    """The device path (here on the CPU) gives predict's maps: same resize, padding and crop."""
+    model = request.getfixturevalue(which)
+    photos = PHOTOS + [_photo(700, 900, 9), _photo(1000, 300, 10)]  # the last two shrink (area)
+    maps = model.predict(photos)
+    tensors = model.predict_tensors(upload(photos, "cpu"))
+    assert len(tensors) == len(photos)
+    for photo, m, t in zip(photos, maps, tensors):
+        assert t.dtype == torch.float32 and t.device.type == "cpu" and tuple(t.shape) == photo.shape[:2]
+        # OpenCV resizes uint8 photos with fixed-point weights: inputs differ by one level at most
+        assert np.abs(t.numpy() - m).max() <= 0.005 * np.ptp(m)
 
 
 class _PositionModel(torch.nn.Module):

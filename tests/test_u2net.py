@@ -13,6 +13,7 @@ from pipeline.effect import resize_map
 from pipeline.errors import WeightsUnavailableError
 from pipeline.models import SALIENCY, create_model, model_class, model_names
 from pipeline.models.base import squash
+from pipeline.models.tensors import upload
 from pipeline.models.u2net import U2Net, U2NetP, build_u2net, build_u2netp, preprocess
 
 
@@ -238,3 +239,33 @@ def test_no_weights(monkeypatch, name, var):
     with pytest.raises(WeightsUnavailableError) as info:
         create_model(name)
     assert var in str(info.value) and "--saliency-weights" in str(info.value)
+
+
+def test_device_path_matches_predict(photos, predictions):
+    torch_model, maps, _ = predictions[".pth"]
+    onnx_model = predictions[".onnx"][0]
+    assert torch_model.accepts_tensors and torch_model.runtime == "torch"
+    assert not onnx_model.accepts_tensors and onnx_model.runtime == "onnxruntime"
+    assert onnx_model.describe().endswith("(onnxruntime, cpu)")
+    tensors = torch_model.predict_tensors(upload(photos, "cpu"))
+    for m, t in zip(maps, tensors):
+        assert t.dtype == torch.float32 and tuple(t.shape) == m.shape
+        assert float(t.min()) >= 0.0 and float(t.max()) <= 1.0
+        # OpenCV resizes uint8 photos with fixed-point weights: inputs differ by one level at most
+        assert np.abs(t.numpy() - m).max() < 0.02
+
+
+def test_weights_from_uri_copied_once_into_cache(small, photos, predictions, tmp_path, monkeypatch):
+    import fsspec
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DREAMFOCUS_CACHE", str(cache))
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/u2/u2netp.pth", small[1].read_bytes())
+    model = create_model("u2netp", weights="memory://u2/u2netp.pth", device="cpu")
+    copied = list(cache.glob("u2netp-*.pth"))
+    assert len(copied) == 1 and model.weights == str(copied[0])
+    assert model.version == predictions[".pth"][0].version
+    mem.rm("/u2", recursive=True)  # the cached copy serves from now on
+    again = create_model("u2netp", weights="memory://u2/u2netp.pth", device="cpu")
+    np.testing.assert_allclose(again.predict(photos)[1], predictions[".pth"][1][1], atol=1e-6)

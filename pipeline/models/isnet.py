@@ -84,8 +84,13 @@ class ISNet(MapModel):
     cache_name = "isnet-general-use.onnx"
 
     def __init__(self, weights: str | None = None, device: str | None = None,
-                 batch_size: int = 4, runtime: str | None = None) -> None:
+                 batch_size: int = 4, runtime: str | None = None, network=None) -> None:
         super().__init__(weights, device, batch_size)
+        if network is not None:  # see from_network
+            self.weights_path = None
+            self._digest = "random-init"
+            self._open_torch(network)
+            return
         self.weights_path = Path(resolve_weights(type(self), weights))
         self.weights = str(self.weights_path)
         self._digest = weights_digest(self.weights_path)
@@ -93,6 +98,15 @@ class ISNet(MapModel):
             self._open_torch()
         else:
             self._open_onnxruntime()
+
+    @classmethod
+    def from_network(cls, network, device: str | None = None, batch_size: int = 4,
+                     size: int | None = None) -> ISNet:
+        """IS-Net running ``network`` (an ``rsu.ISNetNetwork``, say with random weights) in torch,
+        with no weights file, at input size ``size`` (default 1024): for benchmarks and tests."""
+        model = cls(device=device, batch_size=batch_size, network=network)
+        model.size = size or cls.size
+        return model
 
     @property
     def version(self) -> str:
@@ -212,17 +226,15 @@ class ISNet(MapModel):
 
     # ----------------------------------------------------------------------------- runtimes
 
-    def _open_torch(self) -> None:
-        import torch
-
+    def _open_torch(self, network=None) -> None:
         from .rsu import ISNetNetwork
-        from .tensors import torch_device
+        from .tensors import convolutional, torch_device
 
         self._device = torch_device(self.device)
-        network = ISNetNetwork()
-        load_onnx_weights(network, self.weights_path)
-        # channels-last: 4x faster convolutions on the CPU (oneDNN), the tensor-core layout on GPUs
-        self._network = network.eval().to(self._device, memory_format=torch.channels_last)
+        if network is None:
+            network = ISNetNetwork()
+            load_onnx_weights(network, self.weights_path)
+        self._network = convolutional(network, self._device)
         self.runtime = "torch"
 
     def _open_onnxruntime(self) -> None:
@@ -280,13 +292,10 @@ class ISNet(MapModel):
 
     def _forward(self, batch):
         """N x 1024 x 1024 saliency (float32, 0..1, on the device) of a normalised batch."""
-        import torch
+        from .tensors import channels_last, inference
 
-        from .tensors import inference
-
-        x = batch.to(self._device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         with inference(self._device, autocast_fp16=True):
-            return self._network(x)[:, 0].float().clamp_(0.0, 1.0)
+            return self._network(channels_last(batch, self._device))[:, 0].float().clamp_(0.0, 1.0)
 
     def _run_onnxruntime(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         inputs = [x.astype(self._input_dtype, copy=False) for x in inputs]

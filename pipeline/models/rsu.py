@@ -178,14 +178,16 @@ class U2NetNetwork(RSUEncoderDecoder):
 
 class ISNetNetwork(RSUEncoderDecoder):
     """IS-Net (ISNetDIS) with only its main output: ``forward`` returns the first side map at the
-    input's size after the sigmoid, N x 1 x H x W.
+    input's size after the sigmoid, N x 1 x H x W. ``stages`` other than FULL (say SMALL) give
+    small networks of the same structure, for tests.
 
     The authors' code defines a max-pool after ``conv_in`` but leaves it unused, so stage1 sees
     the input at half resolution; their export has no pool there either. Side outputs 2 to 6
     only supervise training: the network here has no side2 .. side6."""
 
-    def __init__(self, in_ch: int = 3, out_ch: int = 1, batch_norm: bool = False) -> None:
-        super().__init__(FULL, 64, out_ch, batch_norm, sides=1)
+    def __init__(self, stages: dict[str, tuple[str, int, int, int]] = FULL, in_ch: int = 3,
+                 out_ch: int = 1, batch_norm: bool = False) -> None:
+        super().__init__(stages, 64, out_ch, batch_norm, sides=1)
         self.conv_in = nn.Conv2d(in_ch, 64, 3, stride=2, padding=1)
 
     def forward(self, x):

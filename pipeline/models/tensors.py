@@ -16,7 +16,7 @@ This module imports torch at the top: the models import it only when they run to
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -155,6 +155,18 @@ def torch_device(device: str) -> torch.device:
         # Inputs come in a few fixed shapes: let cuDNN time its kernels once per shape.
         torch.backends.cudnn.benchmark = True
     return dev
+
+
+def convolutional(network: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A convolutional network in eval mode on ``device``, in the channels-last layout (feed it
+    :func:`channels_last` inputs): 2 to 4 times faster on CPUs (oneDNN), and the layout GPU
+    tensor cores take."""
+    return network.eval().to(device, memory_format=torch.channels_last)
+
+
+def channels_last(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An N x C x H x W batch on ``device`` in the channels-last layout."""
+    return batch.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 def inference(device: torch.device, autocast_fp16: bool = False):

@@ -145,7 +145,7 @@ class U2Net(MapModel):
     def _load_torch(self, path: str) -> None:
         import torch
 
-        from .tensors import torch_device
+        from .tensors import convolutional, torch_device
 
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -161,7 +161,7 @@ class U2Net(MapModel):
                 f"{path}: does not match the {self.name!r} architecture "
                 f"({detail[0] if detail else type(exc).__name__} ...)") from exc
         self._torch_device = torch_device(self.device)
-        self._module = module.eval().to(self._torch_device)
+        self._module = convolutional(module, self._torch_device)
         self.runtime = "torch"
 
     # -- inference -------------------------------------------------------------------------------
@@ -211,10 +211,10 @@ class U2Net(MapModel):
 
     def _forward(self, batch):
         """The fused map d0 (N x 320 x 320, float32, on the device) of a normalised batch."""
-        from .tensors import inference
+        from .tensors import channels_last, inference
 
         with inference(self._torch_device, autocast_fp16=True):
-            return self._module(batch.to(self._torch_device, non_blocking=True))[0][:, 0].float()
+            return self._module(channels_last(batch, self._torch_device))[0][:, 0].float()
 
 
 @register
