@@ -46,8 +46,6 @@ class MapModel(ABC):
     licence: ClassVar[str] = ""
     source: ClassVar[str] = ""
     needs_weights: ClassVar[bool] = True
-    # Whether this model has ``predict_tensors``; models whose runtime varies make it a property.
-    accepts_tensors: ClassVar[bool] = False
 
     # Where the weights live: an environment variable naming them (a path or URI), the name of
     # the model's own entry in the cache (None: the model has none, its weights are always
@@ -70,6 +68,11 @@ class MapModel(ABC):
     def version(self) -> str:
         """What was actually loaded (a weights digest, or a description); goes into the manifest."""
         return "builtin"
+
+    @property
+    def accepts_tensors(self) -> bool:
+        """Whether this model has the device path, ``predict_tensors`` (models that run torch)."""
+        return False
 
     def describe(self) -> str:
         """One line saying what runs, e.g. ``isnet-general-use b6e8497ba978 (torch, cuda)``."""

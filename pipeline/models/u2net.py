@@ -13,7 +13,7 @@ whose names follow the reference checkpoints' state-dict keys so that those load
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -92,8 +92,8 @@ class U2Net(MapModel):
         super().__init__(weights=weights, device=device, batch_size=batch_size)
         path = Path(resolve_weights(type(self), weights))
         self.weights = str(path)
-        self._session = None
-        self._module = None
+        self._session: Any = None  # onnxruntime.InferenceSession for ONNX weights
+        self._module: Any = None   # the torch network for state dicts
         if path.suffix.lower() == ".onnx":
             self._load_onnx(str(path))
         else:

@@ -113,6 +113,8 @@ def _supplied(model: type[MapModel], uri: str) -> Path:
 def replace_cache_entry(model: type[MapModel], source: str) -> Path:
     """The weights at ``source`` copied into ``model``'s cache entry, replacing it only once the
     copy is complete and checked."""
+    if model.cache_name is None:
+        raise WeightsUnavailableError(model.how_to_fetch())
     dest = cache_dir() / model.cache_name
     tmp_name = f"{model.cache_name}.{uuid.uuid4().hex[:8]}.partial"
     tmp = cache_dir() / tmp_name
@@ -346,10 +348,10 @@ def extract_archive(archive: Path, dest: Path) -> Path:
                     target.mkdir(parents=True, exist_ok=True)
                 elif member.isfile():
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    src = tf.extractfile(member)
-                    assert src is not None
-                    with src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+                    content = tf.extractfile(member)
+                    assert content is not None  # a regular file has content
+                    with content, open(target, "wb") as dst:
+                        shutil.copyfileobj(content, dst)
                 # links, devices and fifos are skipped: weights need none of them
     children = list(dest.iterdir())
     if len(children) == 1 and children[0].is_dir():
