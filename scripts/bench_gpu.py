@@ -101,10 +101,8 @@ def build_models(device: str, batch_size: int, random_weights: bool, tiny: bool,
         saliency = ISNet(weights=str(isnet_file), device=device, batch_size=batch_size, runtime=isnet_runtime)
         words.append(f"IS-Net real ({isnet_file})")
     else:
-        if not hasattr(ISNet, "from_network"):
-            raise SystemExit("IS-Net with random weights needs ISNet.from_network (pipeline/models/isnet.py), "
-                             "or cache the real weights: dreamfocus models fetch isnet-general-use")
-        saliency = ISNet.from_network(ISNetNetwork(SMALL if tiny else FULL), device=device, batch_size=batch_size)
+        saliency = ISNet.from_network(ISNetNetwork(SMALL if tiny else FULL), device=device, batch_size=batch_size,
+                                      size=256 if tiny else None)
         words.append("IS-Net random" + (" (small network)" if tiny else ""))
     depth_dir = None if random_weights or tiny else DepthAnythingV2Small.local_weights()
     if depth_dir is not None:
@@ -114,8 +112,8 @@ def build_models(device: str, batch_size: int, random_weights: bool, tiny: bool,
         depth = DepthAnythingV2Small.from_config(tiny_depth_config() if tiny else None, device=device,
                                                  batch_size=batch_size)
         words.append("Depth Anything V2 Small random" + (" (small network)" if tiny else ""))
-    if tiny:  # small inputs too: the same code paths in a fraction of the time
-        saliency.size, depth.size = 256, 126
+    if tiny:  # a small input too: the same code paths in a fraction of the time
+        depth.size = 126
     return Models(saliency, depth, "; ".join(words))
 
 
