@@ -111,7 +111,8 @@ class SceneModels:
 
 
 def _to_device(torch, pixels: np.ndarray, device, pinned: bool):
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels))
+    # Copies arriving from Arrow are read-only views: torch wants memory it may write.
+    tensor = torch.from_numpy(np.require(pixels, requirements=["C_CONTIGUOUS", "WRITEABLE"]))
     if pinned:  # page-locked host memory: the copy overlaps with the GPU's work
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=pinned)
