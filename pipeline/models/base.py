@@ -119,7 +119,9 @@ class MapModel(ABC):
 
         ``photos``: HxWx3 uint8 tensors (sizes may differ); ``saliency``: HxW float tensors or
         None. Returns one HxW float32 tensor per photo at its size. Runs in batches of
-        ``batch_size``; all pre- and post-processing happens on the device.
+        ``batch_size`` under ``torch.inference_mode`` (so the results are inference tensors:
+        clone one before changing it in place outside that mode); all pre- and post-processing
+        happens on the device.
         """
         if not self.accepts_tensors:
             raise NotImplementedError(f"{self.describe()} has no device path; use predict()")
