@@ -26,6 +26,8 @@ from ..storage import Storage
 from .plan import IMAGES_DIR, JobConfig, PlanItem, check_locations, make_plan
 from .stages import ModelStage, finish_stage, read_stage
 
+log = logging.getLogger(__name__)
+
 # Photos per group entering the dataset: a group is one read task and one block between stages,
 # so groups of tens keep every core busy from the start and results flowing out in seconds.
 GROUP_SIZE = 16
@@ -163,7 +165,12 @@ def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) 
 
     ctx = ray.data.DataContext.get_current()
     ctx.verbose_stats_logs = False
-    layout = model_layout(config, ray.cluster_resources().get("GPU", 0))
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    layout = model_layout(config, cluster_gpus)
+    if layout.gpus_per_actor and cluster_gpus < layout.gpus_per_actor * layout.actors:
+        log.warning("%d model actors ask for %g GPU each and the cluster has %g GPUs now: they wait until "
+                    "GPU nodes join (an autoscaler starts them; without one, the job waits)",
+                    layout.actors, layout.gpus_per_actor, cluster_gpus)
 
     # The plan arrives in large chunks (cheap to hold); streaming repartition cuts them into
     # groups without a shuffle, so reading fans out over the cluster's CPUs.

@@ -40,7 +40,7 @@ class JobConfig:
         {}, 'fsspec options for INPUT and OUTPUT, e.g. \'{"anon": false}\'', "locations",
         type=json.loads, metavar="JSON")
     address: str | None = _option(
-        None, "Ray cluster: 'auto' or ray://host:port (default: an embedded local Ray)", "locations")
+        None, "Ray cluster: 'auto', host:port or ray://host:port (default: an embedded local Ray)", "locations")
     # models
     saliency_model: str | None = _option(None, "salient-object model name (see `models list`)", "models")
     depth_model: str | None = _option(None, "depth model name (see `models list`)", "models")
