@@ -115,10 +115,10 @@ def test_registry_imports_a_model_only_when_used():
     import sys
     code = ("import sys, pipeline.models as m; m.model_names(); m.default_models(); "
             "m.load_model('depth', 'ground-prior'); "
-            "print(sorted(n for n in sys.modules if n.startswith('pipeline.models.')), 'torch' in sys.modules)")
+            "print(' '.join(n for n in sys.modules if n.startswith('pipeline.models.') or n == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["['pipeline.models.base',", "'pipeline.models.ground_prior',",
-                           "'pipeline.models.weights']", "False"]
+    loaded = set(out.split()) - {"pipeline.models.base", "pipeline.models.weights"}
+    assert loaded == {"pipeline.models.ground_prior"}
 
 
 def test_every_model_states_what_runs(da):
@@ -202,7 +202,7 @@ def test_padding_does_not_leak_between_photos(which, request):
 def test_predict_tensors_matches_predict(which, request):
     """The device path (here on the CPU) gives predict's maps: same resize, padding and crop."""
     model = request.getfixturevalue(which)
-    photos = PHOTOS + [_photo(700, 900, 9), _photo(1000, 300, 10)]  # the last two shrink (area)
+    photos = [PHOTOS[0], PHOTOS[3], _photo(700, 900, 9), _photo(1000, 300, 10)]  # the last two shrink
     maps = model.predict(photos)
     tensors = model.predict_tensors(upload(photos, "cpu"))
     assert len(tensors) == len(photos)
