@@ -64,6 +64,13 @@ class SceneModels:
         self.device = device
         self.batch_size = batch_size
 
+    @classmethod
+    def from_models(cls, saliency: MapModel, depth: MapModel) -> SceneModels:
+        """Models already built (say with random weights, for benchmarks and tests)."""
+        models = cls(device=saliency.device, batch_size=saliency.batch_size)
+        models.__dict__.update(saliency=saliency, depth=depth)  # where cached_property keeps them
+        return models
+
     def _load(self, task: str) -> MapModel:
         name, weights = self._choice[task]
         return load_model(task, name, weights, self.device, self.batch_size)
@@ -96,26 +103,18 @@ class SceneModels:
     def _predict_on_device(self, copies: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         import torch
 
-        device = torch.device(self.saliency.device)
-        pinned = device.type == "cuda"
+        from .models.tensors import download, upload
+
         with torch.inference_mode():
-            tensors = [_to_device(torch, c, device, pinned) for c in copies]
+            tensors = upload(copies, self.saliency.device)  # one pinned, non-blocking copy to a GPU
             saliency = self.saliency.predict_tensors(tensors)
             depth = self.depth.predict_tensors(tensors, saliency=saliency)
-            return [s.float().cpu().numpy() for s in saliency], [d.float().cpu().numpy() for d in depth]
+            return download(saliency), download(depth)
 
     def describe(self) -> list[str]:
         """What ran: name, version, runtime and device of each model loaded."""
         loaded = self.__dict__  # where cached_property keeps the models loaded so far
         return [loaded[name].describe() for name in ("saliency", "depth") if name in loaded]
-
-
-def _to_device(torch, pixels: np.ndarray, device, pinned: bool):
-    # Copies arriving from Arrow are read-only views: torch wants memory it may write.
-    tensor = torch.from_numpy(np.require(pixels, requirements=["C_CONTIGUOUS", "WRITEABLE"]))
-    if pinned:  # page-locked host memory: the copy overlaps with the GPU's work
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=pinned)
 
 
 @dataclass

@@ -33,7 +33,8 @@ def upload(arrays: Sequence[np.ndarray], device: str | torch.device) -> list[tor
     with the arrays.
     """
     device = torch.device(device)
-    arrays = [np.ascontiguousarray(a) for a in arrays]
+    # Arrays arriving from Arrow are read-only views: torch wants memory it may write.
+    arrays = [np.require(a, requirements=["C_CONTIGUOUS", "WRITEABLE"]) for a in arrays]
     if device.type != "cuda" or not arrays:
         return [torch.from_numpy(a).to(device) for a in arrays]
     if len({a.dtype for a in arrays}) != 1:
