@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 EXAMPLES := examples
 OUT ?= out/examples
 
-.PHONY: run test setup weights bench clean
+.PHONY: run test lint setup weights bench clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,13 @@ weights: $(STAMP)
 run: weights
 	$(VENV)/bin/dreamfocus run $(EXAMPLES) $(OUT)
 
-test: weights
+test: lint weights
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 bench: $(STAMP)
 	$(PY) scripts/bench_effect.py

@@ -9,12 +9,11 @@ every other column through untouched, zero-copy. Arrays (the model copy, the map
 from __future__ import annotations
 
 import io
-from typing import Callable
+from collections.abc import Callable
 
 import cv2
 import numpy as np
 import pyarrow as pa
-
 
 ROW_STATE = ("status", "error_kind", "error")
 UPDATED = (*ROW_STATE, "seconds_decode")  # columns a stage may change in place
@@ -43,6 +42,7 @@ def unpack(data) -> np.ndarray:
 
 # Maps travel quantised, a half to a quarter of the bytes, well below visible steps.
 
+
 def pack_saliency(values: np.ndarray) -> bytes:
     """A 0..1 saliency map as 8 bits."""
     return pack(cv2.convertScaleAbs(_finite(values), alpha=255))
@@ -50,8 +50,16 @@ def pack_saliency(values: np.ndarray) -> bytes:
 
 def pack_depth(values: np.ndarray) -> bytes:
     """A depth map min-max normalised to 16 bits (the effect normalises it anyway)."""
-    return pack(cv2.normalize(_finite(values), None, 0, 65535, cv2.NORM_MINMAX,  # type: ignore[call-overload]
-                              dtype=cv2.CV_16U))
+    return pack(
+        cv2.normalize(
+            _finite(values),
+            None,
+            0,
+            65535,
+            cv2.NORM_MINMAX,  # type: ignore[call-overload]
+            dtype=cv2.CV_16U,
+        )
+    )
 
 
 def _finite(values: np.ndarray) -> np.ndarray:
@@ -66,8 +74,9 @@ def unpack_map(data) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def arrow_stage(table: pa.Table, stage: Callable[[dict], dict], reads: tuple[str, ...],
-                drops: tuple[str, ...] = ()) -> pa.Table:
+def arrow_stage(
+    table: pa.Table, stage: Callable[[dict], dict], reads: tuple[str, ...], drops: tuple[str, ...] = ()
+) -> pa.Table:
     """Run a stage on numpy copies of the columns it reads; the others pass through untouched.
 
     Ray Data hands Arrow blocks over zero-copy: the photo's bytes and the model copy ride along
@@ -94,7 +103,7 @@ def column_values(table: pa.Table, name: str) -> np.ndarray:
     for chunk in table.column(name).chunks:
         _, offsets, data = chunk.buffers()
         width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
-        bounds = np.frombuffer(offsets, dtype=width)[chunk.offset:chunk.offset + len(chunk) + 1]
+        bounds = np.frombuffer(offsets, dtype=width)[chunk.offset : chunk.offset + len(chunk) + 1]
         for start, end in zip(bounds[:-1], bounds[1:]):
             values[row] = data.slice(int(start), int(end - start))
             row += 1

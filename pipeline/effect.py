@@ -57,8 +57,9 @@ def normalize_depth(depth: np.ndarray) -> np.ndarray:
     return (depth - lo) * np.float32(1.0 / (hi - lo))
 
 
-def painterly_background(photo: np.ndarray, kernel_size: int, brightness_min: int = 40,
-                         brightness_max: int = 255) -> np.ndarray:
+def painterly_background(
+    photo: np.ndarray, kernel_size: int, brightness_min: int = 40, brightness_max: int = 255
+) -> np.ndarray:
     """Morphological opening with an elliptical kernel, then min-max into the brightness range.
 
     Opening removes bright detail smaller than the kernel and leaves flat colour patches; the
@@ -69,8 +70,13 @@ def painterly_background(photo: np.ndarray, kernel_size: int, brightness_min: in
     return cv2.normalize(opened, None, brightness_min, brightness_max, cv2.NORM_MINMAX)  # type: ignore[call-overload]
 
 
-def depth_bounds(fg: np.ndarray, depth: np.ndarray, fg_threshold: float = 0.5,
-                 start_percentile: float = 50.0, stop_percentile: float = 50.0) -> tuple[float, float]:
+def depth_bounds(
+    fg: np.ndarray,
+    depth: np.ndarray,
+    fg_threshold: float = 0.5,
+    start_percentile: float = 50.0,
+    stop_percentile: float = 50.0,
+) -> tuple[float, float]:
     """(start, stop): a percentile of depth over foreground pixels, and over background pixels.
 
     stop never exceeds start. With no foreground pixel, start is the nearest depth (1); with no
@@ -97,8 +103,9 @@ def interpolation_alpha(fg: np.ndarray, depth: np.ndarray, start: float, stop: f
     return np.clip(alpha, 0.0, 1.0, out=alpha)
 
 
-def guided_filter_coefficients(guide: np.ndarray, src: np.ndarray, radius: int,
-                               eps: float) -> tuple[np.ndarray, np.ndarray]:
+def guided_filter_coefficients(
+    guide: np.ndarray, src: np.ndarray, radius: int, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Coefficients (a, b) of the guided filter (He et al.): the output is a * guide + b.
 
     Kept separate so they can be computed on a small image and applied, upsampled, to the
@@ -129,8 +136,9 @@ def luminance(photo: np.ndarray) -> np.ndarray:
     return gray.astype(np.float32) * np.float32(1 / 255)
 
 
-def composite(photo: np.ndarray, background: np.ndarray, alpha: np.ndarray,
-              out: np.ndarray | None = None) -> np.ndarray:
+def composite(
+    photo: np.ndarray, background: np.ndarray, alpha: np.ndarray, out: np.ndarray | None = None
+) -> np.ndarray:
     """photo * alpha + background * (1 - alpha) as uint8; all at the same size, alpha float32.
     out: where to write the result (a view into a larger image works)."""
     return cv2.blendLinear(photo, background, alpha, 1.0 - alpha, dst=out)
@@ -152,7 +160,7 @@ def downscale(photo: np.ndarray, factor: int) -> np.ndarray:
     if factor == 1:
         return photo
     h, w = photo.shape[0] // factor, photo.shape[1] // factor
-    return cv2.resize(photo[:h * factor, :w * factor], (w, h), interpolation=cv2.INTER_AREA)
+    return cv2.resize(photo[: h * factor, : w * factor], (w, h), interpolation=cv2.INTER_AREA)
 
 
 def upscale(values: np.ndarray, factor: int, height: int, width: int) -> np.ndarray:
@@ -171,20 +179,25 @@ def _upscale_block(values: np.ndarray, factor: int, y0: int, y1: int, x0: int, x
     h, w = values.shape[:2]
     r0, c0 = max(0, y0 // factor - 1), max(0, x0 // factor - 1)
     r1, c1 = -(-y1 // factor) + 1, -(-x1 // factor) + 1
-    block = values[r0:min(r1, h), c0:min(c1, w)]
+    block = values[r0 : min(r1, h), c0 : min(c1, w)]
     # Past the working image's edge (the leftover rows of `downscale`) repeat its last row/column.
     pad_b, pad_r = max(0, r1 - h), max(0, c1 - w)
     if pad_b or pad_r:
         block = cv2.copyMakeBorder(block, 0, pad_b, 0, pad_r, cv2.BORDER_REPLICATE)
-    up = cv2.resize(block, (block.shape[1] * factor, block.shape[0] * factor),
-                    interpolation=cv2.INTER_LINEAR)
+    up = cv2.resize(block, (block.shape[1] * factor, block.shape[0] * factor), interpolation=cv2.INTER_LINEAR)
     oy, ox = y0 - r0 * factor, x0 - c0 * factor
-    return up[oy:oy + y1 - y0, ox:ox + x1 - x0]
+    return up[oy : oy + y1 - y0, ox : ox + x1 - x0]
 
 
-def compose_full_size(photo: np.ndarray, background: np.ndarray, coef_a: np.ndarray,
-                      coef_b: np.ndarray, factor: int, floor: tuple[np.ndarray, np.ndarray] | None = None,
-                      tile_pixels: int = 192) -> np.ndarray:
+def compose_full_size(
+    photo: np.ndarray,
+    background: np.ndarray,
+    coef_a: np.ndarray,
+    coef_b: np.ndarray,
+    factor: int,
+    floor: tuple[np.ndarray, np.ndarray] | None = None,
+    tile_pixels: int = 192,
+) -> np.ndarray:
     """The full-size composite, where alpha = clamp(up(a) * luminance(photo) + up(b), 0, 1).
 
     background, a and b are at working size. Tiles whose alpha is 1 everywhere keep the photo
@@ -204,7 +217,7 @@ def compose_full_size(photo: np.ndarray, background: np.ndarray, coef_a: np.ndar
             y0, x0 = r * factor, c * factor
             y1 = height if r + tile >= h else (r + tile) * factor
             x1 = width if c + tile >= w else (c + tile) * factor
-            region = np.s_[max(0, r - 1):r + tile + 1, max(0, c - 1):c + tile + 1]
+            region = np.s_[max(0, r - 1) : r + tile + 1, max(0, c - 1) : c + tile + 1]
             floor_block = None
             if floor is not None:
                 floor_block = floor[0][x0:x1][None, :] + floor[1][y0:y1][:, None]
@@ -221,13 +234,11 @@ def compose_full_size(photo: np.ndarray, background: np.ndarray, coef_a: np.ndar
             if floor_block is not None:
                 np.maximum(alpha, floor_block, out=alpha)
             np.clip(alpha, 0.0, 1.0, out=alpha)
-            composite(photo_block, _upscale_block(background, factor, y0, y1, x0, x1), alpha,
-                      out=out[y0:y1, x0:x1])
+            composite(photo_block, _upscale_block(background, factor, y0, y1, x0, x1), alpha, out=out[y0:y1, x0:x1])
     return out
 
 
-def gradient_floor(height: int, width: int, direction: str,
-                   strength: float) -> tuple[np.ndarray, np.ndarray] | None:
+def gradient_floor(height: int, width: int, direction: str, strength: float) -> tuple[np.ndarray, np.ndarray] | None:
     """(column ramp, row ramp) for the directional gradient, or None for "none".
 
     The ramp runs from `strength` at the named edge to 0 at the opposite one and is a floor on
@@ -274,21 +285,23 @@ def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectP
 
     fg_work = np.clip(resize_map(fg, work_h, work_w), 0.0, 1.0)
     depth_work = normalize_depth(resize_map(depth, work_h, work_w))
-    start, stop = depth_bounds(fg_work, depth_work, params.fg_threshold,
-                               params.start_percentile, params.stop_percentile)
+    start, stop = depth_bounds(
+        fg_work, depth_work, params.fg_threshold, params.start_percentile, params.stop_percentile
+    )
     alpha = interpolation_alpha(fg_work, depth_work, start, stop)
-    background = painterly_background(work_photo, kernel_size,
-                                      params.brightness_min, params.brightness_max)
+    background = painterly_background(work_photo, kernel_size, params.brightness_min, params.brightness_max)
 
     if refine_radius > 0:
-        coef_a, coef_b = guided_filter_coefficients(luminance(work_photo), alpha, refine_radius,
-                                                    params.refine_eps)
+        coef_a, coef_b = guided_filter_coefficients(luminance(work_photo), alpha, refine_radius, params.refine_eps)
         alpha = np.clip(coef_a * luminance(work_photo) + coef_b, 0.0, 1.0)
     else:
         coef_a, coef_b = np.zeros_like(alpha), alpha
 
-    detail = (background_detail(work_photo, fg_work, params.fg_threshold)
-              if params.min_background_detail > 0 else float("nan"))
+    detail = (
+        background_detail(work_photo, fg_work, params.fg_threshold)
+        if params.min_background_detail > 0
+        else float("nan")
+    )
     left_alone = bool(detail < params.min_background_detail)  # False for nan
     if left_alone:
         image = photo

@@ -79,8 +79,17 @@ class OutOfMemoryError(DreamfocusError):
 
 
 KINDS: tuple[type[DreamfocusError], ...] = (
-    BadInputError, EmptyFileError, NotAnImageError, CorruptImageError, UnsupportedImageError,
-    TooManyPixelsError, UnsafeNameError, WeightsUnavailableError, OutputError, OutOfMemoryError)
+    BadInputError,
+    EmptyFileError,
+    NotAnImageError,
+    CorruptImageError,
+    UnsupportedImageError,
+    TooManyPixelsError,
+    UnsafeNameError,
+    WeightsUnavailableError,
+    OutputError,
+    OutOfMemoryError,
+)
 RETRIED_KINDS = frozenset(cls.kind for cls in KINDS if cls.retried_by_rerun)
 
 

@@ -11,8 +11,8 @@ import hashlib
 import io
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -28,33 +28,35 @@ STAGES = ("read", "decode", "models", "effect", "encode", "write")
 # Columns renamed since: old parts are read under the new name.
 RENAMED = {"job_hash": "params_hash"}
 
-SCHEMA = pa.schema([
-    ("image_id", pa.string()),  # stable id of the input: a hash of its relative path
-    ("relpath", pa.string()),
-    ("source_uri", pa.string()),
-    ("source_size", pa.int64()),
-    ("source_fingerprint", pa.string()),  # etag:... or mtime:...:size
-    ("output_uri", pa.string()),
-    ("status", pa.string()),  # ok / failed / skipped
-    ("error_kind", pa.string()),
-    ("error", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("saliency_model", pa.string()),
-    ("saliency_version", pa.string()),
-    ("depth_model", pa.string()),
-    ("depth_version", pa.string()),
-    ("preset", pa.string()),
-    ("job_hash", pa.string()),  # what decides the output: effect parameters, models, format, quality
-    ("fg_fraction", pa.float32()),
-    ("interp_start", pa.float32()),
-    ("interp_stop", pa.float32()),
-    *[(f"seconds_{stage}", pa.float32()) for stage in STAGES],
-    ("attempt", pa.int32()),
-    ("run_id", pa.string()),
-    ("started_at", pa.timestamp("ms", tz="UTC")),  # when reading the photo began
-    ("finished_at", pa.timestamp("ms", tz="UTC")),
-])
+SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),  # stable id of the input: a hash of its relative path
+        ("relpath", pa.string()),
+        ("source_uri", pa.string()),
+        ("source_size", pa.int64()),
+        ("source_fingerprint", pa.string()),  # etag:... or mtime:...:size
+        ("output_uri", pa.string()),
+        ("status", pa.string()),  # ok / failed / skipped
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("saliency_model", pa.string()),
+        ("saliency_version", pa.string()),
+        ("depth_model", pa.string()),
+        ("depth_version", pa.string()),
+        ("preset", pa.string()),
+        ("job_hash", pa.string()),  # what decides the output: effect parameters, models, format, quality
+        ("fg_fraction", pa.float32()),
+        ("interp_start", pa.float32()),
+        ("interp_stop", pa.float32()),
+        *[(f"seconds_{stage}", pa.float32()) for stage in STAGES],
+        ("attempt", pa.int32()),
+        ("run_id", pa.string()),
+        ("started_at", pa.timestamp("ms", tz="UTC")),  # when reading the photo began
+        ("finished_at", pa.timestamp("ms", tz="UTC")),
+    ]
+)
 COLUMNS = tuple(SCHEMA.names)
 
 
@@ -128,12 +130,10 @@ def latest_rows(table: pa.Table) -> pa.Table:
     """The latest row of each input (highest attempt, then latest time)."""
     if table.num_rows == 0:
         return table
-    order = table.sort_by([("relpath", "ascending"), ("attempt", "descending"),
-                           ("finished_at", "descending")])
+    order = table.sort_by([("relpath", "ascending"), ("attempt", "descending"), ("finished_at", "descending")])
     relpaths = order.column("relpath")
     first = np.ones(order.num_rows, dtype=bool)
-    first[1:] = pc.not_equal(relpaths.slice(1), relpaths.slice(0, order.num_rows - 1)).to_numpy(
-        zero_copy_only=False)
+    first[1:] = pc.not_equal(relpaths.slice(1), relpaths.slice(0, order.num_rows - 1)).to_numpy(zero_copy_only=False)
     return order.filter(pa.array(first))
 
 
@@ -161,20 +161,23 @@ class ResumeIndex:
     attempts: np.ndarray
 
     @classmethod
-    def load(cls, store: Storage) -> "ResumeIndex":
+    def load(cls, store: Storage) -> ResumeIndex:
         columns = ("relpath", "source_fingerprint", "job_hash", "status", "error_kind", "attempt")
         latest = latest_rows(read_manifest(store, [*columns, "finished_at"]))
         settled, attempt_keys, attempts = [], [], []
         for relpath, fingerprint, job_hash, status, kind, attempt in zip(
-                *(latest.column(c).to_pylist() for c in columns)):
+            *(latest.column(c).to_pylist() for c in columns)
+        ):
             if kind not in RETRIED_KINDS:
                 settled.append(key_of(relpath, fingerprint or "", job_hash or "", status))
             attempt_keys.append(key_of(relpath))
             attempts.append(attempt)
         order = np.argsort(np.array(attempt_keys, dtype=np.int64))
-        return cls(settled=KeySet(settled),
-                   attempt_keys=np.array(attempt_keys, dtype=np.int64)[order],
-                   attempts=np.array(attempts, dtype=np.int32)[order])
+        return cls(
+            settled=KeySet(settled),
+            attempt_keys=np.array(attempt_keys, dtype=np.int64)[order],
+            attempts=np.array(attempts, dtype=np.int32)[order],
+        )
 
     def latest_is(self, relpath: str, fingerprint: str, job_hash: str, status: str) -> bool:
         return key_of(relpath, fingerprint, job_hash, status) in self.settled
@@ -183,7 +186,6 @@ class ResumeIndex:
         key = key_of(relpath)
         i = int(np.searchsorted(self.attempt_keys, key))
         return int(self.attempts[i]) if i < len(self.attempt_keys) and self.attempt_keys[i] == key else 0
-
 
 
 @dataclass
@@ -207,11 +209,18 @@ class ManifestReport:
 
 
 def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
-    table = read_manifest(store, ["relpath", "status", "error_kind", "error", "attempt", "run_id", "started_at",
-                                  "finished_at"])
+    table = read_manifest(
+        store, ["relpath", "status", "error_kind", "error", "attempt", "run_id", "started_at", "finished_at"]
+    )
     latest = latest_rows(table)
-    latest_counts = {k: int(v) for k, v in zip(*np.unique(latest.column("status").to_numpy(zero_copy_only=False),
-                                                           return_counts=True))} if latest.num_rows else {}
+    latest_counts = (
+        {
+            k: int(v)
+            for k, v in zip(*np.unique(latest.column("status").to_numpy(zero_copy_only=False), return_counts=True))
+        }
+        if latest.num_rows
+        else {}
+    )
     failed = latest.filter(pc.equal(latest.column("status"), FAILED))
     kinds: dict[str, list] = {}
     for kind, error in zip(failed.column("error_kind").to_pylist(), failed.column("error").to_pylist()):
@@ -220,10 +229,12 @@ def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
     failure_kinds = sorted(((k, n, e) for k, (n, e) in kinds.items()), key=lambda t: -t[1])[:top]
     runs = []
     if table.num_rows:
-        grouped = table.group_by("run_id").aggregate([("started_at", "min"), ("finished_at", "max"),
-                                                      ("relpath", "count")])
-        for run, first, last, n in zip(*(grouped.column(c).to_pylist() for c in
-                                         ("run_id", "started_at_min", "finished_at_max", "relpath_count"))):
+        grouped = table.group_by("run_id").aggregate(
+            [("started_at", "min"), ("finished_at", "max"), ("relpath", "count")]
+        )
+        for run, first, last, n in zip(
+            *(grouped.column(c).to_pylist() for c in ("run_id", "started_at_min", "finished_at_max", "relpath_count"))
+        ):
             span = (last - first).total_seconds()
             runs.append((run, n, n / span if span > 0 else float("nan")))
         runs.sort()

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -57,9 +57,15 @@ class SceneModels:
     """The salient-object model and the depth model, each loaded once on first use, run on the
     same batch on the same device. Where both run in torch, the batch crosses to the device once."""
 
-    def __init__(self, saliency: str | None = None, depth: str | None = None,
-                 saliency_weights: str | None = None, depth_weights: str | None = None,
-                 device: str | None = None, batch_size: int = 4) -> None:
+    def __init__(
+        self,
+        saliency: str | None = None,
+        depth: str | None = None,
+        saliency_weights: str | None = None,
+        depth_weights: str | None = None,
+        device: str | None = None,
+        batch_size: int = 4,
+    ) -> None:
         self._choice = {SALIENCY: (saliency, saliency_weights), DEPTH: (depth, depth_weights)}
         self.device = device
         self.batch_size = batch_size
@@ -83,13 +89,17 @@ class SceneModels:
     def depth(self) -> MapModel:
         return self._load(DEPTH)
 
-    def load(self) -> "SceneModels":
+    def load(self) -> SceneModels:
         """Load both now (an actor fails at its start, not at its first photo)."""
         self.saliency, self.depth  # noqa: B018 - reading them loads them
         return self
 
-    def predict(self, copies: Sequence[np.ndarray], saliency: Sequence[np.ndarray] | None = None,
-                depth: Sequence[np.ndarray] | None = None) -> list[SceneMaps]:
+    def predict(
+        self,
+        copies: Sequence[np.ndarray],
+        saliency: Sequence[np.ndarray] | None = None,
+        depth: Sequence[np.ndarray] | None = None,
+    ) -> list[SceneMaps]:
         """Saliency, then depth (which may use the saliency maps), for every photo of the batch;
         maps given are used as they are, and their model is not even loaded."""
         if saliency is None and depth is None and self.saliency.accepts_tensors and self.depth.accepts_tensors:
@@ -131,9 +141,17 @@ class Finished:
     seconds: dict[str, float] = field(default_factory=dict)  # decode, effect, encode
 
 
-def finish(data: bytes, source: str, saliency: np.ndarray, depth: np.ndarray, params: EffectParams,
-           fmt: str = "jpeg", quality: int = 92, max_megapixels: float = 200.0,
-           intermediates: bool = False) -> Finished:
+def finish(
+    data: bytes,
+    source: str,
+    saliency: np.ndarray,
+    depth: np.ndarray,
+    params: EffectParams,
+    fmt: str = "jpeg",
+    quality: int = 92,
+    max_megapixels: float = 200.0,
+    intermediates: bool = False,
+) -> Finished:
     """Decode at full resolution, apply the effect, encode (EXIF kept, orientation applied)."""
     t0 = time.perf_counter()
     photo = decode_photo(data, source, max_megapixels)
@@ -143,17 +161,25 @@ def finish(data: bytes, source: str, saliency: np.ndarray, depth: np.ndarray, pa
     encoded = encode_photo(result.image, fmt, quality, photo.exif)
     t3 = time.perf_counter()
     height, width = photo.pixels.shape[:2]
-    kind, reason = ((BACKGROUND_ALREADY_SOFT, soft_background_reason(result, params)) if result.left_alone
-                    else ("", ""))
-    return Finished(encoded, result, width, height, kind, reason,
-                    intermediate_pngs(result, height, width) if intermediates else {},
-                    {"decode": t1 - t0, "effect": t2 - t1, "encode": t3 - t2})
+    kind, reason = (BACKGROUND_ALREADY_SOFT, soft_background_reason(result, params)) if result.left_alone else ("", "")
+    return Finished(
+        encoded,
+        result,
+        width,
+        height,
+        kind,
+        reason,
+        intermediate_pngs(result, height, width) if intermediates else {},
+        {"decode": t1 - t0, "effect": t2 - t1, "encode": t3 - t2},
+    )
 
 
 def soft_background_reason(result: Rendering, params: EffectParams) -> str:
-    return (f"left as it is: the background has little fine detail, already soft or plain "
-            f"({result.background_detail:.2f} of the subject's, below min_background_detail "
-            f"{params.min_background_detail:g})")
+    return (
+        f"left as it is: the background has little fine detail, already soft or plain "
+        f"({result.background_detail:.2f} of the subject's, below min_background_detail "
+        f"{params.min_background_detail:g})"
+    )
 
 
 def intermediate_pngs(rendering: Rendering, height: int, width: int) -> dict[str, bytes]:

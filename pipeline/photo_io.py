@@ -21,19 +21,25 @@ import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
-from .errors import (BadInputError, CorruptImageError, EmptyFileError, NotAnImageError,
-                     TooManyPixelsError, UnsupportedImageError)
+from .errors import (
+    BadInputError,
+    CorruptImageError,
+    EmptyFileError,
+    NotAnImageError,
+    TooManyPixelsError,
+    UnsupportedImageError,
+)
 
 pillow_heif.register_heif_opener()
 Image.init()
 
 # Only the plugins we mean to read: untrusted files never reach EPS (Ghostscript) and the like.
-_FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF", "AVIF")
-                 if f in Image.OPEN)
+_FORMATS = tuple(f for f in ("JPEG", "PNG", "WEBP", "TIFF", "BMP", "GIF", "HEIF", "AVIF") if f in Image.OPEN)
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif"}
-    | ({".avif"} if "AVIF" in _FORMATS and features.check("avif") else set()))
+    | ({".avif"} if "AVIF" in _FORMATS and features.check("avif") else set())
+)
 OUTPUT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 
 _SRGB = ImageCms.createProfile("sRGB")
@@ -42,8 +48,14 @@ _ORIENTATION = 0x0112
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 # Signatures of the formats we read, to tell "corrupt PNG" from "not an image at all".
-_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"),
-          (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"BM", "BMP"))
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
 
 
 @dataclass
@@ -84,8 +96,9 @@ def _our_pixel_limit():
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def _open(data: bytes, source: str, max_megapixels: float = 200.0,
-          draft_size: int | None = None) -> tuple[Image.Image, bytes | None]:
+def _open(
+    data: bytes, source: str, max_megapixels: float = 200.0, draft_size: int | None = None
+) -> tuple[Image.Image, bytes | None]:
     """A fully decoded, upright image and the file's EXIF block as it was (JPEG, PNG, WebP,
     HEIF, AVIF; TIFF tags are not one). The size is checked before any pixel is read.
     draft_size: JPEGs may be decoded at a reduced scale whose sides stay >= draft_size."""
@@ -105,8 +118,10 @@ def _open(data: bytes, source: str, max_megapixels: float = 200.0,
         raise CorruptImageError(f"{source}: truncated or corrupt image data ({_one_line(exc)})") from exc
     width, height = im.size
     if width * height > max_megapixels * 1e6:
-        raise TooManyPixelsError(f"{source}: {width}x{height} = {width * height / 1e6:.1f} MP exceeds the "
-                                 f"{max_megapixels:g} MP limit (max_megapixels)")
+        raise TooManyPixelsError(
+            f"{source}: {width}x{height} = {width * height / 1e6:.1f} MP exceeds the "
+            f"{max_megapixels:g} MP limit (max_megapixels)"
+        )
     if draft_size and im.format == "JPEG":
         im.draft(im.mode, (draft_size, draft_size))  # DCT-domain scaling: far cheaper than decode + resize
     try:
@@ -195,8 +210,7 @@ def _to_srgb(im: Image.Image) -> np.ndarray:
     return rgb
 
 
-def decode_photo(data: bytes, source: str, max_megapixels: float = 200.0,
-                 draft_size: int | None = None) -> Photo:
+def decode_photo(data: bytes, source: str, max_megapixels: float = 200.0, draft_size: int | None = None) -> Photo:
     """An upright 8-bit sRGB photo from the bytes of any supported file; BadInputError if unusable.
 
     Only the first frame of animated or multi-page files is used. With draft_size, a JPEG may
@@ -207,12 +221,10 @@ def decode_photo(data: bytes, source: str, max_megapixels: float = 200.0,
         pixels = _to_srgb(im)
     except Exception as exc:
         raise UnsupportedImageError(f"{source}: unsupported image ({im.mode} pixels: {_one_line(exc)})") from exc
-    return Photo(pixels=pixels, exif=_reset_orientation(raw_exif) if raw_exif else None,
-                 format=im.format or "unknown")
+    return Photo(pixels=pixels, exif=_reset_orientation(raw_exif) if raw_exif else None, format=im.format or "unknown")
 
 
-def encode_photo(pixels: np.ndarray, fmt: str = "jpeg", quality: int = 92,
-                 exif: bytes | None = None) -> bytes:
+def encode_photo(pixels: np.ndarray, fmt: str = "jpeg", quality: int = 92, exif: bytes | None = None) -> bytes:
     """JPEG, PNG or WebP bytes of an HxWx3 uint8 sRGB image, with an sRGB ICC profile and the
     given EXIF block. quality applies to JPEG and WebP."""
     key = fmt.lower().lstrip(".")
@@ -260,8 +272,7 @@ def read_mask(data: bytes, source: str) -> np.ndarray:
     return np.asarray(gray, dtype=np.float32) / np.float32(255)
 
 
-_DEPTH_EXPECTED = ("expected a single-channel depth map: .npy (2-D), 8- or 16-bit grayscale PNG, "
-                   "or float32 TIFF")
+_DEPTH_EXPECTED = "expected a single-channel depth map: .npy (2-D), 8- or 16-bit grayscale PNG, or float32 TIFF"
 
 
 def read_depth(data: bytes, source: str) -> np.ndarray:
@@ -278,8 +289,9 @@ def read_depth(data: bytes, source: str) -> np.ndarray:
         if depth.ndim == 3 and 1 in depth.shape:
             depth = depth.squeeze(axis=depth.shape.index(1))
         if depth.ndim != 2 or depth.dtype.kind not in "biuf":
-            raise BadInputError(f"{source}: .npy array of shape {depth.shape} and dtype {depth.dtype}; "
-                                f"{_DEPTH_EXPECTED}")
+            raise BadInputError(
+                f"{source}: .npy array of shape {depth.shape} and dtype {depth.dtype}; {_DEPTH_EXPECTED}"
+            )
     else:
         try:
             im, _ = _open(data, source)
@@ -290,8 +302,9 @@ def read_depth(data: bytes, source: str) -> np.ndarray:
             if np.array_equal(r, g) and np.array_equal(g, b):
                 im = im.convert("L")
         if im.mode not in ("L", "F") + _SIXTEEN_BIT:
-            raise BadInputError(f"{source}: a {len(im.getbands())}-channel {im.mode} image is not a "
-                                f"depth map; {_DEPTH_EXPECTED}")
+            raise BadInputError(
+                f"{source}: a {len(im.getbands())}-channel {im.mode} image is not a depth map; {_DEPTH_EXPECTED}"
+            )
         depth = np.asarray(im)
     depth = depth.astype(np.float32)
     finite = np.isfinite(depth)

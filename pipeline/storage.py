@@ -20,8 +20,9 @@ import random
 import re
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -41,18 +42,36 @@ class SourceFile:
 
 # --------------------------------------------------------------------------- retries
 
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-              FileExistsError)
-_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET,
-                     errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE, errno.ENETDOWN,
-                     errno.ENETUNREACH, errno.EHOSTUNREACH, getattr(errno, "EREMOTEIO", -1)}
-_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests",
-                    "RequestLimitExceeded", "ServiceUnavailable", "InternalError",
-                    "RequestTimeout"}
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_TRANSIENT_ERRNOS = {
+    errno.EAGAIN,
+    errno.EBUSY,
+    errno.ETIMEDOUT,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.ECONNREFUSED,
+    errno.EPIPE,
+    errno.ENETDOWN,
+    errno.ENETUNREACH,
+    errno.EHOSTUNREACH,
+    getattr(errno, "EREMOTEIO", -1),
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "RequestLimitExceeded",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
+}
 _TRANSIENT_TEXT = re.compile(
     r"\b(?:SlowDown|Throttl\w*|TooManyRequests|RequestLimitExceeded|ServiceUnavailable"
     r"|InternalError|reduce your request rate)\b"
-    r"|\b(?:status(?: code)?|HTTP)[ :=]*(?:5\d\d|429)\b", re.IGNORECASE)
+    r"|\b(?:status(?: code)?|HTTP)[ :=]*(?:5\d\d|429)\b",
+    re.IGNORECASE,
+)
 
 
 @functools.cache
@@ -60,11 +79,12 @@ def _transient_types() -> tuple[type, ...]:
     types: list[type] = [ConnectionError, TimeoutError]  # TimeoutError covers asyncio's
     with contextlib.suppress(ImportError):
         import botocore.exceptions as bx
+
         types += [bx.ConnectionError, bx.HTTPClientError]  # endpoint, read/connect timeouts
     with contextlib.suppress(ImportError):
         import aiohttp
-        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-                  aiohttp.ServerTimeoutError]
+
+        types += [aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, aiohttp.ServerTimeoutError]
     return tuple(types)
 
 
@@ -94,8 +114,7 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
-def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2,
-          what: str = "storage operation") -> T:
+def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2, what: str = "storage operation") -> T:
     """Call fn(); on a transient error wait base_delay * 2**n (with jitter) and try again.
 
     Permanent errors (missing file, permission, ...) are raised at once; after `attempts`
@@ -108,8 +127,9 @@ def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2,
             if attempt >= attempts or not is_transient(exc):
                 raise
             delay = base_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
-            log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what,
-                        type(exc).__name__, exc, attempt, attempts - 1, delay)
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__, exc, attempt, attempts - 1, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -125,6 +145,7 @@ def safe_relpath(relpath: str) -> str:
     Rejects absolute paths, drive letters, "..", empty components ("a//b", trailing "/"),
     backslashes and NUL; drops "." components; returns a posix relative path.
     """
+
     def bad(why: str) -> UnsafeNameError:
         return UnsafeNameError(f"unsafe relative path {relpath!r}: {why}")
 
@@ -168,6 +189,7 @@ def is_inside(inner_uri: str, outer_uri: str) -> bool:
 
 
 # --------------------------------------------------------------------------- storage
+
 
 def _is_hidden(name: str) -> bool:
     return name.startswith(".")
@@ -226,7 +248,7 @@ class Storage:
         while pending:
             folder = pending.pop()
             self.fs.invalidate_cache(folder)  # s3fs/gcsfs cache listings; a rerun must not
-            entries = retry(lambda: self.fs.ls(folder, detail=True), what=f"list {folder}")
+            entries = retry(functools.partial(self.fs.ls, folder, detail=True), what=f"list {folder}")
             subdirs = []
             for info in sorted(entries, key=lambda i: i["name"]):
                 name = info["name"]
@@ -239,8 +261,7 @@ class Storage:
                         subdirs.append(name)
                 elif info["type"] == "file":
                     if os.path.splitext(name)[1].lower() in exts:
-                        yield SourceFile(name[len(prefix):], int(info.get("size") or 0),
-                                         _fingerprint(info))
+                        yield SourceFile(name[len(prefix) :], int(info.get("size") or 0), _fingerprint(info))
             pending.extend(reversed(subdirs))
 
     def stat(self, relpath: str) -> SourceFile:
@@ -250,20 +271,17 @@ class Storage:
         return SourceFile(relpath, int(info.get("size") or 0), _fingerprint(info))
 
     def read_bytes(self, relpath: str) -> bytes:
-        return retry(lambda: self.fs.cat_file(self._path(relpath)),
-                     what=f"read {self.uri_of(relpath)}")
+        return retry(lambda: self.fs.cat_file(self._path(relpath)), what=f"read {self.uri_of(relpath)}")
 
     def exists(self, relpath: str) -> bool:
         path = self._path(relpath)
         self.fs.invalidate_cache(path)
-        return retry(lambda: self.fs.exists(path),
-                     what=f"check {self.uri_of(relpath)}")
+        return retry(lambda: self.fs.exists(path), what=f"check {self.uri_of(relpath)}")
 
     def size(self, relpath: str) -> int:
         path = self._path(relpath)
         self.fs.invalidate_cache(path)
-        return int(retry(lambda: self.fs.size(path),
-                         what=f"size {self.uri_of(relpath)}"))
+        return int(retry(lambda: self.fs.size(path), what=f"size {self.uri_of(relpath)}"))
 
     # ---- writing
 
@@ -283,8 +301,7 @@ class Storage:
         try:
             retry(lambda: write(path, data), what=f"write {self.uri_of(relpath)}")
         except Exception as exc:
-            raise OutputError(f"cannot write {self.uri_of(relpath)}: "
-                              f"{type(exc).__name__}: {exc}") from exc
+            raise OutputError(f"cannot write {self.uri_of(relpath)}: {type(exc).__name__}: {exc}") from exc
 
     def _put(self, path: str, data: bytes) -> None:
         # One put: an object only becomes visible once complete (s3fs switches to a
@@ -300,8 +317,7 @@ class Storage:
         folder, name = os.path.split(path)
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.partial")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                     0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

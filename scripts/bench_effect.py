@@ -87,11 +87,14 @@ def main() -> None:
     ratios = {}
     for case, (fg, depth) in cases.items():
         for preset in ("seed", "default"):
-            effect_s = best_of(lambda: render(photo, fg, depth, PRESETS[preset]), args.repeat)
+            effect_s = best_of(
+                lambda fg=fg, depth=depth, preset=preset: render(photo, fg, depth, PRESETS[preset]), args.repeat
+            )
             ratios.setdefault(case, {})[preset] = effect_s / codec_s
             print(f"{case:5s} {preset:7s}: effect {effect_s * 1000:4.0f} ms, ratio {effect_s / codec_s:.2f}")
     main_case = ratios[next(iter(cases))]
     print("effect/codec ratio: " + " ".join(f"{k}={v:.2f}" for k, v in main_case.items()))
+
 
 if __name__ == "__main__":
     main()

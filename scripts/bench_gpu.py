@@ -53,6 +53,7 @@ def _allow_missing_heif() -> bool:
     benchmark reads JPEGs only, so an empty stand-in lets it run (True when one was needed)."""
     try:
         import pillow_heif  # noqa: F401
+
         return False
     except ImportError:
         sys.modules["pillow_heif"] = types.SimpleNamespace(register_heif_opener=lambda: None)
@@ -77,6 +78,7 @@ RANDOM = "random-init"  # the version of a model built with random weights
 
 # ------------------------------------------------------------------------------------ models
 
+
 @dataclass
 class Models:
     saliency: object
@@ -84,8 +86,7 @@ class Models:
     weights: str  # which weights, in words
 
 
-def build_models(device: str, batch_size: int, random_weights: bool, tiny: bool,
-                 isnet_runtime: str | None) -> Models:
+def build_models(device: str, batch_size: int, random_weights: bool, tiny: bool, isnet_runtime: str | None) -> Models:
     """IS-Net and Depth Anything V2 Small: the cached weights when found (and not refused),
     else random weights on the real architectures; ``tiny``: small networks, for tests."""
     import torch
@@ -101,16 +102,18 @@ def build_models(device: str, batch_size: int, random_weights: bool, tiny: bool,
         saliency = ISNet(weights=str(isnet_file), device=device, batch_size=batch_size, runtime=isnet_runtime)
         words.append(f"IS-Net real ({isnet_file})")
     else:
-        saliency = ISNet.from_network(ISNetNetwork(SMALL if tiny else FULL), device=device, batch_size=batch_size,
-                                      size=256 if tiny else None)
+        saliency = ISNet.from_network(
+            ISNetNetwork(SMALL if tiny else FULL), device=device, batch_size=batch_size, size=256 if tiny else None
+        )
         words.append("IS-Net random" + (" (small network)" if tiny else ""))
     depth_dir = None if random_weights or tiny else DepthAnythingV2Small.local_weights()
     if depth_dir is not None:
         depth = DepthAnythingV2Small(weights=str(depth_dir), device=device, batch_size=batch_size)
         words.append(f"Depth Anything V2 Small real ({depth_dir})")
     else:
-        depth = DepthAnythingV2Small.from_config(tiny_depth_config() if tiny else None, device=device,
-                                                 batch_size=batch_size)
+        depth = DepthAnythingV2Small.from_config(
+            tiny_depth_config() if tiny else None, device=device, batch_size=batch_size
+        )
         words.append("Depth Anything V2 Small random" + (" (small network)" if tiny else ""))
     if tiny:  # a small input too: the same code paths in a fraction of the time
         depth.size = 126
@@ -121,10 +124,24 @@ def tiny_depth_config():
     """A Depth Anything of the same structure with a few small layers (as tests/test_models.py)."""
     from transformers import DepthAnythingConfig, Dinov2Config
 
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                            image_size=518, patch_size=14, out_indices=[1, 2], reshape_hidden_states=False)
-    return DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16],
-                               reassemble_factors=[2, 1], fusion_hidden_size=16, head_hidden_size=8)
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=518,
+        patch_size=14,
+        out_indices=[1, 2],
+        reshape_hidden_states=False,
+    )
+    return DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16],
+        reassemble_factors=[2, 1],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
 
 
 def model_copy_shape(width: int, height: int) -> tuple[int, int]:
@@ -136,6 +153,7 @@ def model_copy_shape(width: int, height: int) -> tuple[int, int]:
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         import torch
+
         torch.cuda.synchronize(device)
 
 
@@ -155,8 +173,15 @@ def seconds_per_call(fn, device: str, warmup: int, repeat: int, min_seconds: flo
     return statistics.median(times)
 
 
-def measure_models_alone(models: Models, device: str, batch_sizes: list[int], photo_hw: tuple[int, int],
-                         warmup: int, repeat: int, min_seconds: float) -> dict[str, dict[int, str]]:
+def measure_models_alone(
+    models: Models,
+    device: str,
+    batch_sizes: list[int],
+    photo_hw: tuple[int, int],
+    warmup: int,
+    repeat: int,
+    min_seconds: float,
+) -> dict[str, dict[int, str]]:
     """Photos/s of saliency, depth and both in turn, per batch size, on device tensors."""
     import torch
 
@@ -168,12 +193,15 @@ def measure_models_alone(models: Models, device: str, batch_sizes: list[int], ph
     generator = torch.Generator().manual_seed(0)
     for b in batch_sizes:
         sal.batch_size = dep.batch_size = b
-        photos = [torch.randint(0, 256, (*photo_hw, 3), dtype=torch.uint8, generator=generator).to(device)
-                  for _ in range(b)]
-        runs = {"saliency": lambda x=photos: sal.predict_tensors(x),
-                "depth": lambda x=photos: dep.predict_tensors(x),
-                # the fused actor: both models on one batch, depth given the saliency maps
-                "both": lambda x=photos: dep.predict_tensors(x, saliency=sal.predict_tensors(x))}
+        photos = [
+            torch.randint(0, 256, (*photo_hw, 3), dtype=torch.uint8, generator=generator).to(device) for _ in range(b)
+        ]
+        runs = {
+            "saliency": lambda x=photos: sal.predict_tensors(x),
+            "depth": lambda x=photos: dep.predict_tensors(x),
+            # the fused actor: both models on one batch, depth given the saliency maps
+            "both": lambda x=photos: dep.predict_tensors(x, saliency=sal.predict_tensors(x)),
+        }
         for name, fn in runs.items():
             try:
                 rows[name][b] = f"{b / seconds_per_call(fn, device, warmup, repeat, min_seconds):.1f}"
@@ -186,6 +214,7 @@ def measure_models_alone(models: Models, device: str, batch_sizes: list[int], ph
 
 # ---------------------------------------------------------------------------- the library
 
+
 def synthetic_photo(width: int, height: int, seed: int) -> np.ndarray:
     """Coloured shapes with texture and grain, so a 12-MP JPEG is a few MB, as a phone's is."""
     rng = np.random.default_rng(seed)
@@ -193,8 +222,11 @@ def synthetic_photo(width: int, height: int, seed: int) -> np.ndarray:
     coarse = rng.integers(0, 256, (max(2, height // 300), max(2, width // 300), 3), dtype=np.uint8)
     image = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
     # texture (foliage, fabric) and sensor grain, in brightness
-    texture = cv2.resize(rng.integers(0, 61, (max(1, height // 6), max(1, width // 6)), dtype=np.uint8),
-                         (width, height), interpolation=cv2.INTER_LINEAR)
+    texture = cv2.resize(
+        rng.integers(0, 61, (max(1, height // 6), max(1, width // 6)), dtype=np.uint8),
+        (width, height),
+        interpolation=cv2.INTER_LINEAR,
+    )
     texture += rng.integers(0, 13, (height, width), dtype=np.uint8)
     image = cv2.add(image, cv2.merge([texture] * 3))
     return cv2.subtract(image, (36, 36, 36, 0))
@@ -220,13 +252,21 @@ def make_library(folder: Path, count: int, width: int, height: int, workers: int
     if missing:
         t0 = time.perf_counter()
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            list(pool.map(write_photo, [str(folder / r) for _, r in missing], [width] * len(missing),
-                          [height] * len(missing), [i for i, _ in missing]))
+            list(
+                pool.map(
+                    write_photo,
+                    [str(folder / r) for _, r in missing],
+                    [width] * len(missing),
+                    [height] * len(missing),
+                    [i for i, _ in missing],
+                )
+            )
         print(f"  made {len(missing)} photos in {time.perf_counter() - t0:.1f} s", flush=True)
     return relpaths
 
 
 # --------------------------------------------------------------------- GPU busy sampling
+
 
 class GpuBusy:
     """The GPU's utilisation (% of time a kernel ran), sampled in a thread while running."""
@@ -249,17 +289,19 @@ class GpuBusy:
             index = int(visible[min(index, len(visible) - 1)])
         try:
             import pynvml
+
             pynvml.nvmlInit()
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             return lambda: float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu), 0.2
         except Exception:  # noqa: BLE001 - no pynvml, or no NVML library: ask nvidia-smi
             import subprocess
+
             if shutil.which("nvidia-smi") is None:
                 return None, 0.0
-            command = ["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu",
-                       "--format=csv,noheader,nounits"]
-            return lambda: float(subprocess.run(command, capture_output=True, text=True,
-                                                timeout=5, check=True).stdout.split()[0]), 0.5
+            command = ["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+            return lambda: float(
+                subprocess.run(command, capture_output=True, text=True, timeout=5, check=True).stdout.split()[0]
+            ), 0.5
 
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
@@ -286,10 +328,10 @@ class GpuBusy:
 
 # ------------------------------------------------------------------- end to end, no Ray
 
+
 def read_group(relpaths: list[str], input_dir: str, max_megapixels: float) -> dict:
     """The job's read stage on one group, in a worker process."""
-    batch = {"relpath": np.array(relpaths, dtype=object),
-             "output_relpath": np.array(relpaths, dtype=object)}
+    batch = {"relpath": np.array(relpaths, dtype=object), "output_relpath": np.array(relpaths, dtype=object)}
     batch = read_photos(batch, input_dir, {}, max_megapixels)
     # The bytes do not pass through the model process: Ray's object store would hand them to the
     # finishing task in shared memory, here the finishing worker reads them again (page cache).
@@ -300,8 +342,9 @@ def read_group(relpaths: list[str], input_dir: str, max_megapixels: float) -> di
 def finish_group(batch: dict, config: JobConfig, stand_ins: tuple[str, ...]) -> dict:
     """The job's finish stage on one group, in a worker process: decode, effect, encode, write."""
     inputs = Storage(config.input)
-    batch["data"] = np.array([inputs.read_bytes(r) if s == "ok" else b""
-                              for r, s in zip(batch["relpath"], batch["status"])], dtype=object)
+    batch["data"] = np.array(
+        [inputs.read_bytes(r) if s == "ok" else b"" for r, s in zip(batch["relpath"], batch["status"])], dtype=object
+    )
     if stand_ins:  # random weights give meaningless maps; the effect gets a plausible scene
         replace_maps(batch, stand_ins)
     batch = finish_photos(batch, config)
@@ -317,8 +360,10 @@ def replace_maps(batch: dict, tasks: tuple[str, ...]) -> None:
     """The ``tasks``' maps ("saliency", "depth") replaced by the trivial models' (a centred
     subject, a depth ramp) at the same size."""
     if not _STAND_INS:
-        _STAND_INS.update(saliency=(create_model("trivial-saliency"), pack_saliency),
-                          depth=(create_model("trivial-depth"), pack_depth))
+        _STAND_INS.update(
+            saliency=(create_model("trivial-saliency"), pack_saliency),
+            depth=(create_model("trivial-depth"), pack_depth),
+        )
     for i, status in enumerate(batch["status"]):
         if status != "ok":
             continue
@@ -357,16 +402,25 @@ class EndToEnd:
         return self.photos / self.seconds
 
 
-def run_end_to_end(stage: ModelStage, input_dir: Path, relpaths: list[str], output_dir: Path,
-                   device: str, workers: int, stand_ins: tuple[str, ...]) -> EndToEnd:
+def run_end_to_end(
+    stage: ModelStage,
+    input_dir: Path,
+    relpaths: list[str],
+    output_dir: Path,
+    device: str,
+    workers: int,
+    stand_ins: tuple[str, ...],
+) -> EndToEnd:
     """Groups of GROUP_SIZE photos: read and prepared by one pool, through the model stage here,
     finished by a second pool, all at once as the job streams them."""
     shutil.rmtree(output_dir, ignore_errors=True)
     config = JobConfig(input=str(input_dir), output=str(output_dir), device=device)
-    groups = [relpaths[i:i + GROUP_SIZE] for i in range(0, len(relpaths), GROUP_SIZE)]
+    groups = [relpaths[i : i + GROUP_SIZE] for i in range(0, len(relpaths), GROUP_SIZE)]
     spawn = get_context("spawn")  # no fork of a process that holds CUDA and torch's threads
-    with ProcessPoolExecutor(workers, mp_context=spawn) as readers, \
-            ProcessPoolExecutor(workers, mp_context=spawn) as finishers:
+    with (
+        ProcessPoolExecutor(workers, mp_context=spawn) as readers,
+        ProcessPoolExecutor(workers, mp_context=spawn) as finishers,
+    ):
         # Start every worker (imports included) and warm the model stage before the clock starts.
         for pool in (readers, finishers):
             list(pool.map(_ready, range(workers * 2)))
@@ -423,11 +477,11 @@ def run_end_to_end(stage: ModelStage, input_dir: Path, relpaths: list[str], outp
         for step in cpu:
             cpu[step] += float(np.sum(batch[f"seconds_{step}"]))
     n = len(relpaths)
-    return EndToEnd(n, seconds, busy.share(), model_seconds, statuses, {k: v / n for k, v in cpu.items()},
-                    first_error)
+    return EndToEnd(n, seconds, busy.share(), model_seconds, statuses, {k: v / n for k, v in cpu.items()}, first_error)
 
 
 # ----------------------------------------------------------------------------- the job
+
 
 def run_real_job(input_dir: Path, output_dir: Path, device: str) -> str:
     """The library through pipeline.job.run_job (Ray); a line of figures, or why it was skipped."""
@@ -443,8 +497,9 @@ def run_real_job(input_dir: Path, output_dir: Path, device: str) -> str:
     from pipeline.job import run_job
 
     shutil.rmtree(output_dir, ignore_errors=True)
-    config = JobConfig(input=str(input_dir), output=str(output_dir), force=True,
-                       device="cpu" if device == "cpu" else None)
+    config = JobConfig(
+        input=str(input_dir), output=str(output_dir), force=True, device="cpu" if device == "cpu" else None
+    )
     try:
         summary = run_job(config)
     finally:
@@ -454,14 +509,18 @@ def run_real_job(input_dir: Path, output_dir: Path, device: str) -> str:
     used = sorted(set(rows["saliency_model"]) | set(rows["depth_model"]))
     done = sum(summary.counts.values())
     counts = ", ".join(f"{k} {v}" for k, v in sorted(summary.counts.items()))
-    return (f"{done / summary.processing_seconds:.1f} photos/s processing, "
-            f"{done / summary.seconds:.1f} with start-up ({counts}; models: {', '.join(used)})")
+    return (
+        f"{done / summary.processing_seconds:.1f} photos/s processing, "
+        f"{done / summary.seconds:.1f} with start-up ({counts}; models: {', '.join(used)})"
+    )
 
 
 # ------------------------------------------------------------------------------ report
 
+
 def device_line(device: str, workers: int) -> str:
     import torch
+
     if device.startswith("cuda"):
         name = f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     else:
@@ -469,14 +528,16 @@ def device_line(device: str, workers: int) -> str:
     return f"device: {name} | torch {torch.__version__} | {workers} CPU workers"
 
 
-def print_model_table(rows: dict[str, dict[int, str]], batch_sizes: list[int], models: Models,
-                      photo_hw: tuple[int, int]) -> None:
-    print(f"\nModels alone, photos/s (device tensors of {photo_hw[1]}x{photo_hw[0]}, "
-          "the model copy of one photo):")
+def print_model_table(
+    rows: dict[str, dict[int, str]], batch_sizes: list[int], models: Models, photo_hw: tuple[int, int]
+) -> None:
+    print(f"\nModels alone, photos/s (device tensors of {photo_hw[1]}x{photo_hw[0]}, the model copy of one photo):")
     sal, dep = models.saliency, models.depth
-    labels = {"saliency": f"{sal.name} ({sal.runtime}, {sal.size}x{sal.size})",
-              "depth": f"{dep.name} ({dep.runtime}, {dep.size} px)",
-              "both": "both in turn (the fused actor)"}
+    labels = {
+        "saliency": f"{sal.name} ({sal.runtime}, {sal.size}x{sal.size})",
+        "depth": f"{dep.name} ({dep.runtime}, {dep.size} px)",
+        "both": "both in turn (the fused actor)",
+    }
     width = max(len(v) for v in labels.values())
     print(f"  {'':{width}s} " + "".join(f"{'b' + str(b):>9s}" for b in batch_sizes) + "   target")
     for key, label in labels.items():
@@ -486,21 +547,28 @@ def print_model_table(rows: dict[str, dict[int, str]], batch_sizes: list[int], m
 
 def print_end_to_end(result: EndToEnd, width: int, height: int, workers: int) -> None:
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(result.statuses.items()))
-    print(f"\nEnd to end without Ray, local disk to local disk ({result.photos} photos of {width}x{height}, "
-          f"{workers} read + {workers} finish processes, groups of {GROUP_SIZE}):")
+    print(
+        f"\nEnd to end without Ray, local disk to local disk ({result.photos} photos of {width}x{height}, "
+        f"{workers} read + {workers} finish processes, groups of {GROUP_SIZE}):"
+    )
     print(f"  {result.rate:.1f} photos/s ({result.seconds:.1f} s; {statuses})   target >= {TARGET_JOB}")
-    print(f"  GPU busy {result.gpu_busy}; model stage busy {100 * result.model_seconds / result.seconds:.0f} % "
-          f"of the run ({result.photos / result.model_seconds:.1f} photos/s while running)")
+    print(
+        f"  GPU busy {result.gpu_busy}; model stage busy {100 * result.model_seconds / result.seconds:.0f} % "
+        f"of the run ({result.photos / result.model_seconds:.1f} photos/s while running)"
+    )
     cpu = result.cpu
     per_photo = sum(cpu.values())
-    print(f"  CPU s/photo: read {cpu['read']:.3f}, decode {cpu['decode']:.3f} (model copy + full), "
-          f"effect {cpu['effect']:.3f}, encode {cpu['encode']:.3f}, write {cpu['write']:.3f}; "
-          f"total {per_photo:.3f} -> {per_photo * 40:.1f} busy cores for 40 photos/s")
+    print(
+        f"  CPU s/photo: read {cpu['read']:.3f}, decode {cpu['decode']:.3f} (model copy + full), "
+        f"effect {cpu['effect']:.3f}, encode {cpu['encode']:.3f}, write {cpu['write']:.3f}; "
+        f"total {per_photo:.3f} -> {per_photo * 40:.1f} busy cores for 40 photos/s"
+    )
     if result.first_error:
         print(f"  first failure: {result.first_error}")
 
 
 # -------------------------------------------------------------------------------- main
+
 
 def parse_size(text: str) -> tuple[int, int]:
     width, height = (int(v) for v in text.lower().split("x"))
@@ -511,17 +579,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when there is one)")
     parser.add_argument("--photos", type=int, default=500, help="photos in the end-to-end library")
-    parser.add_argument("--size", type=parse_size, default=(4000, 3000), metavar="WxH",
-                        help="photo size (default 4000x3000, 12 MP)")
+    parser.add_argument(
+        "--size", type=parse_size, default=(4000, 3000), metavar="WxH", help="photo size (default 4000x3000, 12 MP)"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/dreamfocus-bench-gpu"),
-                        help="photos (kept for reruns) and outputs")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("/tmp/dreamfocus-bench-gpu"), help="photos (kept for reruns) and outputs"
+    )
     parser.add_argument("--workers", type=int, default=None, help="processes per CPU pool (default: CPU count)")
     parser.add_argument("--models-only", action="store_true", help="step 1 only")
     parser.add_argument("--skip-job", action="store_true", help="no step 3 (the Ray job)")
     parser.add_argument("--random-weights", action="store_true", help="random weights even where real ones are cached")
-    parser.add_argument("--tiny-models", action="store_true",
-                        help="small networks of the same structure, for tests (the figures mean nothing)")
+    parser.add_argument(
+        "--tiny-models",
+        action="store_true",
+        help="small networks of the same structure, for tests (the figures mean nothing)",
+    )
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per figure (default: 5 GPU, 1 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="calls before timing (default: 3 GPU, 2 CPU)")
     args = parser.parse_args(argv)
@@ -559,8 +632,9 @@ def main(argv: list[str] | None = None) -> int:
     layout = model_layout(JobConfig(input=str(library), output=str(args.workdir)), 1 if gpu else 0)
     models = build_models(device, layout.batch_size, args.random_weights, args.tiny_models, None)
     stage = BenchModelStage(models, device, layout.batch_size)
-    stand_ins = tuple(task for task, model in (("saliency", models.saliency), ("depth", models.depth))
-                      if model.version == RANDOM)
+    stand_ins = tuple(
+        task for task, model in (("saliency", models.saliency), ("depth", models.depth)) if model.version == RANDOM
+    )
     print(f"  model stage: {'; '.join(stage.models.describe())}, batch {layout.batch_size}", flush=True)
     if stand_ins:
         print(f"  the effect gets the trivial models' {' and '.join(stand_ins)} maps (random weights)")

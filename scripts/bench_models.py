@@ -53,6 +53,7 @@ def build(name: str, device: str, batch_size: int = 1):
         if name != ISNet.name or device == "cpu":
             raise
         from pipeline.models.rsu import ISNetNetwork
+
         return ISNet.from_network(ISNetNetwork(), device, batch_size), "random weights, real architecture"
 
 
@@ -67,8 +68,7 @@ def timed(fn, repeat: int) -> list[float]:
 
 
 def cpu_latency(names, photo, repeat: int) -> None:
-    print(f"CPU: {cpu_threads()} threads, photo {photo.shape[1]}x{photo.shape[0]}, "
-          f"median of {repeat} after a warm-up")
+    print(f"CPU: {cpu_threads()} threads, photo {photo.shape[1]}x{photo.shape[0]}, median of {repeat} after a warm-up")
     for name in names:
         try:
             t0 = time.perf_counter()
@@ -78,16 +78,21 @@ def cpu_latency(names, photo, repeat: int) -> None:
             print(f"  {name:26s} skipped: {exc}")
             continue
         times = timed(lambda m=model: m.predict([photo]), repeat)
-        print(f"  {name:26s} {statistics.median(times):6.2f} s/photo  (min {min(times):.2f}, "
-              f"load {load:.1f} s; {what}; {model.runtime})", flush=True)
+        print(
+            f"  {name:26s} {statistics.median(times):6.2f} s/photo  (min {min(times):.2f}, "
+            f"load {load:.1f} s; {what}; {model.runtime})",
+            flush=True,
+        )
         model = None  # free it before the next one
 
 
 def isnet_runtimes(photo, repeat: int) -> None:
     """IS-Net's real weights in onnxruntime and in torch on the CPU, interleaved."""
     try:
-        models = {runtime: create_model(ISNet.name, device="cpu", batch_size=1, runtime=runtime)
-                  for runtime in ("onnxruntime", "torch")}
+        models = {
+            runtime: create_model(ISNet.name, device="cpu", batch_size=1, runtime=runtime)
+            for runtime in ("onnxruntime", "torch")
+        }
     except WeightsUnavailableError as exc:
         print(f"IS-Net runtimes skipped: {exc}")
         return
@@ -102,11 +107,16 @@ def isnet_runtimes(photo, repeat: int) -> None:
             cpu[k].append(time.process_time() - c0)
     a, b = maps["onnxruntime"], maps["torch"]
     iou = ((a >= 0.5) & (b >= 0.5)).sum() / max(1, ((a >= 0.5) | (b >= 0.5)).sum())
-    print(f"IS-Net runtimes on the CPU ({cpu_threads()} threads, photo {photo.shape[1]}x{photo.shape[0]}, "
-          f"{repeat} interleaved runs):")
+    print(
+        f"IS-Net runtimes on the CPU ({cpu_threads()} threads, photo {photo.shape[1]}x{photo.shape[0]}, "
+        f"{repeat} interleaved runs):"
+    )
     for k, m in models.items():
-        print(f"  {m.describe():52s} wall median {statistics.median(times[k]):5.2f} s/photo "
-              f"(min {min(times[k]):.2f})  cpu median {statistics.median(cpu[k]):5.2f} s", flush=True)
+        print(
+            f"  {m.describe():52s} wall median {statistics.median(times[k]):5.2f} s/photo "
+            f"(min {min(times[k]):.2f})  cpu median {statistics.median(cpu[k]):5.2f} s",
+            flush=True,
+        )
     print(f"  maps: max |onnxruntime - torch| {np.abs(a - b).max():.1e}, mask IoU at 0.5 {iou:.5f}")
 
 
@@ -115,13 +125,17 @@ def isnet_graphs(photo, repeat: int) -> None:
 
     from pipeline.models.isnet import derived_model
     from pipeline.models.weights import weights_digest
+
     src = ISNet.local_weights()
     if src is None:
         print("  IS-Net runtimes skipped: no weights cached")
         return
     digest = weights_digest(src)
-    graphs = {"fp16 as shipped": src, "fp32 derived (used on CPU)": derived_model(src, digest, "fp32"),
-              "fp16 derived (used on GPU)": derived_model(src, digest, "fp16")}
+    graphs = {
+        "fp16 as shipped": src,
+        "fp32 derived (used on CPU)": derived_model(src, digest, "fp32"),
+        "fp16 derived (used on GPU)": derived_model(src, digest, "fp16"),
+    }
     x = ((cv2.resize(photo, (1024, 1024)).astype(np.float32) - 128) / 256).transpose(2, 0, 1)[None]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = cpu_threads()
@@ -141,12 +155,16 @@ def isnet_graphs(photo, repeat: int) -> None:
     print(f"IS-Net onnxruntime CPU graphs ({cpu_threads()} threads, 1024x1024, {repeat} interleaved runs):")
     for k in sessions:
         diff = float(np.abs(outs[k] - ref).max())
-        print(f"  {k:28s} wall median {statistics.median(times[k]):5.2f} s (min {min(times[k]):.2f})  "
-              f"cpu median {statistics.median(cpu[k]):5.2f} s  max|diff| vs shipped {diff:.1e}", flush=True)
+        print(
+            f"  {k:28s} wall median {statistics.median(times[k]):5.2f} s (min {min(times[k]):.2f})  "
+            f"cpu median {statistics.median(cpu[k]):5.2f} s  max|diff| vs shipped {diff:.1e}",
+            flush=True,
+        )
 
 
 def gpu_throughput(names, photo, batches, repeat: int) -> None:
     import torch
+
     print(f"GPU: {torch.cuda.get_device_name(0)}, fp16, photos/s by batch size")
     for name in names:
         cells = []
@@ -164,6 +182,7 @@ def gpu_throughput(names, photo, batches, repeat: int) -> None:
             def run(m=model, ps=photos):
                 m.predict(ps)
                 torch.cuda.synchronize()
+
             try:
                 times = timed(run, repeat)
             except torch.cuda.OutOfMemoryError:
@@ -180,16 +199,17 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS))
     parser.add_argument("--photo", default=str(ROOT / "examples" / "motorcycle_left.jpg"))
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--runtimes", action="store_true",
-                        help="time IS-Net in onnxruntime and in torch on the CPU")
+    parser.add_argument("--runtimes", action="store_true", help="time IS-Net in onnxruntime and in torch on the CPU")
     parser.add_argument("--graphs", action="store_true", help="compare IS-Net's ONNX graphs on the CPU")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--no-cpu", action="store_true", help="only the GPU part")
     args = parser.parse_args()
 
     photo = cv2.cvtColor(cv2.imread(args.photo), cv2.COLOR_BGR2RGB)
-    print("Depth models use random weights on their real architectures: the same latency as the "
-          "published weights, meaningless maps.")
+    print(
+        "Depth models use random weights on their real architectures: the same latency as the "
+        "published weights, meaningless maps."
+    )
     if not args.no_cpu:
         cpu_latency(args.models, photo, args.repeat)
     if args.runtimes:
@@ -198,6 +218,7 @@ def main() -> int:
         isnet_graphs(photo, args.repeat)
     try:
         import torch
+
         cuda = torch.cuda.is_available()
     except ImportError:  # pragma: no cover
         cuda = False

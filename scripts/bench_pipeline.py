@@ -65,13 +65,38 @@ def run_cli(inputs: Path, output: Path) -> Run:
     temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     port = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    subprocess.run([RAY, "start", "--head", f"--port={port}", f"--num-cpus={CPUS}", "--num-gpus=0",
-                    "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--include-dashboard=false"],
-                   check=True, capture_output=True, env=env)
+    subprocess.run(
+        [
+            RAY,
+            "start",
+            "--head",
+            f"--port={port}",
+            f"--num-cpus={CPUS}",
+            "--num-gpus=0",
+            "--node-ip-address=127.0.0.1",
+            f"--temp-dir={temp}",
+            "--include-dashboard=false",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     address = f"127.0.0.1:{port}"
     try:
-        command = [sys.executable, "-m", "pipeline.cli", "run", str(inputs), str(output), "--address", address,
-                   "--saliency-model", "trivial-saliency", "--depth-model", "trivial-depth"]
+        command = [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            str(inputs),
+            str(output),
+            "--address",
+            address,
+            "--saliency-model",
+            "trivial-saliency",
+            "--depth-model",
+            "trivial-depth",
+        ]
         started = time.perf_counter()
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         peak, store_peak, first = [0], [0.0], [float("nan")]
@@ -119,14 +144,14 @@ def seconds_per_photo(inputs: Path, scratch: Path, count: int = 40) -> float:
     from pipeline.job import JobConfig
     from pipeline.job.stages import ModelStage, finish_photos, read_photos
 
-    config = JobConfig(input=str(inputs), output=str(scratch), saliency_model="trivial-saliency",
-                       depth_model="trivial-depth")
+    config = JobConfig(
+        input=str(inputs), output=str(scratch), saliency_model="trivial-saliency", depth_model="trivial-depth"
+    )
     models = ModelStage(config.saliency_model, config.depth_model, None, None, "cpu", 1)
     photos = sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*.jpg"))[:count]
     started = time.perf_counter()
     for relpath in photos:
-        batch = {"relpath": np.array([relpath], dtype=object),
-                 "output_relpath": np.array([relpath], dtype=object)}
+        batch = {"relpath": np.array([relpath], dtype=object), "output_relpath": np.array([relpath], dtype=object)}
         batch = read_photos(batch, str(inputs), {}, config.max_megapixels)
         batch = finish_photos(models.predict(batch), config)
         assert batch["status"][0] == "ok", batch["error"][0]
@@ -150,10 +175,14 @@ def main() -> None:
     per_photo = seconds_per_photo(small, work / "scratch")
     work_seconds = per_photo * args.photos
     print(line)
-    print(f"{args.photos} photos (1024x768): per-photo work {per_photo * 1000:.0f} ms each when run alone, "
-          f"{work_seconds:.1f} CPU-s in all")
-    print(f"busy share: {work_seconds / (processing * CPUS):.0%} of {CPUS} CPUs over the {processing:.1f} s "
-          f"of processing, {work_seconds / (run.wall * CPUS):.0%} over the {run.wall:.1f} s wall time with start-up")
+    print(
+        f"{args.photos} photos (1024x768): per-photo work {per_photo * 1000:.0f} ms each when run alone, "
+        f"{work_seconds:.1f} CPU-s in all"
+    )
+    print(
+        f"busy share: {work_seconds / (processing * CPUS):.0%} of {CPUS} CPUs over the {processing:.1f} s "
+        f"of processing, {work_seconds / (run.wall * CPUS):.0%} over the {run.wall:.1f} s wall time with start-up"
+    )
     print(f"first output after {run.first_output:.1f} s of {run.wall:.1f} s ({run.first_output / run.wall:.0%})")
 
     for count in args.done:
@@ -162,9 +191,11 @@ def main() -> None:
         run = run_cli(inputs, output)
         print(summary_line(run.out))
         rerun = run_cli(inputs, output)
-        print(f"{count} photos (256x192): object store peak {run.object_store_peak_mib:.0f} MiB, "
-              f"driver peak {run.driver_peak_mib} MiB, first output after {run.first_output:.1f} s of "
-              f"{run.wall:.1f} s; rerun over them {rerun.wall:.1f} s including start-up")
+        print(
+            f"{count} photos (256x192): object store peak {run.object_store_peak_mib:.0f} MiB, "
+            f"driver peak {run.driver_peak_mib} MiB, first output after {run.first_output:.1f} s of "
+            f"{run.wall:.1f} s; rerun over them {rerun.wall:.1f} s including start-up"
+        )
 
 
 if __name__ == "__main__":

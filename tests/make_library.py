@@ -36,10 +36,16 @@ TL, TR, BL, BR = (210, 30, 30), (30, 190, 30), (30, 30, 210), (220, 210, 30)
 ORIENTATION_SIZE = (360, 240)  # upright width x height
 # Pillow's transposition that turns the stored pixels upright, per EXIF orientation; all are
 # their own inverse except the rotations, so the stored image is the inverse applied to upright.
-_TO_STORED = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-              6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
-              8: Image.Transpose.ROTATE_270}
+_TO_STORED = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
 
 CENTRE = (0.5, 0.5)
 BOTTOM_LEFT, BOTTOM_RIGHT = (0.12, 0.9), (0.88, 0.9)
@@ -79,7 +85,7 @@ def checker(size, a, b, mode: str = "RGB", dtype=np.uint8) -> Image.Image:
     w, h = size
     cell = cell_of(size)
     ys, xs = np.mgrid[0:h, 0:w]
-    first = ((ys // cell + xs // cell) % 2 == 0)
+    first = (ys // cell + xs // cell) % 2 == 0
     a, b = np.atleast_1d(np.asarray(a, dtype)), np.atleast_1d(np.asarray(b, dtype))
     values = np.where(first[..., None], a, b).astype(dtype)
     if mode == "I;16":
@@ -119,10 +125,11 @@ def swapped_profile() -> bytes:
     """A valid RGB ICC profile that is not sRGB: sRGB with its red and green primaries exchanged,
     so pure red in it is pure sRGB green (a profile that is ignored shows as red)."""
     icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
-    entries = {bytes(icc[132 + 12 * i:136 + 12 * i]): 132 + 12 * i
-               for i in range(struct.unpack_from(">I", icc, 128)[0])}
+    entries = {
+        bytes(icc[132 + 12 * i : 136 + 12 * i]): 132 + 12 * i for i in range(struct.unpack_from(">I", icc, 128)[0])
+    }
     r, g = entries[b"rXYZ"], entries[b"gXYZ"]
-    icc[r + 4:r + 12], icc[g + 4:g + 12] = icc[g + 4:g + 12], icc[r + 4:r + 12]
+    icc[r + 4 : r + 12], icc[g + 4 : g + 12] = icc[g + 4 : g + 12], icc[r + 4 : r + 12]
     icc = bytes(icc).replace("sRGB".encode("utf-16-be"), "Swap".encode("utf-16-be"))
     return icc.replace(b"sRGB", b"Swap")
 
@@ -154,28 +161,32 @@ def bad_files() -> dict[str, tuple[bytes, Expected]]:
     jfif_header = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
     corrupt_png = bytearray(png)
     idat = corrupt_png.index(b"IDAT") + 4
-    corrupt_png[idat:idat + 64] = bytes(64)  # zeroed compressed data: zlib cannot inflate it
+    corrupt_png[idat : idat + 64] = bytes(64)  # zeroed compressed data: zlib cannot inflate it
     return {
         "bad/empty.jpg": (b"", Expected(FAILED, "empty-file", ("empty file", "0 bytes"))),
         "bad/empty.PNG": (b"", Expected(FAILED, "empty-file", ("empty file",))),
-        "bad/text.jpg": (b"this is a shopping list, not a photo\n" * 20,
-                         Expected(SKIPPED, "not-an-image", ("not an image",))),
+        "bad/text.jpg": (
+            b"this is a shopping list, not a photo\n" * 20,
+            Expected(SKIPPED, "not-an-image", ("not an image",)),
+        ),
         "bad/random.png": (random_bytes, Expected(SKIPPED, "not-an-image", ("not an image",))),
-        "bad/truncated.jpg": (jpeg[:len(jpeg) // 2],
-                              Expected(FAILED, "corrupt-image", ("truncated or corrupt",))),
-        "bad/truncated.png": (png[:len(png) // 2],
-                              Expected(FAILED, "corrupt-image", ("truncated or corrupt",))),
-        "bad/corrupt-data.png": (bytes(corrupt_png),
-                                 Expected(FAILED, "corrupt-image", ("truncated or corrupt",))),
-        "bad/header-only.jpg": (jfif_header,
-                                Expected(FAILED, "corrupt-image", ("truncated or corrupt", "JPEG"))),
-        "bad/header-only.png": (png[:33],  # signature + IHDR chunk
-                                Expected(FAILED, "corrupt-image", ("truncated or corrupt",))),
-        "bad/bomb.png": (png_declaring(30000, 30000),
-                         Expected(FAILED, "too-many-pixels", ("30000x30000", "900.0 MP", "200 MP limit"))),
+        "bad/truncated.jpg": (jpeg[: len(jpeg) // 2], Expected(FAILED, "corrupt-image", ("truncated or corrupt",))),
+        "bad/truncated.png": (png[: len(png) // 2], Expected(FAILED, "corrupt-image", ("truncated or corrupt",))),
+        "bad/corrupt-data.png": (bytes(corrupt_png), Expected(FAILED, "corrupt-image", ("truncated or corrupt",))),
+        "bad/header-only.jpg": (jfif_header, Expected(FAILED, "corrupt-image", ("truncated or corrupt", "JPEG"))),
+        "bad/header-only.png": (
+            png[:33],  # signature + IHDR chunk
+            Expected(FAILED, "corrupt-image", ("truncated or corrupt",)),
+        ),
+        "bad/bomb.png": (
+            png_declaring(30000, 30000),
+            Expected(FAILED, "too-many-pixels", ("30000x30000", "900.0 MP", "200 MP limit")),
+        ),
         # A file's name is no hint of what is wrong with it.
-        "bad/not an image, empty file.jpg": (jpeg[:len(jpeg) // 3],
-                                             Expected(FAILED, "corrupt-image", ("truncated or corrupt",))),
+        "bad/not an image, empty file.jpg": (
+            jpeg[: len(jpeg) // 3],
+            Expected(FAILED, "corrupt-image", ("truncated or corrupt",)),
+        ),
         # A good photo, but a backslash is a folder separator elsewhere: refused before reading.
         "bad/back\\slash.jpg": (jpeg, Expected(FAILED, "unsafe-name", ("unsafe relative path", "backslash"))),
     }
@@ -183,9 +194,9 @@ def bad_files() -> dict[str, tuple[bytes, Expected]]:
 
 def good_files() -> dict[str, tuple[bytes, Expected]]:
     """Unusual but valid photos: each must come out ok, upright, in the right colours."""
+
     def ok(data: bytes, colour, size=SIZE, tolerance: int = 12) -> tuple[bytes, Expected]:
-        return data, Expected(OK, size=size, colours={CENTRE: colour}, window=4 * cell_of(size),
-                              tolerance=tolerance)
+        return data, Expected(OK, size=size, colours={CENTRE: colour}, window=4 * cell_of(size), tolerance=tolerance)
 
     palette = checker(SIZE, 1, 2, "P")
     palette.putpalette([0, 0, 0, 20, 60, 200, 60, 100, 240] + [0] * 759)
@@ -200,26 +211,35 @@ def good_files() -> dict[str, tuple[bytes, Expected]]:
         "good/cmyk.jpg": ok(_save(cmyk, "JPEG", quality=95), (235, 0, 0)),
         "good/16bit.png": ok(_save(sixteen, "PNG"), (109, 109, 109)),
         # Red in the swapped profile is green in sRGB: a decoder ignoring the profile shows red.
-        "good/wide-gamut-icc.jpg": ok(_save(textured((200, 30, 30)), "JPEG", quality=100, subsampling=0,
-                                            icc_profile=swapped_profile()), (30, 200, 30)),
+        "good/wide-gamut-icc.jpg": ok(
+            _save(textured((200, 30, 30)), "JPEG", quality=100, subsampling=0, icc_profile=swapped_profile()),
+            (30, 200, 30),
+        ),
         "good/phone.heic": ok(_save(textured((45, 200, 75)), "HEIF", quality=95), (45, 200, 75)),
         "good/web.webp": ok(_save(textured((185, 45, 145)), "WEBP", quality=95), (185, 45, 145)),
         "good/scan.tiff": ok(_save(textured((110, 60, 30)), "TIFF"), (110, 60, 30)),
         "good/tiny-16x16.png": ok(_save(textured((60, 180, 110), (16, 16)), "PNG"), (60, 180, 110), (16, 16)),
-        "good/panorama.jpg": ok(_save(textured((90, 150, 200), (4000, 300)), "JPEG", quality=95),
-                                (90, 150, 200), (4000, 300)),
+        "good/panorama.jpg": ok(
+            _save(textured((90, 150, 200), (4000, 300)), "JPEG", quality=95), (90, 150, 200), (4000, 300)
+        ),
         "good/UPPER CASE.JPG": ok(_save(textured((30, 30, 220)), "JPEG", quality=95), (30, 30, 220)),
         "good/Other.PNG": ok(_save(textured((220, 100, 30)), "PNG"), (220, 100, 30)),
         "good/ünïcødé 写真 été.jpg": ok(_save(textured((140, 20, 140)), "JPEG", quality=95), (140, 20, 140)),
-        "/".join(f"level {i:02d}" for i in range(1, NESTING + 1)) + "/deep.jpg":
-            ok(_save(textured((20, 170, 170)), "JPEG", quality=95), (20, 170, 170)),
+        "/".join(f"level {i:02d}" for i in range(1, NESTING + 1)) + "/deep.jpg": ok(
+            _save(textured((20, 170, 170)), "JPEG", quality=95), (20, 170, 170)
+        ),
     }
     for orientation in range(1, 9):
         files[f"good/orientation/orient-{orientation}.jpg"] = (
             with_orientation(orientation),
-            Expected(OK, size=ORIENTATION_SIZE, colours={BOTTOM_LEFT: BL, BOTTOM_RIGHT: BR},
-                     window=4 * cell_of(ORIENTATION_SIZE),
-                     what=f"EXIF orientation {orientation}, stored {'transposed' if orientation >= 5 else 'as is'}"))
+            Expected(
+                OK,
+                size=ORIENTATION_SIZE,
+                colours={BOTTOM_LEFT: BL, BOTTOM_RIGHT: BR},
+                window=4 * cell_of(ORIENTATION_SIZE),
+                what=f"EXIF orientation {orientation}, stored {'transposed' if orientation >= 5 else 'as is'}",
+            ),
+        )
     return files
 
 

@@ -13,9 +13,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_bench_gpu_runs_on_the_cpu(tmp_path):
-    command = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--device", "cpu", "--tiny-models",
-               "--photos", "3", "--size", "320x240", "--batch-sizes", "1", "2", "--workers", "1",
-               "--skip-job", "--workdir", str(tmp_path)]
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "bench_gpu.py"),
+        "--device",
+        "cpu",
+        "--tiny-models",
+        "--photos",
+        "3",
+        "--size",
+        "320x240",
+        "--batch-sizes",
+        "1",
+        "2",
+        "--workers",
+        "1",
+        "--skip-job",
+        "--workdir",
+        str(tmp_path),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout

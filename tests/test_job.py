@@ -91,8 +91,9 @@ def test_changed_photo_or_parameters_reprocess_exactly_what_changed(tmp_path):
     latest = latest_rows(manifest(output)).to_pylist()
     assert {r["relpath"]: r["attempt"] for r in latest}[EXAMPLES[1].name] == 2
 
-    new_look = JobConfig(input=str(inputs), output=str(output), params=effect_params("default", kernel_size=5),
-                         **TRIVIAL)
+    new_look = JobConfig(
+        input=str(inputs), output=str(output), params=effect_params("default", kernel_size=5), **TRIVIAL
+    )
     assert run_job(new_look).counts == {"ok": len(EXAMPLES)}
     assert run_job(new_look).planned == 0
 
@@ -145,8 +146,14 @@ def test_s3_end_to_end_and_resume(s3_bucket, tmp_path):
 
 
 def run_cli(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 N_KILLED = 80
@@ -159,8 +166,19 @@ def test_killed_run_is_completed_by_rerunning(tmp_path):
     base = rng.integers(0, 255, (1500, 2000, 3), dtype=np.uint8)
     for i in range(N_KILLED):  # large enough that the run is still going when the first part lands
         Image.fromarray(np.roll(base, i, axis=0)).save(inputs / f"p{i:02d}.jpg")
-    command = ["run", str(inputs), str(output), "--saliency-model", "trivial-saliency",
-               "--depth-model", "trivial-depth", "--commit-every", "3", "--cpu-workers", "2"]
+    command = [
+        "run",
+        str(inputs),
+        str(output),
+        "--saliency-model",
+        "trivial-saliency",
+        "--depth-model",
+        "trivial-depth",
+        "--commit-every",
+        "3",
+        "--cpu-workers",
+        "2",
+    ]
     first = run_cli(*command)
     deadline = time.time() + 180
     while time.time() < deadline and not list((output / "manifest").glob("part-*.parquet")):
@@ -192,8 +210,10 @@ def test_inputs_differing_only_in_extension_get_their_own_outputs(tmp_path):
     config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
     assert run_job(config).counts == {"ok": 2}
     outputs = {r["relpath"]: r["output_uri"] for r in manifest(output).to_pylist()}
-    assert outputs == {"shot.jpg": str(output / "images" / "shot.jpg"),
-                       "shot.png": str(output / "images" / "shot.png.jpg")}
+    assert outputs == {
+        "shot.jpg": str(output / "images" / "shot.jpg"),
+        "shot.png": str(output / "images" / "shot.png.jpg"),
+    }
     assert run_job(config).planned == 0  # the same names again on a rerun
 
 

@@ -23,8 +23,10 @@ def _hwc(x: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).numpy()
 
 
-@pytest.mark.parametrize("size,out", [((300, 500), (100, 160)), ((1024, 768), (518, 392)),
-                                      ((37, 1100), (14, 518)), ((2000, 1500), (1024, 1024))])
+@pytest.mark.parametrize(
+    "size,out",
+    [((300, 500), (100, 160)), ((1024, 768), (518, 392)), ((37, 1100), (14, 518)), ((2000, 1500), (1024, 1024))],
+)
 def test_area_is_opencv_inter_area(size, out):
     img = _image(*size, seed=0)
     got = T.resize_area(T.photo_to_chw(torch.from_numpy(img)), *out)

@@ -12,8 +12,7 @@ import torch
 
 import pipeline.models as models
 from pipeline.errors import WeightsUnavailableError
-from pipeline.models import (DEPTH, SALIENCY, create_model, default_model, default_models, load_model,
-                             model_names)
+from pipeline.models import DEPTH, SALIENCY, create_model, default_model, default_models, load_model, model_names
 from pipeline.models.depth_anything import DepthAnythingV2Small
 from pipeline.models.dpt import DPTLarge
 from pipeline.models.ground_prior import GroundPrior
@@ -28,8 +27,14 @@ def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A smooth photo-like image (gradients and a blob) with a little noise."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    img = np.stack([255 * y / max(h - 1, 1), 255 * x / max(w - 1, 1),
-                    255 * np.exp(-((x - w / 2) ** 2 + (y - h / 2) ** 2) / (0.1 * h * w + 1))], -1)
+    img = np.stack(
+        [
+            255 * y / max(h - 1, 1),
+            255 * x / max(w - 1, 1),
+            255 * np.exp(-((x - w / 2) ** 2 + (y - h / 2) ** 2) / (0.1 * h * w + 1)),
+        ],
+        -1,
+    )
     return np.clip(img + rng.normal(0, 8, img.shape), 0, 255).astype(np.uint8)
 
 
@@ -38,16 +43,39 @@ PHOTOS = [_photo(h, w, i) for i, (h, w) in enumerate(SIZES)]
 
 def _tiny_da_config():
     from transformers import DepthAnythingConfig, Dinov2Config
-    backbone = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
-                            image_size=518, patch_size=14, out_indices=[1, 2], reshape_hidden_states=False)
-    return DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, neck_hidden_sizes=[8, 16],
-                               reassemble_factors=[2, 1], fusion_hidden_size=16, head_hidden_size=8)
+
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=518,
+        patch_size=14,
+        out_indices=[1, 2],
+        reshape_hidden_states=False,
+    )
+    return DepthAnythingConfig(
+        backbone_config=backbone,
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16],
+        reassemble_factors=[2, 1],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+    )
 
 
 def _tiny_dpt_config():
     from transformers import DPTConfig
-    return DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
-                     backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16)
+
+    return DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        backbone_out_indices=[0, 1, 2, 3],
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+    )
 
 
 def _scramble(model, seed: int) -> None:
@@ -98,6 +126,7 @@ def cache(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------ registry
 
+
 def test_registry_lists_models_by_task():
     assert {"isnet-general-use", "trivial-saliency"} <= set(model_names(SALIENCY))
     assert {"depth-anything-v2-small", "dpt-large", "ground-prior", "trivial-depth"} <= set(model_names(DEPTH))
@@ -113,9 +142,12 @@ def test_registry_imports_a_model_only_when_used():
     """Importing the package, listing names and the defaults load no model module (nor torch)."""
     import subprocess
     import sys
-    code = ("import sys, pipeline.models as m; m.model_names(); m.default_models(); "
-            "m.load_model('depth', 'ground-prior'); "
-            "print(' '.join(n for n in sys.modules if n.startswith('pipeline.models.') or n == 'torch'))")
+
+    code = (
+        "import sys, pipeline.models as m; m.model_names(); m.default_models(); "
+        "m.load_model('depth', 'ground-prior'); "
+        "print(' '.join(n for n in sys.modules if n.startswith('pipeline.models.') or n == 'torch'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     loaded = set(out.split()) - {"pipeline.models.base", "pipeline.models.weights"}
     assert loaded == {"pipeline.models.ground_prior"}
@@ -135,6 +167,7 @@ def test_every_model_states_what_runs(da):
 
 def test_fetch_defaults_are_the_task_defaults():
     from pipeline.cli.models import DEFAULT_FETCH
+
     assert list(DEFAULT_FETCH) == default_models() == [default_model(SALIENCY), default_model(DEPTH)]
 
 
@@ -153,6 +186,7 @@ def test_cache_folder_is_created_only_when_written(cache, da_saved, monkeypatch,
 
 
 # ---------------------------------------------------------------------- transformers depth models
+
 
 @pytest.mark.parametrize("which", ["da", "dpt"])
 def test_depth_maps_at_each_photo_size(which, request):
@@ -249,6 +283,7 @@ def test_crop_removes_every_padded_pixel(dpt):
 
 # ------------------------------------------------------------------------------ weights resolution
 
+
 def test_weights_from_local_folder(da, da_saved, cache):
     loaded = DepthAnythingV2Small(weights=str(da_saved), device="cpu")
     assert loaded.version == sha256_file(da_saved / "model.safetensors")[:12]
@@ -258,6 +293,7 @@ def test_weights_from_local_folder(da, da_saved, cache):
 
 def test_weights_from_uri_fetched_once_into_cache(da, da_saved, cache):
     import fsspec
+
     mem = fsspec.filesystem("memory")
     for f in da_saved.iterdir():
         mem.pipe(f"/tiny-da/{f.name}", f.read_bytes())
@@ -281,6 +317,7 @@ def test_weights_from_archive_uri(da_saved, cache, tmp_path):
 
 def test_weights_from_s3(da_saved, cache, s3_bucket):
     import fsspec
+
     fs = fsspec.filesystem("s3")
     fs.put(str(da_saved) + "/", f"{s3_bucket}/models/da/", recursive=True)
     model = DepthAnythingV2Small(weights=f"{s3_bucket}/models/da", device="cpu")
@@ -330,6 +367,7 @@ def test_fetch_to_cache_checks_checksum_and_writes_atomically(cache, tmp_path):
 
 def test_extract_archive_refuses_paths_outside(tmp_path):
     import io
+
     archive = tmp_path / "evil.tar"
     with tarfile.open(archive, "w") as tf:
         info = tarfile.TarInfo("../evil.txt")
@@ -341,6 +379,7 @@ def test_extract_archive_refuses_paths_outside(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- fallback
+
 
 def test_load_model_falls_back_to_ground_prior_once(cache, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.models"):
@@ -359,6 +398,7 @@ def test_load_model_falls_back_to_ground_prior_once(cache, caplog):
 
 # -------------------------------------------------------------------------- weight-free models
 
+
 def test_ground_prior_lower_rows_nearer():
     depth = GroundPrior().predict([np.zeros((90, 60, 3), np.uint8)])[0]
     assert depth.shape == (90, 60) and depth.dtype == np.float32
@@ -371,9 +411,9 @@ def test_ground_prior_lower_rows_nearer():
 def test_ground_prior_places_each_subject_at_its_lowest_point():
     photo = np.zeros((120, 80, 3), np.uint8)
     saliency = np.zeros((120, 80), np.float32)
-    saliency[20:70, 10:30] = 0.9   # a standing figure
+    saliency[20:70, 10:30] = 0.9  # a standing figure
     saliency[80:110, 50:70] = 0.6  # another, nearer
-    saliency[0:5, 0:80] = 0.4      # below the threshold: not a subject
+    saliency[0:5, 0:80] = 0.4  # below the threshold: not a subject
     plain, placed = create_model("ground-prior").predict([photo, photo], saliency=[None, saliency])
     for top, bottom, left, right in ((20, 70, 10, 30), (80, 110, 50, 70)):
         subject = placed[top:bottom, left:right]
@@ -410,8 +450,10 @@ def test_trivial_models():
 
 # ---------------------------------------------------------------------------------------- CLI
 
+
 def _cli(monkeypatch, capsys, *argv) -> tuple[int, str, str]:
     import pipeline.cli as cli
+
     if "models" not in cli.SUBCOMMANDS:
         monkeypatch.setattr(cli, "SUBCOMMANDS", tuple(cli.SUBCOMMANDS) + ("models",))
     code = cli.main(list(argv))

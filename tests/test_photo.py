@@ -9,16 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_models import _tiny_da_config
 
 from pipeline.models import DEPTH, SALIENCY, load_model
 from pipeline.models.depth_anything import DepthAnythingV2Small
 from pipeline.models.isnet import ISNet
 from pipeline.models.rsu import SMALL, ISNetNetwork
 from pipeline.params import effect_params
-from pipeline.photo import (BACKGROUND_ALREADY_SOFT, MODEL_INPUT_SIZE, SceneModels, finish, model_copy,
-                            prepare)
+from pipeline.photo import BACKGROUND_ALREADY_SOFT, MODEL_INPUT_SIZE, SceneModels, finish, model_copy, prepare
 from pipeline.photo_io import decode_photo, encode_photo
-from test_models import _tiny_da_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -64,8 +63,9 @@ def test_both_models_on_the_device_give_what_each_gives_alone():
 
 def test_maps_given_are_used_and_their_model_is_never_loaded(monkeypatch):
     loaded = []
-    monkeypatch.setattr("pipeline.photo.load_model",
-                        lambda task, name, *a, **k: loaded.append(task) or load_model(task, name, *a, **k))
+    monkeypatch.setattr(
+        "pipeline.photo.load_model", lambda task, name, *a, **k: loaded.append(task) or load_model(task, name, *a, **k)
+    )
     models = SceneModels("trivial-saliency", "trivial-depth", device="cpu")
     copy = textured(60, 80, 5)
     mask = np.zeros((60, 80), np.float32)
@@ -80,8 +80,7 @@ def test_finish_renders_encodes_and_keeps_the_photos_size_and_exif():
     data = (EXAMPLES / "motorcycle_left.jpg").read_bytes()
     models = SceneModels("trivial-saliency", "trivial-depth", device="cpu")
     maps = models.predict([prepare(data, "m.jpg", 200)])[0]
-    done = finish(data, "m.jpg", maps.saliency, maps.depth, effect_params("default"), "png",
-                  intermediates=True)
+    done = finish(data, "m.jpg", maps.saliency, maps.depth, effect_params("default"), "png", intermediates=True)
     photo = decode_photo(data, "m.jpg")
     assert (done.height, done.width) == photo.pixels.shape[:2]
     result = np.asarray(Image.open(io.BytesIO(done.encoded)))
@@ -102,8 +101,9 @@ def test_a_soft_background_is_left_alone_with_its_reason():
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(done.encoded))), pixels)
 
 
-@pytest.mark.parametrize("bad, kind", [(b"", "empty-file"), (b"hello", "not-an-image"),
-                                       (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "corrupt-image")])
+@pytest.mark.parametrize(
+    "bad, kind", [(b"", "empty-file"), (b"hello", "not-an-image"), (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "corrupt-image")]
+)
 def test_prepare_raises_the_kind_of_the_problem(bad, kind):
     from pipeline.errors import BadInputError
 

@@ -15,8 +15,15 @@ import pytest
 from PIL import Image, ImageCms
 
 from pipeline.errors import BadInputError
-from pipeline.photo_io import (IMAGE_EXTENSIONS, OUTPUT_EXTENSIONS, Photo, decode_photo,
-                               encode_photo, read_depth, read_mask)
+from pipeline.photo_io import (
+    IMAGE_EXTENSIONS,
+    OUTPUT_EXTENSIONS,
+    Photo,
+    decode_photo,
+    encode_photo,
+    read_depth,
+    read_mask,
+)
 
 pillow_heif.register_heif_opener()
 
@@ -54,10 +61,10 @@ def swapped_srgb_profile() -> bytes:
     icc = bytearray(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
     entries = {}
     for i in range(struct.unpack_from(">I", icc, 128)[0]):
-        sig = bytes(icc[132 + 12 * i:136 + 12 * i])
+        sig = bytes(icc[132 + 12 * i : 136 + 12 * i])
         entries[sig] = 132 + 12 * i
     r, g = entries[b"rXYZ"], entries[b"gXYZ"]
-    icc[r + 4:r + 12], icc[g + 4:g + 12] = icc[g + 4:g + 12], icc[r + 4:r + 12]
+    icc[r + 4 : r + 12], icc[g + 4 : g + 12] = icc[g + 4 : g + 12], icc[r + 4 : r + 12]
     icc = bytes(icc).replace("sRGB".encode("utf-16-be"), "Swap".encode("utf-16-be"))
     assert "srgb" not in ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(icc))).lower()
     return icc
@@ -73,10 +80,19 @@ def png_declaring(width: int, height: int) -> bytes:
 
 # --- input kinds -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fmt, options, tol", [
-    ("PNG", {}, 0), ("BMP", {}, 0), ("TIFF", {}, 0), ("GIF", {}, 0),
-    ("WEBP", {"lossless": True}, 0), ("JPEG", {"quality": 95}, 4), ("HEIF", {"quality": 95}, 6),
-])
+
+@pytest.mark.parametrize(
+    "fmt, options, tol",
+    [
+        ("PNG", {}, 0),
+        ("BMP", {}, 0),
+        ("TIFF", {}, 0),
+        ("GIF", {}, 0),
+        ("WEBP", {"lossless": True}, 0),
+        ("JPEG", {"quality": 95}, 4),
+        ("HEIF", {"quality": 95}, 6),
+    ],
+)
 def test_rgb_formats(fmt, options, tol):
     photo = decode_photo(save(patch(), fmt, **options), f"patch.{fmt.lower()}")
     assert isinstance(photo, Photo)
@@ -169,8 +185,12 @@ def test_exif_orientation(orientation, fmt):
     stored = np.full((16, 24, 3), 128, np.uint8)  # 24 wide, 16 high
     stored[:8, :8] = (255, 0, 0)  # distinct top-left corner
     stored[:8, 16:] = (0, 0, 255)  # and top-right one
-    data = save(Image.fromarray(stored), fmt, exif=exif_with(orientation).tobytes(),
-                **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}))
+    data = save(
+        Image.fromarray(stored),
+        fmt,
+        exif=exif_with(orientation).tobytes(),
+        **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}),
+    )
 
     photo = decode_photo(data, f"oriented.{fmt.lower()}")
 
@@ -178,7 +198,7 @@ def test_exif_orientation(orientation, fmt):
     assert photo.pixels.shape == expected.shape
     assert np.abs(photo.pixels.astype(int) - expected).mean() < 3
     ys, xs = np.nonzero((expected == (255, 0, 0)).all(axis=2))  # where the red corner must land
-    assert_color(photo.pixels[ys.min() + 1:ys.max(), xs.min() + 1:xs.max()], (255, 0, 0), tol=8)
+    assert_color(photo.pixels[ys.min() + 1 : ys.max(), xs.min() + 1 : xs.max()], (255, 0, 0), tol=8)
     kept = Image.Exif()
     kept.load(photo.exif)
     assert kept[0x0112] == 1
@@ -203,6 +223,7 @@ def test_no_exif_gives_none():
 
 # --- colour management ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["PNG", "TIFF", "JPEG", "WEBP"])
 def test_non_srgb_profile_is_converted(fmt):
     icc = swapped_srgb_profile()
@@ -213,16 +234,18 @@ def test_non_srgb_profile_is_converted(fmt):
 
     tol = 6 if fmt == "JPEG" else 1
     assert_color(photo.pixels[:6], (0, 255, 0), tol)  # red in the swapped profile is sRGB green
-    direct = ImageCms.profileToProfile(im, ImageCms.ImageCmsProfile(io.BytesIO(icc)),
-                                       ImageCms.createProfile("sRGB"), outputMode="RGB")
+    direct = ImageCms.profileToProfile(
+        im, ImageCms.ImageCmsProfile(io.BytesIO(icc)), ImageCms.createProfile("sRGB"), outputMode="RGB"
+    )
     assert_color(photo.pixels[10:], np.asarray(direct)[12, 4], tol)
     assert np.asarray(direct)[12, 4].tolist() != [20, 60, 200]  # the profile does change it
 
 
 def test_srgb_profile_keeps_pixels():
     im = patch()
-    photo = decode_photo(save(im, "PNG", icc_profile=ImageCms.ImageCmsProfile(
-        ImageCms.createProfile("sRGB")).tobytes()), "srgb.png")
+    photo = decode_photo(
+        save(im, "PNG", icc_profile=ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()), "srgb.png"
+    )
     assert_color(photo.pixels, RED)
 
 
@@ -233,15 +256,22 @@ def test_broken_profile_is_ignored():
 
 # --- encoding -------------------------------------------------------------------------------
 
+
 def rainbow(height=64, width=96) -> np.ndarray:
     y, x = np.mgrid[0:height, 0:width]
     return np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1).astype(np.uint8)
 
 
-@pytest.mark.parametrize("fmt, magic, tol", [
-    ("jpeg", b"\xff\xd8\xff", 12), ("jpg", b"\xff\xd8\xff", 12), ("JPEG", b"\xff\xd8\xff", 12),
-    ("png", b"\x89PNG", 0), ("webp", b"RIFF", 16),
-])
+@pytest.mark.parametrize(
+    "fmt, magic, tol",
+    [
+        ("jpeg", b"\xff\xd8\xff", 12),
+        ("jpg", b"\xff\xd8\xff", 12),
+        ("JPEG", b"\xff\xd8\xff", 12),
+        ("png", b"\x89PNG", 0),
+        ("webp", b"RIFF", 16),
+    ],
+)
 def test_encode_roundtrip_profile_and_exif(fmt, magic, tol):
     source = save(Image.fromarray(rainbow()), "JPEG", quality=98, exif=exif_with(6).tobytes())
     photo = decode_photo(source, "src.jpg")
@@ -297,20 +327,23 @@ def test_extension_tables():
 
 # --- bad input ------------------------------------------------------------------------------
 
+
 def truncated_jpeg() -> bytes:
-    data = save(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)),
-                "JPEG")
-    return data[:len(data) // 2]
+    data = save(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), np.uint8)), "JPEG")
+    return data[: len(data) // 2]
 
 
-@pytest.mark.parametrize("name, data, words", [
-    ("empty.jpg", b"", "empty file (0 bytes)"),
-    ("noise.jpg", np.random.default_rng(2).bytes(4096), "not an image"),
-    ("half.jpg", truncated_jpeg(), "truncated or corrupt"),
-    ("header.png", b"\x89PNG\r\n\x1a\n", "truncated or corrupt"),
-    ("ihdr-only.png", png_declaring(4, 4)[:33], "truncated or corrupt"),
-    ("bomb.png", png_declaring(40000, 40000), "40000x40000 = 1600.0 MP exceeds the 200 MP limit"),
-])
+@pytest.mark.parametrize(
+    "name, data, words",
+    [
+        ("empty.jpg", b"", "empty file (0 bytes)"),
+        ("noise.jpg", np.random.default_rng(2).bytes(4096), "not an image"),
+        ("half.jpg", truncated_jpeg(), "truncated or corrupt"),
+        ("header.png", b"\x89PNG\r\n\x1a\n", "truncated or corrupt"),
+        ("ihdr-only.png", png_declaring(4, 4)[:33], "truncated or corrupt"),
+        ("bomb.png", png_declaring(40000, 40000), "40000x40000 = 1600.0 MP exceeds the 200 MP limit"),
+    ],
+)
 def test_bad_photos(name, data, words):
     with pytest.raises(BadInputError) as info:
         decode_photo(data, f"albums/2024/{name}")
@@ -334,6 +367,7 @@ def test_own_limit_replaces_pillows_bomb_check():
 
 
 # --- masks ----------------------------------------------------------------------------------
+
 
 def test_mask_8bit():
     mask = read_mask(save(Image.fromarray(np.array([[0, 128, 255]], np.uint8)), "PNG"), "m.png")
@@ -369,6 +403,7 @@ def test_bad_mask(data):
 
 
 # --- depth ----------------------------------------------------------------------------------
+
 
 def npy(array: np.ndarray) -> bytes:
     out = io.BytesIO()
@@ -406,16 +441,19 @@ def test_depth_non_finite_become_finite_min():
     np.testing.assert_array_equal(read_depth(npy(values), "d.npy"), [[2, 2], [2, 2], [5, 3]])
 
 
-@pytest.mark.parametrize("data, words", [
-    (save(Image.fromarray(rainbow()), "PNG"), "3-channel RGB image is not a depth map"),
-    (npy(np.arange(5.0)), "shape (5,)"),
-    (npy(np.zeros((2, 3, 4))), "shape (2, 3, 4)"),
-    (npy(np.array([["a", "b"]])), "dtype <U1"),
-    (npy(np.full((2, 2), np.nan)), "no finite values"),
-    (b"\x93NUMPY garbage", "corrupt .npy"),
-    (b"", "empty file"),
-    (b"\x00" * 64, "not an image"),
-])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (save(Image.fromarray(rainbow()), "PNG"), "3-channel RGB image is not a depth map"),
+        (npy(np.arange(5.0)), "shape (5,)"),
+        (npy(np.zeros((2, 3, 4))), "shape (2, 3, 4)"),
+        (npy(np.array([["a", "b"]])), "dtype <U1"),
+        (npy(np.full((2, 2), np.nan)), "no finite values"),
+        (b"\x93NUMPY garbage", "corrupt .npy"),
+        (b"", "empty file"),
+        (b"\x00" * 64, "not an image"),
+    ],
+)
 def test_bad_depth(data, words):
     with pytest.raises(BadInputError) as info:
         read_depth(data, "depth/x.npy")

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pytest
 import ray
 import torch
+from make_library import FAILED, IGNORED, OK, SKIPPED, Expected, build_library, textured
 from PIL import Image
 
-from make_library import FAILED, IGNORED, OK, SKIPPED, Expected, build_library, textured
 from pipeline import photo, storage
 from pipeline.batches import pack, unpack_map
 from pipeline.cli import main, parse_args
@@ -38,9 +38,8 @@ from pipeline.errors import BadInputError, OutputError
 from pipeline.job import JobConfig, JobSummary, driver, run_job
 from pipeline.job.plan import make_plan, output_relpath
 from pipeline.job.stages import ModelStage, finish_photos, read_photos
-from pipeline.models import load_model
 from pipeline.manifest import latest_rows, read_manifest
-from pipeline.models import DEPTH, SALIENCY
+from pipeline.models import DEPTH, SALIENCY, load_model
 from pipeline.storage import Storage, safe_relpath
 
 TRIVIAL = dict(saliency_model="trivial-saliency", depth_model="trivial-depth")
@@ -57,14 +56,18 @@ def local_ray(s3_server):  # the S3 endpoint first: Ray workers inherit the envi
 
 # ------------------------------------------------------------------------------ helpers
 
+
 def manifest(output) -> pa.Table:
     return read_manifest(Storage(f"{output}/manifest"))
 
 
 def snapshot(root: Path) -> dict[str, tuple[str, int]]:
     """Every file under root (hidden ones too): relpath -> (sha256, mtime_ns)."""
-    return {p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def noise_photos(folder: Path, n: int, size=(640, 480)) -> list[str]:
@@ -103,11 +106,14 @@ def tmpfs(tmp_path):
 
     def mount(path: Path, size: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+        )
         if done.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); "
-                        "a full or read-only OUTPUT needs one")
+            pytest.skip(
+                f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); "
+                "a full or read-only OUTPUT needs one"
+            )
         mounted.append(path)
         return path
 
@@ -121,6 +127,7 @@ def remount(path: Path, options: str) -> None:
 
 
 # ------------------------------------------------------------------------------ bad input
+
 
 @dataclass
 class LibraryRun:
@@ -178,8 +185,11 @@ def test_unusual_valid_photos_come_out_upright_and_in_colour(library):
     by = rows_by_relpath(library.rows)
     good = {rel: e for rel, e in library.expected.items() if e.status == OK}
     assert len(good) >= 20
-    written = sorted(p.relative_to(library.output / "images").as_posix()
-                     for p in (library.output / "images").rglob("*") if p.is_file())
+    written = sorted(
+        p.relative_to(library.output / "images").as_posix()
+        for p in (library.output / "images").rglob("*")
+        if p.is_file()
+    )
     assert written == sorted(output_name(rel) for rel in good)  # nothing else, no temporary files
     for relpath, e in good.items():
         [row] = by[relpath]
@@ -201,7 +211,7 @@ def mean_colour(pixels: np.ndarray, spot: tuple[float, float], window: int) -> n
     half = window // 2
     y = min(max(int(spot[1] * h), half), h - half)
     x = min(max(int(spot[0] * w), half), w - half)
-    return pixels[y - half:y + half, x - half:x + half].reshape(-1, 3).mean(axis=0).round()
+    return pixels[y - half : y + half, x - half : x + half].reshape(-1, 3).mean(axis=0).round()
 
 
 def test_every_exif_orientation_is_applied(library):
@@ -261,6 +271,7 @@ def test_megapixel_limit_is_configurable(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------ killed processes
+
 
 def descendants(root: int) -> list[int]:
     """Process ids under root: the Ray instance this module started, not other Ray instances."""
@@ -326,8 +337,7 @@ def killed_run(tmp_path_factory) -> KilledRun:
     root = tmp_path_factory.mktemp("killed")
     inputs, output = root / "in", root / "out"
     names = noise_photos(inputs, 16)
-    config = JobConfig(input=str(inputs), output=str(output), commit_every=4, model_batch_size=2,
-                       **TRIVIAL)
+    config = JobConfig(input=str(inputs), output=str(output), commit_every=4, model_batch_size=2, **TRIVIAL)
     result: dict = {}
 
     def target():
@@ -381,6 +391,7 @@ def test_task_workers_killed_mid_task_are_retried(killed_run):
 
 # ------------------------------------------------------------------------------ out of memory
 
+
 class OutOfMemoryModel:
     """Fails every call with more than one photo, and the photo whose pixels are `poison` always."""
 
@@ -399,14 +410,20 @@ class OutOfMemoryModel:
 
 
 @pytest.mark.parametrize("task", [SALIENCY, DEPTH])
-@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError(
-    "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB total capacity)"), RuntimeError(
-    "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory: out of memory")],
-    ids=["MemoryError", "cuda", "onnxruntime"])
+@pytest.mark.parametrize(
+    "error",
+    [
+        MemoryError(),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.78 GiB total capacity)"),
+        RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Failed to allocate memory: out of memory"),
+    ],
+    ids=["MemoryError", "cuda", "onnxruntime"],
+)
 def test_out_of_memory_on_a_batch_falls_back_to_smaller_batches(monkeypatch, task, error):
     model = OutOfMemoryModel(error, poison=30)
-    monkeypatch.setattr(photo, "load_model", lambda t, *args, **kwargs: model if t == task else load_model(
-        t, TRIVIAL[f"{t}_model"]))
+    monkeypatch.setattr(
+        photo, "load_model", lambda t, *args, **kwargs: model if t == task else load_model(t, TRIVIAL[f"{t}_model"])
+    )
     stage = ModelStage(TRIVIAL["saliency_model"], TRIVIAL["depth_model"], None, None, "cpu", 4)
     values = [10, 20, 30, 40, 50]  # 30 fails even alone; 50 failed in an earlier stage
     photos = [np.full((12 + v // 10, 16, 3), v, np.uint8) for v in values]
@@ -427,22 +444,30 @@ def test_out_of_memory_on_a_batch_falls_back_to_smaller_batches(monkeypatch, tas
         if task == SALIENCY:  # depth travels min-max normalised: a flat map carries no level
             assert np.allclose(unpack_map(out[column][i]), values[i] / 255, atol=1 / 255)
     assert (out["status"][2], out["error_kind"][2]) == ("failed", "out-of-memory")
-    assert out["error"][2].startswith("album/30.jpg: ") and ("out of memory" in out["error"][2]
-                                                             or "MemoryError" in out["error"][2])
+    assert out["error"][2].startswith("album/30.jpg: ") and (
+        "out of memory" in out["error"][2] or "MemoryError" in out["error"][2]
+    )
     assert (out["status"][4], out["error"][4]) == ("failed", "album/50.jpg: truncated or corrupt image data")
     assert all(out[c][2] == b"" and out[c][4] == b"" for c in ("saliency", "depth"))
 
 
 # ------------------------------------------------------------------------------ flaky storage
 
+
 def s3_throttling_error() -> Exception:
     """What s3fs raises for a 503 SlowDown that outlived its own retries."""
     from botocore.exceptions import ClientError
     from s3fs.errors import translate_boto_error
 
-    return translate_boto_error(ClientError(
-        {"Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
-         "ResponseMetadata": {"HTTPStatusCode": 503}}, "ListObjectsV2"))
+    return translate_boto_error(
+        ClientError(
+            {
+                "Error": {"Code": "SlowDown", "Message": "Please reduce your request rate."},
+                "ResponseMetadata": {"HTTPStatusCode": 503},
+            },
+            "ListObjectsV2",
+        )
+    )
 
 
 def test_transient_storage_errors_are_retried_with_backoff(s3_bucket, monkeypatch):
@@ -527,29 +552,40 @@ def test_a_photo_whose_write_keeps_failing_fails_alone(tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage.time, "sleep", lambda seconds: None)
     monkeypatch.setattr(Storage, "_write_local", staticmethod(flaky_write))
-    batch = {"relpath": np.array(names, dtype=object),
-             "output_relpath": np.array([output_relpath(n, "jpeg") for n in names], dtype=object)}
+    batch = {
+        "relpath": np.array(names, dtype=object),
+        "output_relpath": np.array([output_relpath(n, "jpeg") for n in names], dtype=object),
+    }
     batch = read_photos(batch, str(inputs), {}, config.max_megapixels)
     batch = ModelStage(config.saliency_model, config.depth_model, None, None, "cpu", 4).predict(batch)
     batch = finish_photos(batch, config)
 
     assert list(batch["status"]) == ["ok", "failed", "ok"], list(batch["error"])
     assert batch["error_kind"][1] == "write-error"
-    assert batch["error"][1] == f"cannot write {output}/images/p01.jpg: ConnectionResetError: " \
-                                "[Errno 104] Connection reset by peer"
+    assert (
+        batch["error"][1] == f"cannot write {output}/images/p01.jpg: ConnectionResetError: "
+        "[Errno 104] Connection reset by peer"
+    )
     assert attempts == {"p00.jpg": 1, "p01.jpg": 5, "p02.jpg": 3}
     assert sorted(p.name for p in (output / "images").iterdir()) == ["p00.jpg", "p02.jpg"]
 
 
 def fake_execution(kinds: list[str]):
     """Instead of Ray Data: rows as finish_photos would end them, kinds[i] for the i-th photo."""
+
     def execute(config, inputs, chunk_refs, run_id):
         relpaths = pa.concat_tables(ray.get(chunk_refs)).column("relpath").to_pylist()
         for relpath, kind in zip(relpaths, kinds):
             failed = kind == "write-error"
-            yield dict(relpath=relpath, status="failed" if failed else "ok", error_kind=kind, attempt=1,
-                       error=f"cannot write {config.output}/images/{relpath}: OSError: disk trouble" if failed else "",
-                       run_id=run_id)
+            yield dict(
+                relpath=relpath,
+                status="failed" if failed else "ok",
+                error_kind=kind,
+                attempt=1,
+                error=f"cannot write {config.output}/images/{relpath}: OSError: disk trouble" if failed else "",
+                run_id=run_id,
+            )
+
     return execute
 
 
@@ -571,6 +607,7 @@ def test_the_job_goes_on_past_failing_writes_and_stops_when_they_all_fail(tmp_pa
 
 # ------------------------------------------------------------------------------ OUTPUT full or read-only
 
+
 def test_unwritable_output_stops_with_a_clear_error(library, tmp_path, tmpfs, capsys):
     output, more = tmp_path / "out", tmp_path / "more"
     noise_photos(more, 2, size=(32, 24))
@@ -589,8 +626,11 @@ def test_unwritable_output_stops_with_a_clear_error(library, tmp_path, tmpfs, ca
         code = main(["run", str(more), str(output), *TRIVIAL_FLAGS])
         err = capsys.readouterr().err
         assert code == 2, err
-        assert re.fullmatch(rf"dreamfocus: error: cannot write {re.escape(str(output))}/manifest/\S+: "
-                            r"\w+: .*(Read-only file system|Permission denied).*\n", err), err
+        assert re.fullmatch(
+            rf"dreamfocus: error: cannot write {re.escape(str(output))}/manifest/\S+: "
+            r"\w+: .*(Read-only file system|Permission denied).*\n",
+            err,
+        ), err
         assert snapshot(output) == before  # nothing changed, nothing half-written
         assert manifest(output).equals(rows_before)  # and the manifest still reads
     finally:
@@ -652,8 +692,11 @@ def test_unsafe_object_names_never_escape_output_and_inputs_stay(s3_bucket, tmp_
 
     def objects() -> dict[str, str]:
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
-        return {o["Key"]: hashlib.sha256(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()).hexdigest()
-                for page in pages for o in page.get("Contents", [])}
+        return {
+            o["Key"]: hashlib.sha256(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()).hexdigest()
+            for page in pages
+            for o in page.get("Contents", [])
+        }
 
     before = objects()
     assert set(before) == set(TRICKY_KEYS)  # moto keeps every trick as given
@@ -695,8 +738,20 @@ def test_unsafe_object_names_never_escape_output_and_inputs_stay(s3_bucket, tmp_
     assert set(rows) == {k.removeprefix("photos/") for k, fate in TRICKY_KEYS.items() if fate}
 
 
-@pytest.mark.parametrize("relpath", ["../escape.jpg", "a/../../up.jpg", "./../x.jpg", "/etc/x.jpg", "a\\..\\b.jpg",
-                                     "C:/x.jpg", "a//b.jpg", "a/\0.jpg", ""])
+@pytest.mark.parametrize(
+    "relpath",
+    [
+        "../escape.jpg",
+        "a/../../up.jpg",
+        "./../x.jpg",
+        "/etc/x.jpg",
+        "a\\..\\b.jpg",
+        "C:/x.jpg",
+        "a//b.jpg",
+        "a/\0.jpg",
+        "",
+    ],
+)
 def test_output_paths_refuse_every_escape(relpath):
     with pytest.raises(BadInputError, match="unsafe relative path"):
         output_relpath(relpath, "jpeg")

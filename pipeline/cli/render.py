@@ -15,14 +15,18 @@ from .options import add_config_fields, add_config_option, add_effect_options, p
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = sub.add_parser("render", help="apply the effect to one photo",
-                            description="Apply the effect to one photo. With --mask and --depth no model runs.")
+    parser = sub.add_parser(
+        "render",
+        help="apply the effect to one photo",
+        description="Apply the effect to one photo. With --mask and --depth no model runs.",
+    )
     parser.add_argument("photo", help="the photo (path or fsspec URI)")
     parser.add_argument("-o", "--output", required=True, help="where to write the result (.jpg, .png, .webp)")
     parser.add_argument("--mask", help="salient-object mask: an 8- or 16-bit image, any size")
     parser.add_argument("--depth", help="depth (nearer is larger): .npy, 16-bit PNG or float TIFF, any size")
-    parser.add_argument("--save-intermediates", metavar="DIR",
-                        help="also write background, mask, depth (16-bit) and alpha PNGs here")
+    parser.add_argument(
+        "--save-intermediates", metavar="DIR", help="also write background, mask, depth (16-bit) and alpha PNGs here"
+    )
     add_effect_options(parser)
     add_config_fields(parser, "output", "models", format=None)  # the format: from the output's name
     add_config_option(parser)
@@ -48,8 +52,10 @@ def output_format(output: str, fmt: str | None) -> str:
     for name, known in OUTPUT_EXTENSIONS.items():
         if ext in (known, "." + name):
             return name
-    raise BadInputError(f"{output}: cannot tell the output format from the extension {ext or '(none)'}; "
-                        "use .jpg, .png or .webp, or pass --format")
+    raise BadInputError(
+        f"{output}: cannot tell the output format from the extension {ext or '(none)'}; "
+        "use .jpg, .png or .webp, or pass --format"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -61,16 +67,28 @@ def run(args: argparse.Namespace) -> int:
 
     used = ""
     if saliency is None or depth is None:
-        models = SceneModels(args.saliency_model, args.depth_model, args.saliency_weights, args.depth_weights,
-                             args.device, batch_size=1)
-        maps = models.predict([prepare(data, args.photo, args.max_megapixels)],
-                              saliency=None if saliency is None else [saliency],
-                              depth=None if depth is None else [depth])[0]
+        models = SceneModels(
+            args.saliency_model, args.depth_model, args.saliency_weights, args.depth_weights, args.device, batch_size=1
+        )
+        maps = models.predict(
+            [prepare(data, args.photo, args.max_megapixels)],
+            saliency=None if saliency is None else [saliency],
+            depth=None if depth is None else [depth],
+        )[0]
         saliency, depth = maps.saliency, maps.depth
         used = f" models: {', '.join(models.describe())};"
 
-    done = finish(data, args.photo, saliency, depth, params, fmt, args.quality, args.max_megapixels,
-                  intermediates=bool(args.save_intermediates))
+    done = finish(
+        data,
+        args.photo,
+        saliency,
+        depth,
+        params,
+        fmt,
+        args.quality,
+        args.max_megapixels,
+        intermediates=bool(args.save_intermediates),
+    )
     folder, name = os.path.split(os.path.abspath(args.output))
     Storage(folder).write_atomic(name, done.encoded)
     if args.save_intermediates:
@@ -81,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
 
     if done.left_alone:
         print(f"{args.output}: {done.reason}")
-    print(f"{args.output}: {done.width}x{done.height}, preset {params.preset};{used} "
-          f"crisp in front of depth {done.rendering.start:.3f}, background behind {done.rendering.stop:.3f}")
+    print(
+        f"{args.output}: {done.width}x{done.height}, preset {params.preset};{used} "
+        f"crisp in front of depth {done.rendering.start:.3f}, background behind {done.rendering.stop:.3f}"
+    )
     return 0

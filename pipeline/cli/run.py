@@ -10,9 +10,11 @@ from .options import add_config_fields, add_config_option, add_effect_options, c
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = sub.add_parser(
-        "run", help="process a whole photo library (resumable)",
+        "run",
+        help="process a whole photo library (resumable)",
         description="Process every photo under INPUT into OUTPUT/images, with a Parquet manifest in "
-                    "OUTPUT/manifest. Rerunning the same command skips what is done.")
+        "OUTPUT/manifest. Rerunning the same command skips what is done.",
+    )
     parser.add_argument("input", help="folder or fsspec URI (s3://bucket/photos, gs://..., ...)")
     parser.add_argument("output", help="folder or fsspec URI; must not be INPUT or inside it")
     add_config_fields(parser, "locations", "job")

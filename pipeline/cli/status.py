@@ -10,8 +10,11 @@ from ..storage import Storage
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = sub.add_parser("status", help="counts, errors and throughput of a library run",
-                            description="Summarise OUTPUT/manifest. Exits 1 when any input's latest attempt failed.")
+    parser = sub.add_parser(
+        "status",
+        help="counts, errors and throughput of a library run",
+        description="Summarise OUTPUT/manifest. Exits 1 when any input's latest attempt failed.",
+    )
     parser.add_argument("output", help="the OUTPUT folder or URI of `dreamfocus run`")
     parser.add_argument("--storage-options", type=json.loads, default={}, metavar="JSON")
     parser.add_argument("--errors", type=int, default=5, help="how many error kinds and examples to list")
@@ -19,8 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = manifest_report(Storage(f"{args.output.rstrip('/')}/{MANIFEST_DIR}", args.storage_options),
-                             top=args.errors)
+    report = manifest_report(
+        Storage(f"{args.output.rstrip('/')}/{MANIFEST_DIR}", args.storage_options), top=args.errors
+    )
     for line in report.lines():
         print(line)
     return 1 if report.latest_counts.get(FAILED) else 0

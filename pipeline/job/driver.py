@@ -14,9 +14,10 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 
@@ -48,10 +49,12 @@ class JobSummary:
     def lines(self) -> list[str]:
         done = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "nothing to do"
         kept = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()))
-        return [f"run {self.run_id}: {self.planned} to process: {done} in {self.seconds:.1f} s "
-                f"({self.processing_seconds:.1f} s processing)",
-                *([f"left alone: {kept}"] if kept else []),
-                f"results: {self.output}/{IMAGES_DIR}  manifest: {self.output}/{MANIFEST_DIR}"]
+        return [
+            f"run {self.run_id}: {self.planned} to process: {done} in {self.seconds:.1f} s "
+            f"({self.processing_seconds:.1f} s processing)",
+            *([f"left alone: {kept}"] if kept else []),
+            f"results: {self.output}/{IMAGES_DIR}  manifest: {self.output}/{MANIFEST_DIR}",
+        ]
 
 
 def run_job(config: JobConfig) -> JobSummary:
@@ -89,8 +92,9 @@ def run_job(config: JobConfig) -> JobSummary:
     processing_started = ended = time.perf_counter()
     if chunk_refs or refused:
         check_writable(output)
-        writer = ManifestWriter(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options), run_id,
-                                config.commit_every)
+        writer = ManifestWriter(
+            Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options), run_id, config.commit_every
+        )
         failing_writes = 0
         rows = _execute(config, inputs, chunk_refs, run_id) if chunk_refs else iter(())
         try:
@@ -100,15 +104,15 @@ def run_job(config: JobConfig) -> JobSummary:
                 # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
                 failing_writes = failing_writes + 1 if row["error_kind"] == OutputError.kind else 0
                 if failing_writes >= MAX_FAILING_WRITES:
-                    raise OutputError(f"{output.uri}: {failing_writes} writes in a row failed, stopping "
-                                      f"(last: {row['error']})")
+                    raise OutputError(
+                        f"{output.uri}: {failing_writes} writes in a row failed, stopping (last: {row['error']})"
+                    )
         finally:
             writer.flush()
             if hasattr(rows, "close"):
                 rows.close()  # stops the dataset's workers now when the loop ended early
         ended = time.perf_counter()
-    return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started,
-                      output.uri)
+    return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started, output.uri)
 
 
 def check_writable(output: Storage) -> None:
@@ -122,13 +126,17 @@ def _put_tasks(config: JobConfig, items: list[PlanItem]):
     import ray
 
     _start_ray(config)
-    return ray.put(pa.table({
-        "relpath": [it.source.relpath for it in items],
-        "source_size": pa.array([it.source.size for it in items], pa.int64()),
-        "source_fingerprint": [it.source.fingerprint for it in items],
-        "output_relpath": [it.output_relpath for it in items],
-        "attempt": pa.array([it.attempt for it in items], pa.int32()),
-    }))
+    return ray.put(
+        pa.table(
+            {
+                "relpath": [it.source.relpath for it in items],
+                "source_size": pa.array([it.source.size for it in items], pa.int64()),
+                "source_fingerprint": [it.source.fingerprint for it in items],
+                "output_relpath": [it.output_relpath for it in items],
+                "attempt": pa.array([it.attempt for it in items], pa.int32()),
+            }
+        )
+    )
 
 
 def _start_ray(config: JobConfig) -> None:
@@ -138,8 +146,12 @@ def _start_ray(config: JobConfig) -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=config.address, num_cpus=None if config.address else config.cpu_workers,
-                 include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(
+            address=config.address,
+            num_cpus=None if config.address else config.cpu_workers,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,9 +167,12 @@ class ModelLayout:
 def model_layout(config: JobConfig, cluster_gpus: float) -> ModelLayout:
     gpus_per_actor = config.gpus_per_actor if config.gpus_per_actor is not None else (1.0 if cluster_gpus else 0.0)
     default_actors = max(1, int(cluster_gpus // gpus_per_actor)) if gpus_per_actor else 1
-    return ModelLayout(actors=config.model_actors or default_actors, gpus_per_actor=gpus_per_actor,
-                       device=config.device or ("cuda" if gpus_per_actor else "cpu"),
-                       batch_size=config.model_batch_size or (16 if gpus_per_actor else 4))
+    return ModelLayout(
+        actors=config.model_actors or default_actors,
+        gpus_per_actor=gpus_per_actor,
+        device=config.device or ("cuda" if gpus_per_actor else "cpu"),
+        batch_size=config.model_batch_size or (16 if gpus_per_actor else 4),
+    )
 
 
 def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) -> Iterator[dict[str, Any]]:
@@ -168,24 +183,40 @@ def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) 
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     layout = model_layout(config, cluster_gpus)
     if layout.gpus_per_actor and cluster_gpus < layout.gpus_per_actor * layout.actors:
-        log.warning("%d model actors ask for %g GPU each and the cluster has %g GPUs now: they wait until "
-                    "GPU nodes join (an autoscaler starts them; without one, the job waits)",
-                    layout.actors, layout.gpus_per_actor, cluster_gpus)
+        log.warning(
+            "%d model actors ask for %g GPU each and the cluster has %g GPUs now: they wait until "
+            "GPU nodes join (an autoscaler starts them; without one, the job waits)",
+            layout.actors,
+            layout.gpus_per_actor,
+            cluster_gpus,
+        )
 
     # The plan arrives in large chunks (cheap to hold); streaming repartition cuts them into
     # groups without a shuffle, so reading fans out over the cluster's CPUs.
     ds = ray.data.from_arrow_refs(chunk_refs).repartition(target_num_rows_per_block=GROUP_SIZE)
-    read = functools.partial(read_stage, input_uri=inputs.uri, storage_options=config.storage_options,
-                             max_megapixels=config.max_megapixels)
+    read = functools.partial(
+        read_stage, input_uri=inputs.uri, storage_options=config.storage_options, max_megapixels=config.max_megapixels
+    )
     ds = ds.map_batches(read, batch_size=GROUP_SIZE, batch_format="pyarrow", num_cpus=1)
-    ds = ds.map_batches(ModelStage, fn_constructor_args=(config.saliency_model, config.depth_model,
-                                                         config.saliency_weights, config.depth_weights,
-                                                         layout.device, layout.batch_size),
-                        batch_size=layout.batch_size, batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=layout.actors),
-                        num_gpus=layout.gpus_per_actor, num_cpus=config.cpus_per_actor)
-    ds = ds.map_batches(functools.partial(finish_stage, config=config), batch_size=None, batch_format="pyarrow",
-                        num_cpus=1)
+    ds = ds.map_batches(
+        ModelStage,
+        fn_constructor_args=(
+            config.saliency_model,
+            config.depth_model,
+            config.saliency_weights,
+            config.depth_weights,
+            layout.device,
+            layout.batch_size,
+        ),
+        batch_size=layout.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=layout.actors),
+        num_gpus=layout.gpus_per_actor,
+        num_cpus=config.cpus_per_actor,
+    )
+    ds = ds.map_batches(
+        functools.partial(finish_stage, config=config), batch_size=None, batch_format="pyarrow", num_cpus=1
+    )
 
     source_root = inputs.uri
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
@@ -195,18 +226,24 @@ def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) 
 
 def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str) -> dict[str, Any]:
     assert item.error is not None
-    row = {"relpath": item.source.relpath, "source_size": item.source.size,
-           "source_fingerprint": item.source.fingerprint, "attempt": item.attempt,
-           "status": FAILED, "error_kind": item.error.kind, "error": str(item.error)}
+    row = {
+        "relpath": item.source.relpath,
+        "source_size": item.source.size,
+        "source_fingerprint": item.source.fingerprint,
+        "attempt": item.attempt,
+        "status": FAILED,
+        "error_kind": item.error.kind,
+        "error": str(item.error),
+    }
     return _manifest_row(row, inputs.uri, config, run_id)
 
 
 def _manifest_row(row: dict, source_root: str, config: JobConfig, run_id: str) -> dict[str, Any]:
     relpath = row["relpath"]
-    finished_at = datetime.now(timezone.utc)
+    finished_at = datetime.now(UTC)
     started_at = row.get("started_at")
     row.update(
-        started_at=started_at.replace(tzinfo=timezone.utc) if started_at else finished_at,
+        started_at=started_at.replace(tzinfo=UTC) if started_at else finished_at,
         image_id=image_id(relpath),
         source_uri=f"{source_root}/{relpath}",
         preset=config.params.preset,

@@ -7,8 +7,8 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from ..errors import BadInputError
 from ..manifest import FAILED, MANIFEST_DIR, OK, SKIPPED, KeySet, ResumeIndex, key_of
@@ -37,10 +37,15 @@ class JobConfig:
     output: str
     params: EffectParams = field(default_factory=EffectParams)
     storage_options: dict = _option(
-        {}, 'fsspec options for INPUT and OUTPUT, e.g. \'{"anon": false}\'', "locations",
-        type=json.loads, metavar="JSON")
+        {},
+        "fsspec options for INPUT and OUTPUT, e.g. '{\"anon\": false}'",
+        "locations",
+        type=json.loads,
+        metavar="JSON",
+    )
     address: str | None = _option(
-        None, "Ray cluster: 'auto', host:port or ray://host:port (default: an embedded local Ray)", "locations")
+        None, "Ray cluster: 'auto', host:port or ray://host:port (default: an embedded local Ray)", "locations"
+    )
     # models
     saliency_model: str | None = _option(None, "salient-object model name (see `models list`)", "models")
     depth_model: str | None = _option(None, "depth model name (see `models list`)", "models")
@@ -51,7 +56,8 @@ class JobConfig:
     format: str = _option("jpeg", "output format", "output", choices=sorted(OUTPUT_EXTENSIONS))
     quality: int = _option(92, "JPEG/WebP quality 1..100", "output")
     max_megapixels: float = _option(
-        200.0, "refuse photos declaring more pixels than this (decompression bombs)", "output")
+        200.0, "refuse photos declaring more pixels than this (decompression bombs)", "output"
+    )
     # job
     limit: int | None = _option(None, "process at most N photos this run", "job", metavar="N")
     dry_run: bool = _option(False, "say what would be done and why, do nothing", "job")
@@ -59,19 +65,20 @@ class JobConfig:
     retry_failed: bool = _option(False, "retry photos whose last attempt failed", "job")
     save_intermediates: bool = _option(False, "also write OUTPUT/intermediates", "job")
     commit_every: int = _option(
-        1000, "write a manifest part every N photos (what a crash can lose is redone on rerun)", "job",
-        metavar="N")
-    model_batch_size: int | None = _option(
-        None, "photos per model call (default: 16 on a GPU, 4 on CPUs)", "job")
+        1000, "write a manifest part every N photos (what a crash can lose is redone on rerun)", "job", metavar="N"
+    )
+    model_batch_size: int | None = _option(None, "photos per model call (default: 16 on a GPU, 4 on CPUs)", "job")
     model_actors: int | None = _option(
-        None, "model actors, each holding both models (default: one per GPU, else 1)", "job")
+        None, "model actors, each holding both models (default: one per GPU, else 1)", "job"
+    )
     gpus_per_actor: float | None = _option(
-        None, "GPUs per model actor (default: 1 where the cluster has GPUs, else 0; 0.5 packs two per GPU)",
-        "job")
+        None, "GPUs per model actor (default: 1 where the cluster has GPUs, else 0; 0.5 packs two per GPU)", "job"
+    )
     # Model actors reserve no CPU by default: on a GPU they mostly wait for it, and on a CPU-only
     # machine a reservation would idle cores whenever the models are quicker than the CPU stages.
     cpus_per_actor: float = _option(
-        0.0, "CPUs reserved per model actor (default 0: actors share cores with the CPU stages)", "job")
+        0.0, "CPUs reserved per model actor (default 0: actors share cores with the CPU stages)", "job"
+    )
     cpu_workers: int | None = _option(None, "CPUs of the embedded local Ray (default: all)", "job")
 
     def __post_init__(self) -> None:
@@ -94,8 +101,13 @@ class JobConfig:
 
     def job_hash(self) -> str:
         """What decides how an output looks: effect parameters, models and encoding."""
-        what = {"params": self.params.digest(), "saliency": self.saliency_model, "depth": self.depth_model,
-                "format": self.format, "quality": self.quality}
+        what = {
+            "params": self.params.digest(),
+            "saliency": self.saliency_model,
+            "depth": self.depth_model,
+            "format": self.format,
+            "quality": self.quality,
+        }
         return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 

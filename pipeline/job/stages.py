@@ -14,13 +14,23 @@ import logging
 import os
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 
-from ..batches import (HEAVY, ROW_STATE, UPDATED, arrow_stage, pack, pack_depth, pack_saliency, unpack,
-                       unpack_map, writable)
+from ..batches import (
+    HEAVY,
+    ROW_STATE,
+    UPDATED,
+    arrow_stage,
+    pack,
+    pack_depth,
+    pack_saliency,
+    unpack,
+    unpack_map,
+    writable,
+)
 from ..errors import DreamfocusError, classify, error_kind
 from ..manifest import FAILED, OK, SKIPPED
 from ..photo import SceneMaps, SceneModels, finish, prepare
@@ -39,8 +49,11 @@ def fail(batch: dict, i: int, exc: BaseException) -> None:
     kind = classify(exc)
     batch["status"][i] = SKIPPED if kind is not None and kind.leaves_alone else FAILED
     batch["error_kind"][i] = error_kind(exc)
-    batch["error"][i] = (str(exc) if isinstance(exc, DreamfocusError)  # these name the file already
-                         else f"{batch['relpath'][i]}: {type(exc).__name__}: {exc}")
+    batch["error"][i] = (
+        str(exc)
+        if isinstance(exc, DreamfocusError)  # these name the file already
+        else f"{batch['relpath'][i]}: {type(exc).__name__}: {exc}"
+    )
 
 
 def read_photos(batch: dict, input_uri: str, storage_options: dict, max_megapixels: float) -> dict:
@@ -56,7 +69,7 @@ def read_photos(batch: dict, input_uri: str, storage_options: dict, max_megapixe
     batch["seconds_decode"] = np.zeros(n, np.float32)
     batch["started_at"] = np.empty(n, dtype="datetime64[ms]")
     for i, relpath in enumerate(batch["relpath"]):
-        batch["started_at"][i] = np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "ms")
+        batch["started_at"][i] = np.datetime64(datetime.now(UTC).replace(tzinfo=None), "ms")
         t0 = _now()
         try:
             data = inputs.read_bytes(relpath)
@@ -77,8 +90,15 @@ def read_stage(table: pa.Table, **kwargs) -> pa.Table:
 class ModelStage:
     """Both models on the photos of a batch that are still ok (an actor: loads them once)."""
 
-    def __init__(self, saliency: str, depth: str, saliency_weights: str | None, depth_weights: str | None,
-                 device: str | None, batch_size: int) -> None:
+    def __init__(
+        self,
+        saliency: str,
+        depth: str,
+        saliency_weights: str | None,
+        depth_weights: str | None,
+        device: str | None,
+        batch_size: int,
+    ) -> None:
         self.models = SceneModels(saliency, depth, saliency_weights, depth_weights, device, batch_size).load()
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -129,10 +149,16 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
     intermediates = Storage(f"{config.output.rstrip('/')}/{INTERMEDIATES_DIR}", config.storage_options)
     writable(batch, *UPDATED)
     n = len(batch["relpath"])
-    for column, dtype in (("width", np.int32), ("height", np.int32), ("fg_fraction", np.float32),
-                          ("interp_start", np.float32), ("interp_stop", np.float32),
-                          ("seconds_effect", np.float32), ("seconds_encode", np.float32),
-                          ("seconds_write", np.float32)):
+    for column, dtype in (
+        ("width", np.int32),
+        ("height", np.int32),
+        ("fg_fraction", np.float32),
+        ("interp_start", np.float32),
+        ("interp_stop", np.float32),
+        ("seconds_effect", np.float32),
+        ("seconds_encode", np.float32),
+        ("seconds_write", np.float32),
+    ):
         batch[column] = np.zeros(n, dtype)
     batch["output_uri"] = np.array([""] * n, dtype=object)
     for i in range(n):
@@ -140,9 +166,17 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
             continue
         relpath = batch["relpath"][i]
         try:
-            done = finish(batch["data"][i], relpath, unpack_map(batch["saliency"][i]),
-                          unpack_map(batch["depth"][i]), config.params, config.format, config.quality,
-                          config.max_megapixels, config.save_intermediates)
+            done = finish(
+                batch["data"][i],
+                relpath,
+                unpack_map(batch["saliency"][i]),
+                unpack_map(batch["depth"][i]),
+                config.params,
+                config.format,
+                config.quality,
+                config.max_megapixels,
+                config.save_intermediates,
+            )
             t0 = _now()
             target = batch["output_relpath"][i]
             images.write_atomic(target, done.encoded)
@@ -165,5 +199,9 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
 
 def finish_stage(table: pa.Table, config: JobConfig) -> pa.Table:
     """finish_photos as a Ray Data stage."""
-    return arrow_stage(table, functools.partial(finish_photos, config=config), drops=HEAVY,
-                       reads=("relpath", "output_relpath", *UPDATED, "data", "saliency", "depth"))
+    return arrow_stage(
+        table,
+        functools.partial(finish_photos, config=config),
+        drops=HEAVY,
+        reads=("relpath", "output_relpath", *UPDATED, "data", "saliency", "depth"),
+    )

@@ -70,8 +70,14 @@ FALLBACK_DEPTH = "ground-prior"
 _warned_fallback: set[str] = set()
 
 
-def load_model(task: str, name: str | None = None, weights: str | None = None, device: str | None = None,
-               batch_size: int = 4, fallback: bool = True) -> MapModel:
+def load_model(
+    task: str,
+    name: str | None = None,
+    weights: str | None = None,
+    device: str | None = None,
+    batch_size: int = 4,
+    fallback: bool = True,
+) -> MapModel:
     """The model for ``task`` (``name``, else the task's default), loaded once, ready to predict.
 
     ``weights``: a path or URI overriding where the weights come from. ``device``: "cpu",
@@ -94,5 +100,17 @@ def load_model(task: str, name: str | None = None, weights: str | None = None, d
         return create_model(FALLBACK_DEPTH, DEPTH, device=device, batch_size=batch_size)
 
 
-__all__ = ["DEFAULTS", "DEPTH", "SALIENCY", "TASKS", "MapModel", "create_model", "default_model",
-           "default_models", "load_model", "model_class", "model_names", "register"]
+__all__ = [
+    "DEFAULTS",
+    "DEPTH",
+    "SALIENCY",
+    "TASKS",
+    "MapModel",
+    "create_model",
+    "default_model",
+    "default_models",
+    "load_model",
+    "model_class",
+    "model_names",
+    "register",
+]

@@ -57,8 +57,7 @@ class MapModel(ABC):
     runtime: str = "numpy"
     device: str = "cpu"
 
-    def __init__(self, weights: str | None = None, device: str | None = None,
-                 batch_size: int = 4) -> None:
+    def __init__(self, weights: str | None = None, device: str | None = None, batch_size: int = 4) -> None:
         # Once loaded: where the weights came from (a local file or folder, or a hub id).
         self.weights = weights
         self.device = device or default_device()
@@ -80,8 +79,7 @@ class MapModel(ABC):
 
     # ----------------------------------------------------------------------------- prediction
 
-    def predict(self, photos: Sequence[np.ndarray],
-                saliency: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
+    def predict(self, photos: Sequence[np.ndarray], saliency: Sequence[np.ndarray] | None = None) -> list[np.ndarray]:
         """One float32 map per photo, at that photo's size.
 
         ``saliency``, when given, holds one saliency map (0..1, any size with the photo's aspect)
@@ -93,19 +91,22 @@ class MapModel(ABC):
             raise ValueError(f"{len(saliency)} saliency maps for {len(photos)} photos")
         if self.accepts_tensors and self.device != "cpu":
             from .tensors import download, upload
-            return download(self.predict_tensors(upload(photos, self.device),
-                                                 None if saliency is None else upload(saliency, self.device)))
+
+            return download(
+                self.predict_tensors(
+                    upload(photos, self.device), None if saliency is None else upload(saliency, self.device)
+                )
+            )
         step = max(1, self.batch_size)
         maps: list[np.ndarray] = []
         for i in range(0, len(photos), step):
-            chunk = list(photos[i:i + step])
-            sal = None if saliency is None else list(saliency[i:i + step])
+            chunk = list(photos[i : i + step])
+            sal = None if saliency is None else list(saliency[i : i + step])
             for photo, raw in zip(chunk, self._predict_chunk(chunk, sal)):
                 maps.append(resize_map(raw, photo.shape[0], photo.shape[1]))
         return maps
 
-    def _predict_chunk(self, photos: list[np.ndarray],
-                       saliency: list[np.ndarray] | None) -> list[np.ndarray]:
+    def _predict_chunk(self, photos: list[np.ndarray], saliency: list[np.ndarray] | None) -> list[np.ndarray]:
         """Maps for one batch; models that use saliency maps override this, the others ignore them."""
         return self._predict_batch(photos)
 
@@ -113,8 +114,9 @@ class MapModel(ABC):
     def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
         """Maps for a batch, each at any size with the photo's aspect ratio."""
 
-    def predict_tensors(self, photos: Sequence[torch.Tensor],
-                        saliency: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    def predict_tensors(
+        self, photos: Sequence[torch.Tensor], saliency: Sequence[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
         """The device path: ``predict`` on tensors already on ``device``, results left there.
 
         ``photos``: HxWx3 uint8 tensors (sizes may differ); ``saliency``: HxW float tensors or
@@ -133,12 +135,13 @@ class MapModel(ABC):
         maps: list[torch.Tensor] = []
         with torch.inference_mode():
             for i in range(0, len(photos), step):
-                sal = None if saliency is None else list(saliency[i:i + step])
-                maps.extend(self._predict_tensor_batch(list(photos[i:i + step]), sal))
+                sal = None if saliency is None else list(saliency[i : i + step])
+                maps.extend(self._predict_tensor_batch(list(photos[i : i + step]), sal))
         return maps
 
-    def _predict_tensor_batch(self, photos: list[torch.Tensor],
-                              saliency: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    def _predict_tensor_batch(
+        self, photos: list[torch.Tensor], saliency: list[torch.Tensor] | None
+    ) -> list[torch.Tensor]:
         """Maps at each photo's size for one batch; models with a device path implement it."""
         raise NotImplementedError
 
@@ -183,8 +186,7 @@ class MapModel(ABC):
     def hub_weights(cls) -> str:
         """The last resort when no copy of the weights is at hand: an id that the model's own
         library loads (from a model hub), or WeightsUnavailableError saying how to supply them."""
-        raise WeightsUnavailableError(
-            f"no weights for {cls.name} in {_weights.cache_dir()}; {cls.how_to_fetch()}")
+        raise WeightsUnavailableError(f"no weights for {cls.name} in {_weights.cache_dir()}; {cls.how_to_fetch()}")
 
     @classmethod
     def fetch_from_registry(cls) -> Path:
@@ -206,6 +208,7 @@ class MapModel(ABC):
 def default_device() -> str:
     try:
         import torch
+
         if torch.cuda.is_available():
             return "cuda"
     except ImportError:  # pragma: no cover - torch is a dependency

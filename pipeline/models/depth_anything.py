@@ -27,10 +27,12 @@ class DepthAnythingV2Small(HFDepthModel):
     @classmethod
     def model_class(cls):
         from transformers import DepthAnythingForDepthEstimation
+
         return DepthAnythingForDepthEstimation
 
     @classmethod
     def default_config(cls):
         """transformers' DepthAnythingConfig defaults are the V2 Small architecture (ViT-S/14)."""
         from transformers import DepthAnythingConfig
+
         return DepthAnythingConfig()

@@ -27,14 +27,26 @@ class DPTLarge(HFDepthModel):
     @classmethod
     def model_class(cls):
         from transformers import DPTForDepthEstimation
+
         return DPTForDepthEstimation
 
     @classmethod
     def default_config(cls):
         """The configuration published with Intel/dpt-large (ViT-L/16 at 384, MiDaS v3)."""
         from transformers import DPTConfig
-        return DPTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
-                         intermediate_size=4096, image_size=384, patch_size=16,
-                         backbone_out_indices=[5, 11, 17, 23], neck_hidden_sizes=[256, 512, 1024, 1024],
-                         fusion_hidden_size=256, readout_type="project", qkv_bias=True,
-                         reassemble_factors=[4, 2, 1, 0.5], layer_norm_eps=1e-12)
+
+        return DPTConfig(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            image_size=384,
+            patch_size=16,
+            backbone_out_indices=[5, 11, 17, 23],
+            neck_hidden_sizes=[256, 512, 1024, 1024],
+            fusion_hidden_size=256,
+            readout_type="project",
+            qkv_bias=True,
+            reassemble_factors=[4, 2, 1, 0.5],
+            layer_norm_eps=1e-12,
+        )

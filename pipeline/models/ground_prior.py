@@ -20,9 +20,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ..effect import resize_map
 from . import register
 from .base import DEPTH, MapModel
-from ..effect import resize_map
 
 
 def ground_ramp(height: int, width: int, horizon: float = 1 / 3) -> np.ndarray:
@@ -59,8 +59,9 @@ class GroundPrior(MapModel):
     source = "builtin (no weights)"
     needs_weights = False
 
-    def __init__(self, weights: str | None = None, device: str | None = None,
-                 batch_size: int = 16, horizon: float = 1 / 3) -> None:
+    def __init__(
+        self, weights: str | None = None, device: str | None = None, batch_size: int = 16, horizon: float = 1 / 3
+    ) -> None:
         super().__init__(None, "cpu", batch_size)
         self.horizon = float(horizon)
 

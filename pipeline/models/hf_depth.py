@@ -50,18 +50,17 @@ class HFDepthModel(MapModel):
 
     task = DEPTH
     hub_id: ClassVar[str]
-    model_type: ClassVar[str]          # config.json's model_type
+    model_type: ClassVar[str]  # config.json's model_type
     weights_env: ClassVar[str]
-    size: ClassVar[int]                # long side of the model input
-    multiple: ClassVar[int]            # both input sides are multiples of this
+    size: ClassVar[int]  # long side of the model input
+    multiple: ClassVar[int]  # both input sides are multiples of this
     mean: ClassVar[tuple[float, float, float]]
     std: ClassVar[tuple[float, float, float]]
 
-    cache_name: ClassVar[str]          # the weights folder, <cache>/<cache_name>/
+    cache_name: ClassVar[str]  # the weights folder, <cache>/<cache_name>/
     runtime = "torch"
 
-    def __init__(self, weights: str | None = None, device: str | None = None,
-                 batch_size: int = 4, config=None) -> None:
+    def __init__(self, weights: str | None = None, device: str | None = None, batch_size: int = 4, config=None) -> None:
         super().__init__(weights, device, batch_size)
         import torch
 
@@ -103,8 +102,7 @@ class HFDepthModel(MapModel):
     @classmethod
     def from_config(cls, config=None, device: str | None = None, batch_size: int = 4):
         """The real architecture with random (seeded) weights; ``config`` defaults to the real one."""
-        return cls(device=device, batch_size=batch_size,
-                   config=config if config is not None else cls.default_config())
+        return cls(device=device, batch_size=batch_size, config=config if config is not None else cls.default_config())
 
     @property
     def version(self) -> str:
@@ -118,6 +116,7 @@ class HFDepthModel(MapModel):
         cls = self.model_class()
         with contextlib.suppress(Exception):  # no per-tensor progress bar on every load
             from transformers.utils import logging as hf_logging
+
             hf_logging.disable_progress_bar()
         if isinstance(where, Path):
             self.weights_path = where
@@ -143,8 +142,7 @@ class HFDepthModel(MapModel):
         except ValueError as exc:
             raise WeightsUnavailableError(f"{path}/config.json is not valid JSON: {exc}") from exc
         if model_type != cls.model_type:
-            raise WeightsUnavailableError(
-                f"{path} holds a {model_type!r} model, not {cls.name} ({cls.model_type!r})")
+            raise WeightsUnavailableError(f"{path} holds a {model_type!r} model, not {cls.name} ({cls.model_type!r})")
 
     @classmethod
     def copy_weights(cls, source: str, name: str, sha256: str | None = None) -> Path:
@@ -159,32 +157,36 @@ class HFDepthModel(MapModel):
 
     @classmethod
     def how_to_fetch(cls) -> str:
-        return (f"supply the weights instead: `dreamfocus models fetch {cls.name} --from DIR_OR_URI` "
-                "(a folder, or a .tar.gz/.zip of one, holding config.json and model.safetensors as "
-                f"published at {cls.hub_id}; local, s3://, gs:// or https://), or set "
-                f"{cls.weights_env} to such a URI, or pass it as the model's weights")
+        return (
+            f"supply the weights instead: `dreamfocus models fetch {cls.name} --from DIR_OR_URI` "
+            "(a folder, or a .tar.gz/.zip of one, holding config.json and model.safetensors as "
+            f"published at {cls.hub_id}; local, s3://, gs:// or https://), or set "
+            f"{cls.weights_env} to such a URI, or pass it as the model's weights"
+        )
 
     @classmethod
     def hub_weights(cls) -> str:
         if _hub_cached(cls.hub_id) or hub_reachable():
             return cls.hub_id
-        raise WeightsUnavailableError(
-            f"no weights for {cls.name} ({_offline_reason()}); {cls.how_to_fetch()}")
+        raise WeightsUnavailableError(f"no weights for {cls.name} ({_offline_reason()}); {cls.how_to_fetch()}")
 
     @classmethod
     def fetch_from_registry(cls) -> Path:
         """The hub's published weights into ``<cache>/<name>/``."""
         online = hub_reachable()
         if not online and not _hub_cached(cls.hub_id):
-            raise WeightsUnavailableError(
-                f"cannot fetch {cls.name}: {_offline_reason()}; {cls.how_to_fetch()}")
+            raise WeightsUnavailableError(f"cannot fetch {cls.name}: {_offline_reason()}; {cls.how_to_fetch()}")
         from huggingface_hub import snapshot_download
 
         dest = writable_cache_dir() / cls.cache_name
         tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
         try:
-            snapshot_download(cls.hub_id, local_dir=str(tmp), local_files_only=not online,
-                              allow_patterns=["config.json", "*.safetensors", "*.json"])
+            snapshot_download(
+                cls.hub_id,
+                local_dir=str(tmp),
+                local_files_only=not online,
+                allow_patterns=["config.json", "*.safetensors", "*.json"],
+            )
             cls.check_weights(tmp)
             shutil.rmtree(tmp / ".cache", ignore_errors=True)
             if dest.exists():
@@ -193,8 +195,7 @@ class HFDepthModel(MapModel):
         except WeightsUnavailableError:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise WeightsUnavailableError(f"cannot fetch {cls.name} from the hub: {exc}; "
-                                          f"{cls.how_to_fetch()}") from exc
+            raise WeightsUnavailableError(f"cannot fetch {cls.name} from the hub: {exc}; {cls.how_to_fetch()}") from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return dest
@@ -208,6 +209,7 @@ class HFDepthModel(MapModel):
 
         def side(n: int) -> int:
             return int(min(self.size, max(m, round(n * scale / m) * m)))
+
         return side(height), side(width)
 
     def _prepare(self, photo: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
@@ -223,8 +225,10 @@ class HFDepthModel(MapModel):
         prepared = [self._prepare(p) for p in photos]
         batch = self._torch.from_numpy(np.stack([x for x, _ in prepared]))
         depth = self._forward(batch).cpu().numpy()
-        return [np.ascontiguousarray(d[self._region((nh, nw), depth.shape[-2:])])
-                for d, (_, (nh, nw)) in zip(depth, prepared)]
+        return [
+            np.ascontiguousarray(d[self._region((nh, nw), depth.shape[-2:])])
+            for d, (_, (nh, nw)) in zip(depth, prepared)
+        ]
 
     def _predict_tensor_batch(self, photos, saliency=None):
         import torch.nn.functional as F
@@ -238,8 +242,10 @@ class HFDepthModel(MapModel):
             inputs.append(F.pad(x[None], (0, self.size - nw, 0, self.size - nh), mode="replicate")[0])
             shapes.append((nh, nw))
         depth = self._forward(self._torch.stack(inputs))
-        return [resize_map(d[self._region(shape, depth.shape[-2:])], *photo.shape[:2])
-                for d, shape, photo in zip(depth, shapes, photos)]
+        return [
+            resize_map(d[self._region(shape, depth.shape[-2:])], *photo.shape[:2])
+            for d, shape, photo in zip(depth, shapes, photos)
+        ]
 
     def _forward(self, batch):
         """N x size x size predicted depth (float32, on the device) of a normalised, padded batch."""
@@ -257,6 +263,7 @@ class HFDepthModel(MapModel):
 
 
 # --------------------------------------------------------------------------------- the hub
+
 
 def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -294,8 +301,8 @@ def _hub_cached(hub_id: str) -> bool:
     """Whether the hub's own cache already holds the model (then no network is needed)."""
     try:
         from huggingface_hub import try_to_load_from_cache
-        return all(isinstance(try_to_load_from_cache(hub_id, f), str)
-                   for f in ("config.json", "model.safetensors"))
+
+        return all(isinstance(try_to_load_from_cache(hub_id, f), str) for f in ("config.json", "model.safetensors"))
     except Exception:  # noqa: BLE001
         return False
 
@@ -303,6 +310,7 @@ def _hub_cached(hub_id: str) -> bool:
 def _hub_revision(hub_id: str) -> str:
     with contextlib.suppress(Exception):
         from huggingface_hub import try_to_load_from_cache
+
         path = try_to_load_from_cache(hub_id, "model.safetensors")
         if isinstance(path, str):
             return weights_digest(path)[:12]

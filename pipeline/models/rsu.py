@@ -53,8 +53,7 @@ class RSU(nn.Module):
         setattr(self, f"rebnconv{height}", REBNCONV(mid_ch, mid_ch, dilation=2, batch_norm=batch_norm))
         # decoder: rebnconv{height-1}d .. rebnconv1d
         for i in range(height - 1, 0, -1):
-            setattr(self, f"rebnconv{i}d",
-                    REBNCONV(2 * mid_ch, out_ch if i == 1 else mid_ch, batch_norm=batch_norm))
+            setattr(self, f"rebnconv{i}d", REBNCONV(2 * mid_ch, out_ch if i == 1 else mid_ch, batch_norm=batch_norm))
 
     def forward(self, x):
         hxin = self.rebnconvin(x)
@@ -109,16 +108,30 @@ def rsu_block(kind: str, in_ch: int, mid_ch: int, out_ch: int, batch_norm: bool 
 # (RSU kind, in, mid, out) per stage, as in the authors' code. IS-Net uses FULL with 64 input
 # channels in stage1 (the output of its conv_in).
 FULL = {
-    "stage1": ("7", 3, 32, 64), "stage2": ("6", 64, 32, 128), "stage3": ("5", 128, 64, 256),
-    "stage4": ("4", 256, 128, 512), "stage5": ("4F", 512, 256, 512), "stage6": ("4F", 512, 256, 512),
-    "stage5d": ("4F", 1024, 256, 512), "stage4d": ("4", 1024, 128, 256),
-    "stage3d": ("5", 512, 64, 128), "stage2d": ("6", 256, 32, 64), "stage1d": ("7", 128, 16, 64),
+    "stage1": ("7", 3, 32, 64),
+    "stage2": ("6", 64, 32, 128),
+    "stage3": ("5", 128, 64, 256),
+    "stage4": ("4", 256, 128, 512),
+    "stage5": ("4F", 512, 256, 512),
+    "stage6": ("4F", 512, 256, 512),
+    "stage5d": ("4F", 1024, 256, 512),
+    "stage4d": ("4", 1024, 128, 256),
+    "stage3d": ("5", 512, 64, 128),
+    "stage2d": ("6", 256, 32, 64),
+    "stage1d": ("7", 128, 16, 64),
 }
 SMALL = {
-    "stage1": ("7", 3, 16, 64), "stage2": ("6", 64, 16, 64), "stage3": ("5", 64, 16, 64),
-    "stage4": ("4", 64, 16, 64), "stage5": ("4F", 64, 16, 64), "stage6": ("4F", 64, 16, 64),
-    "stage5d": ("4F", 128, 16, 64), "stage4d": ("4", 128, 16, 64), "stage3d": ("5", 128, 16, 64),
-    "stage2d": ("6", 128, 16, 64), "stage1d": ("7", 128, 16, 64),
+    "stage1": ("7", 3, 16, 64),
+    "stage2": ("6", 64, 16, 64),
+    "stage3": ("5", 64, 16, 64),
+    "stage4": ("4", 64, 16, 64),
+    "stage5": ("4F", 64, 16, 64),
+    "stage6": ("4F", 64, 16, 64),
+    "stage5d": ("4F", 128, 16, 64),
+    "stage4d": ("4", 128, 16, 64),
+    "stage3d": ("5", 128, 16, 64),
+    "stage2d": ("6", 128, 16, 64),
+    "stage1d": ("7", 128, 16, 64),
 }
 _ENCODER = ("stage1", "stage2", "stage3", "stage4", "stage5", "stage6")
 _DECODER = ("stage5d", "stage4d", "stage3d", "stage2d", "stage1d")
@@ -128,8 +141,16 @@ class RSUEncoderDecoder(nn.Module):
     """Six encoder stages, five decoder stages and a side convolution on the first ``sides`` of
     the six decoder outputs (finest first)."""
 
-    def __init__(self, stages: dict[str, tuple[str, int, int, int]], in_ch: int, out_ch: int = 1,
-                 batch_norm: bool = True, sides: int = 6) -> None:
+    stage6: nn.Module  # set by name in __init__, like every stage
+
+    def __init__(
+        self,
+        stages: dict[str, tuple[str, int, int, int]],
+        in_ch: int,
+        out_ch: int = 1,
+        batch_norm: bool = True,
+        sides: int = 6,
+    ) -> None:
         super().__init__()
         first = stages["stage1"]
         stages = dict(stages, stage1=(first[0], in_ch, first[2], first[3]))
@@ -151,7 +172,7 @@ class RSUEncoderDecoder(nn.Module):
             hx = getattr(self, f"stage{i}")(hx)
             enc.append(hx)
             hx = getattr(self, f"pool{i}{i + 1}")(hx)
-        hx = getattr(self, "stage6")(hx)
+        hx = self.stage6(hx)
         dec = [hx]
         for i in range(5, 0, -1):
             skip = enc[i - 1]
@@ -185,8 +206,13 @@ class ISNetNetwork(RSUEncoderDecoder):
     the input at half resolution; their export has no pool there either. Side outputs 2 to 6
     only supervise training: the network here has no side2 .. side6."""
 
-    def __init__(self, stages: dict[str, tuple[str, int, int, int]] = FULL, in_ch: int = 3,
-                 out_ch: int = 1, batch_norm: bool = False) -> None:
+    def __init__(
+        self,
+        stages: dict[str, tuple[str, int, int, int]] = FULL,
+        in_ch: int = 3,
+        out_ch: int = 1,
+        batch_norm: bool = False,
+    ) -> None:
         super().__init__(stages, 64, out_ch, batch_norm, sides=1)
         self.conv_in = nn.Conv2d(in_ch, 64, 3, stride=2, padding=1)
 

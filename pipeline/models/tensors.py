@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
 # --------------------------------------------------------------------------------- host <-> device
+
 
 def upload(arrays: Sequence[np.ndarray], device: str | torch.device) -> list[torch.Tensor]:
     """The arrays as tensors on ``device`` (same dtype and shape each).
@@ -45,7 +45,7 @@ def upload(arrays: Sequence[np.ndarray], device: str | torch.device) -> list[tor
     flat = staging.numpy()
     offset = 0
     for a, n in zip(arrays, sizes):
-        flat[offset:offset + n] = a.reshape(-1)
+        flat[offset : offset + n] = a.reshape(-1)
         offset += n
     on_device = staging.to(device, non_blocking=True)
     return [t.view(a.shape) for t, a in zip(torch.split(on_device, sizes), arrays)]
@@ -62,11 +62,14 @@ def download(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     host.copy_(flat, non_blocking=True)
     torch.cuda.current_stream(flat.device).synchronize()
     # Copied out of the pinned buffer, so pinned memory is given back as soon as we return.
-    return [chunk.numpy().reshape(t.shape).copy()
-            for chunk, t in zip(torch.split(host, [t.numel() for t in tensors]), tensors)]
+    return [
+        chunk.numpy().reshape(t.shape).copy()
+        for chunk, t in zip(torch.split(host, [t.numel() for t in tensors]), tensors)
+    ]
 
 
 # ------------------------------------------------------------------------------------- resizing
+
 
 def _area_axis(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     """``x`` shrunk to ``size`` along ``dim`` by area averaging (OpenCV's INTER_AREA).
@@ -145,6 +148,7 @@ def resize_map(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- running networks
 
+
 def torch_device(device: str) -> torch.device:
     """``device`` as a torch device, with the settings inference runs best under there."""
     from .base import cpu_threads
@@ -188,5 +192,6 @@ def min_max(values: torch.Tensor) -> torch.Tensor:
     values = torch.nan_to_num(values.to(torch.float32), nan=0.0, posinf=0.0, neginf=0.0)
     lo, hi = values.min(), values.max()
     span = hi - lo
-    return torch.where(span > 0, (values - lo) / span.clamp(min=torch.finfo(torch.float32).tiny),
-                       torch.zeros_like(values))
+    return torch.where(
+        span > 0, (values - lo) / span.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(values)
+    )

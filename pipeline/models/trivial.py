@@ -28,8 +28,7 @@ class _Builtin(MapModel):
     source = "builtin (no weights)"
     needs_weights = False
 
-    def __init__(self, weights: str | None = None, device: str | None = None,
-                 batch_size: int = 64) -> None:
+    def __init__(self, weights: str | None = None, device: str | None = None, batch_size: int = 64) -> None:
         super().__init__(None, "cpu", batch_size)
 
 

@@ -31,18 +31,21 @@ STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 def build_u2net(in_ch: int = 3, out_ch: int = 1):
     """The full U2Net (~44M parameters), randomly initialised."""
     from .rsu import FULL, U2NetNetwork
+
     return U2NetNetwork(FULL, in_ch, out_ch)
 
 
 def build_u2netp(in_ch: int = 3, out_ch: int = 1):
     """The small U2Net-P (~1.1M parameters), randomly initialised."""
     from .rsu import SMALL, U2NetNetwork
+
     return U2NetNetwork(SMALL, in_ch, out_ch)
 
 
 # ---------------------------------------------------------------------------------------------
 # Pre- and post-processing (as in the reference inference code)
 # ---------------------------------------------------------------------------------------------
+
 
 def preprocess(photos: list[np.ndarray]) -> np.ndarray:
     """N x 3 x 320 x 320 float32: squashed, divided by the image max, ImageNet-normalised."""
@@ -68,13 +71,13 @@ def _unwrap_state_dict(obj, path: str) -> dict:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not obj:
         raise WeightsUnavailableError(f"{path}: not a PyTorch state dict")
-    return {(k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k): v
-            for k, v in obj.items()}
+    return {(k[len("module.") :] if isinstance(k, str) and k.startswith("module.") else k): v for k, v in obj.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # The models
 # ---------------------------------------------------------------------------------------------
+
 
 @register
 class U2Net(MapModel):
@@ -83,17 +86,18 @@ class U2Net(MapModel):
     name: ClassVar[str] = "u2net"
     task: ClassVar[str] = SALIENCY
     licence: ClassVar[str] = "Apache-2.0"
-    source: ClassVar[str] = ("U2Net (Qin et al. 2020, github.com/xuebinqin/U-2-Net); the user supplies "
-                             "the weights file (u2net.pth state dict or an ONNX export)")
+    source: ClassVar[str] = (
+        "U2Net (Qin et al. 2020, github.com/xuebinqin/U-2-Net); the user supplies "
+        "the weights file (u2net.pth state dict or an ONNX export)"
+    )
     weights_env: ClassVar[str | None] = "DREAMFOCUS_U2NET_WEIGHTS"
 
-    def __init__(self, weights: str | None = None, device: str | None = None,
-                 batch_size: int = 4) -> None:
+    def __init__(self, weights: str | None = None, device: str | None = None, batch_size: int = 4) -> None:
         super().__init__(weights=weights, device=device, batch_size=batch_size)
         path = Path(resolve_weights(type(self), weights))
         self.weights = str(path)
         self._session: Any = None  # onnxruntime.InferenceSession for ONNX weights
-        self._module: Any = None   # the torch network for state dicts
+        self._module: Any = None  # the torch network for state dicts
         if path.suffix.lower() == ".onnx":
             self._load_onnx(str(path))
         else:
@@ -102,9 +106,11 @@ class U2Net(MapModel):
 
     @classmethod
     def how_to_fetch(cls) -> str:
-        return (f"model {cls.name!r} needs a weights file that you supply: pass its path with "
-                f"--saliency-weights PATH or set the environment variable {cls.weights_env} "
-                f"(a PyTorch state dict {cls.name}.pth or an ONNX export {cls.name}.onnx)")
+        return (
+            f"model {cls.name!r} needs a weights file that you supply: pass its path with "
+            f"--saliency-weights PATH or set the environment variable {cls.weights_env} "
+            f"(a PyTorch state dict {cls.name}.pth or an ONNX export {cls.name}.onnx)"
+        )
 
     @staticmethod
     def _build():
@@ -159,7 +165,8 @@ class U2Net(MapModel):
             detail = str(exc).strip().splitlines()
             raise WeightsUnavailableError(
                 f"{path}: does not match the {self.name!r} architecture "
-                f"({detail[0] if detail else type(exc).__name__} ...)") from exc
+                f"({detail[0] if detail else type(exc).__name__} ...)"
+            ) from exc
         self._torch_device = torch_device(self.device)
         self._module = convolutional(module, self._torch_device)
         self.runtime = "torch"
@@ -193,11 +200,10 @@ class U2Net(MapModel):
         batch = batch.astype(self._input_dtype, copy=False)
         step = self._fixed_batch
         if step is None:
-            return np.asarray(self._session.run([self._output_name], {self._input_name: batch})[0],
-                              dtype=np.float32)
+            return np.asarray(self._session.run([self._output_name], {self._input_name: batch})[0], dtype=np.float32)
         outs = []
         for i in range(0, len(batch), step):
-            chunk = batch[i:i + step]
+            chunk = batch[i : i + step]
             n = len(chunk)
             if n < step:  # a model exported with a fixed batch: pad the last chunk
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
@@ -207,6 +213,7 @@ class U2Net(MapModel):
 
     def _run_torch(self, batch: np.ndarray) -> np.ndarray:
         import torch
+
         return self._forward(torch.from_numpy(batch)).cpu().numpy()
 
     def _forward(self, batch):
@@ -222,8 +229,10 @@ class U2NetP(U2Net):
     """The small U2Net (u2netp, ~1.1M parameters)."""
 
     name: ClassVar[str] = "u2netp"
-    source: ClassVar[str] = ("U2Net-P, the small U2Net (Qin et al. 2020, github.com/xuebinqin/U-2-Net); "
-                             "the user supplies the weights file (u2netp.pth state dict or an ONNX export)")
+    source: ClassVar[str] = (
+        "U2Net-P, the small U2Net (Qin et al. 2020, github.com/xuebinqin/U-2-Net); "
+        "the user supplies the weights file (u2netp.pth state dict or an ONNX export)"
+    )
     weights_env: ClassVar[str | None] = "DREAMFOCUS_U2NETP_WEIGHTS"
 
     @staticmethod

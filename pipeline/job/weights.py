@@ -1,0 +1,265 @@
+"""Model weights for a library job: resolved and checked by the driver before Ray starts, then
+shipped to the model actors through Ray's object store.
+
+    resolve_models(config)     (driver, before Ray)  each task's model and its checked weights
+                                                     files; a depth model without weights
+                                                     becomes the ground prior here, once
+    ship(models)               (driver, Ray up)      each weights file put in the object store
+    Shipment.local_path()      (model actor)         the weights on the actor's node: the
+                                                     driver's own files on the driver's node,
+                                                     elsewhere one copy per node, written by
+                                                     the first actor of the node
+
+So worker nodes need no set-up, no network to the weights' source and nothing in their cache:
+what the driver checked is what every actor loads. The copy on a node lives in that node's
+cache (``$DREAMFOCUS_CACHE/shipped/<model>-<digest>/``), written under a lock and moved into
+place whole, so any number of actors on a node transfer the weights once; later jobs with the
+same weights reuse it after checking it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import BadInputError, WeightsUnavailableError
+from ..models import DEPTH, FALLBACK_DEPTH, SALIENCY, model_class
+from ..models.weights import cache_dir, fetch_weights, resolve_weights, weights_digest, writable_cache_dir
+
+log = logging.getLogger(__name__)
+
+SHIPPED_DIR = "shipped"
+_MAPPED = 1 << 20  # files at least this large go to the object store memory-mapped (no copy in the driver)
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    relpath: str  # the file's name (a file model) or its path inside the weights folder
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class JobModel:
+    """The model that will run for a task, and the weights the driver checked for it."""
+
+    task: str
+    name: str  # the model that runs: the ground prior when the depth model's weights are missing
+    path: Path | None = None  # the weights on the driver: a file or a folder; None: no weights
+    files: tuple[WeightsFile, ...] = ()
+    digest: str = ""  # a file's sha256, or that of a folder's listing (names, sizes, sha256s)
+    folder: bool = False  # the weights are a folder (the model loads the folder, not a file)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def resolve_models(config: Any) -> dict[str, JobModel]:
+    """Each task's model with its weights found (cache, the configured path or URI, the model's
+    environment variable, its registry or hub) and checked, before any Ray start-up.
+
+    A saliency model without weights raises WeightsUnavailableError in one line that says how to
+    supply them. A depth model without weights (none named explicitly) becomes the ground prior,
+    with one warning.
+    """
+    saliency = _resolve(SALIENCY, config.saliency_model, config.saliency_weights)
+    try:
+        depth = _resolve(DEPTH, config.depth_model, config.depth_weights)
+    except WeightsUnavailableError as exc:
+        if config.depth_weights or config.depth_model == FALLBACK_DEPTH:
+            raise  # weights named explicitly that cannot be used: not silently something else
+        log.warning("%s; using %s depth instead", exc, FALLBACK_DEPTH)
+        depth = JobModel(DEPTH, FALLBACK_DEPTH)
+    return {SALIENCY: saliency, DEPTH: depth}
+
+
+def _resolve(task: str, name: str, weights: str | None) -> JobModel:
+    cls = model_class(name)
+    if cls.task != task:
+        raise BadInputError(f"model {name!r} is a {cls.task} model, not a {task} model")
+    if not cls.needs_weights:
+        return JobModel(task, name)
+    try:
+        where = resolve_weights(cls, weights)
+    except WeightsUnavailableError as missing:
+        if weights:
+            raise WeightsUnavailableError(_one_line(f"{name} weights {weights}: {missing}")) from missing
+        try:  # nothing at hand: the registry or hub the weights are published on, into the cache
+            where = _fetch(cls)
+        except WeightsUnavailableError as exc:
+            raise WeightsUnavailableError(
+                _one_line(f"no weights for {name} in {cache_dir()}, and {_lower_first(str(exc))}")
+            ) from exc
+    if not isinstance(where, Path):  # a hub id: copied into the cache once, so it can be shipped
+        where = _fetch(cls)
+    return describe(task, name, where)
+
+
+def _fetch(cls) -> Path:
+    path = fetch_weights(cls)
+    if path is None:  # pragma: no cover - only models without weights have none
+        raise WeightsUnavailableError(f"no weights for {cls.name}; {cls.how_to_fetch()}")
+    return path
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def describe(task: str, name: str, path: Path) -> JobModel:
+    """A JobModel for the weights at ``path`` (a file, or a folder of files), with their hashes."""
+    if path.is_file():
+        digest = weights_digest(path)
+        return JobModel(task, name, path, (WeightsFile(path.name, path.stat().st_size, digest),), digest)
+    files = tuple(
+        WeightsFile(p.relative_to(path).as_posix(), p.stat().st_size, weights_digest(p))
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise WeightsUnavailableError(f"{path}: no weights files for {name}")
+    listing = json.dumps([(f.relpath, f.size, f.sha256) for f in files]).encode()
+    return JobModel(task, name, path, files, hashlib.sha256(listing).hexdigest(), folder=True)
+
+
+# ------------------------------------------------------------------------------ shipping
+
+
+@dataclass(frozen=True)
+class Shipment:
+    """A model's weights in Ray's object store, as the driver checked them; picklable, so it
+    travels to the actors with their constructor arguments."""
+
+    model: JobModel
+    refs: dict[str, Any]  # relpath -> ObjectRef of the file's bytes (a uint8 array)
+    origin_node: str | None  # the driver's node, whose actors use the driver's files in place
+    seconds_put: float = 0.0
+    stats: dict[str, float] = field(default_factory=dict, compare=False)  # filled where it is used
+
+    @property
+    def key(self) -> str:
+        return f"{self.model.name}-{self.model.digest[:16]}"
+
+    def local_path(self) -> Path:
+        """The weights on this node: a file or folder as the model loads it."""
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        origin = self.model.path
+        if origin is not None and node == self.origin_node and origin.exists():
+            self.stats.update(seconds=0.0, transferred=0.0)
+            return origin
+        return self._entry(self.materialise(writable_cache_dir() / SHIPPED_DIR, node))
+
+    def materialise(self, root: Path, node: str = "") -> Path:
+        """This node's copy of the weights under ``root`` (one folder, keyed by the digest):
+        reused when there and intact, else fetched from the object store, checked and moved into
+        place under a lock, so that concurrent actors of a node transfer the weights once."""
+        import ray
+
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / self.key
+        t0 = time.perf_counter()
+        with _locked(root / f"{self.key}.lock"):
+            if final.is_dir() and self._intact(final):
+                self._record(root, "reused", node, 0, time.perf_counter() - t0)
+                return final
+            if final.exists():
+                log.warning("%s does not hold the weights it should; fetching them again", final)
+                shutil.rmtree(final)
+            tmp = root / f"{self.key}.{uuid.uuid4().hex[:8]}.partial"
+            try:
+                for wanted in self.model.files:
+                    target = tmp / wanted.relpath
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    data = ray.get(self.refs[wanted.relpath])
+                    with open(target, "wb") as out:
+                        out.write(memoryview(data).cast("B"))
+                    del data
+                self._check(tmp)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            seconds = time.perf_counter() - t0
+            self._record(root, "fetched", node, self.model.nbytes, seconds)
+        self.stats.update(seconds=seconds, transferred=float(self.model.nbytes))
+        return final
+
+    def _entry(self, folder: Path) -> Path:
+        """What the model loads: the file itself for a one-file model, else the folder."""
+        return folder if self.model.folder else folder / self.model.files[0].relpath
+
+    def _check(self, folder: Path) -> None:
+        for wanted in self.model.files:
+            path = folder / wanted.relpath
+            actual = weights_digest(path) if path.is_file() else "missing"
+            if actual != wanted.sha256:
+                raise WeightsUnavailableError(
+                    f"shipped weights of {self.model.name}: {wanted.relpath} has sha256 {actual}, "
+                    f"expected {wanted.sha256}"
+                )
+
+    def _intact(self, folder: Path) -> bool:
+        try:
+            self._check(folder)
+        except (WeightsUnavailableError, OSError):
+            return False
+        return True
+
+    def _record(self, root: Path, what: str, node: str, nbytes: int, seconds: float) -> None:
+        """One line per actor start in ``<key>.log``: whether it transferred the weights or reused them."""
+        line = json.dumps({"event": what, "node": node, "pid": os.getpid(), "bytes": nbytes, "seconds": seconds})
+        with open(root / f"{self.key}.log", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ship(models: dict[str, JobModel]) -> dict[str, Shipment]:
+    """Every model's weights files put in Ray's object store (Ray started): task -> Shipment."""
+    import numpy as np
+    import ray
+
+    # Through Ray Client (ray://) the driver's files are on another machine than its node.
+    client = ray.util.client.ray.is_connected()
+    origin = None if client else ray.get_runtime_context().get_node_id()
+    shipped = {}
+    for task, model in models.items():
+        if model.path is None:
+            continue
+        t0 = time.perf_counter()
+        refs = {}
+        for f in model.files:
+            path = model.path / f.relpath if model.folder else model.path
+            if f.size >= _MAPPED:  # copied once, from the page cache into the object store
+                refs[f.relpath] = ray.put(np.asarray(np.memmap(path, dtype=np.uint8, mode="r")))
+            else:
+                refs[f.relpath] = ray.put(np.frombuffer(path.read_bytes(), dtype=np.uint8))
+        seconds = time.perf_counter() - t0
+        log.info("%s: %.1f MB of weights in the object store in %.2f s", model.name, model.nbytes / 1e6, seconds)
+        shipped[task] = Shipment(model, refs, origin, seconds)
+    return shipped
