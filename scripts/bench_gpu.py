@@ -382,9 +382,8 @@ class BenchModelStage(ModelStage):
     ModelStage's own constructor); ``predict`` is the stage's own."""
 
     def __init__(self, models: Models, device: str, batch_size: int) -> None:
-        self.models = SceneModels(device=device, batch_size=batch_size)
-        # SceneModels loads its models lazily into these (cached) attributes: hand ours over
-        self.models.saliency, self.models.depth = models.saliency, models.depth
+        self.models = SceneModels.from_models(models.saliency, models.depth)
+        self.models.batch_size = batch_size
 
 
 @dataclass

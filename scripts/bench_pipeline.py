@@ -167,7 +167,7 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="dreamfocus-bench-"))
     print(f"work folder: {work}")
 
-    small = make_library(work / "in-small", args.photos, (1024, 768))
+    small = make_library(work / f"in-{args.photos}-1024x768", args.photos, (1024, 768))
     shutil.rmtree(work / "out-small", ignore_errors=True)  # outputs of an earlier run would all be skipped
     run = run_cli(small, work / "out-small")
     line = summary_line(run.out)
