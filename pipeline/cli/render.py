@@ -67,9 +67,11 @@ def run(args: argparse.Namespace) -> int:
 
     used = ""
     if saliency is None or depth is None:
-        models = SceneModels(
-            args.saliency_model, args.depth_model, args.saliency_weights, args.depth_weights, args.device, batch_size=1
-        )
+        names = (args.saliency_model, args.depth_model)
+        weights = (args.saliency_weights, args.depth_weights)
+        if args.weights_from:  # the models and weights a library job would run, from that copy
+            names, weights = _from_copy(args)
+        models = SceneModels(*names, *weights, args.device, batch_size=1)
         maps = models.predict(
             [prepare(data, args.photo, args.max_megapixels)],
             saliency=None if saliency is None else [saliency],
@@ -104,3 +106,22 @@ def run(args: argparse.Namespace) -> int:
         f"crisp in front of depth {done.rendering.start:.3f}, background behind {done.rendering.stop:.3f}"
     )
     return 0
+
+
+def _from_copy(args: argparse.Namespace) -> tuple[tuple[str, str], tuple[str | None, str | None]]:
+    from ..job.plan import JobConfig
+    from ..job.weights import resolve_models
+    from ..models import DEPTH, SALIENCY
+
+    config = JobConfig(
+        input="",
+        output="",
+        saliency_model=args.saliency_model,
+        depth_model=args.depth_model,
+        saliency_weights=args.saliency_weights,
+        depth_weights=args.depth_weights,
+        weights_from=args.weights_from,
+    )
+    resolved = resolve_models(config)
+    paths = tuple(None if resolved[t].path is None else str(resolved[t].path) for t in (SALIENCY, DEPTH))
+    return (resolved[SALIENCY].name, resolved[DEPTH].name), (paths[0], paths[1])

@@ -4,6 +4,10 @@ small photo groups, wires the stages, commits manifest rows as they arrive, and 
     plan (listing + manifest)  -> groups of GROUP_SIZE photos
     -> read_stage (CPU tasks) -> ModelStage (one actor per GPU, both models) -> finish_stage (CPU tasks)
     -> manifest rows, committed in atomically written Parquet parts
+
+Model weights are resolved and checked before Ray starts (a run that cannot have them ends in
+one line, having started nothing) and travel to the model actors through Ray's object store
+(job/weights.py).
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ import pyarrow as pa
 
 from ..errors import OutputError
 from ..manifest import FAILED, MANIFEST_DIR, OK, ManifestWriter, image_id, new_run_id
+from ..models import DEPTH, SALIENCY
 from ..storage import Storage
 from .plan import IMAGES_DIR, JobConfig, PlanItem, check_locations, make_plan
 from .stages import ModelStage, finish_stage, read_stage
+from .weights import JobModel, resolve_models, ship
 
 log = logging.getLogger(__name__)
 
-# Photos per group entering the dataset: a group is one read task and one block between stages,
-# so groups of tens keep every core busy from the start and results flowing out in seconds.
+# Photos per group entering the dataset: a group is one read task, one block between stages and
+# one finish task. Tens, not thousands, so every core is busy from the start and results flow
+# out as groups are done; not fewer, as each group costs Ray Data about 80 ms of scheduling.
 GROUP_SIZE = 16
 PLAN_CHUNK = 2000  # plan rows per object put into Ray's object store as the listing proceeds
 MAX_FAILING_WRITES = 8
@@ -61,13 +68,16 @@ def run_job(config: JobConfig) -> JobSummary:
     """Plan, then process what is left; returns counts.
 
     The plan streams: to-do items go to Ray's object store in chunks as the listing proceeds,
-    so the driver's memory does not grow with the library. Ray starts only if there is work.
+    so the driver's memory does not grow with the library. Ray starts only if there is work,
+    and only once every model's weights are found and checked (WeightsUnavailableError, with
+    nothing started, where they cannot be had).
     """
     started = time.perf_counter()
     inputs, output = check_locations(config)
     run_id = new_run_id()
     skipped: dict[str, int] = {}
     planned, chunk, chunk_refs, refused = 0, [], [], []
+    models: dict[str, JobModel] | None = None
     for item in make_plan(config, inputs, output):
         if isinstance(item, str):
             skipped[item] = skipped.get(item, 0) + 1
@@ -81,6 +91,8 @@ def run_job(config: JobConfig) -> JobSummary:
             refused.append(_refused_row(item, inputs, config, run_id))
         else:
             planned += 1
+            if models is None:  # the first photo to process: the weights, before Ray starts
+                models = resolve_models(config)
             chunk.append(item)
             if len(chunk) == PLAN_CHUNK:
                 chunk_refs.append(_put_tasks(config, chunk))
@@ -96,7 +108,7 @@ def run_job(config: JobConfig) -> JobSummary:
             Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options), run_id, config.commit_every
         )
         failing_writes = 0
-        rows = _execute(config, inputs, chunk_refs, run_id) if chunk_refs else iter(())
+        rows = _execute(config, inputs, chunk_refs, run_id, models) if chunk_refs and models else iter(())
         try:
             for row in itertools.chain(refused, rows):
                 writer.add(row)
@@ -175,7 +187,9 @@ def model_layout(config: JobConfig, cluster_gpus: float) -> ModelLayout:
     )
 
 
-def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) -> Iterator[dict[str, Any]]:
+def _execute(
+    config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel]
+) -> Iterator[dict[str, Any]]:
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -201,12 +215,13 @@ def _execute(config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str) 
     ds = ds.map_batches(
         ModelStage,
         fn_constructor_args=(
-            config.saliency_model,
-            config.depth_model,
-            config.saliency_weights,
-            config.depth_weights,
+            models[SALIENCY].name,
+            models[DEPTH].name,  # the ground prior where the driver found no depth weights
+            None,  # the weights come with the shipment
+            None,
             layout.device,
             layout.batch_size,
+            ship(models),
         ),
         batch_size=layout.batch_size,
         batch_format="pyarrow",

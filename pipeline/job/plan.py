@@ -51,6 +51,13 @@ class JobConfig:
     depth_model: str | None = _option(None, "depth model name (see `models list`)", "models")
     saliency_weights: str | None = _option(None, "path or URI of saliency weights", "models")
     depth_weights: str | None = _option(None, "path or URI of depth weights", "models")
+    weights_from: str | None = _option(
+        None,
+        "folder or bucket holding every model's weights, as `dreamfocus models fetch --to URI` wrote "
+        "them: used instead of the cache, registry and hub, checked against the sha256s listed there",
+        "models",
+        metavar="URI",
+    )
     device: str | None = _option(None, "cpu or cuda (default: cuda where the actor has a GPU)", "models")
     # output
     format: str = _option("jpeg", "output format", "output", choices=sorted(OUTPUT_EXTENSIONS))

@@ -36,6 +36,7 @@ from ..manifest import FAILED, OK, SKIPPED
 from ..photo import SceneMaps, SceneModels, finish, prepare
 from ..storage import Storage
 from .plan import IMAGES_DIR, INTERMEDIATES_DIR, JobConfig
+from .weights import Shipment
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,12 @@ def read_stage(table: pa.Table, **kwargs) -> pa.Table:
 
 
 class ModelStage:
-    """Both models on the photos of a batch that are still ok (an actor: loads them once)."""
+    """Both models on the photos of a batch that are still ok (an actor: loads them once).
+
+    ``shipped`` (task -> ``weights.Shipment``): weights the driver resolved, checked and put in
+    Ray's object store; they replace ``saliency_weights`` / ``depth_weights``, so the actor's
+    node needs no weights of its own (see job/weights.py).
+    """
 
     def __init__(
         self,
@@ -98,8 +104,12 @@ class ModelStage:
         depth_weights: str | None,
         device: str | None,
         batch_size: int,
+        shipped: dict[str, Shipment] | None = None,
     ) -> None:
-        self.models = SceneModels(saliency, depth, saliency_weights, depth_weights, device, batch_size).load()
+        weights = {"saliency": saliency_weights, "depth": depth_weights}
+        for task, shipment in (shipped or {}).items():
+            weights[task] = str(shipment.local_path())
+        self.models = SceneModels(saliency, depth, weights["saliency"], weights["depth"], device, batch_size).load()
 
     def __call__(self, table: pa.Table) -> pa.Table:
         # The model copy is not needed after the models: it does not travel on to the CPU stage.

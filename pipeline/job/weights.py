@@ -29,13 +29,21 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError, WeightsUnavailableError
 from ..models import DEPTH, FALLBACK_DEPTH, SALIENCY, model_class
-from ..models.weights import cache_dir, fetch_weights, resolve_weights, weights_digest, writable_cache_dir
+from ..models.weights import (
+    cache_dir,
+    fetch_to_cache,
+    fetch_weights,
+    resolve_weights,
+    uri_key,
+    weights_digest,
+    writable_cache_dir,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +82,18 @@ def resolve_models(config: Any) -> dict[str, JobModel]:
     """Each task's model with its weights found (cache, the configured path or URI, the model's
     environment variable, its registry or hub) and checked, before any Ray start-up.
 
+    With ``config.weights_from`` (a copy that ``dreamfocus models fetch --to`` wrote), the
+    weights come from that copy only, checked against its sha256s (and the model's own, where it
+    has one); weights named for one model still win.
+
     A saliency model without weights raises WeightsUnavailableError in one line that says how to
     supply them. A depth model without weights (none named explicitly) becomes the ground prior,
     with one warning.
     """
-    saliency = _resolve(SALIENCY, config.saliency_model, config.saliency_weights)
+    copy = WeightsCopy(config.weights_from, config.storage_options) if getattr(config, "weights_from", None) else None
+    saliency = _resolve(SALIENCY, config.saliency_model, config.saliency_weights, copy)
     try:
-        depth = _resolve(DEPTH, config.depth_model, config.depth_weights)
+        depth = _resolve(DEPTH, config.depth_model, config.depth_weights, copy)
     except WeightsUnavailableError as exc:
         if config.depth_weights or config.depth_model == FALLBACK_DEPTH:
             raise  # weights named explicitly that cannot be used: not silently something else
@@ -89,26 +102,40 @@ def resolve_models(config: Any) -> dict[str, JobModel]:
     return {SALIENCY: saliency, DEPTH: depth}
 
 
-def _resolve(task: str, name: str, weights: str | None) -> JobModel:
+def _resolve(task: str, name: str, weights: str | None, copy: WeightsCopy | None = None) -> JobModel:
     cls = model_class(name)
     if cls.task != task:
         raise BadInputError(f"model {name!r} is a {cls.task} model, not a {task} model")
     if not cls.needs_weights:
         return JobModel(task, name)
+    t0 = time.perf_counter()
     try:
-        where = resolve_weights(cls, weights)
+        where = copy.fetch(cls) if copy is not None and not weights else resolve_weights(cls, weights)
     except WeightsUnavailableError as missing:
-        if weights:
-            raise WeightsUnavailableError(_one_line(f"{name} weights {weights}: {missing}")) from missing
+        # Weights named by the user or in the copy named, or a corrupt file in the cache: said as is.
+        if weights or copy is not None or cls.local_weights() is not None:
+            raise WeightsUnavailableError(_one_line(str(missing))) from missing
         try:  # nothing at hand: the registry or hub the weights are published on, into the cache
             where = _fetch(cls)
         except WeightsUnavailableError as exc:
             raise WeightsUnavailableError(
-                _one_line(f"no weights for {name} in {cache_dir()}, and {_lower_first(str(exc))}")
+                _one_line(
+                    f"no weights for {name} in {cache_dir()}, and {_lower_first(str(exc))} "
+                    f"(here: --{task}-weights PATH_OR_URI)"
+                )
             ) from exc
     if not isinstance(where, Path):  # a hub id: copied into the cache once, so it can be shipped
         where = _fetch(cls)
-    return describe(task, name, where)
+    model = describe(task, name, where)
+    log.info(
+        "%s: weights checked in %.2f s (%.1f MB, %s, sha256 %s)",
+        name,
+        time.perf_counter() - t0,
+        model.nbytes / 1e6,
+        where,
+        model.digest[:12],
+    )
+    return model
 
 
 def _fetch(cls) -> Path:
@@ -138,6 +165,98 @@ def describe(task: str, name: str, path: Path) -> JobModel:
     return JobModel(task, name, path, files, hashlib.sha256(listing).hexdigest(), folder=True)
 
 
+# ------------------------------------------------------------------- a copy for offline clusters
+
+INDEX = "weights.json"
+
+
+def _fs(uri: str, storage_options: dict | None):
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise WeightsUnavailableError(f"cannot open {uri}: {exc}") from exc
+
+
+def export_weights(paths: dict[str, Path], uri: str, storage_options: dict | None = None) -> str:
+    """Models' weights (name -> the checked local file or folder) copied to ``uri`` (a folder or
+    bucket) as ``<uri>/<name>/<file>``, with ``<uri>/weights.json`` listing every file's size and
+    sha256, written last. Models already listed there and not given here stay listed."""
+    fs, root = _fs(uri, storage_options)
+    root = root.rstrip("/")
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    try:
+        index = json.loads(fs.cat_file(f"{root}/{INDEX}"))
+    except FileNotFoundError:
+        index = {}
+    listed = index.setdefault("models", {})
+    for name, path in paths.items():
+        model = describe("", name, path)
+        for f in model.files:
+            target = f"{root}/{name}/{f.relpath}"
+            if local:
+                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(path / f.relpath if model.folder else path), target)
+        listed[name] = {
+            "folder": model.folder,
+            "digest": model.digest,
+            "files": [{"relpath": f.relpath, "size": f.size, "sha256": f.sha256} for f in model.files],
+        }
+    if local:
+        fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{INDEX}", json.dumps(index, indent=1, sort_keys=True).encode())
+    return uri.rstrip("/")
+
+
+class WeightsCopy:
+    """A folder or bucket that ``export_weights`` (``dreamfocus models fetch --to``) wrote: each
+    model's files are copied into the driver's cache and checked against the sha256s listed."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.storage_options = storage_options
+        fs, root = _fs(self.uri, storage_options)
+        try:
+            self.models: dict[str, dict] = json.loads(fs.cat_file(f"{root.rstrip('/')}/{INDEX}"))["models"]
+        except FileNotFoundError as exc:
+            raise WeightsUnavailableError(
+                f"{self.uri} holds no {INDEX}: write a copy there with `dreamfocus models fetch --to {self.uri}`"
+            ) from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsUnavailableError(f"{self.uri}/{INDEX} is not a weights listing: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - any fsspec backend error means: not available
+            raise WeightsUnavailableError(f"cannot read {self.uri}/{INDEX}: {type(exc).__name__}: {exc}") from exc
+
+    def fetch(self, cls) -> Path:
+        """``cls``'s weights from the copy, in the driver's cache, checked; their local path."""
+        entry = self.models.get(cls.name)
+        if entry is None:
+            raise WeightsUnavailableError(f"{self.uri}/{INDEX} lists no weights for {cls.name}")
+        try:
+            files = [WeightsFile(str(f["relpath"]), int(f["size"]), str(f["sha256"])) for f in entry["files"]]
+            folder = bool(entry["folder"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsUnavailableError(f"{self.uri}/{INDEX}: bad entry for {cls.name}: {exc}") from exc
+        for f in files:
+            parts = Path(f.relpath).parts
+            if not parts or Path(f.relpath).is_absolute() or ".." in parts:
+                raise WeightsUnavailableError(f"{self.uri}/{INDEX}: unsafe file name {f.relpath!r} for {cls.name}")
+        if not files or (folder is False and len(files) != 1):
+            raise WeightsUnavailableError(f"{self.uri}/{INDEX}: no weights files listed for {cls.name}")
+        if cls.sha256 is not None and not folder and files[0].sha256 != cls.sha256:
+            raise WeightsUnavailableError(
+                f"{self.uri}/{INDEX} lists other weights for {cls.name}: sha256 {files[0].sha256}, "
+                f"expected {cls.sha256}"
+            )
+        base = f"from-{uri_key(self.uri)}/{cls.name}"
+        for f in files:
+            fetch_to_cache(f"{self.uri}/{cls.name}/{f.relpath}", f"{base}/{f.relpath}", f.sha256, self.storage_options)
+        path = cache_dir() / base if folder else cache_dir() / base / files[0].relpath
+        cls.check_weights(path)
+        return path
+
+
 # ------------------------------------------------------------------------------ shipping
 
 
@@ -149,8 +268,6 @@ class Shipment:
     model: JobModel
     refs: dict[str, Any]  # relpath -> ObjectRef of the file's bytes (a uint8 array)
     origin_node: str | None  # the driver's node, whose actors use the driver's files in place
-    seconds_put: float = 0.0
-    stats: dict[str, float] = field(default_factory=dict, compare=False)  # filled where it is used
 
     @property
     def key(self) -> str:
@@ -163,7 +280,6 @@ class Shipment:
         node = ray.get_runtime_context().get_node_id()
         origin = self.model.path
         if origin is not None and node == self.origin_node and origin.exists():
-            self.stats.update(seconds=0.0, transferred=0.0)
             return origin
         return self._entry(self.materialise(writable_cache_dir() / SHIPPED_DIR, node))
 
@@ -198,7 +314,7 @@ class Shipment:
                 shutil.rmtree(tmp, ignore_errors=True)
             seconds = time.perf_counter() - t0
             self._record(root, "fetched", node, self.model.nbytes, seconds)
-        self.stats.update(seconds=seconds, transferred=float(self.model.nbytes))
+        log.info("%s: %.1f MB of weights from the object store in %.2f s", self.key, self.model.nbytes / 1e6, seconds)
         return final
 
     def _entry(self, folder: Path) -> Path:
@@ -261,5 +377,5 @@ def ship(models: dict[str, JobModel]) -> dict[str, Shipment]:
                 refs[f.relpath] = ray.put(np.frombuffer(path.read_bytes(), dtype=np.uint8))
         seconds = time.perf_counter() - t0
         log.info("%s: %.1f MB of weights in the object store in %.2f s", model.name, model.nbytes / 1e6, seconds)
-        shipped[task] = Shipment(model, refs, origin, seconds)
+        shipped[task] = Shipment(model, refs, origin)
     return shipped
