@@ -433,3 +433,23 @@ def test_a_local_run_loads_the_driver_weights_in_place(tmp_path, monkeypatch):
         ("ok", ISNet.sha256[:12], "ground-prior")
     ]
     assert sorted(p.name for p in driver_cache.iterdir()) == [ISNet.cache_name]  # no shipped copy
+
+
+@pytest.mark.slow
+def test_render_takes_the_weights_from_a_copy(tmp_path, monkeypatch, capsys):
+    """`models fetch --to DIR` from one cache, then `render --weights-from DIR` with another,
+    empty one: the real IS-Net runs from the copy."""
+    from pipeline.cli import main
+
+    copy_cache(real_isnet(), tmp_path / "cache")
+    for key, value in offline_env(tmp_path / "cache").items():
+        if key not in ("PYTHONPATH", "PATH"):
+            monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DREAMFOCUS_ISNET_RUNTIME", "onnx")
+    assert main(["models", "fetch", "isnet-general-use", "--to", str(tmp_path / "copy")]) == 0
+    monkeypatch.setenv("DREAMFOCUS_CACHE", str(tmp_path / "empty"))
+    out = tmp_path / "out.jpg"
+    code = main(["render", str(EXAMPLES[0]), "-o", str(out), "--weights-from", str(tmp_path / "copy")])
+    stdout = capsys.readouterr().out
+    assert code == 0 and out.is_file()
+    assert f"isnet-general-use {ISNet.sha256[:12]} (onnxruntime, cpu)" in stdout and "ground-prior" in stdout
