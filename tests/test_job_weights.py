@@ -433,6 +433,8 @@ def test_a_local_run_loads_the_driver_weights_in_place(tmp_path, monkeypatch):
         ("ok", ISNet.sha256[:12], "ground-prior")
     ]
     assert sorted(p.name for p in driver_cache.iterdir()) == [ISNet.cache_name]  # no shipped copy
+    fallback = [line for line in proc.stderr.splitlines() if "using ground-prior depth instead" in line]
+    assert len(fallback) == 1 and "depth-anything-v2-small" in fallback[0], proc.stderr[-3000:]
 
 
 @pytest.mark.slow
