@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from ..models.weights import (
     cache_dir,
     fetch_to_cache,
     fetch_weights,
+    replaced_atomically,
     resolve_weights,
     uri_key,
     weights_digest,
@@ -299,8 +299,7 @@ class Shipment:
             if final.exists():
                 log.warning("%s does not hold the weights it should; fetching them again", final)
                 shutil.rmtree(final)
-            tmp = root / f"{self.key}.{uuid.uuid4().hex[:8]}.partial"
-            try:
+            with replaced_atomically(final) as tmp:
                 for wanted in self.model.files:
                     target = tmp / wanted.relpath
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -309,9 +308,6 @@ class Shipment:
                         out.write(memoryview(data).cast("B"))
                     del data
                 self._check(tmp)
-                os.replace(tmp, final)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
             seconds = time.perf_counter() - t0
             self._record(root, "fetched", node, self.model.nbytes, seconds)
         log.info("%s: %.1f MB of weights from the object store in %.2f s", self.key, self.model.nbytes / 1e6, seconds)

