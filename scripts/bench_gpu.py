@@ -112,36 +112,12 @@ def build_models(device: str, batch_size: int, random_weights: bool, tiny: bool,
         words.append(f"Depth Anything V2 Small real ({depth_dir})")
     else:
         depth = DepthAnythingV2Small.from_config(
-            tiny_depth_config() if tiny else None, device=device, batch_size=batch_size
+            DepthAnythingV2Small.small_config() if tiny else None, device=device, batch_size=batch_size
         )
         words.append("Depth Anything V2 Small random" + (" (small network)" if tiny else ""))
     if tiny:  # a small input too: the same code paths in a fraction of the time
         depth.size = 126
     return Models(saliency, depth, "; ".join(words))
-
-
-def tiny_depth_config():
-    """A Depth Anything of the same structure with a few small layers (as tests/test_models.py)."""
-    from transformers import DepthAnythingConfig, Dinov2Config
-
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        image_size=518,
-        patch_size=14,
-        out_indices=[1, 2],
-        reshape_hidden_states=False,
-    )
-    return DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16],
-        reassemble_factors=[2, 1],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-    )
 
 
 def model_copy_shape(width: int, height: int) -> tuple[int, int]:

@@ -41,29 +41,6 @@ def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
 PHOTOS = [_photo(h, w, i) for i, (h, w) in enumerate(SIZES)]
 
 
-def _tiny_da_config():
-    from transformers import DepthAnythingConfig, Dinov2Config
-
-    backbone = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        image_size=518,
-        patch_size=14,
-        out_indices=[1, 2],
-        reshape_hidden_states=False,
-    )
-    return DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=32,
-        neck_hidden_sizes=[8, 16],
-        reassemble_factors=[2, 1],
-        fusion_hidden_size=16,
-        head_hidden_size=8,
-    )
-
-
 def _tiny_dpt_config():
     from transformers import DPTConfig
 
@@ -92,7 +69,7 @@ def _scramble(model, seed: int) -> None:
 
 @pytest.fixture(scope="module")
 def da():
-    model = DepthAnythingV2Small.from_config(_tiny_da_config(), device="cpu", batch_size=4)
+    model = DepthAnythingV2Small.from_config(DepthAnythingV2Small.small_config(), device="cpu", batch_size=4)
     _scramble(model, 0)
     return model
 
@@ -336,7 +313,7 @@ def test_resolution_order_explicit_then_env_then_cache(da_saved, cache, tmp_path
     monkeypatch.setenv("DREAMFOCUS_DEPTH_ANYTHING_URL", f"file://{tmp_path}/gone")
     assert load_model(DEPTH).version == digest  # the cache wins over the URL now
     # an explicit path wins over the cache
-    other = DepthAnythingV2Small.from_config(_tiny_da_config(), device="cpu")
+    other = DepthAnythingV2Small.from_config(DepthAnythingV2Small.small_config(), device="cpu")
     _scramble(other, 5)
     other_dir = tmp_path / "other"
     other.model.save_pretrained(other_dir)

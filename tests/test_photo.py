@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_models import _tiny_da_config
 
 from pipeline.models import DEPTH, SALIENCY, load_model
 from pipeline.models.depth_anything import DepthAnythingV2Small
@@ -40,7 +39,7 @@ def test_model_copy_keeps_small_photos_and_shrinks_large_ones_to_the_model_size(
 def torch_scene_models() -> SceneModels:
     torch.manual_seed(0)
     saliency = ISNet.from_network(ISNetNetwork(SMALL).eval(), device="cpu", batch_size=3, size=256)
-    depth = DepthAnythingV2Small.from_config(_tiny_da_config(), device="cpu", batch_size=3)
+    depth = DepthAnythingV2Small.from_config(DepthAnythingV2Small.small_config(), device="cpu", batch_size=3)
     return SceneModels.from_models(saliency, depth)
 
 

@@ -36,3 +36,28 @@ class DepthAnythingV2Small(HFDepthModel):
         from transformers import DepthAnythingConfig
 
         return DepthAnythingConfig()
+
+    @classmethod
+    def small_config(cls):
+        """The same structure with a few small layers: the real code paths in a fraction of the
+        time, for tests and benchmarks (random weights only)."""
+        from transformers import DepthAnythingConfig, Dinov2Config
+
+        backbone = Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            image_size=518,
+            patch_size=14,
+            out_indices=[1, 2],
+            reshape_hidden_states=False,
+        )
+        return DepthAnythingConfig(
+            backbone_config=backbone,
+            reassemble_hidden_size=32,
+            neck_hidden_sizes=[8, 16],
+            reassemble_factors=[2, 1],
+            fusion_hidden_size=16,
+            head_hidden_size=8,
+        )
