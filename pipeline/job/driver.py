@@ -234,7 +234,8 @@ def _execute(
     )
 
     source_root = inputs.uri
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+    # No prefetch: with one, Ray Data holds each finished group back until the next is done too.
+    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for row in table.to_pylist():  # type: ignore[union-attr] # a pyarrow batch, as asked
             yield _manifest_row(row, source_root, config, run_id)
 
