@@ -10,7 +10,7 @@ import sys
 from ..errors import BadInputError, DreamfocusError
 from ..params import load_yaml_config
 
-SUBCOMMANDS = ("render", "models", "run", "status")
+SUBCOMMANDS = ("render", "models", "run", "status", "review")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

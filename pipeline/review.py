@@ -1,0 +1,395 @@
+"""The review page: OUTPUT/review/index.html, a static page of every processed photo.
+
+    manifest (latest row per input) -> page rows: status, reason or error, where its files are
+    listing of OUTPUT/images, OUTPUT/intermediates, OUTPUT/review/thumbs -> which thumbnails exist
+    missing thumbnails, made in parallel from inputs and outputs (storage.py: local or fsspec)
+    rows.js (the rows as data) + index.html (header rendered here, rows rendered a page at a
+    time in the browser)
+
+Every link in the page is relative and stays inside OUTPUT (../images/..., thumbs/...), so the
+folder opens from a local disk or a bucket's static hosting; rows.js is a script rather than
+JSON because browsers refuse fetch() of file:// URLs. Thumbnails are named by what they show
+(input fingerprint, output time), so a rerun makes only the missing ones and drops stale ones.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import logging
+import os
+import urllib.parse
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from .errors import BadInputError
+from .job.plan import IMAGES_DIR, INTERMEDIATES_DIR, output_relpath
+from .manifest import COLUMNS, FAILED, MANIFEST_DIR, OK, SKIPPED, key_of, latest_rows, read_manifest
+from .photo_io import OUTPUT_EXTENSIONS, decode_photo
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+REVIEW_DIR, THUMBS_DIR = "review", "thumbs"
+THUMB_SIZE = 640  # long side, px: sharp enough for the side-by-side slider, ~40 KB as JPEG
+THUMB_QUALITY = 80
+# Intermediates as the job names them (photo.intermediate_pngs), in the order shown.
+INTERMEDIATE_NAMES = ("mask", "depth16", "alpha", "background")
+STATUS_LABELS = {OK: "ok", SKIPPED: "left alone", FAILED: "failed"}
+_STAGE_PREFIX = "seconds_"
+
+
+@dataclass(frozen=True)
+class Thumb:
+    """A thumbnail to make: from `relpath` in `source` to thumbs/`name`."""
+
+    source: Storage
+    relpath: str
+    name: str
+
+
+@dataclass
+class PageRow:
+    """One input as the page shows it; paths are relative to OUTPUT/review."""
+
+    relpath: str
+    status: str
+    note: str  # the reason it was left alone, or the error; "" when ok
+    error_kind: str
+    width: int | None
+    height: int | None
+    seconds: float | None  # sum of its per-stage times
+    before: str | None  # thumbnail of the input
+    after: str | None  # thumbnail of the output
+    output: str | None  # the full-size output
+    intermediates: list[tuple[str, str, str]] = field(default_factory=list)  # (name, thumbnail, full file)
+
+    def as_json(self) -> dict:
+        return {
+            "path": self.relpath,
+            "status": self.status,
+            "note": self.note,
+            "kind": self.error_kind,
+            "size": [self.width, self.height] if self.width and self.height else None,
+            "seconds": None if self.seconds is None else round(self.seconds, 3),
+            "before": self.before,
+            "after": self.after,
+            "output": self.output,
+            "intermediates": [list(i) for i in self.intermediates],
+        }
+
+
+@dataclass
+class Header:
+    counts: dict[str, int]  # status -> inputs (latest attempt)
+    attempts: int
+    photos_per_second: float | None  # over all runs: rows / the runs' summed wall time
+    runs: list[tuple[str, int, float | None]]  # (run id, rows, photos/s)
+    stage_seconds: dict[str, float]  # stage -> mean seconds per photo that has it
+
+
+@dataclass
+class ReviewSummary:
+    page: str  # URI of index.html
+    rows: int
+    thumbs_made: int
+    thumbs_kept: int
+    thumbs_failed: int
+    stale_removed: int
+
+    def lines(self) -> list[str]:
+        line = (
+            f"review: {self.page} ({self.rows} photos; thumbnails: {self.thumbs_made} made, "
+            f"{self.thumbs_kept} kept, {self.stale_removed} stale removed"
+        )
+        if self.thumbs_failed:
+            line += f", {self.thumbs_failed} unreadable"
+        return [line + ")"]
+
+
+# --------------------------------------------------------------------------- page data
+
+
+def stage_columns(names: Iterable[str] = COLUMNS) -> list[str]:
+    """The manifest's per-stage time columns, whichever this version has."""
+    return [n for n in names if n.startswith(_STAGE_PREFIX)]
+
+
+def note_of(status: str, error: str | None, reason: str | None) -> str:
+    """What the page says about a row: the reason it was left alone (its own column, or in
+    `error` in parts written before that column existed), or the error."""
+    if status == SKIPPED:
+        return reason or error or ""
+    if status == FAILED:
+        return error or ""
+    return ""
+
+
+def header_of(table: pa.Table, latest: pa.Table) -> Header:
+    """Counts of the latest rows; throughput of every row (each attempt is work done); mean
+    per-stage seconds over the latest rows that have them."""
+    statuses = latest.column("status").to_pylist()
+    counts = {s: statuses.count(s) for s in (OK, SKIPPED, FAILED)}
+    runs: list[tuple[str, int, float | None]] = []
+    total_rows, total_span = 0, 0.0
+    if table.num_rows:
+        grouped = table.group_by("run_id").aggregate(
+            [("started_at", "min"), ("finished_at", "max"), ("relpath", "count")]
+        )
+        for run, first, last, n in zip(
+            *(grouped.column(c).to_pylist() for c in ("run_id", "started_at_min", "finished_at_max", "relpath_count"))
+        ):
+            span = (last - first).total_seconds() if first and last else 0.0
+            runs.append((run or "", n, n / span if span > 0 else None))
+            if span > 0:
+                total_rows, total_span = total_rows + n, total_span + span
+        runs.sort()
+    stage_seconds = {}
+    for column in stage_columns(latest.column_names):
+        values = latest.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+        values = values[~np.isnan(values)]
+        if values.size:
+            stage_seconds[column.removeprefix(_STAGE_PREFIX)] = float(values.mean())
+    return Header(
+        counts=counts,
+        attempts=table.num_rows,
+        photos_per_second=total_rows / total_span if total_span > 0 else None,
+        runs=runs,
+        stage_seconds=stage_seconds,
+    )
+
+
+def output_of(row: dict, images_uri: str, images: frozenset[str]) -> str | None:
+    """The input's output under OUTPUT/images, if it is there: the manifest's output_uri, else
+    (left-alone rows of older versions carry none) the names the job gives outputs."""
+    uri = row.get("output_uri")
+    if uri and uri.startswith(images_uri + "/"):
+        candidates = [uri[len(images_uri) + 1 :]]
+    else:
+        candidates = []
+        for fmt in OUTPUT_EXTENSIONS:
+            for keep in (False, True):
+                try:
+                    candidates.append(output_relpath(row["relpath"], fmt, keep_extension=keep))
+                except BadInputError:
+                    return None
+    return next((c for c in candidates if c in images), None)
+
+
+def thumb_name(kind: str, *what: str) -> str:
+    """thumbs/<key>.<kind>.jpg: the key changes when what the thumbnail shows changes."""
+    return f"{int(key_of(*what)) & 0xFFFFFFFFFFFFFFFF:016x}.{kind}.jpg"
+
+
+def page_rows(
+    latest: pa.Table,
+    output: Storage,
+    images: frozenset[str],
+    intermediates: frozenset[str],
+    inputs: Storage | None = None,
+) -> tuple[list[PageRow], list[Thumb]]:
+    """The page's rows and the thumbnails they show. inputs: where the photos are now, when
+    not at the manifest's source_uri (a moved folder)."""
+    images_store = Storage(f"{output.uri}/{IMAGES_DIR}", output.storage_options)
+    intermediates_store = Storage(f"{output.uri}/{INTERMEDIATES_DIR}", output.storage_options)
+    sources: dict[str, Storage] = {}
+    stages = stage_columns(latest.column_names)
+    rows, thumbs = [], []
+    for row in latest.to_pylist():
+        relpath, status = row["relpath"], row["status"]
+        before = after = full = None
+        source = inputs or _source_store(row, sources, output.storage_options)
+        if source is not None:
+            before = thumb_name("before", relpath, row.get("source_fingerprint") or "")
+            thumbs.append(Thumb(source, relpath, before))
+        target = output_of(row, images_store.uri, images)
+        shown: list[tuple[str, str, str]] = []
+        if target is not None:
+            stamp = str(row.get("finished_at") or "")
+            after = thumb_name("after", target, stamp)
+            thumbs.append(Thumb(images_store, target, after))
+            full = _href(IMAGES_DIR, target)
+            stem = os.path.splitext(target)[0]
+            for name in INTERMEDIATE_NAMES:
+                file = f"{stem}.{name}.png"
+                if file in intermediates:
+                    thumb = thumb_name(name, file, stamp)
+                    thumbs.append(Thumb(intermediates_store, file, thumb))
+                    shown.append((name, f"{THUMBS_DIR}/{thumb}", _href(INTERMEDIATES_DIR, file)))
+        times = [row[c] for c in stages if row.get(c) is not None]
+        rows.append(
+            PageRow(
+                relpath=relpath,
+                status=status,
+                note=note_of(status, row.get("error"), row.get("reason")),
+                error_kind=row.get("error_kind") or "",
+                width=row.get("width"),
+                height=row.get("height"),
+                seconds=float(sum(times)) if times else None,
+                before=f"{THUMBS_DIR}/{before}" if before else None,
+                after=f"{THUMBS_DIR}/{after}" if after else None,
+                output=full,
+                intermediates=shown,
+            )
+        )
+    return rows, thumbs
+
+
+def _href(folder: str, relpath: str) -> str:
+    """A link from OUTPUT/review to OUTPUT/folder/relpath: names may hold '#', '?' or '%'."""
+    return urllib.parse.quote(f"../{folder}/{relpath}")
+
+
+def _source_store(row: dict, cache: dict[str, Storage], storage_options: dict) -> Storage | None:
+    """A Storage at the input root the manifest recorded (source_uri minus relpath)."""
+    uri, relpath = row.get("source_uri") or "", row["relpath"]
+    if not uri.endswith("/" + relpath):
+        return None
+    root = uri[: -len(relpath) - 1]
+    if root not in cache:
+        cache[root] = Storage(root, storage_options)
+    return cache[root]
+
+
+# --------------------------------------------------------------------------- thumbnails
+
+
+def thumbnail_jpeg(data: bytes, source: str, size: int = THUMB_SIZE) -> bytes:
+    """A JPEG of the photo (upright, sRGB, 16-bit maps scaled to 8) with its long side at most `size`."""
+    pixels = decode_photo(data, source, draft_size=size).pixels
+    im = Image.fromarray(np.ascontiguousarray(pixels))
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    im.save(out, format="JPEG", quality=THUMB_QUALITY, optimize=True)
+    return out.getvalue()
+
+
+def make_thumbs(thumbs: list[Thumb], target: Storage, workers: int) -> tuple[int, set[str]]:
+    """Make each thumbnail in parallel (threads: the time goes to reads and to Pillow's and
+    the store's C code); one that cannot be read is reported and left out. Returns the number
+    made and the names that failed."""
+
+    def one(thumb: Thumb) -> str | None:
+        try:
+            target.write_atomic(thumb.name, thumbnail_jpeg(thumb.source.read_bytes(thumb.relpath), thumb.relpath))
+            return None
+        except Exception as exc:  # noqa: BLE001 - a missing or unreadable file is one blank tile, not a failed page
+            log.info("no thumbnail of %s: %s: %s", thumb.source.uri_of(thumb.relpath), type(exc).__name__, exc)
+            return thumb.name
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        failed = {name for name in pool.map(one, thumbs) if name}
+    return len(thumbs) - len(failed), failed
+
+
+# --------------------------------------------------------------------------- page
+
+
+def render_header(header: Header) -> str:
+    """The header's HTML: counts, throughput, and mean per-stage time as CSS bars."""
+    total = sum(header.counts.values())
+    counts = " · ".join(
+        f'<span class="count {s}">{header.counts[s]:,} {STATUS_LABELS[s]}</span>' for s in (OK, SKIPPED, FAILED)
+    )
+    rate = f"{header.photos_per_second:.2f} photos/s" if header.photos_per_second else "photos/s unknown"
+    runs = f"{len(header.runs)} run{'s' if len(header.runs) != 1 else ''}, {header.attempts:,} attempts"
+    bars = []
+    per_photo = sum(header.stage_seconds.values())
+    for stage, seconds in header.stage_seconds.items():
+        share = seconds / per_photo if per_photo > 0 else 0.0
+        bars.append(
+            f'<div class="stage"><span class="name">{html.escape(stage)}</span>'
+            f'<span class="bar"><span style="width:{100 * share:.1f}%"></span></span>'
+            f'<span class="value">{_seconds(seconds)} · {100 * share:.0f}%</span></div>'
+        )
+    chart = (
+        f'<div class="stages" title="mean seconds per photo in each stage">{"".join(bars)}'
+        f'<div class="stage total"><span class="name">per photo</span><span></span>'
+        f'<span class="value">{_seconds(per_photo)}</span></div></div>'
+        if bars
+        else ""
+    )
+    return (
+        f'<div class="summary"><h1>{total:,} photos</h1><p id="counts">{counts}</p>'
+        f'<p id="throughput">{rate} · {runs}</p></div>{chart}'
+    )
+
+
+def _seconds(value: float) -> str:
+    return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
+
+
+def render_page(header: Header, title: str) -> str:
+    template = resources.files("pipeline").joinpath("review.html").read_text(encoding="utf-8")
+    return template.replace("{{title}}", html.escape(title)).replace("{{header}}", render_header(header))
+
+
+def rows_script(rows: list[PageRow]) -> str:
+    """rows.js: the rows as a script the page loads (file:// forbids fetching JSON)."""
+    data = json.dumps([r.as_json() for r in rows], separators=(",", ":"), ensure_ascii=False)
+    # "</" cannot close a script element when the data is read as a script; JSON reads "<\/" as "</".
+    return "window.REVIEW_ROWS = " + data.replace("</", "<\\/") + ";\n"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _listing(store: Storage, extensions: Iterable[str]) -> frozenset[str]:
+    try:
+        return frozenset(f.relpath for f in store.list_files(frozenset(extensions)))
+    except FileNotFoundError:
+        return frozenset()
+
+
+def build_review(
+    output_uri: str,
+    storage_options: dict | None = None,
+    inputs_uri: str | None = None,
+    workers: int = 8,
+    progress: Callable[[str], None] | None = None,
+) -> ReviewSummary:
+    """Write OUTPUT/review: index.html, rows.js and the thumbnails that are missing."""
+    output = Storage(output_uri, storage_options)
+    manifest = Storage(f"{output.uri}/{MANIFEST_DIR}", output.storage_options)
+    table = read_manifest(manifest)
+    if table.num_rows == 0:
+        raise BadInputError(f"{output_uri}: no manifest rows (run `dreamfocus run INPUT {output_uri}` first)")
+    latest = latest_rows(table)
+    images = _listing(Storage(f"{output.uri}/{IMAGES_DIR}", output.storage_options), OUTPUT_EXTENSIONS.values())
+    intermediates = _listing(Storage(f"{output.uri}/{INTERMEDIATES_DIR}", output.storage_options), {".png"})
+    inputs = Storage(inputs_uri, output.storage_options) if inputs_uri else None
+    rows, thumbs = page_rows(latest, output, images, intermediates, inputs)
+
+    review = Storage(f"{output.uri}/{REVIEW_DIR}", output.storage_options)
+    thumbs_store = Storage(f"{review.uri}/{THUMBS_DIR}", output.storage_options)
+    existing = _listing(thumbs_store, {".jpg"})
+    missing = [t for t in thumbs if t.name not in existing]
+    if progress:
+        progress(f"{len(rows):,} photos, {len(missing):,} thumbnails to make ({len(thumbs) - len(missing):,} kept)")
+    made, failed = make_thumbs(missing, thumbs_store, workers)
+    for row in rows:  # a tile without a thumbnail says so, rather than showing a broken image
+        row.before = None if row.before and row.before.split("/")[-1] in failed else row.before
+        row.after = None if row.after and row.after.split("/")[-1] in failed else row.after
+        row.intermediates = [i for i in row.intermediates if i[1].split("/")[-1] not in failed]
+    wanted = {t.name for t in thumbs}
+    stale = sorted(existing - wanted)
+    for name in stale:
+        thumbs_store.remove(name)
+
+    review.write_atomic("rows.js", rows_script(rows).encode())
+    review.write_atomic("index.html", render_page(header_of(table, latest), output.uri).encode())
+    return ReviewSummary(
+        page=review.uri_of("index.html"),
+        rows=len(rows),
+        thumbs_made=made,
+        thumbs_kept=len(thumbs) - len(missing),
+        thumbs_failed=len(failed),
+        stale_removed=len(stale),
+    )
