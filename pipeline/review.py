@@ -380,8 +380,8 @@ def build_review(
         row.intermediates = [i for i in row.intermediates if i[1].split("/")[-1] not in failed]
     wanted = {t.name for t in thumbs}
     stale = sorted(existing - wanted)
-    for name in stale:
-        thumbs_store.remove(name)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # one request each on object stores
+        list(pool.map(thumbs_store.remove, stale))
 
     review.write_atomic("rows.js", rows_script(rows).encode())
     review.write_atomic("index.html", render_page(header_of(table, latest), output.uri).encode())
