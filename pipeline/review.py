@@ -29,7 +29,14 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from .errors import BadInputError
+from .errors import (
+    BadInputError,
+    CorruptImageError,
+    EmptyFileError,
+    NotAnImageError,
+    TooManyPixelsError,
+    UnsupportedImageError,
+)
 from .job.plan import IMAGES_DIR, INTERMEDIATES_DIR, output_relpath
 from .manifest import COLUMNS, FAILED, MANIFEST_DIR, OK, SKIPPED, key_of, latest_rows, read_manifest
 from .photo_io import OUTPUT_EXTENSIONS, decode_photo
@@ -44,6 +51,10 @@ THUMB_QUALITY = 80
 INTERMEDIATE_NAMES = ("mask", "depth16", "alpha", "background")
 STATUS_LABELS = {OK: "ok", SKIPPED: "left alone", FAILED: "failed"}
 _STAGE_PREFIX = "seconds_"
+# Inputs the job could not decode: no thumbnail is tried (it would fail again on every rerun).
+UNDECODABLE_KINDS = frozenset(
+    cls.kind for cls in (EmptyFileError, NotAnImageError, CorruptImageError, UnsupportedImageError, TooManyPixelsError)
+)
 
 
 @dataclass(frozen=True)
@@ -206,7 +217,7 @@ def page_rows(
         relpath, status = row["relpath"], row["status"]
         before = after = full = None
         source = inputs or _source_store(row, sources, output.storage_options)
-        if source is not None:
+        if source is not None and row.get("error_kind") not in UNDECODABLE_KINDS:
             before = thumb_name("before", relpath, row.get("source_fingerprint") or "")
             thumbs.append(Thumb(source, relpath, before))
         target = output_of(row, images_store.uri, images)
