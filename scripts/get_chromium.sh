@@ -9,11 +9,15 @@
 # downloads) inside CACHE, so neither root nor `apt-get update` of the machine is needed; the
 # packages are checked against the machine's apt keyring as a normal install would be. Only
 # what the machine lacks is fetched: `apt-get -s install` against the machine's installed
-# packages names it. A second run finds the wrapper and returns at once.
+# packages names it. A second run finds the wrapper and returns at once; with DREAMFOCUS_CHROMIUM
+# set (a Chromium or Chrome of the user's, which the tests then use) it does nothing.
 set -eu
 
 CACHE=${1:-.cache/chromium}
 WRAPPER="$CACHE/chromium"
+if [ -n "${DREAMFOCUS_CHROMIUM:-}" ]; then
+    exit 0 # a browser of the user's choosing: the tests use it
+fi
 if [ -x "$WRAPPER" ] && "$WRAPPER" --version >/dev/null 2>&1; then
     exit 0
 fi
