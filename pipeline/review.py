@@ -14,6 +14,7 @@ JSON because browsers refuse fetch() of file:// URLs. Thumbnails are named by wh
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
 import json
@@ -337,9 +338,16 @@ def _seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
-def render_page(header: Header, title: str) -> str:
+def render_page(header: Header, title: str, rows_js: bytes) -> str:
+    """index.html; it loads rows.js under a name that changes with its content, so a cache in
+    front of a bucket's static hosting never pairs a new page with old rows."""
     template = resources.files("pipeline").joinpath("review.html").read_text(encoding="utf-8")
-    return template.replace("{{title}}", html.escape(title)).replace("{{header}}", render_header(header))
+    version = hashlib.sha256(rows_js).hexdigest()[:12]
+    return (
+        template.replace("{{title}}", html.escape(title))
+        .replace("{{header}}", render_header(header))
+        .replace("{{rows}}", f"rows.js?v={version}")
+    )
 
 
 def rows_script(rows: list[PageRow]) -> str:
@@ -394,8 +402,9 @@ def build_review(
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # one request each on object stores
         list(pool.map(thumbs_store.remove, stale))
 
-    review.write_atomic("rows.js", rows_script(rows).encode())
-    review.write_atomic("index.html", render_page(header_of(table, latest), output.uri).encode())
+    rows_js = rows_script(rows).encode()
+    review.write_atomic("rows.js", rows_js)
+    review.write_atomic("index.html", render_page(header_of(table, latest), output.uri, rows_js).encode())
     return ReviewSummary(
         page=review.uri_of("index.html"),
         rows=len(rows),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote
@@ -200,6 +201,9 @@ def test_rerun_makes_only_missing_thumbnails_and_drops_stale_ones(local_job):
     inputs, output, _ = local_job
     first = build_review(output.uri)
     assert (first.thumbs_made, first.thumbs_kept) == (14, 0)  # 5 before, 5 after, 4 intermediates
+    page = Path(output.uri) / "review" / "index.html"
+    rows_js = re.search(r'<script src="(rows\.js\?v=\w+)">', page.read_text())
+    assert rows_js
 
     again = build_review(output.uri)
     assert (again.thumbs_made, again.thumbs_kept, again.stale_removed) == (0, 14, 0)
@@ -220,6 +224,7 @@ def test_rerun_makes_only_missing_thumbnails_and_drops_stale_ones(local_job):
     writer.flush()
     changed = build_review(output.uri)
     assert (changed.thumbs_made, changed.stale_removed) == (2, 2)
+    assert rows_js.group(1) not in page.read_text()  # a new name for the new rows: no stale cache
     assert len(list(thumbs.glob("*.jpg"))) == 14
 
 
