@@ -180,10 +180,13 @@ def header_of(table: pa.Table, latest: pa.Table) -> Header:
 
 def output_of(row: dict, images_uri: str, images: frozenset[str]) -> str | None:
     """The input's output under OUTPUT/images, if it is there: the manifest's output_uri, else
-    (left-alone rows of older versions carry none) the names the job gives outputs."""
+    for a left-alone row (their output_uri is empty) the names the job gives outputs. A failed
+    row has none, whatever an earlier attempt left there."""
     uri = row.get("output_uri")
     if uri and uri.startswith(images_uri + "/"):
         candidates = [uri[len(images_uri) + 1 :]]
+    elif row["status"] != SKIPPED:
+        return None
     else:
         candidates = []
         for fmt in OUTPUT_EXTENSIONS:

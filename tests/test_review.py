@@ -61,6 +61,7 @@ def write_finished_job(inputs: Storage, output: Storage) -> list[dict]:
     inputs.write_atomic(LEFT_ALONE, jpeg((90, 90, 90), (400, 300)))
     images.write_atomic(LEFT_ALONE, jpeg((90, 90, 90), (400, 300)))
     inputs.write_atomic(BROKEN, b"\xff\xd8\xff not really a jpeg")
+    images.write_atomic(BROKEN, jpeg((0, 0, 0), (300, 200)))  # from before the file was broken
     intermediates = Storage(f"{output.uri}/intermediates", output.storage_options)
     ramp = np.linspace(0, 65535, 800 * 600).reshape(600, 800).astype(np.uint16)
     for name, values in {
