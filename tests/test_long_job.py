@@ -289,3 +289,20 @@ def test_status_shows_reasons_apart_from_errors_and_time_by_stage(tmp_path, caps
     assert "time by stage (1.20 s per photo, all workers): read 8%  decode 8%  saliency 42%  depth 17%" in out
     assert latest_rows(read_manifest(store)).num_rows == 4
     assert SCHEMA.field("reason").type == pa.string()
+
+
+def test_status_merges_many_parts_only_while_no_job_runs(tmp_path, capsys):
+    store = Storage(str(tmp_path / "out" / "manifest"))
+    for part in range(70):
+        writer = ManifestWriter(store, f"more{part:02d}")
+        writer.add(row(f"more{part}.jpg"))
+        writer.flush()
+    running = Lease(Storage(str(tmp_path / "out")), "a-running-job").acquire()
+    main(["status", str(tmp_path / "out")])
+    assert len(list(store.list_files(frozenset({".parquet"})))) == 70  # a job holds OUTPUT: untouched
+    running.release()
+    main(["status", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert "merged 70 manifest parts into one" in out and "70 inputs (70 attempts): ok 70" in out
+    assert len(list(store.list_files(frozenset({".parquet"})))) == 1
+    assert not (tmp_path / "out" / "manifest" / "lease.json").exists()
