@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-ROW_STATE = ("status", "error_kind", "error")
+ROW_STATE = ("status", "error_kind", "error", "reason")
 UPDATED = (*ROW_STATE, "seconds_decode")  # columns a stage may change in place
 ARRAYS = ("model_copy", "saliency", "depth")  # arrays travelling as .npy bytes
 HEAVY = ("data", *ARRAYS)  # not needed once the photo is written

@@ -71,6 +71,12 @@ class OutputError(DreamfocusError):
     retried_by_rerun = True
 
 
+class OutputBusyError(DreamfocusError):
+    """Another job holds OUTPUT (its lease is live): two jobs never write one OUTPUT."""
+
+    kind = "output-busy"
+
+
 class OutOfMemoryError(DreamfocusError):
     """A photo that ran out of memory (host or GPU) even alone."""
 
@@ -88,6 +94,7 @@ KINDS: tuple[type[DreamfocusError], ...] = (
     UnsafeNameError,
     WeightsUnavailableError,
     OutputError,
+    OutputBusyError,
     OutOfMemoryError,
 )
 RETRIED_KINDS = frozenset(cls.kind for cls in KINDS if cls.retried_by_rerun)

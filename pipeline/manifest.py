@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +26,11 @@ from .storage import Storage
 
 MANIFEST_DIR = "manifest"
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
-STAGES = ("read", "decode", "models", "effect", "encode", "write")
+STAGES = ("read", "decode", "saliency", "depth", "effect", "encode", "write")
 # Columns renamed since: old parts are read under the new name.
 RENAMED = {"job_hash": "params_hash"}
+REPLACES = b"dreamfocus.replaces"  # a compacted part's metadata: the parts it replaces
+COMPACT_MIN_PARTS = 64  # a run or `status` finding this many parts merges them into one
 
 SCHEMA = pa.schema(
     [
@@ -39,6 +43,7 @@ SCHEMA = pa.schema(
         ("status", pa.string()),  # ok / failed / skipped
         ("error_kind", pa.string()),
         ("error", pa.string()),
+        ("reason", pa.string()),  # why a skipped photo was left alone (old parts: in error)
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("saliency_model", pa.string()),
@@ -75,46 +80,108 @@ def new_run_id() -> str:
 
 
 class ManifestWriter:
-    """Buffers rows and writes them as numbered parts; flush() commits what is buffered."""
+    """Buffers rows and writes them as numbered parts: every `rows_per_part` rows, and at least
+    every `seconds_per_part` seconds while rows arrive (flush_if_due() from a timer), so a
+    killed run loses little. Thread-safe: rows come from the driver, time from a ticker."""
 
-    def __init__(self, store: Storage, run_id: str, rows_per_part: int = 1000) -> None:
+    def __init__(
+        self,
+        store: Storage,
+        run_id: str,
+        rows_per_part: int = 1000,
+        seconds_per_part: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store = store
         self.run_id = run_id
         self.rows_per_part = rows_per_part
+        self.seconds_per_part = seconds_per_part
+        self.clock = clock
         self.rows: list[dict] = []
         self.parts = 0
+        self.first_pending = 0.0  # when the oldest uncommitted row arrived
+        self._lock = threading.Lock()
 
     def add(self, row: dict) -> None:
-        self.rows.append(row)
-        if len(self.rows) >= self.rows_per_part:
-            self.flush()
+        with self._lock:
+            if not self.rows:
+                self.first_pending = self.clock()
+            self.rows.append(row)
+            if len(self.rows) >= self.rows_per_part:
+                self._flush()
+        self.flush_if_due()
+
+    def flush_if_due(self) -> None:
+        with self._lock:
+            if self.rows and self.clock() - self.first_pending >= self.seconds_per_part:
+                self._flush()
 
     def flush(self) -> None:
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         if not self.rows:
             return
         table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in self.rows], schema=SCHEMA)
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
-        self.store.write_atomic(f"part-{self.run_id}-{self.parts:05d}.parquet", buffer.getvalue())
+        self.store.write_atomic(f"part-{self.run_id}-{self.parts:05d}.parquet", _parquet(table))
         self.parts += 1
         self.rows = []
+
+
+def _parquet(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def _read_parts(store: Storage) -> tuple[dict[str, pa.Table], list[str]]:
+    """Every committed part by name, less those a compacted part has replaced (a compaction
+    killed before it removed them leaves them behind; their rows are in the compacted part),
+    and the names of such leftovers."""
+    try:
+        names = [part.relpath for part in store.list_files(frozenset({".parquet"}))]
+    except FileNotFoundError:
+        return {}, []
+    parts = {name: pq.read_table(io.BytesIO(store.read_bytes(name))) for name in names}
+    replaced = set()
+    for table in parts.values():
+        replaced.update(json.loads((table.schema.metadata or {}).get(REPLACES, b"[]")))
+    live = {name: table for name, table in parts.items() if name not in replaced}
+    return live, sorted(replaced & set(parts))
 
 
 def read_manifest(store: Storage, columns: Iterable[str] | None = None) -> pa.Table:
     """Every committed row (an empty table when there is no manifest yet)."""
     names = list(columns) if columns is not None else list(COLUMNS)
     schema = pa.schema([SCHEMA.field(n) for n in names])
-    tables = []
-    try:
-        parts = list(store.list_files(frozenset({".parquet"})))
-    except FileNotFoundError:
-        parts = []
-    for part in parts:
-        table = pq.read_table(io.BytesIO(store.read_bytes(part.relpath)))
-        tables.append(pa.table({n: _column(table, n, schema.field(n).type) for n in names}))
+    tables = [
+        pa.table({n: _column(table, n, schema.field(n).type) for n in names})
+        for table in _read_parts(store)[0].values()
+    ]
     if not tables:
         return schema.empty_table()
     return pa.concat_tables(tables).cast(schema)
+
+
+def compact_manifest(store: Storage, min_parts: int = COMPACT_MIN_PARTS) -> int:
+    """Merge the parts into one where there are at least `min_parts`; returns the parts merged.
+
+    Only while holding OUTPUT's lease (no run is adding parts). The merged part is written
+    first, naming the parts it replaces, and only then are they removed: a kill at any point
+    loses no row and counts none twice. Every column of every part is kept, old ones too.
+    """
+    parts, leftovers = _read_parts(store)
+    for name in leftovers:  # of a compaction killed midway
+        store.remove(name)
+    if len(parts) < min_parts:
+        return 0
+    merged = pa.concat_tables(parts.values(), promote_options="permissive")
+    merged = merged.replace_schema_metadata({REPLACES: json.dumps(sorted(parts))})
+    store.write_atomic(f"part-compacted-{new_run_id()}.parquet", _parquet(merged))
+    for name in parts:
+        store.remove(name)
+    return len(parts)
 
 
 def _column(table: pa.Table, name: str, type_: pa.DataType) -> pa.ChunkedArray | pa.Array:
@@ -193,24 +260,35 @@ class ManifestReport:
     rows: int
     latest_counts: dict[str, int]  # status of each input's latest attempt -> inputs
     failure_kinds: list[tuple[str, int, str]]  # (kind, inputs, an example error)
+    left_alone_kinds: list[tuple[str, int, str]]  # (kind, inputs, an example reason)
     runs: list[tuple[str, int, float]]  # (run id, rows, photos per second)
+    stage_seconds: dict[str, float]  # stage -> seconds summed over the rows that have timings
+    timed_rows: int  # rows with per-stage timings (rows of older versions have none per model)
 
     def lines(self) -> list[str]:
         if not self.rows:
             return ["no manifest rows yet"]
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.latest_counts.items()))
         out = [f"{sum(self.latest_counts.values())} inputs ({self.rows} attempts): {counts}"]
-        if self.failure_kinds:
-            out.append("failures by kind:")
-            out += [f"  {n:6d}  {kind}  e.g. {example}" for kind, n, example in self.failure_kinds]
+        for title, kinds in (("failures by kind:", self.failure_kinds), ("left alone:", self.left_alone_kinds)):
+            if kinds:
+                out.append(title)
+                out += [f"  {n:6d}  {kind}  e.g. {example}" for kind, n, example in kinds]
+        total = sum(self.stage_seconds.values())
+        if total > 0:
+            shares = "  ".join(f"{stage} {seconds / total:.0%}" for stage, seconds in self.stage_seconds.items())
+            out.append(f"time by stage ({total / self.timed_rows:.2f} s per photo, all workers): {shares}")
         out.append("runs:")
         out += [f"  {run}  {n} photos  {rate:.2f} photos/s" for run, n, rate in self.runs]
         return out
 
 
 def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
+    stage_columns = [f"seconds_{stage}" for stage in STAGES]
     table = read_manifest(
-        store, ["relpath", "status", "error_kind", "error", "attempt", "run_id", "started_at", "finished_at"]
+        store,
+        ["relpath", "status", "error_kind", "error", "reason", "attempt", "run_id", "started_at", "finished_at"]
+        + stage_columns,
     )
     latest = latest_rows(table)
     latest_counts = (
@@ -222,11 +300,33 @@ def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
         else {}
     )
     failed = latest.filter(pc.equal(latest.column("status"), FAILED))
-    kinds: dict[str, list] = {}
-    for kind, error in zip(failed.column("error_kind").to_pylist(), failed.column("error").to_pylist()):
-        entry = kinds.setdefault(kind or "unknown", [0, error])
+    skipped = latest.filter(pc.equal(latest.column("status"), SKIPPED))
+    # Parts written before the reason had a column of its own carry it in error.
+    reasons = pc.coalesce(
+        pc.if_else(pc.equal(skipped.column("reason"), ""), None, skipped.column("reason")), skipped.column("error")
+    )
+    timed = table.filter(pc.is_valid(table.column("seconds_saliency")))
+    return ManifestReport(
+        rows=table.num_rows,
+        latest_counts=latest_counts,
+        failure_kinds=_by_kind(failed.column("error_kind"), failed.column("error"), top),
+        left_alone_kinds=_by_kind(skipped.column("error_kind"), reasons, top),
+        runs=_run_rates(table),
+        stage_seconds={stage: float(pc.sum(timed.column(f"seconds_{stage}")).as_py() or 0) for stage in STAGES},
+        timed_rows=timed.num_rows,
+    )
+
+
+def _by_kind(kinds: pa.ChunkedArray, examples: pa.ChunkedArray, top: int) -> list[tuple[str, int, str]]:
+    """(kind, how many, one example) for the most frequent kinds."""
+    found: dict[str, list] = {}
+    for kind, example in zip(kinds.to_pylist(), examples.to_pylist()):
+        entry = found.setdefault(kind or "unknown", [0, example])
         entry[0] += 1
-    failure_kinds = sorted(((k, n, e) for k, (n, e) in kinds.items()), key=lambda t: -t[1])[:top]
+    return sorted(((k, n, e) for k, (n, e) in found.items()), key=lambda t: -t[1])[:top]
+
+
+def _run_rates(table: pa.Table) -> list[tuple[str, int, float]]:
     runs = []
     if table.num_rows:
         grouped = table.group_by("run_id").aggregate(
@@ -235,7 +335,7 @@ def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
         for run, first, last, n in zip(
             *(grouped.column(c).to_pylist() for c in ("run_id", "started_at_min", "finished_at_max", "relpath_count"))
         ):
-            span = (last - first).total_seconds()
+            span = (last - first).total_seconds() if first and last else 0.0
             runs.append((run, n, n / span if span > 0 else float("nan")))
-        runs.sort()
-    return ManifestReport(table.num_rows, latest_counts, failure_kinds, runs)
+        runs.sort(key=lambda r: r[0] or "")
+    return runs

@@ -19,6 +19,7 @@ import html
 import io
 import json
 import logging
+import math
 import os
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -39,7 +40,18 @@ from .errors import (
     UnsupportedImageError,
 )
 from .job.plan import IMAGES_DIR, INTERMEDIATES_DIR, output_relpath
-from .manifest import COLUMNS, FAILED, MANIFEST_DIR, OK, SKIPPED, key_of, latest_rows, read_manifest
+from .manifest import (
+    FAILED,
+    MANIFEST_DIR,
+    OK,
+    SKIPPED,
+    STAGES,
+    ManifestReport,
+    key_of,
+    latest_rows,
+    manifest_report,
+    read_manifest,
+)
 from .photo_io import OUTPUT_EXTENSIONS, decode_photo
 from .storage import Storage
 
@@ -51,7 +63,6 @@ THUMB_QUALITY = 80
 # Intermediates as the job names them (photo.intermediate_pngs), in the order shown.
 INTERMEDIATE_NAMES = ("mask", "depth16", "alpha", "background")
 STATUS_LABELS = {OK: "ok", SKIPPED: "left alone", FAILED: "failed"}
-_STAGE_PREFIX = "seconds_"
 # Inputs the job could not decode: no thumbnail is tried (it would fail again on every rerun).
 UNDECODABLE_KINDS = frozenset(
     cls.kind for cls in (EmptyFileError, NotAnImageError, CorruptImageError, UnsupportedImageError, TooManyPixelsError)
@@ -99,15 +110,6 @@ class PageRow:
 
 
 @dataclass
-class Header:
-    counts: dict[str, int]  # status -> inputs (latest attempt)
-    attempts: int
-    photos_per_second: float | None  # over all runs: rows / the runs' summed wall time
-    runs: list[tuple[str, int, float | None]]  # (run id, rows, photos/s)
-    stage_seconds: dict[str, float]  # stage -> mean seconds per photo that has it
-
-
-@dataclass
 class ReviewSummary:
     page: str  # URI of index.html
     rows: int
@@ -129,11 +131,6 @@ class ReviewSummary:
 # --------------------------------------------------------------------------- page data
 
 
-def stage_columns(names: Iterable[str] = COLUMNS) -> list[str]:
-    """The manifest's per-stage time columns, whichever this version has."""
-    return [n for n in names if n.startswith(_STAGE_PREFIX)]
-
-
 def note_of(status: str, error: str | None, reason: str | None) -> str:
     """What the page says about a row: the reason it was left alone (its own column, or in
     `error` in parts written before that column existed), or the error."""
@@ -142,40 +139,6 @@ def note_of(status: str, error: str | None, reason: str | None) -> str:
     if status == FAILED:
         return error or ""
     return ""
-
-
-def header_of(table: pa.Table, latest: pa.Table) -> Header:
-    """Counts of the latest rows; throughput of every row (each attempt is work done); mean
-    per-stage seconds over the latest rows that have them."""
-    statuses = latest.column("status").to_pylist()
-    counts = {s: statuses.count(s) for s in (OK, SKIPPED, FAILED)}
-    runs: list[tuple[str, int, float | None]] = []
-    total_rows, total_span = 0, 0.0
-    if table.num_rows:
-        grouped = table.group_by("run_id").aggregate(
-            [("started_at", "min"), ("finished_at", "max"), ("relpath", "count")]
-        )
-        for run, first, last, n in zip(
-            *(grouped.column(c).to_pylist() for c in ("run_id", "started_at_min", "finished_at_max", "relpath_count"))
-        ):
-            span = (last - first).total_seconds() if first and last else 0.0
-            runs.append((run or "", n, n / span if span > 0 else None))
-            if span > 0:
-                total_rows, total_span = total_rows + n, total_span + span
-        runs.sort()
-    stage_seconds = {}
-    for column in stage_columns(latest.column_names):
-        values = latest.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-        values = values[~np.isnan(values)]
-        if values.size:
-            stage_seconds[column.removeprefix(_STAGE_PREFIX)] = float(values.mean())
-    return Header(
-        counts=counts,
-        attempts=table.num_rows,
-        photos_per_second=total_rows / total_span if total_span > 0 else None,
-        runs=runs,
-        stage_seconds=stage_seconds,
-    )
 
 
 def output_of(row: dict, images_uri: str, images: frozenset[str]) -> str | None:
@@ -215,7 +178,6 @@ def page_rows(
     images_store = Storage(f"{output.uri}/{IMAGES_DIR}", output.storage_options)
     intermediates_store = Storage(f"{output.uri}/{INTERMEDIATES_DIR}", output.storage_options)
     sources: dict[str, Storage] = {}
-    stages = stage_columns(latest.column_names)
     rows, thumbs = [], []
     for row in latest.to_pylist():
         relpath, status = row["relpath"], row["status"]
@@ -238,7 +200,7 @@ def page_rows(
                     thumb = thumb_name(name, file, stamp)
                     thumbs.append(Thumb(intermediates_store, file, thumb))
                     shown.append((name, f"{THUMBS_DIR}/{thumb}", _href(INTERMEDIATES_DIR, file)))
-        times = [row[c] for c in stages if row.get(c) is not None]
+        times = [row[f"seconds_{s}"] for s in STAGES if row.get(f"seconds_{s}") is not None]
         rows.append(
             PageRow(
                 relpath=relpath,
@@ -307,32 +269,32 @@ def make_thumbs(thumbs: list[Thumb], target: Storage, workers: int) -> tuple[int
 # --------------------------------------------------------------------------- page
 
 
-def render_header(header: Header) -> str:
-    """The header's HTML: counts, throughput, and mean per-stage time as CSS bars."""
-    total = sum(header.counts.values())
-    counts = " · ".join(
-        f'<span class="count {s}">{header.counts[s]:,} {STATUS_LABELS[s]}</span>' for s in (OK, SKIPPED, FAILED)
-    )
-    rate = f"{header.photos_per_second:.2f} photos/s" if header.photos_per_second else "photos/s unknown"
-    runs = f"{len(header.runs)} run{'s' if len(header.runs) != 1 else ''}, {header.attempts:,} attempts"
-    bars = []
-    per_photo = sum(header.stage_seconds.values())
-    for stage, seconds in header.stage_seconds.items():
-        share = seconds / per_photo if per_photo > 0 else 0.0
-        bars.append(
-            f'<div class="stage"><span class="name">{html.escape(stage)}</span>'
-            f'<span class="bar"><span style="width:{100 * share:.1f}%"></span></span>'
-            f'<span class="value">{_seconds(seconds)} · {100 * share:.0f}%</span></div>'
-        )
+def render_header(report: ManifestReport) -> str:
+    """The header's HTML: the figures of `dreamfocus status` (counts, photos per second, time by
+    stage), the stages as CSS bars of their mean seconds per photo."""
+    counts = {s: report.latest_counts.get(s, 0) for s in (OK, SKIPPED, FAILED)}
+    spans = [(n, n / rate) for _, n, rate in report.runs if rate > 0 and math.isfinite(rate)]
+    rate = f"{sum(n for n, _ in spans) / sum(t for _, t in spans):.2f} photos/s" if spans else "photos/s unknown"
+    runs = f"{len(report.runs)} run{'s' if len(report.runs) != 1 else ''}, {report.rows:,} attempts"
+    per_stage = {s: t / report.timed_rows for s, t in report.stage_seconds.items()} if report.timed_rows else {}
+    per_photo = sum(per_stage.values())
+    bars = [
+        f'<div class="stage"><span class="name">{html.escape(stage)}</span>'
+        f'<span class="bar"><span style="width:{100 * seconds / per_photo:.1f}%"></span></span>'
+        f'<span class="value">{_seconds(seconds)} · {seconds / per_photo:.0%}</span></div>'
+        for stage, seconds in per_stage.items()
+        if per_photo > 0
+    ]
     chart = (
-        f'<div class="stages" title="mean seconds per photo in each stage">{"".join(bars)}'
+        f'<div class="stages" title="mean seconds per photo in each stage, all workers">{"".join(bars)}'
         f'<div class="stage total"><span class="name">per photo</span><span></span>'
         f'<span class="value">{_seconds(per_photo)}</span></div></div>'
         if bars
         else ""
     )
+    counted = " · ".join(f'<span class="count {s}">{n:,} {STATUS_LABELS[s]}</span>' for s, n in counts.items())
     return (
-        f'<div class="summary"><h1>{total:,} photos</h1><p id="counts">{counts}</p>'
+        f'<div class="summary"><h1>{sum(counts.values()):,} photos</h1><p id="counts">{counted}</p>'
         f'<p id="throughput">{rate} · {runs}</p></div>{chart}'
     )
 
@@ -341,14 +303,14 @@ def _seconds(value: float) -> str:
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.2f} s"
 
 
-def render_page(header: Header, title: str, rows_js: bytes) -> str:
+def render_page(report: ManifestReport, title: str, rows_js: bytes) -> str:
     """index.html; it loads rows.js under a name that changes with its content, so a cache in
     front of a bucket's static hosting never pairs a new page with old rows."""
     template = resources.files("pipeline").joinpath("review.html").read_text(encoding="utf-8")
     version = hashlib.sha256(rows_js).hexdigest()[:12]
     return (
         template.replace("{{title}}", html.escape(title))
-        .replace("{{header}}", render_header(header))
+        .replace("{{header}}", render_header(report))
         .replace("{{rows}}", f"rows.js?v={version}")
     )
 
@@ -407,7 +369,8 @@ def build_review(
 
     rows_js = rows_script(rows).encode()
     review.write_atomic("rows.js", rows_js)
-    review.write_atomic("index.html", render_page(header_of(table, latest), output.uri, rows_js).encode())
+    page = render_page(manifest_report(manifest), output.uri, rows_js)
+    review.write_atomic("index.html", page.encode())
     return ReviewSummary(
         page=review.uri_of("index.html"),
         rows=len(rows),

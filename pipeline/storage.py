@@ -303,6 +303,42 @@ class Storage:
         except Exception as exc:
             raise OutputError(f"cannot write {self.uri_of(relpath)}: {type(exc).__name__}: {exc}") from exc
 
+    def create(self, relpath: str, data: bytes) -> bool:
+        """Write `data` only where nothing is yet (False, writing nothing, where something is).
+
+        Local folders: a hard link of a complete temporary file, which fails if the name exists.
+        S3: a conditional put (If-None-Match: *). Other stores check first, then write: not
+        atomic, which is the best their semantics allow. OutputError where it cannot be written.
+        """
+        relpath = safe_relpath(relpath)
+        path = self._path(relpath)
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        try:
+            if self.is_local:
+                return self._create_local(path, data)
+            if "s3" in protocols:
+                self.fs.pipe_file(path, data, mode="create")
+                return True
+        except FileExistsError:  # s3fs raises it for a failed precondition
+            return False
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.uri_of(relpath)}: {type(exc).__name__}: {exc}") from exc
+        if self.exists(relpath):
+            return False
+        self.write_atomic(relpath, data)
+        return True
+
+    @classmethod
+    def _create_local(cls, path: str, data: bytes) -> bool:
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}.partial")
+        cls._write_local(tmp, data)
+        try:
+            os.link(tmp, path)  # raises FileExistsError where the name is taken
+            return True
+        finally:
+            os.unlink(tmp)
+
     def _put(self, path: str, data: bytes) -> None:
         # One put: an object only becomes visible once complete (s3fs switches to a
         # multipart upload for large data, which is also only visible once completed).

@@ -18,6 +18,7 @@ from PIL import Image
 
 from pipeline.errors import BadInputError
 from pipeline.job import JobConfig, run_job
+from pipeline.job.lease import LEASE_FILE
 from pipeline.manifest import COLUMNS, latest_rows, read_manifest
 from pipeline.params import effect_params
 from pipeline.storage import Storage
@@ -74,7 +75,7 @@ def test_local_end_to_end_then_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(Storage, "read_bytes", lambda self, rel: reads.append(rel) or original(self, rel))
     again = run_job(config)
     assert again.planned == 0 and again.skipped == {"done": len(EXAMPLES)}
-    assert not [r for r in reads if not r.endswith(".parquet")]
+    assert not [r for r in reads if not r.endswith(".parquet") and r != LEASE_FILE]
     assert manifest(output).num_rows == len(EXAMPLES)
 
 
@@ -114,11 +115,31 @@ def test_bad_photo_fails_alone_and_is_retried_on_request(tmp_path):
     rows = {r["relpath"]: r for r in manifest(output).to_pylist()}
     assert rows["broken.jpg"]["error_kind"] == "corrupt-image" and "broken.jpg" in rows["broken.jpg"]["error"]
     assert rows["text.png"]["status"] == "skipped" and rows["text.png"]["error_kind"] == "not-an-image"
+    assert "not an image" in rows["text.png"]["reason"] and rows["text.png"]["error"] == ""
     assert not (output / "images" / "broken.jpg").exists()
 
     assert run_job(config).planned == 0
     retry = JobConfig(input=str(inputs), output=str(output), retry_failed=True, **TRIVIAL)
     assert run_job(retry).counts == {"failed": 1}
+
+
+def test_a_run_shows_its_progress_not_rays_and_commits_in_time(tmp_path, capfd):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for i in range(40):  # three groups of 16 or fewer
+        shutil.copy(EXAMPLES[i % len(EXAMPLES)], inputs / f"p{i:02d}.jpg")
+    # commits every 10 ms of waiting rows, never by count: each group arrives as its own part(s)
+    config = JobConfig(input=str(inputs), output=str(output), commit_every=10_000, commit_seconds=0.01, **TRIVIAL)
+    summary = run_job(config)
+    assert summary.counts == {"ok": 40}
+    parts = list((output / "manifest").glob("part-*.parquet"))
+    assert len(parts) >= 3, parts  # without time commits: one part at the end
+    assert manifest(output).num_rows == 40
+    assert not (output / "manifest" / "lease.json").exists()  # released
+    err = capfd.readouterr().err
+    assert "40/40 photos · 0 failed · 0 left alone" in err and "done" in err.splitlines()[-1], err
+    for noise in ("Running Dataset", "core_worker.cc", "MapBatches(ModelStage)", "Progress bars"):
+        assert noise not in err, err
 
 
 def test_output_inside_input_is_refused(tmp_path):

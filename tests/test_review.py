@@ -18,8 +18,8 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.errors import BadInputError
-from pipeline.manifest import COLUMNS, SCHEMA, ManifestWriter, image_id, latest_rows, read_manifest
-from pipeline.review import THUMB_SIZE, build_review, header_of, note_of, stage_columns, thumbnail_jpeg
+from pipeline.manifest import COLUMNS, SCHEMA, STAGES, ManifestWriter, image_id, read_manifest
+from pipeline.review import THUMB_SIZE, build_review, note_of, thumbnail_jpeg
 from pipeline.storage import Storage
 
 T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
@@ -32,6 +32,8 @@ OK_PHOTOS = {  # relpath -> (colour, (width, height))
 LEFT_ALONE = "left alone.jpg"
 BROKEN = "broken.jpg"
 SOFT_REASON = "left as it is: the background has little fine detail"
+NO_SUBJECT, NO_SUBJECT_REASON = "meadow.jpg", "left as it is: no subject to lead the eye to"
+STAGE_SECONDS = {stage: 0.1 * (i + 1) for i, stage in enumerate(STAGES)}
 
 
 def jpeg(colour: tuple[int, int, int], size: tuple[int, int]) -> bytes:
@@ -60,6 +62,8 @@ def write_finished_job(inputs: Storage, output: Storage) -> list[dict]:
         images.write_atomic(relpath.rsplit(".", 1)[0] + ".jpg", jpeg(tuple(c // 2 for c in colour), size))
     inputs.write_atomic(LEFT_ALONE, jpeg((90, 90, 90), (400, 300)))
     images.write_atomic(LEFT_ALONE, jpeg((90, 90, 90), (400, 300)))
+    inputs.write_atomic(NO_SUBJECT, jpeg((30, 120, 60), (400, 300)))
+    images.write_atomic(NO_SUBJECT, jpeg((30, 120, 60), (400, 300)))
     inputs.write_atomic(BROKEN, b"\xff\xd8\xff not really a jpeg")
     images.write_atomic(BROKEN, jpeg((0, 0, 0), (300, 200)))  # from before the file was broken
     intermediates = Storage(f"{output.uri}/intermediates", output.storage_options)
@@ -102,8 +106,8 @@ def write_finished_job(inputs: Storage, output: Storage) -> list[dict]:
     pq.write_table(table, buffer)
     manifest.write_atomic("part-run-0-00000.parquet", buffer.getvalue())
 
-    # Today's part: every stage column the manifest has, 0.1 s, 0.2 s, ...
-    stages = {c: 0.1 * (i + 1) for i, c in enumerate(stage_columns(COLUMNS))}
+    # Today's part: every stage timed (0.1 s, 0.2 s, ...), the reason in a column of its own.
+    stages = {f"seconds_{stage}": STAGE_SECONDS[stage] for stage in STAGES}
     new = []
     for relpath, (_, size) in OK_PHOTOS.items():
         stem = relpath.rsplit(".", 1)[0]
@@ -112,6 +116,7 @@ def write_finished_job(inputs: Storage, output: Storage) -> list[dict]:
         )
     new[0]["attempt"] = 2
     new.append(row(BROKEN, 1, "failed", error_kind="corrupt-image", error="broken.jpg: truncated", **stages))
+    new.append(row(NO_SUBJECT, 1, "skipped", error_kind="no-subject", error="", reason=NO_SUBJECT_REASON, **stages))
     writer = ManifestWriter(manifest, "run-1")
     for r in new:
         writer.add(r)
@@ -154,6 +159,8 @@ def test_page_rows_say_what_happened_to_each_photo(local_job):
     broken = rows[BROKEN]
     assert (broken["status"], broken["note"]) == ("failed", "broken.jpg: truncated")
     assert broken["before"] is None and broken["after"] is None  # not decodable: not even tried
+    meadow = rows[NO_SUBJECT]  # left alone in today's part: the reason in its own column
+    assert (meadow["status"], meadow["kind"], meadow["note"]) == ("skipped", "no-subject", NO_SUBJECT_REASON)
     assert summary.thumbs_failed == 0
 
     # Every file the page names is there, relative to the page.
@@ -172,42 +179,37 @@ def test_note_reads_the_reason_column_and_falls_back_to_error():
 
 
 def test_header_counts_throughput_and_stage_times(local_job):
-    _, output, latest = local_job
-    table = read_manifest(Storage(f"{output.uri}/manifest"))
-    header = header_of(table, latest_rows(table))
+    _, output, _ = local_job
+    build_review(output.uri)
+    text = (Path(output.uri) / "review" / "index.html").read_text()
 
-    assert header.counts == {"ok": 4, "skipped": 1, "failed": 1} and header.attempts == 7
-    spans = {}
-    for r in table.to_pylist():
+    assert "<h1>7 photos</h1>" in text
+    assert '<span class="count ok">4 ok</span>' in text and "2 left alone</span>" in text and "1 failed</span>" in text
+    spans: dict[str, tuple] = {}
+    for r in read_manifest(Storage(f"{output.uri}/manifest")).to_pylist():
         first, last, n = spans.get(r["run_id"], (r["started_at"], r["finished_at"], 0))
         spans[r["run_id"]] = (min(first, r["started_at"]), max(last, r["finished_at"]), n + 1)
     seconds = sum((last - first).total_seconds() for first, last, _ in spans.values())
-    assert header.photos_per_second == pytest.approx(7 / seconds)
-    assert [(run, n) for run, n, _ in header.runs] == [("run-0", 2), ("run-1", 5)]
-    expected = {}
-    for column in stage_columns(COLUMNS):  # whatever stages this manifest version has
-        values = [r[column] for r in latest if r.get(column) is not None]
-        if values:
-            expected[column.removeprefix("seconds_")] = pytest.approx(np.mean(values))
-    assert header.stage_seconds == expected and expected
-
-    page = Storage(f"{output.uri}/review")
-    build_review(output.uri)
-    text = page.read_bytes("index.html").decode()
-    assert '<span class="count ok">4 ok</span>' in text and "1 left alone" in text and "1 failed" in text
-    assert "photos/s" in text and text.count('class="stage"') == len(expected)
+    assert f"{8 / seconds:.2f} photos/s · 2 runs, 8 attempts" in text
+    # Mean seconds per photo of the rows with per-stage times (the older part has none per model).
+    per_photo = sum(STAGE_SECONDS.values())
+    assert text.count('class="stage"') == len(STAGES)
+    for stage, value in STAGE_SECONDS.items():
+        assert f'<span class="name">{stage}</span>' in text
+        assert f"{value * 1000:.0f} ms · {value / per_photo:.0%}</span>" in text
+    assert f"{per_photo:.2f} s</span>" in text
 
 
 def test_rerun_makes_only_missing_thumbnails_and_drops_stale_ones(local_job):
     inputs, output, _ = local_job
     first = build_review(output.uri)
-    assert (first.thumbs_made, first.thumbs_kept) == (14, 0)  # 5 before, 5 after, 4 intermediates
+    assert (first.thumbs_made, first.thumbs_kept) == (16, 0)  # 6 before, 6 after, 4 intermediates
     page = Path(output.uri) / "review" / "index.html"
     rows_js = re.search(r'<script src="(rows\.js\?v=\w+)">', page.read_text())
     assert rows_js
 
     again = build_review(output.uri)
-    assert (again.thumbs_made, again.thumbs_kept, again.stale_removed) == (0, 14, 0)
+    assert (again.thumbs_made, again.thumbs_kept, again.stale_removed) == (0, 16, 0)
 
     thumbs = Path(output.uri) / "review" / "thumbs"
     victim = sorted(thumbs.glob("*.after.jpg"))[0]
@@ -226,7 +228,7 @@ def test_rerun_makes_only_missing_thumbnails_and_drops_stale_ones(local_job):
     changed = build_review(output.uri)
     assert (changed.thumbs_made, changed.stale_removed) == (2, 2)
     assert rows_js.group(1) not in page.read_text()  # a new name for the new rows: no stale cache
-    assert len(list(thumbs.glob("*.jpg"))) == 14
+    assert len(list(thumbs.glob("*.jpg"))) == 16
 
 
 def test_thumbnail_is_upright_small_and_eight_bit():
@@ -245,19 +247,19 @@ def test_input_moved_since_the_run(local_job, tmp_path):
     inputs, output, _ = local_job
     moved = tmp_path / "moved"
     Path(inputs.uri).rename(moved)
-    assert build_review(output.uri).thumbs_failed == 5  # every "before" is gone from where it was
+    assert build_review(output.uri).thumbs_failed == 6  # every "before" is gone from where it was
     review = Storage(f"{output.uri}/review")
     assert all(r["before"] is None and (r["after"] or r["status"] == "failed") for r in rows_of(review))
     summary = build_review(output.uri, inputs_uri=str(moved))
-    assert (summary.thumbs_made, summary.thumbs_failed) == (5, 0)
-    assert sum(r["before"] is not None for r in rows_of(review)) == 5
+    assert (summary.thumbs_made, summary.thumbs_failed) == (6, 0)
+    assert sum(r["before"] is not None for r in rows_of(review)) == 6
 
 
 def test_cli(local_job, capsys):
     _, output, latest = local_job
     assert main(["review", output.uri, "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert f"review: {output.uri}/review/index.html ({len(latest)} photos; thumbnails: 14 made" in out
+    assert f"review: {output.uri}/review/index.html ({len(latest)} photos; thumbnails: 16 made" in out
 
 
 def test_cli_on_an_output_without_manifest_says_so(tmp_path, capsys):
@@ -271,7 +273,7 @@ def test_s3(s3_bucket):
     inputs, output = Storage(f"{s3_bucket}/photos"), Storage(f"{s3_bucket}/edited")
     latest = write_finished_job(inputs, output)
     summary = build_review(output.uri, workers=4)
-    assert (summary.thumbs_made, summary.thumbs_failed) == (14, 0)
+    assert (summary.thumbs_made, summary.thumbs_failed) == (16, 0)
     review = Storage(f"{output.uri}/review")
     assert review.read_bytes("index.html").startswith(b"<!doctype html>")
     rows = rows_of(review)

@@ -169,7 +169,9 @@ def test_every_bad_file_is_one_row_with_a_specific_error(library):
     for relpath, e in bad.items():
         [row] = by[relpath]
         assert (row["status"], row["error_kind"]) == (e.status, e.error_kind), (relpath, row["error"])
-        error = row["error"]
+        # why a photo failed is its error; why it was left alone, its reason
+        error, other = (row["error"], row["reason"]) if e.status == FAILED else (row["reason"], row["error"])
+        assert other == "", (relpath, other)
         assert relpath in error or repr(relpath) in error, f"{error!r} does not name {relpath!r}"
         assert all(word in error for word in e.error_words), (relpath, error, e.error_words)
         assert "\n" not in error and "Traceback" not in error

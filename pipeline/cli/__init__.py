@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dreamfocus: error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s" if args.verbose else "dreamfocus: %(levelname)s: %(message)s",
     )
     try:
         return int(args.handler(args) or 0)

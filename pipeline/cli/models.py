@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import BadInputError, DreamfocusError
-from ..models import default_models, model_class, model_names
+from ..models import DEFAULTS, default_models, model_class, model_names
 from ..models.weights import cache_dir, dir_size
 
 DEFAULT_FETCH = tuple(default_models())
@@ -65,6 +65,7 @@ def _size(nbytes: int) -> str:
 
 def list_models() -> int:
     rows = [("NAME", "TASK", "LOCAL", "SIZE", "LICENCE", "SOURCE")]
+    missing = []
     for name in model_names():
         cls = model_class(name)
         if not cls.needs_weights:
@@ -72,11 +73,16 @@ def list_models() -> int:
         else:
             paths = cls.cache_paths()
             local, size = ("yes", _size(sum(dir_size(p) for p in paths))) if paths else ("no", "-")
+        if local == "no" and name in DEFAULTS.values():
+            missing.append(f"{name}: {cls.how_to_fetch()}")
         rows.append((name, cls.task, local, size, cls.licence or "-", cls.source or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
     print(f"cache: {cache_dir()}")
+    if missing:
+        print("\ndefault models without weights here (`dreamfocus models fetch NAME` fetches what is reachable):")
+        print("\n".join(f"  {line}" for line in missing))
     return 0
 
 

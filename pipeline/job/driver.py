@@ -12,12 +12,14 @@ one line, having started nothing) and travel to the model actors through Ray's o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import os
+import sys
+import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,9 +28,11 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import OutputError
-from ..manifest import FAILED, MANIFEST_DIR, OK, ManifestWriter, image_id, new_run_id
+from ..manifest import FAILED, MANIFEST_DIR, OK, ManifestWriter, compact_manifest, image_id, new_run_id
 from ..models import DEPTH, SALIENCY
 from ..storage import Storage
+from .console import Progress, without_native_noise
+from .lease import RENEW_SECONDS, Lease
 from .plan import IMAGES_DIR, JobConfig, PlanItem, check_locations, make_plan
 from .stages import ModelStage, finish_stage, read_stage
 from .weights import JobModel, resolve_models, ship
@@ -67,71 +71,127 @@ class JobSummary:
 def run_job(config: JobConfig) -> JobSummary:
     """Plan, then process what is left; returns counts.
 
-    The plan streams: to-do items go to Ray's object store in chunks as the listing proceeds,
-    so the driver's memory does not grow with the library. Ray starts only if there is work,
-    and only once every model's weights are found and checked (WeightsUnavailableError, with
-    nothing started, where they cannot be had).
+    The run first takes OUTPUT's lease (OutputBusyError where another job holds it), so the
+    plan it makes stays true while it runs. The plan streams: to-do items go to Ray's object
+    store in chunks as the listing proceeds, so the driver's memory does not grow with the
+    library. Ray starts only if there is work, and only once every model's weights are found and
+    checked (WeightsUnavailableError, with nothing started, where they cannot be had). Rows are
+    committed every config.commit_every photos and at least every config.commit_seconds.
     """
     started = time.perf_counter()
     inputs, output = check_locations(config)
     run_id = new_run_id()
-    skipped: dict[str, int] = {}
-    planned, chunk, chunk_refs, refused = 0, [], [], []
-    models: dict[str, JobModel] | None = None
-    for item in make_plan(config, inputs, output):
-        if isinstance(item, str):
-            skipped[item] = skipped.get(item, 0) + 1
-        elif config.limit is not None and planned >= config.limit:
-            skipped["over --limit"] = skipped.get("over --limit", 0) + 1
-        elif config.dry_run:
-            planned += 1
-            print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
-        elif item.error:
-            planned += 1
-            refused.append(_refused_row(item, inputs, config, run_id))
-        else:
-            planned += 1
-            if models is None:  # the first photo to process: the weights, before Ray starts
-                models = resolve_models(config)
-            chunk.append(item)
-            if len(chunk) == PLAN_CHUNK:
-                chunk_refs.append(_put_tasks(config, chunk))
-                chunk = []
-    if chunk:
-        chunk_refs.append(_put_tasks(config, chunk))
+    manifest = Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options)
+    with contextlib.ExitStack() as held:
+        ticker = None
+        if not config.dry_run:
+            lease = Lease(output, run_id).acquire()
+            held.callback(lease.release)
+            ticker = held.enter_context(Ticker(lease))
+            merged = compact_manifest(manifest)
+            if merged:
+                log.info("merged %d manifest parts into one", merged)
+        skipped: dict[str, int] = {}
+        planned, chunk, chunk_refs, refused = 0, [], [], []
+        models: dict[str, JobModel] | None = None
+        for item in make_plan(config, inputs, output):
+            if isinstance(item, str):
+                skipped[item] = skipped.get(item, 0) + 1
+            elif config.limit is not None and planned >= config.limit:
+                skipped["over --limit"] = skipped.get("over --limit", 0) + 1
+            elif config.dry_run:
+                planned += 1
+                print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
+            elif item.error:
+                planned += 1
+                refused.append(_refused_row(item, inputs, config, run_id))
+            else:
+                planned += 1
+                if models is None:  # the first photo to process: the weights, before Ray starts
+                    models = resolve_models(config)
+                chunk.append(item)
+                if len(chunk) == PLAN_CHUNK:
+                    chunk_refs.append(_put_tasks(config, chunk))
+                    chunk = []
+        if chunk:
+            chunk_refs.append(_put_tasks(config, chunk))
 
-    counts: dict[str, int] = {}
-    processing_started = ended = time.perf_counter()
-    if chunk_refs or refused:
-        check_writable(output)
-        writer = ManifestWriter(
-            Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options), run_id, config.commit_every
-        )
-        failing_writes = 0
-        rows = _execute(config, inputs, chunk_refs, run_id, models) if chunk_refs and models else iter(())
-        try:
-            for row in itertools.chain(refused, rows):
-                writer.add(row)
-                counts[row["status"]] = counts.get(row["status"], 0) + 1
-                # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
-                failing_writes = failing_writes + 1 if row["error_kind"] == OutputError.kind else 0
-                if failing_writes >= MAX_FAILING_WRITES:
-                    raise OutputError(
-                        f"{output.uri}: {failing_writes} writes in a row failed, stopping (last: {row['error']})"
-                    )
-        finally:
-            writer.flush()
-            if hasattr(rows, "close"):
-                rows.close()  # stops the dataset's workers now when the loop ended early
-        ended = time.perf_counter()
+        counts: dict[str, int] = {}
+        processing_started = ended = time.perf_counter()
+        if ticker is not None and (chunk_refs or refused):
+            writer = ManifestWriter(manifest, run_id, config.commit_every, config.commit_seconds)
+            console = sys.stderr
+            if chunk_refs and not logging.getLogger().isEnabledFor(logging.INFO):
+                console = held.enter_context(without_native_noise())  # Ray is up: its lines from now on
+            progress = Progress(planned, console)
+            ticker.follow(writer, progress)
+            failing_writes = 0
+            rows = _execute(config, inputs, chunk_refs, run_id, models) if chunk_refs and models else iter(())
+            try:
+                for row in itertools.chain(refused, rows):
+                    ticker.check()
+                    writer.add(row)
+                    progress.add(row["status"])
+                    counts[row["status"]] = counts.get(row["status"], 0) + 1
+                    # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
+                    failing_writes = failing_writes + 1 if row["error_kind"] == OutputError.kind else 0
+                    if failing_writes >= MAX_FAILING_WRITES:
+                        raise OutputError(
+                            f"{output.uri}: {failing_writes} writes in a row failed, stopping (last: {row['error']})"
+                        )
+            finally:
+                ticker.follow(None, None)
+                writer.flush()
+                progress.close()
+                if hasattr(rows, "close"):
+                    rows.close()  # stops the dataset's workers now when the loop ended early
+            ended = time.perf_counter()
     return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started, output.uri)
 
 
-def check_writable(output: Storage) -> None:
-    """Fail fast, before any work, when OUTPUT cannot be written."""
-    probe = f"{MANIFEST_DIR}/.write-probe-{uuid.uuid4().hex[:8]}"
-    output.write_atomic(probe, b"")
-    output.remove(probe)
+class Ticker:
+    """Once a second, beside the driver's loop: renew OUTPUT's lease, commit rows that are due
+    and redraw the progress line. The loop waits on Ray; this goes on meanwhile."""
+
+    def __init__(self, lease: Lease, period: float = 1.0) -> None:
+        self.lease, self.period = lease, period
+        self.writer: ManifestWriter | None = None
+        self.progress: Progress | None = None
+        self.error: BaseException | None = None
+        self.renewed = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dreamfocus-ticker", daemon=True)
+
+    def __enter__(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def follow(self, writer: ManifestWriter | None, progress: Progress | None) -> None:
+        self.writer, self.progress = writer, progress
+
+    def check(self) -> None:
+        """Raise, in the driver's loop, what went wrong beside it (say, a lease taken over)."""
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                if time.monotonic() - self.renewed >= RENEW_SECONDS:
+                    self.lease.renew()
+                    self.renewed = time.monotonic()
+                writer, progress = self.writer, self.progress
+                if writer is not None:
+                    writer.flush_if_due()
+                if progress is not None:
+                    progress.show()
+            except Exception as exc:  # noqa: BLE001 - handed to the driver's loop
+                log.debug("ticker", exc_info=True)
+                self.error = self.error or exc
 
 
 def _put_tasks(config: JobConfig, items: list[PlanItem]):
@@ -152,8 +212,14 @@ def _put_tasks(config: JobConfig, items: list[PlanItem]):
 
 
 def _start_ray(config: JobConfig) -> None:
-    """An embedded local Ray, or the cluster at config.address; an already started Ray is used."""
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # no per-dataset INFO lines on the console
+    """An embedded local Ray, or the cluster at config.address; an already started Ray is used.
+
+    Ray's own console output (progress bars, worker log lines, its C++ error lines such as Ray
+    Data's note on actor constructor arguments) shows only with --verbose: the job's progress
+    line and manifest say what happened to each photo, and Ray's log files keep the rest.
+    """
+    verbose = logging.getLogger().isEnabledFor(logging.INFO)
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "INFO" if verbose else "WARNING")
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     import ray
 
@@ -162,8 +228,12 @@ def _start_ray(config: JobConfig) -> None:
             address=config.address,
             num_cpus=None if config.address else config.cpu_workers,
             include_dashboard=False,
-            logging_level=logging.WARNING,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+            log_to_driver=verbose,
         )
+    ray.data.DataContext.get_current().enable_progress_bars = verbose
+    if not verbose:  # "progress bars disabled": ours replace them
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

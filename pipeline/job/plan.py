@@ -74,6 +74,7 @@ class JobConfig:
     commit_every: int = _option(
         1000, "write a manifest part every N photos (what a crash can lose is redone on rerun)", "job", metavar="N"
     )
+    commit_seconds: float = _option(30.0, "and at least every S seconds while photos finish", "job", metavar="S")
     model_batch_size: int | None = _option(None, "photos per model call (default: 16 on a GPU, 4 on CPUs)", "job")
     model_actors: int | None = _option(
         None, "model actors, each holding both models (default: one per GPU, else 1)", "job"
@@ -101,6 +102,8 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and value < (0 if name == "limit" else 1):
                 problems.append(f"{name.replace('_', '-')} must be >= {0 if name == 'limit' else 1}")
+        if self.commit_seconds <= 0:
+            problems.append("commit-seconds must be > 0")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append("gpus-per-actor must be >= 0")
         if problems:

@@ -46,15 +46,21 @@ def _now() -> float:
 
 
 def fail(batch: dict, i: int, exc: BaseException) -> None:
-    """Record a photo's failure in its row: the kind decides failed or skipped."""
+    """Record a photo's failure in its row: the kind decides failed, or skipped with a reason."""
     kind = classify(exc)
-    batch["status"][i] = SKIPPED if kind is not None and kind.leaves_alone else FAILED
-    batch["error_kind"][i] = error_kind(exc)
-    batch["error"][i] = (
+    message = (
         str(exc)
         if isinstance(exc, DreamfocusError)  # these name the file already
         else f"{batch['relpath'][i]}: {type(exc).__name__}: {exc}"
     )
+    if kind is not None and kind.leaves_alone:
+        leave_alone(batch, i, error_kind(exc), message)
+    else:
+        batch["status"][i], batch["error_kind"][i], batch["error"][i] = FAILED, error_kind(exc), message
+
+
+def leave_alone(batch: dict, i: int, kind: str, reason: str) -> None:
+    batch["status"][i], batch["error_kind"][i], batch["reason"][i] = SKIPPED, kind, reason
 
 
 def read_photos(batch: dict, input_uri: str, storage_options: dict, max_megapixels: float) -> dict:
@@ -64,6 +70,7 @@ def read_photos(batch: dict, input_uri: str, storage_options: dict, max_megapixe
     batch["status"] = np.array([OK] * n, dtype=object)
     batch["error_kind"] = np.array([""] * n, dtype=object)
     batch["error"] = np.array([""] * n, dtype=object)
+    batch["reason"] = np.array([""] * n, dtype=object)
     batch["data"] = np.array([b""] * n, dtype=object)
     batch["model_copy"] = np.array([b""] * n, dtype=object)
     batch["seconds_read"] = np.zeros(n, np.float32)
@@ -120,11 +127,12 @@ class ModelStage:
         n = len(batch["relpath"])
         live = [i for i in range(n) if batch["status"][i] == OK]
         saliency, depth = np.array([b""] * n, dtype=object), np.array([b""] * n, dtype=object)
-        t0 = _now()
+        seconds = {"saliency": 0.0, "depth": 0.0}
         copies = [unpack(batch["model_copy"][i]) for i in live]
         maps: list[SceneMaps | None]
         try:
             maps = list(self.models.predict(copies))
+            seconds = self.models.seconds
         except Exception:  # noqa: BLE001 - retry one by one, so one bad photo fails alone
             log.warning("models failed on a batch of %d; retrying one by one", len(live), exc_info=True)
             _release_gpu_cache()
@@ -132,6 +140,7 @@ class ModelStage:
             for k, i in enumerate(live):
                 try:
                     maps.extend(self.models.predict([copies[k]]))
+                    seconds = {task: seconds[task] + t for task, t in self.models.seconds.items()}
                 except Exception as exc:  # noqa: BLE001
                     fail(batch, i, exc)
                     maps.append(None)
@@ -139,7 +148,8 @@ class ModelStage:
             if found is not None:
                 saliency[i], depth[i] = pack_saliency(found.saliency), pack_depth(found.depth)
         batch["saliency"], batch["depth"] = saliency, depth
-        batch["seconds_models"] = np.full(n, (_now() - t0) / max(1, len(live)), np.float32)
+        for task, total in seconds.items():  # a batch runs as one: each photo gets its share
+            batch[f"seconds_{task}"] = np.full(n, total / max(1, len(live)), np.float32)
         for task, model in (("saliency", self.models.saliency), ("depth", self.models.depth)):
             batch[f"{task}_model"] = np.array([model.name] * n, dtype=object)
             batch[f"{task}_version"] = np.array([model.version] * n, dtype=object)
@@ -201,7 +211,7 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
             batch["interp_start"][i], batch["interp_stop"][i] = done.rendering.start, done.rendering.stop
             batch["output_uri"][i] = images.uri_of(target)
             if done.left_alone:  # written unchanged, so the library's output stays complete
-                batch["status"][i], batch["error_kind"][i], batch["error"][i] = SKIPPED, done.left_alone, done.reason
+                leave_alone(batch, i, done.left_alone, done.reason)
         except Exception as exc:  # noqa: BLE001 - any failure becomes this photo's row
             fail(batch, i, exc)
     return batch

@@ -97,7 +97,13 @@ def resolve_models(config: Any) -> dict[str, JobModel]:
     except WeightsUnavailableError as exc:
         if config.depth_weights or config.depth_model == FALLBACK_DEPTH:
             raise  # weights named explicitly that cannot be used: not silently something else
-        log.warning("%s; using %s depth instead", exc, FALLBACK_DEPTH)
+        log.info("%s", exc)  # the how-to in full, with --verbose; `models list` says it too
+        log.warning(
+            "no weights for %s here, and none can be fetched: using %s depth (`dreamfocus models list` "
+            "says how to supply them)",
+            config.depth_model,
+            FALLBACK_DEPTH,
+        )
         depth = JobModel(DEPTH, FALLBACK_DEPTH)
     return {SALIENCY: saliency, DEPTH: depth}
 

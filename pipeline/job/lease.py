@@ -1,0 +1,108 @@
+"""One job per OUTPUT: a lease file in OUTPUT's manifest folder that the running job renews.
+
+A second run on the same OUTPUT finds a live lease and refuses at once, naming the job that
+holds it, so two runs never process the same photos twice. A killed run stops renewing; its
+lease expires after TTL_SECONDS and the next run takes it over. The lease is created with an
+exclusive create (a hard link locally, a conditional put on S3), so of two runs starting at
+once exactly one wins.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from ..errors import OutputBusyError
+from ..manifest import MANIFEST_DIR
+from ..storage import Storage
+
+log = logging.getLogger(__name__)
+
+LEASE_FILE = f"{MANIFEST_DIR}/lease.json"
+TTL_SECONDS = 60.0  # a killed run blocks the next one for at most this long
+RENEW_SECONDS = 15.0
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    run_id: str
+    host: str
+    pid: int
+    started_at: str
+    expires_at: float  # seconds since the epoch
+
+    def describe(self) -> str:
+        return f"run {self.run_id} (host {self.host}, pid {self.pid}, since {self.started_at})"
+
+    def is_dead_here(self) -> bool:
+        """A holder on this host whose process is gone (killed): no need to wait for expiry."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
+
+
+class Lease:
+    """Held from acquire() to release(); renew() at least every RENEW_SECONDS."""
+
+    def __init__(self, output: Storage, run_id: str, ttl: float = TTL_SECONDS, clock=time.time) -> None:
+        self.output, self.run_id, self.ttl, self.clock = output, run_id, ttl, clock
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
+
+    def _record(self) -> LeaseRecord:
+        return LeaseRecord(self.run_id, socket.gethostname(), os.getpid(), self.started_at, self.clock() + self.ttl)
+
+    def _encode(self) -> bytes:
+        return json.dumps(asdict(self._record())).encode()
+
+    def current(self) -> LeaseRecord | None:
+        """The lease in OUTPUT now (None when there is none or it cannot be read)."""
+        try:
+            return LeaseRecord(**json.loads(self.output.read_bytes(LEASE_FILE)))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:  # a torn or foreign file: treated as expired
+            log.warning("%s is unreadable (%s); taking it over", self.output.uri_of(LEASE_FILE), exc)
+            return LeaseRecord("unknown", "unknown", 0, "unknown", 0.0)
+
+    def acquire(self) -> Lease:
+        """Take the lease, or raise OutputBusyError naming the live job that holds it."""
+        for _ in range(3):  # a lost race against another taker is decided by the re-read
+            if self.output.create(LEASE_FILE, self._encode()):
+                return self
+            held = self.current()
+            if held is None:
+                continue  # released between our create and read
+            if held.run_id == self.run_id:
+                return self
+            left = held.expires_at - self.clock()
+            if left > 0 and not held.is_dead_here():
+                raise OutputBusyError(
+                    f"{self.output.uri}: another job is writing here: {held.describe()}; "
+                    f"its lease expires in {left:.0f} s unless it renews it (wait for it, or stop it)"
+                )
+            log.warning("taking over the lease of %s, which has ended", held.describe())
+            self.output.remove(LEASE_FILE)
+        raise OutputBusyError(f"{self.output.uri}: could not take the lease ({LEASE_FILE}): other runs keep taking it")
+
+    def renew(self) -> None:
+        """Push the expiry on; OutputBusyError where another run has taken the lease since."""
+        held = self.current()
+        if held is not None and held.run_id != self.run_id:
+            raise OutputBusyError(f"{self.output.uri}: the lease was taken over by {held.describe()}; stopping")
+        self.output.write_atomic(LEASE_FILE, self._encode())
+
+    def release(self) -> None:
+        held = self.current()
+        if held is not None and held.run_id == self.run_id:
+            self.output.remove(LEASE_FILE)
