@@ -434,6 +434,7 @@ def test_out_of_memory_on_a_batch_falls_back_to_smaller_batches(monkeypatch, tas
         "status": np.array(["ok"] * 4 + ["failed"], dtype=object),
         "error_kind": np.array([""] * 4 + ["corrupt-image"], dtype=object),
         "error": np.array([""] * 4 + ["album/50.jpg: truncated or corrupt image data"], dtype=object),
+        "reason": np.array([""] * 5, dtype=object),
         "model_copy": np.array([pack(p) for p in photos[:4]] + [b""], dtype=object),
     }
     out = stage.predict(batch)

@@ -320,6 +320,7 @@ def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str
         "status": FAILED,
         "error_kind": item.error.kind,
         "error": str(item.error),
+        "reason": "",
     }
     return _manifest_row(row, inputs.uri, config, run_id)
 
