@@ -143,12 +143,13 @@ def note_of(status: str, error: str | None, reason: str | None) -> str:
 
 def output_of(row: dict, images_uri: str, images: frozenset[str]) -> str | None:
     """The input's output under OUTPUT/images, if it is there: the manifest's output_uri, else
-    for a left-alone row (their output_uri is empty) the names the job gives outputs. A failed
-    row has none, whatever an earlier attempt left there."""
+    the names the job gives outputs (left-alone rows carry no output_uri, and OUTPUT may have
+    been copied elsewhere since, to a bucket for instance). A failed row has none, whatever an
+    earlier attempt left there."""
     uri = row.get("output_uri")
     if uri and uri.startswith(images_uri + "/"):
         candidates = [uri[len(images_uri) + 1 :]]
-    elif row["status"] != SKIPPED:
+    elif row["status"] == FAILED:
         return None
     else:
         candidates = []

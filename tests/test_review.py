@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote
@@ -253,6 +254,18 @@ def test_input_moved_since_the_run(local_job, tmp_path):
     summary = build_review(output.uri, inputs_uri=str(moved))
     assert (summary.thumbs_made, summary.thumbs_failed) == (6, 0)
     assert sum(r["before"] is not None for r in rows_of(review)) == 6
+
+
+def test_output_copied_elsewhere(local_job, tmp_path):
+    """OUTPUT copied (to a bucket's folder, say): the manifest's output_uri names the old place."""
+    _, output, _ = local_job
+    copy = tmp_path / "copy"
+    shutil.copytree(output.uri, copy)
+    summary = build_review(str(copy))
+    assert (summary.thumbs_made, summary.thumbs_failed) == (16, 0)
+    rows = {r["path"]: r for r in rows_of(Storage(f"{copy}/review"))}
+    assert rows["a/ok-0.jpg"]["output"] == "../images/a/ok-0.jpg" and rows["a/ok-0.jpg"]["after"]
+    assert rows[BROKEN]["after"] is None
 
 
 def test_cli(local_job, capsys):
