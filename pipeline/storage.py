@@ -15,6 +15,7 @@ import datetime as _dt
 import errno
 import functools
 import logging
+import mimetypes
 import os
 import random
 import re
@@ -342,11 +343,24 @@ class Storage:
     def _put(self, path: str, data: bytes) -> None:
         # One put: an object only becomes visible once complete (s3fs switches to a
         # multipart upload for large data, which is also only visible once completed).
+        options = self._content_type(path)
         try:
-            self.fs.pipe_file(path, data)
+            self.fs.pipe_file(path, data, **options)
         except FileNotFoundError:  # stores with real folders (sftp, hdfs, memory, ...)
             self.fs.makedirs(self.fs._parent(path), exist_ok=True)
-            self.fs.pipe_file(path, data)
+            self.fs.pipe_file(path, data, **options)
+
+    def _content_type(self, path: str) -> dict[str, str]:
+        """The Content-Type an object store serves the file with, from its name: a photo, or the
+        review page from a bucket's static website hosting, shows in a browser rather than
+        downloading as binary/octet-stream."""
+        kind = mimetypes.guess_type(path)[0]
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+        if kind and "s3" in protocols:
+            return {"ContentType": kind}
+        if kind and ("gs" in protocols or "gcs" in protocols):
+            return {"content_type": kind}
+        return {}
 
     @staticmethod
     def _write_local(path: str, data: bytes) -> None:

@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import unquote
 
+import boto3
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -296,3 +297,7 @@ def test_s3(s3_bucket):
             with Image.open(io.BytesIO(review.read_bytes(name))) as im:
                 assert max(im.size) <= THUMB_SIZE
     assert build_review(output.uri, workers=4).thumbs_made == 0
+    # Served as what they are, so the page shows from the bucket's static website hosting.
+    s3, bucket = boto3.client("s3"), s3_bucket.removeprefix("s3://")
+    for key, kind in (("index.html", "text/html"), ("rows.js", "text/javascript"), (rows[0]["after"], "image/jpeg")):
+        assert s3.head_object(Bucket=bucket, Key=f"edited/review/{key}")["ContentType"] == kind
