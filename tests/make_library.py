@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms
+from raw_files import dng_bytes, scene
 
 pillow_heif.register_heif_opener()
 
@@ -162,6 +163,7 @@ def bad_files() -> dict[str, tuple[bytes, Expected]]:
     corrupt_png = bytearray(png)
     idat = corrupt_png.index(b"IDAT") + 4
     corrupt_png[idat : idat + 64] = bytes(64)  # zeroed compressed data: zlib cannot inflate it
+    _dng = dng_bytes(scene(120, 180))
     return {
         "bad/empty.jpg": (b"", Expected(FAILED, "empty-file", ("empty file", "0 bytes"))),
         "bad/empty.PNG": (b"", Expected(FAILED, "empty-file", ("empty file",))),
@@ -186,6 +188,19 @@ def bad_files() -> dict[str, tuple[bytes, Expected]]:
         "bad/not an image, empty file.jpg": (
             jpeg[: len(jpeg) // 3],
             Expected(FAILED, "corrupt-image", ("truncated or corrupt",)),
+        ),
+        # Camera RAWs: a stub with a TIFF signature, one cut in half, and a camera LibRaw does not know.
+        "bad/stub.CR2": (
+            b"II*\x00\x10\x00\x00\x00CR",
+            Expected(FAILED, "corrupt-image", ("truncated or corrupt RAW", "LibRaw")),
+        ),
+        "bad/cut-in-half.dng": (
+            _dng[: len(_dng) // 2],
+            Expected(FAILED, "corrupt-image", ("truncated or corrupt RAW",)),
+        ),
+        "bad/unknown-camera.nef": (
+            _save(textured((90, 90, 90)), "TIFF", tiffinfo={0x010F: "Acme Photonics", 0x0110: "AP-1"}),
+            Expected(FAILED, "unsupported-camera", ("camera not supported by LibRaw", "Acme Photonics AP-1")),
         ),
         # A good photo, but a backslash is a folder separator elsewhere: refused before reading.
         "bad/back\\slash.jpg": (jpeg, Expected(FAILED, "unsafe-name", ("unsafe relative path", "backslash"))),
@@ -255,7 +270,6 @@ def ignored_files() -> dict[str, tuple[bytes, Expected]]:
         "notes.txt": (b"not a photo", ignore),
         "good/sidecar.xmp": (b"<x:xmpmeta/>", ignore),
         "good/photo.json": (b"{}", ignore),
-        "good/raw.CR2": (b"II*\x00\x10\x00\x00\x00CR", ignore),
         "good/clip.mp4": (b"\x00\x00\x00\x18ftypmp42", ignore),
     }
 
