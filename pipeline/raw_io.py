@@ -162,16 +162,18 @@ _MAIN_TAGS = (0x010E, _MAKE, _MODEL, 0x0131, 0x0132, 0x013B, 0x8298)  # descript
 _DATE_TIME_ORIGINAL, _LENS_MAKE, _LENS_MODEL = 0x9003, 0xA433, 0xA434
 # Of the EXIF IFD: everything but the maker's private notes, pointers and the stored size.
 _EXIF_LEFT_OUT = frozenset({_MAKER_NOTE, _INTEROP_IFD, 0xA002, 0xA003, 0x9101})
-_TIFF_LIKE = {b"II*\x00": b"II*\x00", b"MM\x00*": b"MM\x00*", b"IIRO": b"II*\x00", b"IIU\x00": b"II*\x00"}
+_TIFF = (b"II*\x00", b"MM\x00*")
+_TIFF_LIKE = (b"IIRO", b"IIU\x00")  # Olympus ORF, Panasonic RW2: a TIFF under another magic number
 
 
 def _tiff_ifds(data: bytes) -> tuple[dict, dict, dict] | None:
     """(main, EXIF, GPS) tags of a TIFF-structured RAW (DNG, NEF, CR2, ARW, PEF, SRW, ORF,
     RW2, ...), or of a CR3's metadata boxes; None when neither applies."""
-    head = _TIFF_LIKE.get(data[:4])
-    if head is not None:
+    if data[:4] in _TIFF + _TIFF_LIKE:
         exif = Image.Exif()
-        exif.load(head + data[4:])
+        if data[:4] in _TIFF_LIKE:
+            data = b"II*\x00" + data[4:]
+        exif.load(data)
         return dict(exif), dict(exif.get_ifd(_EXIF_IFD)), dict(exif.get_ifd(_GPS_IFD))
     if data[4:8] == b"ftyp" and data[8:12] == b"crx ":  # CR3: CMT1 main, CMT2 EXIF, CMT4 GPS, each a TIFF
         boxes = []

@@ -9,6 +9,7 @@ preview of the given long side, as cameras store one. The JPEG is the same pictu
 - model copy: `photo.prepare`, what the read stage does: the DNG's preview (or, for the DNG
   without one, LibRaw's half-size image), the JPEG's DCT-scaled decode.
 - full picture: `decode_photo`, what the finish stage decodes: the DNG demosaiced at 16 bits.
+- effect: `effect.render` on the decoded picture (16 bits for the DNG, 8 for the JPEG).
 - finish: `photo.finish` whole (decode, the effect, encode to JPEG) with model-size maps.
 """
 
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from raw_files import dng_bytes  # noqa: E402
 
+from pipeline.effect import render  # noqa: E402
 from pipeline.params import effect_params  # noqa: E402
 from pipeline.photo import finish, prepare  # noqa: E402
 from pipeline.photo_io import decode_photo  # noqa: E402
@@ -83,13 +85,18 @@ def main() -> None:
     depth = np.maximum(np.repeat(np.linspace(0, 1, 683, dtype=np.float32)[:, None], 1024, axis=1), maps * 0.9)
     params = effect_params("default")
     cases = (("DNG", dng, "x.dng"), ("DNG, no preview", dng_bare, "x.dng"), ("JPEG", jpeg, "x.jpg"))
-    print(f"{'':16s} {'model copy':>11s} {'full picture':>13s} {'finish':>8s}")
+    print(f"{'':16s} {'model copy':>11s} {'full picture':>13s} {'effect':>8s} {'finish':>8s}")
     for label, data, name in cases:
         copy = best_of(lambda d=data, n=name: prepare(d, n, 200.0), args.repeat)
         full = best_of(lambda d=data, n=name: decode_photo(d, n), args.repeat)
+        pixels = decode_photo(data, name).pixels
+        effect = best_of(lambda p=pixels: render(p, maps, depth, params), args.repeat)
         done = best_of(lambda d=data, n=name: finish(d, n, maps, depth, params), args.repeat)
         shape = prepare(data, name, 200.0).shape
-        print(f"{label:16s} {copy:10.3f}s {full:12.3f}s {done:7.2f}s   (model copy {shape[1]}x{shape[0]})")
+        print(
+            f"{label:16s} {copy:10.3f}s {full:12.3f}s {effect:7.2f}s {done:7.2f}s   "
+            f"(model copy {shape[1]}x{shape[0]}, {pixels.dtype})"
+        )
 
 
 if __name__ == "__main__":

@@ -211,3 +211,11 @@ def test_cr3_metadata_boxes_give_camera_date_and_gps():
     assert (exif_tags[0x9003], exif_tags[0xA434]) == (TAKEN, LENS)
     assert (gps[1], gps[3]) == ("N", "E")
     assert raw_io._camera_named(data) == "Canon Canon EOS R5"
+
+
+@pytest.mark.parametrize("magic", [b"IIRO", b"IIU\x00"])
+def test_orf_and_rw2_metadata_is_read_as_the_tiff_it_is(magic):
+    """Olympus ORF and Panasonic RW2 are TIFF structures under their own magic numbers."""
+    data = magic + dng_bytes(SCENE)[4:]
+    main_tags, exif_tags, gps = raw_io._tiff_ifds(data)
+    assert (main_tags[0x010F], exif_tags[0x9003], gps[1]) == (CAMERA[0], TAKEN, GPS[1])
