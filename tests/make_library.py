@@ -5,7 +5,8 @@
 `build_library(root)` writes the files and returns {relpath: Expected}: for each file under the
 root, the manifest row the job should end with (status ok / failed / skipped, the error kind and
 words of the error) and, for good photos, the output size and mean colours at a few spots. Files
-the job must not see at all (hidden ones, other extensions) are listed with status IGNORED.
+that get no manifest row (hidden ones, and files that are no photos, which are only counted) are
+listed with status IGNORED.
 
 Good photos are a fine checkerboard of two shades of one colour: detail everywhere (so the job
 does not leave them alone as "background already soft"), and a known mean colour over any window
@@ -259,7 +260,7 @@ def good_files() -> dict[str, tuple[bytes, Expected]]:
 
 
 def ignored_files() -> dict[str, tuple[bytes, Expected]]:
-    """Files the job must never list: hidden ones, and extensions that are not images."""
+    """Files that get no row: hidden ones (not even counted) and files that are no photos (counted)."""
     photo = _save(textured((100, 100, 100)), "JPEG")
     ignore = Expected(IGNORED)
     return {
