@@ -86,6 +86,11 @@ def _opened(data: bytes, source: str, max_megapixels: float) -> Iterator[rawpy.R
             )
         try:
             yield raw
+        except (rawpy.LibRawFileUnsupportedError, rawpy.LibRawNotImplementedError) as exc:
+            camera = _camera_named(data) or "camera not named in the file"
+            raise UnsupportedCameraError(
+                f"{source}: RAW data of a kind LibRaw {_LIBRAW} cannot decode ({camera}; {_libraw_says(exc)})"
+            ) from exc
         except (rawpy.LibRawIOError, rawpy.LibRawDataError) as exc:
             raise CorruptImageError(f"{source}: truncated or corrupt RAW data ({_libraw_says(exc)})") from exc
         except rawpy.LibRawError as exc:
@@ -118,7 +123,15 @@ def raw_preview(data: bytes, source: str, max_megapixels: float, min_size: int) 
         preview = _embedded_preview(raw, min(min_size, max(sizes.width, sizes.height)))
         if preview is not None and _same_shape(preview.shape, (sizes.height, sizes.width)):
             return orient(preview, sizes.flip)
-        return raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8, gamma=(2.4, 12.92))
+        return _rgb(raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8, gamma=(2.4, 12.92)))
+
+
+def _rgb(pixels: np.ndarray) -> np.ndarray:
+    """HxWx3 of LibRaw's output, which is a single channel for a monochrome sensor."""
+    if pixels.ndim == 3 and pixels.shape[2] == 3:
+        return pixels
+    gray = pixels if pixels.ndim == 2 else pixels[..., 0]
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 def _embedded_preview(raw: rawpy.RawPy, min_size: int) -> np.ndarray | None:
@@ -150,7 +163,7 @@ def decode_raw(data: bytes, source: str, max_megapixels: float = 200.0) -> tuple
     """The full picture as upright HxWx3 uint16 sRGB, and an EXIF block for the result."""
     with _opened(data, source, max_megapixels) as raw:
         pixels = raw.postprocess(use_camera_wb=True, output_bps=16, gamma=(2.4, 12.92))
-        return pixels, raw_exif(data, raw)
+        return _rgb(pixels), raw_exif(data, raw)
 
 
 # --------------------------------------------------------------------------- metadata

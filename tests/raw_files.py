@@ -36,13 +36,17 @@ LENS = "Acme 35mm F1.4"
 GPS = {1: "N", 2: ((48, 1), (51, 1), (2400, 100)), 3: "E", 4: ((2, 1), (21, 1), (700, 100))}
 
 
-def mosaic(scene: np.ndarray, bits: int, pattern: str, black: int) -> np.ndarray:
-    """The sensor's readout of a linear HxWx3 scene (0..1): uint16, one channel per photosite."""
+def mosaic(scene: np.ndarray, bits: int, pattern: str | None, black: int) -> np.ndarray:
+    """The sensor's readout of a linear HxWx3 scene (0..1): uint16, one channel per photosite
+    (pattern None: a monochrome sensor, which reads the scene's luminance)."""
     h, w = scene.shape[:2]
+    white = 2**bits - 1
+    if pattern is None:
+        luminance = scene @ np.array([0.2126, 0.7152, 0.0722], np.float32)
+        return np.rint(black + np.clip(luminance, 0, 1) * (white - black)).astype(np.uint16)
     channel = np.array(PATTERNS[pattern], dtype=np.intp).reshape(2, 2)  # 0 R, 1 G, 2 B per site
     sites = np.tile(channel, (h // 2 + 1, w // 2 + 1))[:h, :w]
     response = np.take_along_axis(scene, sites[..., None], axis=2)[..., 0] * np.take(NEUTRAL, sites)
-    white = 2**bits - 1
     return np.rint(black + np.clip(response, 0, 1) * (white - black)).astype(np.uint16)
 
 
@@ -81,7 +85,7 @@ def _gps_ifd() -> dngIFD:
 def dng_bytes(
     scene: np.ndarray,
     bits: int = 12,
-    pattern: str = "RGGB",
+    pattern: str | None = "RGGB",
     orientation: int = 1,
     preview: np.ndarray | None = None,
     black: int = 64,
@@ -89,8 +93,9 @@ def dng_bytes(
     metadata: bool = True,
 ) -> bytes:
     """A DNG of the linear scene (HxWx3 float, 0..1, even sides) as a sensor of `bits` bits
-    with the given CFA pattern would record it. preview: an HxWx3 uint8 sRGB picture stored as
-    the DNG's embedded JPEG preview (as stored, not upright: orientation applies to it too)."""
+    with the given CFA pattern (None: a monochrome sensor) would record it. preview: an HxWx3
+    uint8 sRGB picture stored as the DNG's embedded JPEG preview (as stored, not upright:
+    orientation applies to it too)."""
     raw = mosaic(scene, bits, pattern, black)
     h, w = raw.shape
     if bits in (10, 12):  # pidng's packers: big-endian bit packing, as DNG stores 10- and 12-bit data
@@ -108,15 +113,20 @@ def dng_bytes(
         dngTag(Tag.ImageLength, [h]),
         dngTag(Tag.BitsPerSample, [sample_bits]),
         dngTag(Tag.Compression, [1]),
-        dngTag(Tag.PhotometricInterpretation, [PhotometricInterpretation.Color_Filter_Array]),
         dngTag(Tag.SamplesPerPixel, [1]),
         dngTag(Tag.PlanarConfiguration, [1]),
         dngTag(Tag.RowsPerStrip, [h]),
-        dngTag(Tag.CFARepeatPatternDim, [2, 2]),
-        dngTag(Tag.CFAPattern, PATTERNS[pattern]),
         dngTag(Tag.BlackLevel, [black]),
         dngTag(Tag.WhiteLevel, [2**bits - 1]),
     ]
+    if pattern is None:
+        main.tags.append(dngTag(Tag.PhotometricInterpretation, [PhotometricInterpretation.Linear_Raw]))
+    else:
+        main.tags += [
+            dngTag(Tag.PhotometricInterpretation, [PhotometricInterpretation.Color_Filter_Array]),
+            dngTag(Tag.CFARepeatPatternDim, [2, 2]),
+            dngTag(Tag.CFAPattern, PATTERNS[pattern]),
+        ]
     strip_of_raw = dngTag(Tag.StripOffsets, [0])
     main.tags += [strip_of_raw, dngTag(Tag.StripByteCounts, [len(data)])]
     strips = [data]

@@ -219,3 +219,14 @@ def test_orf_and_rw2_metadata_is_read_as_the_tiff_it_is(magic):
     data = magic + dng_bytes(SCENE)[4:]
     main_tags, exif_tags, gps = raw_io._tiff_ifds(data)
     assert (main_tags[0x010F], exif_tags[0x9003], gps[1]) == (CAMERA[0], TAKEN, GPS[1])
+
+
+def test_monochrome_sensor_gives_a_grey_rgb_picture():
+    """A monochrome DNG (LinearRaw, one sample per pixel): LibRaw gives one channel, the job three."""
+    data = dng_bytes(SCENE, 12, None)
+    full = decode_photo(data, "mono.dng").pixels
+    copy = prepare(data, "mono.dng", 200.0)
+    for pixels in (full, copy):
+        assert pixels.ndim == 3 and pixels.shape[2] == 3
+        assert np.array_equal(pixels[..., 0], pixels[..., 1]) and np.array_equal(pixels[..., 1], pixels[..., 2])
+    assert mean(full, GREY)[0] > mean(full, BLUE)[0]  # luminance: the grey frame is brighter than the blue patch

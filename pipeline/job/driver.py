@@ -73,7 +73,7 @@ class JobSummary:
             f"({self.processing_seconds:.1f} s processing)",
             *([f"left alone: {kept}"] if kept else []),
             *(
-                [f"not photos, not processed: {others} (`dreamfocus status OUTPUT --other-files` lists them)"]
+                [f"not photos, not processed: {others} (`dreamfocus status {self.output} --other-files` lists them)"]
                 if others
                 else []
             ),
