@@ -128,6 +128,13 @@ def test_camera_library_pairs_raws_and_counts_the_rest(tmp_path, capsys):
     assert exif_make(images / "cam/IMG_0001.jpg") == CAMERA[0]  # made from the RAW this time
     assert rows["cam/IMG_0001.DNG"]["attempt"] == 2
 
+    # And back: the dry run says why the JPEG is processed again.
+    capsys.readouterr()
+    run_job(JobConfig(input=str(inputs), output=str(output), dry_run=True, **TRIVIAL))
+    assert "would process cam/IMG_0001.JPG -> images/cam/IMG_0001.jpg (no longer left alone for its pair)" in (
+        capsys.readouterr().out
+    )
+
 
 def test_dry_run_counts_other_files_and_names_pair_halves(tmp_path, capsys):
     inputs, output = camera_library(tmp_path / "in"), tmp_path / "out"

@@ -196,7 +196,7 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
         for source in photos:
             partner = partners.get(source.relpath)
             if partner is not None and is_raw(source.relpath) != config.prefer_raw:
-                yield from _paired(source, partner, config, resume, job_hash)
+                yield _paired(source, partner, config, resume, job_hash)
             else:
                 yield _planned(source, config, resume, job_hash, existing, claimed)
 
@@ -219,19 +219,16 @@ def pair_partners(photos: list[SourceFile]) -> dict[str, str]:
     return partners
 
 
-def _paired(
-    source: SourceFile, partner: str, config: JobConfig, resume: ResumeIndex, job_hash: str
-) -> Iterator[PlanItem | str]:
+def _paired(source: SourceFile, partner: str, config: JobConfig, resume: ResumeIndex, job_hash: str) -> PlanItem | str:
     """The half of a pair that is not processed: one `skipped` row, once."""
     if resume.latest_is(source.relpath, source.fingerprint, job_hash, listing_status(SKIPPED, PairedFileSkipped.kind)):
-        yield "skipped before (the other half of a RAW + JPEG pair)"
-        return
+        return "skipped before (the other half of a RAW + JPEG pair)"
     processed = posixpath.basename(partner)
     option = (
         "--prefer-raw processes the RAW instead" if not config.prefer_raw else "without --prefer-raw it is processed"
     )
     error = PairedFileSkipped(f"{source.relpath}: left alone, its pair {processed} is processed ({option})")
-    yield PlanItem(source, "", "the other half of a RAW + JPEG pair", resume.attempts_of(source.relpath) + 1, error)
+    return PlanItem(source, "", "the other half of a RAW + JPEG pair", resume.attempts_of(source.relpath) + 1, error)
 
 
 def _planned(
@@ -265,6 +262,8 @@ def _planned(
         reason = "output missing"
     elif resume.latest_is(*same, FAILED):
         reason = "retrying failure"
+    elif resume.latest_is(*same, listing_status(SKIPPED, PairedFileSkipped.kind)):
+        reason = "no longer left alone for its pair"
     elif attempts:
         reason = "changed photo or parameters, or a failure not of its own making"
     else:
