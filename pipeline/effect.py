@@ -1,6 +1,7 @@
 """The effect on one photo, as pure functions on numpy arrays.
 
-photo: HxWx3 uint8 RGB. fg (salient-object mask): float32 0..1. depth: float32, larger is nearer.
+photo: HxWx3 uint8 RGB (or uint16, as camera RAWs come: kept at that depth throughout).
+fg (salient-object mask): float32 0..1. depth: float32, larger is nearer.
 Maps may come at any size; they are resized to the size the effect works at.
 
 The steps, in order: painterly background, interpolation mask (alpha), edge-aware refinement,
@@ -21,8 +22,8 @@ from .params import EffectParams
 class Rendering:
     """The result and what led to it. Maps are at working size (the photo divided by `factor`)."""
 
-    image: np.ndarray  # uint8 HxWx3, the result at full size
-    background: np.ndarray  # uint8, the painterly background at working size
+    image: np.ndarray  # HxWx3, the result at full size, of the photo's dtype
+    background: np.ndarray  # the painterly background at working size, of the photo's dtype
     alpha: np.ndarray  # float32 at working size: 1 keeps the photo, 0 shows the background
     fg: np.ndarray  # float32 salient-object mask at working size
     depth: np.ndarray  # float32 normalised depth at working size (nearest = 1)
@@ -63,11 +64,13 @@ def painterly_background(
     """Morphological opening with an elliptical kernel, then min-max into the brightness range.
 
     Opening removes bright detail smaller than the kernel and leaves flat colour patches; the
-    normalisation spans all channels jointly, as cv2.normalize with NORM_MINMAX does.
+    normalisation spans all channels jointly, as cv2.normalize with NORM_MINMAX does. The
+    brightness range is given on the 8-bit scale and scaled to a uint16 photo's.
     """
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (kernel_size, kernel_size))
     opened = cv2.morphologyEx(photo, cv2.MORPH_OPEN, kernel)
-    return cv2.normalize(opened, None, brightness_min, brightness_max, cv2.NORM_MINMAX)  # type: ignore[call-overload]
+    scale = _peak(photo) / 255
+    return cv2.normalize(opened, None, brightness_min * scale, brightness_max * scale, cv2.NORM_MINMAX)  # type: ignore[call-overload]
 
 
 def depth_bounds(
@@ -133,15 +136,27 @@ def guided_filter_coefficients(
 def luminance(photo: np.ndarray) -> np.ndarray:
     """float32 0..1 gray of an RGB photo, the guide of the refinement."""
     gray = cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)
-    return gray.astype(np.float32) * np.float32(1 / 255)
+    return gray.astype(np.float32) * np.float32(1 / _peak(photo))
+
+
+def _peak(photo: np.ndarray) -> int:
+    """White of the photo's dtype: 255 for uint8, 65535 for uint16."""
+    return int(np.iinfo(photo.dtype).max)
 
 
 def composite(
     photo: np.ndarray, background: np.ndarray, alpha: np.ndarray, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """photo * alpha + background * (1 - alpha) as uint8; all at the same size, alpha float32.
-    out: where to write the result (a view into a larger image works)."""
-    return cv2.blendLinear(photo, background, alpha, 1.0 - alpha, dst=out)
+    """photo * alpha + background * (1 - alpha) in the photo's dtype; all at the same size, alpha
+    float32. out: where to write the result (a view into a larger image works)."""
+    if photo.dtype == np.uint8:
+        return cv2.blendLinear(photo, background, alpha, 1.0 - alpha, dst=out)
+    weight = alpha[..., None]  # cv2.blendLinear takes 8-bit or float only
+    blended = np.rint(background + (photo.astype(np.float32) - background) * weight).astype(photo.dtype)
+    if out is None:
+        return blended
+    out[...] = blended
+    return out
 
 
 def working_factor(height: int, width: int, work_size: int) -> int:

@@ -20,6 +20,8 @@ class DreamfocusError(Exception):
     leaves_alone: ClassVar[bool] = False
     # Not the photo's fault: a plain rerun tries it again, without --retry-failed.
     retried_by_rerun: ClassVar[bool] = False
+    # Decided by the listing, not by the file: each run decides again (an option may change it).
+    decided_by_listing: ClassVar[bool] = False
 
 
 class BadInputError(DreamfocusError):
@@ -48,6 +50,12 @@ class UnsupportedImageError(BadInputError):
     kind = "unsupported-image"
 
 
+class UnsupportedCameraError(UnsupportedImageError):
+    """A camera RAW whose camera (or format variant) LibRaw does not know."""
+
+    kind = "unsupported-camera"
+
+
 class TooManyPixelsError(BadInputError):
     kind = "too-many-pixels"
 
@@ -56,6 +64,15 @@ class UnsafeNameError(BadInputError):
     """A relative path that could escape its folder or cannot be stored."""
 
     kind = "unsafe-name"
+
+
+class PairedFileSkipped(DreamfocusError):
+    """One of a RAW + JPEG pair (same name, same folder, as cameras write them): only the other
+    one is processed, and this one is left alone."""
+
+    kind = "raw-jpeg-pair"
+    leaves_alone = True
+    decided_by_listing = True
 
 
 class WeightsUnavailableError(DreamfocusError):
@@ -90,14 +107,17 @@ KINDS: tuple[type[DreamfocusError], ...] = (
     NotAnImageError,
     CorruptImageError,
     UnsupportedImageError,
+    UnsupportedCameraError,
     TooManyPixelsError,
     UnsafeNameError,
+    PairedFileSkipped,
     WeightsUnavailableError,
     OutputError,
     OutputBusyError,
     OutOfMemoryError,
 )
 RETRIED_KINDS = frozenset(cls.kind for cls in KINDS if cls.retried_by_rerun)
+LISTING_KINDS = frozenset(cls.kind for cls in KINDS if cls.decided_by_listing)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

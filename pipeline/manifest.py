@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import RETRIED_KINDS
+from .errors import LISTING_KINDS, RETRIED_KINDS
 from .storage import Storage
 
 MANIFEST_DIR = "manifest"
@@ -63,6 +63,13 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+
+
+def listing_status(status: str, kind: str | None) -> str:
+    """The status under which the resume index keeps a row: rows the listing decided (a pair's
+    other half) apart from the others, so a photo left alone for its pair is not taken as
+    settled once an option has it processed."""
+    return f"{status}:{kind}" if kind in LISTING_KINDS else status
 
 
 def image_id(relpath: str) -> str:
@@ -151,6 +158,47 @@ def _read_parts(store: Storage) -> tuple[dict[str, pa.Table], list[str]]:
     return live, sorted(replaced & set(parts))
 
 
+OTHER_FILES = "other-files.parquet"  # beside MANIFEST_DIR: the files of INPUT that are no photos, as last listed
+_OTHER_SCHEMA = pa.schema([("relpath", pa.string()), ("extension", pa.string()), ("size", pa.int64())])
+
+
+class OtherFilesWriter:
+    """The listing's files that are no photos, streamed into one Parquet file in memory (a few
+    bytes per file, compressed) and written to OUTPUT/other-files.parquet at the end."""
+
+    BATCH = 10_000
+
+    def __init__(self) -> None:
+        self.buffer = io.BytesIO()
+        self.writer = pq.ParquetWriter(self.buffer, _OTHER_SCHEMA, compression="zstd")
+        self.rows: list[tuple[str, str, int]] = []
+
+    def add(self, relpath: str, extension: str, size: int) -> None:
+        self.rows.append((relpath, extension, size))
+        if len(self.rows) >= self.BATCH:
+            self._write_rows()
+
+    def _write_rows(self) -> None:
+        if self.rows:
+            columns = zip(*self.rows)
+            self.writer.write_table(pa.Table.from_arrays([pa.array(c) for c in columns], schema=_OTHER_SCHEMA))
+            self.rows = []
+
+    def close(self, output: Storage) -> None:
+        """Replace OUTPUT's listing with this one."""
+        self._write_rows()
+        self.writer.close()
+        output.write_atomic(OTHER_FILES, self.buffer.getvalue())
+
+
+def read_other_files(output: Storage) -> pa.Table:
+    """relpath, extension and size of the files the last run found to be no photos (none when
+    no run has written the listing yet)."""
+    if not output.exists(OTHER_FILES):
+        return _OTHER_SCHEMA.empty_table()
+    return pq.read_table(io.BytesIO(output.read_bytes(OTHER_FILES))).cast(_OTHER_SCHEMA)
+
+
 def read_manifest(store: Storage, columns: Iterable[str] | None = None) -> pa.Table:
     """Every committed row (an empty table when there is no manifest yet)."""
     names = list(columns) if columns is not None else list(COLUMNS)
@@ -236,7 +284,7 @@ class ResumeIndex:
             *(latest.column(c).to_pylist() for c in columns)
         ):
             if kind not in RETRIED_KINDS:
-                settled.append(key_of(relpath, fingerprint or "", job_hash or "", status))
+                settled.append(key_of(relpath, fingerprint or "", job_hash or "", listing_status(status, kind)))
             attempt_keys.append(key_of(relpath))
             attempts.append(attempt)
         order = np.argsort(np.array(attempt_keys, dtype=np.int64))

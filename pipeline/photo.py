@@ -42,7 +42,8 @@ def model_copy(pixels: np.ndarray) -> np.ndarray:
 
 
 def prepare(data: bytes, source: str, max_megapixels: float) -> np.ndarray:
-    """The model copy of a photo's bytes (a JPEG is decoded at a reduced scale directly)."""
+    """The model copy of a photo's bytes (a JPEG is decoded at a reduced scale directly, a camera
+    RAW gives its embedded preview or half-size image: no demosaic here)."""
     photo = decode_photo(data, source, max_megapixels, draft_size=MODEL_INPUT_SIZE)
     return model_copy(photo.pixels)
 
@@ -163,7 +164,8 @@ def finish(
     max_megapixels: float = 200.0,
     intermediates: bool = False,
 ) -> Finished:
-    """Decode at full resolution, apply the effect, encode (EXIF kept, orientation applied)."""
+    """Decode at full resolution (a camera RAW demosaiced, at 16 bits until encoded), apply the
+    effect, encode (EXIF kept, orientation applied)."""
     t0 = time.perf_counter()
     photo = decode_photo(data, source, max_megapixels)
     t1 = time.perf_counter()

@@ -2,8 +2,9 @@
 
 Photos come out as HxWx3 uint8 sRGB, upright (EXIF orientation applied), whatever the input:
 grayscale, palette, alpha (composited over white), CMYK, 16-bit, float, an embedded ICC profile,
-HEIC. Every problem with an input raises a BadInputError subclass naming its kind, with one
-line naming the file.
+HEIC; camera RAWs (raw_io.py) as HxWx3 uint16, quantised to 8 bits only by `encode_photo`.
+Every problem with an input raises a BadInputError subclass naming its kind, with one line
+naming the file.
 
 Every open checks the megapixel limit from the header, before any pixel is decoded, in place
 of Pillow's own decompression-bomb guard (which is lifted for the duration of the open only).
@@ -17,10 +18,12 @@ import struct
 import threading
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError, features
 
+from . import raw_io
 from .errors import (
     BadInputError,
     CorruptImageError,
@@ -40,6 +43,8 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif"}
     | ({".avif"} if "AVIF" in _FORMATS and features.check("avif") else set())
 )
+# Everything a library job processes: images Pillow reads and camera RAWs LibRaw reads.
+PHOTO_EXTENSIONS = IMAGE_EXTENSIONS | raw_io.RAW_EXTENSIONS
 OUTPUT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 
 _SRGB = ImageCms.createProfile("sRGB")
@@ -60,9 +65,9 @@ _MAGIC = (
 
 @dataclass
 class Photo:
-    pixels: np.ndarray  # HxWx3 uint8 RGB, sRGB, upright; may be read-only (as after Ray), copy to edit
+    pixels: np.ndarray  # HxWx3 RGB, sRGB, upright: uint8, or uint16 for a RAW; may be read-only, copy to edit
     exif: bytes | None  # the EXIF block ("Exif\0\0" + TIFF data) with Orientation reset to 1
-    format: str  # as Pillow names it: "JPEG", "PNG", "HEIF", ...
+    format: str  # as Pillow names it: "JPEG", "PNG", "HEIF", ...; "RAW" for a camera RAW
 
 
 def _sniff(data: bytes) -> str | None:
@@ -211,11 +216,18 @@ def _to_srgb(im: Image.Image) -> np.ndarray:
 
 
 def decode_photo(data: bytes, source: str, max_megapixels: float = 200.0, draft_size: int | None = None) -> Photo:
-    """An upright 8-bit sRGB photo from the bytes of any supported file; BadInputError if unusable.
+    """An upright sRGB photo from the bytes of any supported file; BadInputError if unusable.
 
     Only the first frame of animated or multi-page files is used. With draft_size, a JPEG may
-    come back reduced (both sides still >= draft_size): for model copies.
+    come back reduced (both sides still >= draft_size): for model copies. A camera RAW (told by
+    its name) comes back as 16-bit pixels, demosaiced; with draft_size, as the 8-bit copy for
+    the models (its embedded preview, or its half-size image), without EXIF.
     """
+    if raw_io.is_raw(source):
+        if draft_size:
+            return Photo(raw_io.raw_preview(data, source, max_megapixels, draft_size), None, "RAW")
+        pixels, exif = raw_io.decode_raw(data, source, max_megapixels)
+        return Photo(pixels, exif, "RAW")
     im, raw_exif = _open(data, source, max_megapixels, draft_size)
     try:
         pixels = _to_srgb(im)
@@ -225,15 +237,17 @@ def decode_photo(data: bytes, source: str, max_megapixels: float = 200.0, draft_
 
 
 def encode_photo(pixels: np.ndarray, fmt: str = "jpeg", quality: int = 92, exif: bytes | None = None) -> bytes:
-    """JPEG, PNG or WebP bytes of an HxWx3 uint8 sRGB image, with an sRGB ICC profile and the
-    given EXIF block. quality applies to JPEG and WebP."""
+    """JPEG, PNG or WebP bytes of an HxWx3 uint8 (or uint16, rounded to 8 bits here) sRGB image,
+    with an sRGB ICC profile and the given EXIF block. quality applies to JPEG and WebP."""
     key = fmt.lower().lstrip(".")
     key = "jpeg" if key == "jpg" else key
     if key not in OUTPUT_EXTENSIONS:
         raise BadInputError(f"unknown output format {fmt!r} (expected jpeg, png or webp)")
     pixels = np.asarray(pixels)
-    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError(f"expected HxWx3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
+    if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError(f"expected HxWx3 uint8 or uint16 pixels, got {pixels.dtype} {pixels.shape}")
+    if pixels.dtype == np.uint16:
+        pixels = cv2.convertScaleAbs(pixels, alpha=1 / 257)  # round(v / 257): 65535 -> 255, 128 -> 0, 129 -> 1
     options: dict = {"icc_profile": _SRGB_ICC}
     if exif:
         options["exif"] = exif

@@ -32,6 +32,7 @@ import pyarrow as pa
 from PIL import Image
 
 from .errors import (
+    KINDS,
     BadInputError,
     CorruptImageError,
     EmptyFileError,
@@ -65,8 +66,13 @@ INTERMEDIATE_NAMES = ("mask", "depth16", "alpha", "background")
 STATUS_LABELS = {OK: "ok", SKIPPED: "left alone", FAILED: "failed"}
 # Inputs the job could not decode: no thumbnail is tried (it would fail again on every rerun).
 UNDECODABLE_KINDS = frozenset(
-    cls.kind for cls in (EmptyFileError, NotAnImageError, CorruptImageError, UnsupportedImageError, TooManyPixelsError)
+    cls.kind
+    for cls in KINDS
+    if issubclass(cls, (EmptyFileError, NotAnImageError, CorruptImageError, UnsupportedImageError, TooManyPixelsError))
 )
+# Left alone before anything was written (not an image, the other half of a RAW + JPEG pair):
+# an output of the same name is not theirs. Photos the effect leaves alone are written unchanged.
+UNWRITTEN_KINDS = frozenset(cls.kind for cls in KINDS if cls.leaves_alone)
 
 
 @dataclass(frozen=True)
@@ -145,11 +151,11 @@ def output_of(row: dict, images_uri: str, images: frozenset[str]) -> str | None:
     """The input's output under OUTPUT/images, if it is there: the manifest's output_uri, else
     the names the job gives outputs (left-alone rows carry no output_uri, and OUTPUT may have
     been copied elsewhere since, to a bucket for instance). A failed row has none, whatever an
-    earlier attempt left there."""
+    earlier attempt left there, nor has a row left alone before its output was written."""
     uri = row.get("output_uri")
     if uri and uri.startswith(images_uri + "/"):
         candidates = [uri[len(images_uri) + 1 :]]
-    elif row["status"] == FAILED:
+    elif row["status"] == FAILED or row.get("error_kind") in UNWRITTEN_KINDS:
         return None
     else:
         candidates = []

@@ -236,14 +236,16 @@ class Storage:
 
     # ---- reading
 
-    def list_files(self, extensions: frozenset[str]) -> Iterator[SourceFile]:
-        """Files under the root whose lower-cased suffix is in `extensions` (".jpg" or "jpg").
+    def list_files(self, extensions: frozenset[str] | None) -> Iterator[SourceFile]:
+        """Files under the root whose lower-cased suffix is in `extensions` (".jpg" or "jpg"), or
+        all of them (None).
 
-        Walks one directory at a time (sorted), skipping hidden files and folders and the
-        folder placeholders of object stores. Each directory listing is retried on
+        Walks one directory at a time (sorted): a folder's files come together, before those of
+        its subfolders. Hidden files and folders and the folder placeholders of object stores
+        are skipped. Each directory listing is retried on
         transient errors. Raises FileNotFoundError if the root does not exist.
         """
-        exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
+        exts = None if extensions is None else {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
         prefix = self.root.rstrip("/") + "/"
         pending = [self.root]
         while pending:
@@ -261,7 +263,7 @@ class Storage:
                     if not info.get("islink"):  # like os.walk: don't follow folder links
                         subdirs.append(name)
                 elif info["type"] == "file":
-                    if os.path.splitext(name)[1].lower() in exts:
+                    if exts is None or os.path.splitext(name)[1].lower() in exts:
                         yield SourceFile(name[len(prefix) :], int(info.get("size") or 0), _fingerprint(info))
             pending.extend(reversed(subdirs))
 

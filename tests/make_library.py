@@ -5,7 +5,8 @@
 `build_library(root)` writes the files and returns {relpath: Expected}: for each file under the
 root, the manifest row the job should end with (status ok / failed / skipped, the error kind and
 words of the error) and, for good photos, the output size and mean colours at a few spots. Files
-the job must not see at all (hidden ones, other extensions) are listed with status IGNORED.
+that get no manifest row (hidden ones, and files that are no photos, which are only counted) are
+listed with status IGNORED.
 
 Good photos are a fine checkerboard of two shades of one colour: detail everywhere (so the job
 does not leave them alone as "background already soft"), and a known mean colour over any window
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pillow_heif
 from PIL import Image, ImageCms
+from raw_files import dng_bytes, scene
 
 pillow_heif.register_heif_opener()
 
@@ -162,6 +164,7 @@ def bad_files() -> dict[str, tuple[bytes, Expected]]:
     corrupt_png = bytearray(png)
     idat = corrupt_png.index(b"IDAT") + 4
     corrupt_png[idat : idat + 64] = bytes(64)  # zeroed compressed data: zlib cannot inflate it
+    _dng = dng_bytes(scene(120, 180))
     return {
         "bad/empty.jpg": (b"", Expected(FAILED, "empty-file", ("empty file", "0 bytes"))),
         "bad/empty.PNG": (b"", Expected(FAILED, "empty-file", ("empty file",))),
@@ -186,6 +189,19 @@ def bad_files() -> dict[str, tuple[bytes, Expected]]:
         "bad/not an image, empty file.jpg": (
             jpeg[: len(jpeg) // 3],
             Expected(FAILED, "corrupt-image", ("truncated or corrupt",)),
+        ),
+        # Camera RAWs: a stub with a TIFF signature, one cut in half, and a camera LibRaw does not know.
+        "bad/stub.CR2": (
+            b"II*\x00\x10\x00\x00\x00CR",
+            Expected(FAILED, "corrupt-image", ("truncated or corrupt RAW", "LibRaw")),
+        ),
+        "bad/cut-in-half.dng": (
+            _dng[: len(_dng) // 2],
+            Expected(FAILED, "corrupt-image", ("truncated or corrupt RAW",)),
+        ),
+        "bad/unknown-camera.nef": (
+            _save(textured((90, 90, 90)), "TIFF", tiffinfo={0x010F: "Acme Photonics", 0x0110: "AP-1"}),
+            Expected(FAILED, "unsupported-camera", ("camera not supported by LibRaw", "Acme Photonics AP-1")),
         ),
         # A good photo, but a backslash is a folder separator elsewhere: refused before reading.
         "bad/back\\slash.jpg": (jpeg, Expected(FAILED, "unsafe-name", ("unsafe relative path", "backslash"))),
@@ -244,7 +260,7 @@ def good_files() -> dict[str, tuple[bytes, Expected]]:
 
 
 def ignored_files() -> dict[str, tuple[bytes, Expected]]:
-    """Files the job must never list: hidden ones, and extensions that are not images."""
+    """Files that get no row: hidden ones (not even counted) and files that are no photos (counted)."""
     photo = _save(textured((100, 100, 100)), "JPEG")
     ignore = Expected(IGNORED)
     return {
@@ -255,7 +271,6 @@ def ignored_files() -> dict[str, tuple[bytes, Expected]]:
         "notes.txt": (b"not a photo", ignore),
         "good/sidecar.xmp": (b"<x:xmpmeta/>", ignore),
         "good/photo.json": (b"{}", ignore),
-        "good/raw.CR2": (b"II*\x00\x10\x00\x00\x00CR", ignore),
         "good/clip.mp4": (b"\x00\x00\x00\x18ftypmp42", ignore),
     }
 

@@ -9,11 +9,12 @@ from pipeline import errors
 from pipeline.manifest import RETRIED_KINDS
 
 
-def test_every_kind_is_distinct_and_only_not_an_image_is_left_alone():
+def test_every_kind_is_distinct_and_only_non_images_and_pair_halves_are_left_alone():
     kinds = [cls.kind for cls in errors.KINDS]
     assert len(kinds) == len(set(kinds))
-    assert [cls.kind for cls in errors.KINDS if cls.leaves_alone] == ["not-an-image"]
+    assert [cls.kind for cls in errors.KINDS if cls.leaves_alone] == ["not-an-image", "raw-jpeg-pair"]
     assert RETRIED_KINDS == {"write-error", "out-of-memory"}
+    assert errors.LISTING_KINDS == {"raw-jpeg-pair"}
 
 
 def test_a_message_can_say_anything():

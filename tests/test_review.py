@@ -35,6 +35,7 @@ LEFT_ALONE = "left alone.jpg"
 BROKEN = "broken.jpg"
 SOFT_REASON = "left as it is: the background has little fine detail"
 NO_SUBJECT, NO_SUBJECT_REASON = "meadow.jpg", "left as it is: no subject to lead the eye to"
+PAIRED, PAIRED_REASON = "IMG_2.jpg", "IMG_2.jpg: left alone, its pair IMG_2.dng is processed (--prefer-raw)"
 STAGE_SECONDS = {stage: 0.1 * (i + 1) for i, stage in enumerate(STAGES)}
 
 
@@ -66,6 +67,8 @@ def write_finished_job(inputs: Storage, output: Storage) -> list[dict]:
     images.write_atomic(LEFT_ALONE, jpeg((90, 90, 90), (400, 300)))
     inputs.write_atomic(NO_SUBJECT, jpeg((30, 120, 60), (400, 300)))
     images.write_atomic(NO_SUBJECT, jpeg((30, 120, 60), (400, 300)))
+    inputs.write_atomic(PAIRED, jpeg((150, 60, 150), (300, 200)))
+    images.write_atomic(PAIRED, jpeg((0, 0, 0), (300, 200)))  # the output of its pair, IMG_2.dng
     inputs.write_atomic(BROKEN, b"\xff\xd8\xff not really a jpeg")
     images.write_atomic(BROKEN, jpeg((0, 0, 0), (300, 200)))  # from before the file was broken
     intermediates = Storage(f"{output.uri}/intermediates", output.storage_options)
@@ -119,6 +122,7 @@ def write_finished_job(inputs: Storage, output: Storage) -> list[dict]:
     new[0]["attempt"] = 2
     new.append(row(BROKEN, 1, "failed", error_kind="corrupt-image", error="broken.jpg: truncated", **stages))
     new.append(row(NO_SUBJECT, 1, "skipped", error_kind="no-subject", error="", reason=NO_SUBJECT_REASON, **stages))
+    new.append(row(PAIRED, 1, "skipped", error_kind="raw-jpeg-pair", error="", reason=PAIRED_REASON))
     writer = ManifestWriter(manifest, "run-1")
     for r in new:
         writer.add(r)
@@ -163,6 +167,9 @@ def test_page_rows_say_what_happened_to_each_photo(local_job):
     assert broken["before"] is None and broken["after"] is None  # not decodable: not even tried
     meadow = rows[NO_SUBJECT]  # left alone in today's part: the reason in its own column
     assert (meadow["status"], meadow["kind"], meadow["note"]) == ("skipped", "no-subject", NO_SUBJECT_REASON)
+    assert meadow["before"] and meadow["after"]  # written unchanged: found by name
+    paired = rows[PAIRED]  # its output's name holds its pair's output
+    assert (paired["note"], paired["output"], paired["after"]) == (PAIRED_REASON, None, None) and paired["before"]
     assert summary.thumbs_failed == 0
 
     # Every file the page names is there, relative to the page.
@@ -185,14 +192,14 @@ def test_header_counts_throughput_and_stage_times(local_job):
     build_review(output.uri)
     text = (Path(output.uri) / "review" / "index.html").read_text()
 
-    assert "<h1>7 photos</h1>" in text
-    assert '<span class="count ok">4 ok</span>' in text and "2 left alone</span>" in text and "1 failed</span>" in text
+    assert "<h1>8 photos</h1>" in text
+    assert '<span class="count ok">4 ok</span>' in text and "3 left alone</span>" in text and "1 failed</span>" in text
     spans: dict[str, tuple] = {}
     for r in read_manifest(Storage(f"{output.uri}/manifest")).to_pylist():
         first, last, n = spans.get(r["run_id"], (r["started_at"], r["finished_at"], 0))
         spans[r["run_id"]] = (min(first, r["started_at"]), max(last, r["finished_at"]), n + 1)
     seconds = sum((last - first).total_seconds() for first, last, _ in spans.values())
-    assert f"{8 / seconds:.2f} photos/s · 2 runs, 8 attempts" in text
+    assert f"{9 / seconds:.2f} photos/s · 2 runs, 9 attempts" in text
     # Mean seconds per photo of the rows with per-stage times (the older part has none per model).
     per_photo = sum(STAGE_SECONDS.values())
     assert text.count('class="stage"') == len(STAGES)
@@ -205,13 +212,13 @@ def test_header_counts_throughput_and_stage_times(local_job):
 def test_rerun_makes_only_missing_thumbnails_and_drops_stale_ones(local_job):
     inputs, output, _ = local_job
     first = build_review(output.uri)
-    assert (first.thumbs_made, first.thumbs_kept) == (16, 0)  # 6 before, 6 after, 4 intermediates
+    assert (first.thumbs_made, first.thumbs_kept) == (17, 0)  # 7 before, 6 after, 4 intermediates
     page = Path(output.uri) / "review" / "index.html"
     rows_js = re.search(r'<script src="(rows\.js\?v=\w+)">', page.read_text())
     assert rows_js
 
     again = build_review(output.uri)
-    assert (again.thumbs_made, again.thumbs_kept, again.stale_removed) == (0, 16, 0)
+    assert (again.thumbs_made, again.thumbs_kept, again.stale_removed) == (0, 17, 0)
 
     thumbs = Path(output.uri) / "review" / "thumbs"
     victim = sorted(thumbs.glob("*.after.jpg"))[0]
@@ -230,7 +237,7 @@ def test_rerun_makes_only_missing_thumbnails_and_drops_stale_ones(local_job):
     changed = build_review(output.uri)
     assert (changed.thumbs_made, changed.stale_removed) == (2, 2)
     assert rows_js.group(1) not in page.read_text()  # a new name for the new rows: no stale cache
-    assert len(list(thumbs.glob("*.jpg"))) == 16
+    assert len(list(thumbs.glob("*.jpg"))) == 17
 
 
 def test_thumbnail_is_upright_small_and_eight_bit():
@@ -249,12 +256,13 @@ def test_input_moved_since_the_run(local_job, tmp_path):
     inputs, output, _ = local_job
     moved = tmp_path / "moved"
     Path(inputs.uri).rename(moved)
-    assert build_review(output.uri).thumbs_failed == 6  # every "before" is gone from where it was
+    assert build_review(output.uri).thumbs_failed == 7  # every "before" is gone from where it was
     review = Storage(f"{output.uri}/review")
-    assert all(r["before"] is None and (r["after"] or r["status"] == "failed") for r in rows_of(review))
+    assert all(r["before"] is None for r in rows_of(review))
+    assert sum(r["after"] is not None for r in rows_of(review)) == 6  # the outputs are where they were
     summary = build_review(output.uri, inputs_uri=str(moved))
-    assert (summary.thumbs_made, summary.thumbs_failed) == (6, 0)
-    assert sum(r["before"] is not None for r in rows_of(review)) == 6
+    assert (summary.thumbs_made, summary.thumbs_failed) == (7, 0)
+    assert sum(r["before"] is not None for r in rows_of(review)) == 7
 
 
 def test_output_copied_elsewhere(local_job, tmp_path):
@@ -263,7 +271,7 @@ def test_output_copied_elsewhere(local_job, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(output.uri, copy)
     summary = build_review(str(copy))
-    assert (summary.thumbs_made, summary.thumbs_failed) == (16, 0)
+    assert (summary.thumbs_made, summary.thumbs_failed) == (17, 0)
     rows = {r["path"]: r for r in rows_of(Storage(f"{copy}/review"))}
     assert rows["a/ok-0.jpg"]["output"] == "../images/a/ok-0.jpg" and rows["a/ok-0.jpg"]["after"]
     assert rows[BROKEN]["after"] is None
@@ -273,7 +281,7 @@ def test_cli(local_job, capsys):
     _, output, latest = local_job
     assert main(["review", output.uri, "--workers", "2"]) == 0
     out = capsys.readouterr().out
-    assert f"review: {output.uri}/review/index.html ({len(latest)} photos; thumbnails: 16 made" in out
+    assert f"review: {output.uri}/review/index.html ({len(latest)} photos; thumbnails: 17 made" in out
 
 
 def test_cli_on_an_output_without_manifest_says_so(tmp_path, capsys):
@@ -287,7 +295,7 @@ def test_s3(s3_bucket):
     inputs, output = Storage(f"{s3_bucket}/photos"), Storage(f"{s3_bucket}/edited")
     latest = write_finished_job(inputs, output)
     summary = build_review(output.uri, workers=4)
-    assert (summary.thumbs_made, summary.thumbs_failed) == (16, 0)
+    assert (summary.thumbs_made, summary.thumbs_failed) == (17, 0)
     review = Storage(f"{output.uri}/review")
     assert review.read_bytes("index.html").startswith(b"<!doctype html>")
     rows = rows_of(review)

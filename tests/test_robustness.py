@@ -161,6 +161,8 @@ def test_every_bad_file_is_one_row_with_a_specific_error(library):
     by = rows_by_relpath(library.rows)
     listed = {rel for rel, e in library.expected.items() if e.status != IGNORED}
     assert set(by) == listed  # hidden files and other extensions: no row at all
+    # Files that are no photos are counted by extension; hidden ones are not even counted.
+    assert library.summary.others == {".json": 1, ".mp4": 1, ".txt": 1, ".xmp": 1}
     assert all(len(rows) == 1 for rows in by.values()), {r: len(v) for r, v in by.items() if len(v) != 1}
     assert library.summary.counts == dict(Counter(library.expected[r].status for r in listed))
 

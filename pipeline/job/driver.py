@@ -28,12 +28,23 @@ from typing import Any
 import pyarrow as pa
 
 from ..errors import OutputError
-from ..manifest import FAILED, MANIFEST_DIR, OK, ManifestWriter, compact_manifest, image_id, new_run_id
+from ..manifest import (
+    FAILED,
+    MANIFEST_DIR,
+    OK,
+    OTHER_FILES,
+    SKIPPED,
+    ManifestWriter,
+    OtherFilesWriter,
+    compact_manifest,
+    image_id,
+    new_run_id,
+)
 from ..models import DEPTH, SALIENCY
 from ..storage import Storage
 from .console import Progress, without_native_noise
 from .lease import RENEW_SECONDS, Lease
-from .plan import IMAGES_DIR, JobConfig, PlanItem, check_locations, make_plan
+from .plan import IMAGES_DIR, JobConfig, OtherFile, PlanItem, check_locations, make_plan
 from .stages import ModelStage, finish_stage, read_stage
 from .weights import JobModel, resolve_models, ship
 
@@ -56,14 +67,21 @@ class JobSummary:
     seconds: float  # the whole run, start-up included
     processing_seconds: float  # from the first photo's start to the last row
     output: str
+    others: dict[str, int]  # files that are no photos (videos, sidecars, documents): extension -> files
 
     def lines(self) -> list[str]:
         done = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "nothing to do"
         kept = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()))
+        others = ", ".join(f"{v} {k}" for k, v in sorted(self.others.items(), key=lambda kv: (-kv[1], kv[0])))
         return [
             f"run {self.run_id}: {self.planned} to process: {done} in {self.seconds:.1f} s "
             f"({self.processing_seconds:.1f} s processing)",
             *([f"left alone: {kept}"] if kept else []),
+            *(
+                [f"not photos, not processed: {others} (`dreamfocus status {self.output} --other-files` lists them)"]
+                if others
+                else []
+            ),
             f"results: {self.output}/{IMAGES_DIR}  manifest: {self.output}/{MANIFEST_DIR}",
         ]
 
@@ -92,16 +110,25 @@ def run_job(config: JobConfig) -> JobSummary:
             if merged:
                 log.info("merged %d manifest parts into one", merged)
         skipped: dict[str, int] = {}
+        others: dict[str, int] = {}
+        other_files = None if config.dry_run else OtherFilesWriter()
         planned, chunk, chunk_refs, refused = 0, [], [], []
         models: dict[str, JobModel] | None = None
         for item in make_plan(config, inputs, output):
             if isinstance(item, str):
                 skipped[item] = skipped.get(item, 0) + 1
+            elif isinstance(item, OtherFile):
+                others[item.extension] = others.get(item.extension, 0) + 1
+                if other_files is not None:
+                    other_files.add(item.source.relpath, item.extension, item.source.size)
             elif config.limit is not None and planned >= config.limit:
                 skipped["over --limit"] = skipped.get("over --limit", 0) + 1
             elif config.dry_run:
                 planned += 1
-                print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
+                if item.error:
+                    print(f"would record {item.source.relpath} as {item.error.kind}: {item.error}")
+                else:
+                    print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
             elif item.error:
                 planned += 1
                 refused.append(_refused_row(item, inputs, config, run_id))
@@ -146,7 +173,9 @@ def run_job(config: JobConfig) -> JobSummary:
                 if hasattr(rows, "close"):
                     rows.close()  # stops the dataset's workers now when the loop ended early
             ended = time.perf_counter()
-    return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started, output.uri)
+        if other_files is not None and (others or output.exists(OTHER_FILES)):
+            other_files.close(output)  # replaces the last run's listing
+    return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started, output.uri, others)
 
 
 class Ticker:
@@ -322,6 +351,8 @@ def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str
         "error": str(item.error),
         "reason": "",
     }
+    if item.error.leaves_alone:  # say, the RAW of a RAW + JPEG pair
+        row.update(status=SKIPPED, error="", reason=str(item.error))
     return _manifest_row(row, inputs.uri, config, run_id)
 
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..errors import BadInputError
-from ..manifest import FAILED, MANIFEST_DIR, OK, SKIPPED, KeySet, ResumeIndex, key_of
+from ..errors import BadInputError, DreamfocusError, PairedFileSkipped
+from ..manifest import FAILED, MANIFEST_DIR, OK, SKIPPED, KeySet, ResumeIndex, key_of, listing_status
 from ..models import DEPTH, SALIENCY, default_model
 from ..params import EffectParams
-from ..photo_io import IMAGE_EXTENSIONS, OUTPUT_EXTENSIONS
+from ..photo_io import OUTPUT_EXTENSIONS, PHOTO_EXTENSIONS
+from ..raw_io import is_raw
 from ..storage import SourceFile, Storage, is_inside, safe_relpath
 
 IMAGES_DIR, INTERMEDIATES_DIR = "images", "intermediates"
@@ -67,6 +70,12 @@ class JobConfig:
     )
     # job
     limit: int | None = _option(None, "process at most N photos this run", "job", metavar="N")
+    prefer_raw: bool = _option(
+        False,
+        "of a RAW + JPEG pair (same name, same folder, as cameras write them) process the RAW and leave "
+        "the JPEG alone (default: the JPEG is processed and the RAW left alone)",
+        "job",
+    )
     dry_run: bool = _option(False, "say what would be done and why, do nothing", "job")
     force: bool = _option(False, "reprocess everything", "job")
     retry_failed: bool = _option(False, "retry photos whose last attempt failed", "job")
@@ -132,7 +141,18 @@ class PlanItem:
     output_relpath: str
     reason: str  # why it is (re)processed
     attempt: int
-    error: BadInputError | None = None  # set when the input is refused before any reading (an unsafe name)
+    error: DreamfocusError | None = None  # set when the listing decides its row: an unsafe name, a pair's other half
+
+
+@dataclass
+class OtherFile:
+    """A file under INPUT that is no photo (a video, a sidecar, a document): listed, not processed."""
+
+    source: SourceFile
+
+    @property
+    def extension(self) -> str:
+        return os.path.splitext(self.source.relpath)[1].lower() or "(none)"
 
 
 def output_relpath(relpath: str, fmt: str, keep_extension: bool = False) -> str:
@@ -153,9 +173,10 @@ def check_locations(config: JobConfig) -> tuple[Storage, Storage]:
     return inputs, output
 
 
-def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[PlanItem | str]:
+def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[PlanItem | OtherFile | str]:
     """Each input's fate, decided from the listing and the manifest without reading any image:
-    a PlanItem to process, or the reason it is skipped."""
+    a PlanItem to process (or whose row the listing decides), an OtherFile that is no photo, or
+    the reason it is skipped."""
     job_hash = config.job_hash()
     resume = ResumeIndex.load(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options))
     images = Storage(f"{output.uri}/{IMAGES_DIR}", config.storage_options)
@@ -166,34 +187,88 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
         existing = KeySet(())
 
     claimed: set[int] = set()  # outputs given out in this listing: x.jpg and x.png must not share one
-    for source in inputs.list_files(IMAGE_EXTENSIONS):
-        error = None
-        try:
-            target = output_relpath(source.relpath, config.format)
-            if int(key_of(target.lower())) in claimed:  # the listing is sorted: the same file wins each run
-                target = output_relpath(source.relpath, config.format, keep_extension=True)
-            claimed.add(int(key_of(target.lower())))
-        except BadInputError as exc:
-            target, error = "", exc
-        attempts = resume.attempts_of(source.relpath)
-        same = (source.relpath, source.fingerprint, job_hash)
-        if config.force:
-            reason = "forced"
-        elif resume.latest_is(*same, OK) and key_of(target) in existing:
-            yield "done"
-            continue
-        elif resume.latest_is(*same, SKIPPED):
-            yield "skipped before (not an image, or left as it is)"
-            continue
-        elif resume.latest_is(*same, FAILED) and not config.retry_failed:
-            yield "failed before (use --retry-failed)"
-            continue
-        elif resume.latest_is(*same, OK):
-            reason = "output missing"
-        elif resume.latest_is(*same, FAILED):
-            reason = "retrying failure"
-        elif attempts:
-            reason = "changed photo or parameters, or a failure not of its own making"
-        else:
-            reason = "new"
-        yield PlanItem(source, target, reason, attempts + 1, error)
+    # The listing gives one folder's files together (storage.list_files), so pairs are found per folder.
+    for _, files in itertools.groupby(inputs.list_files(None), key=lambda f: posixpath.dirname(f.relpath)):
+        photos = []
+        for source in files:
+            if os.path.splitext(source.relpath)[1].lower() in PHOTO_EXTENSIONS:
+                photos.append(source)
+            else:
+                yield OtherFile(source)
+        partners = pair_partners(photos)
+        for source in photos:
+            partner = partners.get(source.relpath)
+            if partner is not None and is_raw(source.relpath) != config.prefer_raw:
+                yield _paired(source, partner, config, resume, job_hash)
+            else:
+                yield _planned(source, config, resume, job_hash, existing, claimed)
+
+
+def pair_partners(photos: list[SourceFile]) -> dict[str, str]:
+    """relpath -> its pair's other half, for each RAW of one folder that has a non-RAW photo of
+    the same name (letter case aside), and for that photo."""
+    by_stem: dict[str, list[str]] = {}
+    for source in photos:
+        by_stem.setdefault(os.path.splitext(source.relpath)[0].lower(), []).append(source.relpath)
+    partners = {}
+    for relpaths in by_stem.values():
+        raws = [r for r in relpaths if is_raw(r)]
+        others = [r for r in relpaths if not is_raw(r)]
+        if raws and others:
+            for r in raws:
+                partners[r] = others[0]
+            for o in others:
+                partners[o] = raws[0]
+    return partners
+
+
+def _paired(source: SourceFile, partner: str, config: JobConfig, resume: ResumeIndex, job_hash: str) -> PlanItem | str:
+    """The half of a pair that is not processed: one `skipped` row, once."""
+    if resume.latest_is(source.relpath, source.fingerprint, job_hash, listing_status(SKIPPED, PairedFileSkipped.kind)):
+        return "skipped before (the other half of a RAW + JPEG pair)"
+    processed = posixpath.basename(partner)
+    option = (
+        "--prefer-raw processes the RAW instead" if not config.prefer_raw else "without --prefer-raw it is processed"
+    )
+    error = PairedFileSkipped(f"{source.relpath}: left alone, its pair {processed} is processed ({option})")
+    return PlanItem(source, "", "the other half of a RAW + JPEG pair", resume.attempts_of(source.relpath) + 1, error)
+
+
+def _planned(
+    source: SourceFile,
+    config: JobConfig,
+    resume: ResumeIndex,
+    job_hash: str,
+    existing: KeySet,
+    claimed: set[int],
+) -> PlanItem | str:
+    """A photo to process and why, or the reason it is skipped."""
+    error = None
+    try:
+        target = output_relpath(source.relpath, config.format)
+        if int(key_of(target.lower())) in claimed:  # the listing is sorted: the same file wins each run
+            target = output_relpath(source.relpath, config.format, keep_extension=True)
+        claimed.add(int(key_of(target.lower())))
+    except BadInputError as exc:
+        target, error = "", exc
+    attempts = resume.attempts_of(source.relpath)
+    same = (source.relpath, source.fingerprint, job_hash)
+    if config.force:
+        reason = "forced"
+    elif resume.latest_is(*same, OK) and key_of(target) in existing:
+        return "done"
+    elif resume.latest_is(*same, SKIPPED):
+        return "skipped before (not an image, or left as it is)"
+    elif resume.latest_is(*same, FAILED) and not config.retry_failed:
+        return "failed before (use --retry-failed)"
+    elif resume.latest_is(*same, OK):
+        reason = "output missing"
+    elif resume.latest_is(*same, FAILED):
+        reason = "retrying failure"
+    elif resume.latest_is(*same, listing_status(SKIPPED, PairedFileSkipped.kind)):
+        reason = "no longer left alone for its pair"
+    elif attempts:
+        reason = "changed photo or parameters, or a failure not of its own making"
+    else:
+        reason = "new"
+    return PlanItem(source, target, reason, attempts + 1, error)
