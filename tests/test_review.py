@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from raw_files import dng_bytes, scene, srgb
 
 from pipeline.cli import main
 from pipeline.errors import BadInputError
@@ -250,6 +251,18 @@ def test_thumbnail_is_upright_small_and_eight_bit():
     with Image.open(io.BytesIO(thumbnail_jpeg(png(depth), "d.depth16.png"))) as im:
         values = np.asarray(im.convert("L"))
         assert im.size == (200, 100) and values[:, :90].max() < 8 and values[:, 110:].min() > 247
+
+
+@pytest.mark.parametrize("preview", [True, False], ids=["embedded preview", "half-size image"])
+def test_thumbnail_of_a_camera_raw(preview):
+    linear = scene()  # 360x240: a red patch left of centre, a green one right of it
+    data = dng_bytes(linear, preview=srgb(linear) if preview else None)
+    with Image.open(io.BytesIO(thumbnail_jpeg(data, "IMG_0001.DNG"))) as im:
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    height, width = pixels.shape[:2]
+    assert (width, height) == ((360, 240) if preview else (180, 120))
+    red, green = pixels[height // 2, width * 3 // 8], pixels[height // 2, width * 5 // 8]
+    assert red[0] > 150 > 100 > max(red[1:]) and green[1] > 150 > 100 > max(green[0], green[2])
 
 
 def test_input_moved_since_the_run(local_job, tmp_path):
