@@ -18,6 +18,15 @@ from ..photo_io import IMAGE_EXTENSIONS, OUTPUT_EXTENSIONS
 from ..storage import SourceFile, Storage, is_inside, safe_relpath
 
 IMAGES_DIR, INTERMEDIATES_DIR = "images", "intermediates"
+RENDER_BACKENDS = ("auto", "numpy", "torch")
+
+
+def render_backend_for(choice: str, device: str) -> str:
+    """The render backend that runs: "numpy" or "torch"; auto picks torch on a GPU only (on CPUs
+    the NumPy/OpenCV effect is the quicker of the two)."""
+    if choice == "auto":
+        return "torch" if device.startswith("cuda") else "numpy"
+    return choice
 
 
 def _option(default, help: str, group: str, **argparse):
@@ -58,7 +67,18 @@ class JobConfig:
         "models",
         metavar="URI",
     )
-    device: str | None = _option(None, "cpu or cuda (default: cuda where the actor has a GPU)", "models")
+    device: str | None = _option(
+        None,
+        "cpu or cuda: where the models and the torch render backend run (default: cuda where there is a GPU)",
+        "models",
+    )
+    render_backend: str = _option(
+        "auto",
+        "where decode, effect and encode run: numpy (CPU processes, OpenCV), torch (on --device, each photo kept "
+        "there from bytes to bytes), auto (torch where --device is a GPU, else numpy)",
+        "models",
+        choices=RENDER_BACKENDS,
+    )
     # output
     format: str = _option("jpeg", "output format", "output", choices=sorted(OUTPUT_EXTENSIONS))
     quality: int = _option(92, "JPEG/WebP quality 1..100", "output")
@@ -101,6 +121,8 @@ class JobConfig:
             value = getattr(self, name)
             if value is not None and value < (0 if name == "limit" else 1):
                 problems.append(f"{name.replace('_', '-')} must be >= {0 if name == 'limit' else 1}")
+        if self.render_backend not in RENDER_BACKENDS:
+            problems.append(f"unknown render backend {self.render_backend!r}; choose {', '.join(RENDER_BACKENDS)}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append("gpus-per-actor must be >= 0")
         if problems:

@@ -33,7 +33,7 @@ from ..batches import (
 )
 from ..errors import DreamfocusError, classify, error_kind
 from ..manifest import FAILED, OK, SKIPPED
-from ..photo import SceneMaps, SceneModels, finish, prepare
+from ..photo import NUMPY_PATH, SceneMaps, SceneModels, finish, prepare
 from ..storage import Storage
 from .plan import IMAGES_DIR, INTERMEDIATES_DIR, JobConfig
 from .weights import Shipment
@@ -171,6 +171,7 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
     ):
         batch[column] = np.zeros(n, dtype)
     batch["output_uri"] = np.array([""] * n, dtype=object)
+    batch["render_path"] = np.array([None] * n, dtype=object)
     for i in range(n):
         if batch["status"][i] != OK:
             continue
@@ -200,6 +201,7 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
             batch["fg_fraction"][i] = done.rendering.fg_fraction
             batch["interp_start"][i], batch["interp_stop"][i] = done.rendering.start, done.rendering.stop
             batch["output_uri"][i] = images.uri_of(target)
+            batch["render_path"][i] = NUMPY_PATH
             if done.left_alone:  # written unchanged, so the library's output stays complete
                 batch["status"][i], batch["error_kind"][i], batch["error"][i] = SKIPPED, done.left_alone, done.reason
         except Exception as exc:  # noqa: BLE001 - any failure becomes this photo's row
