@@ -300,17 +300,31 @@ def compose_full_size(
     return out
 
 
-def _gradient_floor(height: int, width: int, params: EffectParams, device: torch.device) -> torch.Tensor | None:
-    ramps = gradient_floor(height, width, params.gradient, params.gradient_strength)
+# Constants go to a device once: a copy from pageable host memory may wait for the GPU to drain.
+
+
+@functools.lru_cache(maxsize=8)
+def _gradient_floor(
+    height: int, width: int, direction: str, strength: float, device: torch.device
+) -> torch.Tensor | None:
+    ramps = gradient_floor(height, width, direction, strength)
     if ramps is None:
         return None
     columns, rows = (torch.from_numpy(r).to(device) for r in ramps)
     return columns[None, :] + rows[:, None]
 
 
+@functools.lru_cache(maxsize=8)
+def _filters(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenCV's 9-tap Gaussian of sigma 1 and its 3x3 Laplacian (ksize 1), on ``device``."""
+    taps = torch.from_numpy(cv2.getGaussianKernel(9, 1.0, cv2.CV_32F)[:, 0].copy())
+    laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
+    return taps.to(device), laplacian.to(device)
+
+
 def _gaussian_sigma1(gray: torch.Tensor) -> torch.Tensor:
     """cv2.GaussianBlur(gray, (0, 0), 1.0) of float maps: a 9-tap kernel, BORDER_REFLECT_101."""
-    taps = torch.from_numpy(cv2.getGaussianKernel(9, 1.0, cv2.CV_32F)[:, 0].copy()).to(gray.device)
+    taps = _filters(gray.device)[0]
     x = F.pad(gray[:, None], (4, 4, 4, 4), mode="reflect")
     x = F.conv2d(x, taps.view(1, 1, 1, 9))
     return F.conv2d(x, taps.view(1, 1, 9, 1))[:, 0]
@@ -320,7 +334,7 @@ def background_detail(photos: torch.Tensor, fg: torch.Tensor, fg_threshold: floa
     """Per photo, mean Laplacian magnitude over the background relative to that over the subject
     (see effect.background_detail); nan when there is no subject or no background."""
     gray = _gaussian_sigma1(luminance(photos))
-    laplacian = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device=gray.device)
+    laplacian = _filters(gray.device)[1]
     detail = F.conv2d(F.pad(gray[:, None], (1, 1, 1, 1), mode="reflect"), laplacian.view(1, 1, 3, 3))[:, 0].abs()
     subject = fg >= fg_threshold
     # cv2.erode of the background by a 9x9 square: what lies within 4 px of the subject is not
@@ -365,7 +379,7 @@ def render(photos: torch.Tensor, fg: torch.Tensor, depth: torch.Tensor, params: 
     nan = torch.full((n,), float("nan"), device=photos.device)
     detail = background_detail(work_photo, fg_work, params.fg_threshold) if params.min_background_detail > 0 else nan
     left_alone = detail < params.min_background_detail  # False for nan
-    floor = _gradient_floor(height, width, params, photos.device)
+    floor = _gradient_floor(height, width, params.gradient, params.gradient_strength, photos.device)
     composed = compose_full_size(photos, background, coef_a, coef_b, factor, floor)
     image = torch.where(left_alone[:, None, None, None], photos, composed)
     return TorchRendering(
