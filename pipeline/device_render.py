@@ -29,11 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageCms
 
 from . import effect_torch
 from .effect import Rendering
-from .models.tensors import resize_area
 from .params import EffectParams
 from .photo import (
     BACKGROUND_ALREADY_SOFT,
@@ -169,12 +169,14 @@ def with_metadata(jpeg: bytes, exif: bytes | None) -> bytes:
 
 def model_copy(image: torch.Tensor) -> torch.Tensor:
     """H x W x 3 uint8 on the device: the photo with its long side at most MODEL_INPUT_SIZE, by
-    area averaging (as photo.model_copy does on the host)."""
+    antialiased bilinear shrinking (one kernel; the host's copy is a draft decode shrunk by area
+    averaging, so the models see the same scene through a slightly different low-pass)."""
     height, width = image.shape[-2:]
     scale = MODEL_INPUT_SIZE / max(height, width)
     if scale < 1:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        image = resize_area(image.to(torch.float32), *size).round_().clamp_(0, 255).to(torch.uint8)
+        shrunk = F.interpolate(image[None].to(torch.float32), size=size, mode="bilinear", antialias=True)
+        image = shrunk[0].round_().clamp_(0, 255).to(torch.uint8)
     return image.permute(1, 2, 0)
 
 
