@@ -469,38 +469,18 @@ def run_end_to_end(
 
 
 def run_device_end_to_end(
-    stage: ModelStage,
-    input_dir: Path,
-    relpaths: list[str],
-    output_dir: Path,
-    device: str,
-    workers: int,
-    threads: int = 1,
+    stage: ModelStage, input_dir: Path, relpaths: list[str], output_dir: Path, device: str, workers: int
 ) -> EndToEnd:
     """Groups of GROUP_SIZE photos: bytes read by reader threads, decoded, run through the models,
     rendered and encoded on the device here (the model actor's ``render``), written by writer
-    threads; all at once, as the job streams them. ``threads`` > 1 runs that many device stages
-    side by side, each on its own CUDA stream (as two model actors on one GPU would take turns,
-    one's host work filling the other's gaps)."""
-    import torch
-
+    threads; all at once, as the job streams them."""
     shutil.rmtree(output_dir, ignore_errors=True)
     config = JobConfig(input=str(input_dir), output=str(output_dir), device=device, render_backend="torch")
     groups = [relpaths[i : i + GROUP_SIZE] for i in range(0, len(relpaths), GROUP_SIZE)]
-    local = threading.local()
 
     def read(group: list[str]) -> dict:
         batch = {"relpath": np.array(group, dtype=object), "output_relpath": np.array(group, dtype=object)}
         return read_photos(batch, str(input_dir), {}, config.max_megapixels, model_copy=False)
-
-    def render(batch: dict) -> tuple[dict, float]:
-        t0 = time.perf_counter()
-        if not device.startswith("cuda"):
-            return stage.render(batch), time.perf_counter() - t0
-        if not hasattr(local, "stream"):
-            local.stream = torch.cuda.Stream(device)
-        with torch.cuda.stream(local.stream):
-            return stage.render(batch), time.perf_counter() - t0
 
     def write(batch: dict) -> dict:
         batch = finish_photos(batch, config)
@@ -508,19 +488,14 @@ def run_device_end_to_end(
             batch.pop(heavy, None)
         return batch
 
-    with (
-        ThreadPoolExecutor(workers) as readers,
-        ThreadPoolExecutor(threads) as devices,
-        ThreadPoolExecutor(workers) as writers,
-    ):
+    with ThreadPoolExecutor(workers) as readers, ThreadPoolExecutor(workers) as writers:
         first = read(groups[0])
         for _ in range(2):  # nvJPEG, cuDNN and the allocator set themselves up on the first calls
             stage.render(dict(first))
         synchronize(device)
-        read_ahead, write_backlog = 2 + 2 * threads, 2 * workers  # bounded, as Ray Data's backpressure
+        read_ahead, write_backlog = 4, 2 * workers  # bounded, as Ray Data's backpressure
         pending = iter(groups)
-        reading: list = [readers.submit(read, g) for g in itertools.islice(pending, read_ahead)]
-        rendering: set = set()
+        reading: list = []
         writing: set = set()
         results: list[dict] = []
         device_seconds = 0.0
@@ -532,21 +507,19 @@ def run_device_end_to_end(
 
         with GpuBusy(device) as busy:
             started = time.perf_counter()
-            while reading or rendering:
-                while reading and len(rendering) < threads:
-                    batch = reading.pop(0).result()  # in order, a group at a time, as the actors take them
-                    group = next(pending, None)
-                    if group is not None:
-                        reading.append(readers.submit(read, group))
-                    rendering.add(devices.submit(render, batch))
-                done, _ = wait(rendering, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    rendering.discard(fut)
-                    batch, spent = fut.result()
-                    device_seconds += spent / threads
-                    while len(writing) >= write_backlog:
-                        collect(wait(writing, return_when=FIRST_COMPLETED)[0])
-                    writing.add(writers.submit(write, batch))
+            for group in itertools.islice(pending, read_ahead):
+                reading.append(readers.submit(read, group))
+            while reading:
+                batch = reading.pop(0).result()  # in order: a group at a time, as the actor takes them
+                group = next(pending, None)
+                if group is not None:
+                    reading.append(readers.submit(read, group))
+                t0 = time.perf_counter()
+                batch = stage.render(batch)
+                device_seconds += time.perf_counter() - t0
+                while len(writing) >= write_backlog:
+                    collect(wait(writing, return_when=FIRST_COMPLETED)[0])
+                writing.add(writers.submit(write, batch))
             collect(wait(writing)[0])
             seconds = time.perf_counter() - started
 
@@ -656,14 +629,13 @@ def print_end_to_end(result: EndToEnd, width: int, height: int, workers: int) ->
         print(f"  first failure: {result.first_error}")
 
 
-def print_device_end_to_end(result: EndToEnd, width: int, height: int, workers: int, device: str, threads: int) -> None:
+def print_device_end_to_end(result: EndToEnd, width: int, height: int, workers: int, device: str) -> None:
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(result.statuses.items()))
     paths = ", ".join(f"{k} {v}" for k, v in sorted((result.render_paths or {}).items()))
-    side_by_side = f"{threads} device stages side by side (as --gpus-per-actor {1 / threads:g})" if threads > 1 else ""
     print(
         f"\nEnd to end with the GPU render path, without Ray, local disk to local disk ({result.photos} photos of "
         f"{width}x{height}; {workers} reader + {workers} writer threads; decode, models, effect, encode on {device} "
-        f"in this process, groups of {GROUP_SIZE}{'; ' + side_by_side if side_by_side else ''}):"
+        f"in this process, groups of {GROUP_SIZE}):"
     )
     print(f"  {result.rate:.1f} photos/s ({result.seconds:.1f} s; {statuses})   target >= {TARGET_DEVICE_JOB}")
     print(
@@ -671,9 +643,8 @@ def print_device_end_to_end(result: EndToEnd, width: int, height: int, workers: 
         f"of the run ({result.photos / result.model_seconds:.1f} photos/s while running); render paths: {paths}"
     )
     s = result.cpu
-    shared = " (each stage's, the GPU shared)" if threads > 1 else ""
     print(
-        f"  device s/photo{shared}: decode {s['decode']:.4f}, models {s['models']:.4f}, effect {s['effect']:.4f}, "
+        f"  device s/photo: decode {s['decode']:.4f}, models {s['models']:.4f}, effect {s['effect']:.4f}, "
         f"encode {s['encode']:.4f}; host s/photo: read {s['read']:.4f}, write {s['write']:.4f}"
     )
     if result.first_error:
@@ -708,13 +679,6 @@ def main(argv: list[str] | None = None) -> int:
         choices=("numpy", "torch"),
         default=["numpy", "torch"],
         help="end-to-end runs: numpy (step 2, CPU finishing) and/or torch (step 3, the GPU render path)",
-    )
-    parser.add_argument(
-        "--device-threads",
-        type=int,
-        nargs="+",
-        default=[1, 2],
-        help="step 3 with this many device stages side by side (each its own CUDA stream), one run each",
     )
     parser.add_argument("--random-weights", action="store_true", help="random weights even where real ones are cached")
     parser.add_argument(
@@ -776,11 +740,8 @@ def main(argv: list[str] | None = None) -> int:
         config = JobConfig(input=str(library), output=str(args.workdir), render_backend="torch")
         stage = BenchModelStage(models, device, layout.batch_size, DeviceRendering.of(config))
         print(f"  model stage: {'; '.join(stage.models.describe())}, batch {layout.batch_size}", flush=True)
-        for threads in args.device_threads:
-            result = run_device_end_to_end(
-                stage, library, relpaths, args.workdir / "out-device", device, workers, threads
-            )
-            print_device_end_to_end(result, width, height, workers, device, threads)
+        result = run_device_end_to_end(stage, library, relpaths, args.workdir / "out-device", device, workers)
+        print_device_end_to_end(result, width, height, workers, device)
         del stage
     del models
 
