@@ -265,15 +265,18 @@ def finish_on_device(
             height, width = photos[i].shape[-2:]
             by_size.setdefault((height, width), []).append(k)
         rendered: dict[int, tuple[effect_torch.TorchRendering, int]] = {}
-        for members in by_size.values():
-            done = effect_torch.render(
-                torch.stack([photos[live[k]] for k in members]),
-                _stack_maps([saliency[k] for k in members]),
-                _stack_maps([depth[k] for k in members]),
-                params,
-            )
-            for j, k in enumerate(members):
-                rendered[live[k]] = (done, j)
+        for (height, width), same_size in by_size.items():
+            per_call = max(1, int(_effect_pixels(params) // (height * width)))
+            for start in range(0, len(same_size), per_call):
+                members = same_size[start : start + per_call]
+                done = effect_torch.render(
+                    torch.stack([photos[live[k]] for k in members]),
+                    _stack_maps([saliency[k] for k in members]),
+                    _stack_maps([depth[k] for k in members]),
+                    params,
+                )
+                for j, k in enumerate(members):
+                    rendered[live[k]] = (done, j)
         del photos
         clock.mark("effect")
 
@@ -305,6 +308,13 @@ def finish_on_device(
             dict(seconds),
         )
     return results
+
+
+def _effect_pixels(params: EffectParams) -> float:
+    """Photo pixels per effect_torch.render call. The effect's float copies of a batch take about
+    12 bytes per photo pixel at a working size, and some 200 at full resolution (the seed preset's
+    opening on the whole photo): 16 12-MP photos then peak near 37 GiB, so such batches go in parts."""
+    return 256e6 if params.work_size else 50e6
 
 
 def _stack_maps(maps: list[torch.Tensor]) -> torch.Tensor:

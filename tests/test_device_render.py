@@ -144,3 +144,19 @@ def test_manifest_parts_written_before_render_path_read_it_as_null(tmp_path):
     pq.write_table(pa.table({"relpath": ["a.jpg"], "status": ["ok"]}), tmp_path / "part-old-00000.parquet")
     rows = read_manifest(Storage(str(tmp_path)), ["relpath", "render_path"])
     assert rows.column("render_path").to_pylist() == [None]
+
+
+def test_a_batch_too_large_for_one_effect_call_goes_in_parts(monkeypatch):
+    datas = [(EXAMPLES / name).read_bytes() for name in ("chelsea.jpg", "coffee.jpg", "chelsea.jpg")]
+    sizes = [decode_photo(d, "x").pixels.shape[:2] for d in datas]
+    maps = [scene_maps(*size) for size in sizes]
+    whole = device_render.finish_on_device(datas, PRESETS["seed"], "cpu", maps=maps)
+    calls = []
+    original = device_render.effect_torch.render
+    monkeypatch.setattr(device_render, "_effect_pixels", lambda params: 1.0)  # one photo per call
+    monkeypatch.setattr(device_render.effect_torch, "render", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    parts = device_render.finish_on_device(datas, PRESETS["seed"], "cpu", maps=maps)
+    assert calls == [1, 1, 1]
+    for a, b in zip(whole, parts):
+        assert not isinstance(a, str) and not isinstance(b, str)
+        assert np.array_equal(pixels(a.encoded), pixels(b.encoded))

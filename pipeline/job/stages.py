@@ -128,8 +128,10 @@ class ModelStage:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         # The model copy is not needed after the models: it does not travel on to the CPU stage.
-        if self.rendering is not None:
-            return arrow_stage(table, self.render, ("relpath", *UPDATED, "data"), drops=("model_copy",))
+        if self.rendering is not None:  # "data" is updated: emptied where it is needed no more
+            return arrow_stage(
+                table, self.render, ("relpath", *UPDATED, "data"), drops=("model_copy",), updates=(*UPDATED, "data")
+            )
         return arrow_stage(table, self.predict, ("relpath", *ROW_STATE, "model_copy"), drops=("model_copy",))
 
     def predict(self, batch: dict) -> dict:
@@ -151,7 +153,7 @@ class ModelStage:
 
         assert self.rendering is not None
         how = self.rendering
-        writable(batch, *UPDATED)
+        writable(batch, *UPDATED, "data")  # a shallow copy: the bytes themselves are not copied
         n = len(batch["relpath"])
         live = [i for i in range(n) if batch["status"][i] == OK]
         for column in ("encoded", "saliency", "depth"):
@@ -198,6 +200,7 @@ class ModelStage:
                     fail(batch, i, exc)
                 continue
             batch["encoded"][i], batch["render_path"][i] = done.encoded, where
+            batch["data"][i] = b""  # written as encoded: the photo's bytes travel no further
             batch["width"][i], batch["height"][i] = done.width, done.height
             batch["fg_fraction"][i] = done.rendering.fg_fraction
             batch["interp_start"][i], batch["interp_stop"][i] = done.rendering.start, done.rendering.stop
