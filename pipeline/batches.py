@@ -75,16 +75,21 @@ def unpack_map(data) -> np.ndarray:
 
 
 def arrow_stage(
-    table: pa.Table, stage: Callable[[dict], dict], reads: tuple[str, ...], drops: tuple[str, ...] = ()
+    table: pa.Table,
+    stage: Callable[[dict], dict],
+    reads: tuple[str, ...],
+    drops: tuple[str, ...] = (),
+    updates: tuple[str, ...] = UPDATED,
 ) -> pa.Table:
     """Run a stage on numpy copies of the columns it reads; the others pass through untouched.
+    Of the columns it reads, only those in ``updates`` are written back.
 
     Ray Data hands Arrow blocks over zero-copy: the photo's bytes and the model copy ride along
     to the stage that needs them without being converted at every hop in between.
     """
     batch = stage({name: column_values(table, name) for name in reads})
     for name, values in batch.items():
-        if name in reads and name not in UPDATED:
+        if name in reads and name not in updates:
             continue
         column = pa.array(list(values) if values.dtype == object else values)
         if name in table.column_names:

@@ -55,6 +55,7 @@ SCHEMA = pa.schema(
         ("fg_fraction", pa.float32()),
         ("interp_start", pa.float32()),
         ("interp_stop", pa.float32()),
+        ("render_path", pa.string()),  # numpy (effect.py on the CPU) or torch:<device> (the device path)
         *[(f"seconds_{stage}", pa.float32()) for stage in STAGES],
         ("attempt", pa.int32()),
         ("run_id", pa.string()),

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -23,11 +24,17 @@ from .models import DEPTH, SALIENCY, MapModel, load_model
 from .params import EffectParams
 from .photo_io import decode_photo, encode_photo
 
+if TYPE_CHECKING:
+    import torch
+
 # Models never need more than this many pixels on the long side (IS-Net's input is 1024).
 MODEL_INPUT_SIZE = 1024
 
 # Kinds of "left alone" (a `skipped` row whose output is the photo unchanged).
 BACKGROUND_ALREADY_SOFT = "background-already-soft"
+
+# The render_path of a photo rendered by effect.py on the host (the device path says "torch:<device>").
+NUMPY_PATH = "numpy"
 
 
 def model_copy(pixels: np.ndarray) -> np.ndarray:
@@ -132,6 +139,29 @@ class SceneModels:
             depth = download(self.depth.predict_tensors(tensors, saliency=saliency_tensors))
             self.seconds = {"saliency": middle - started, "depth": time.perf_counter() - middle}
             return saliency, depth
+
+    def predict_on_device(
+        self, copies: Sequence[torch.Tensor], mark: Callable[[str], None] = lambda step: None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Both models on model copies already on a torch device (H x W x 3 uint8 tensors); the
+        maps stay there. Models without a device path get the copies on the host, and their maps
+        go back to the device. ``mark(task)`` is called as each model's work is queued."""
+        if self.saliency.accepts_tensors and self.depth.accepts_tensors:
+            saliency = self.saliency.predict_tensors(copies)
+            mark("saliency")
+            depth = self.depth.predict_tensors(copies, saliency=saliency)
+            mark("depth")
+            return saliency, depth
+        from .models.tensors import download, upload
+
+        on_host = download(copies)
+        saliency_maps = self.saliency.predict(on_host)
+        mark("saliency")
+        depth_maps = self.depth.predict(on_host, saliency=saliency_maps)
+        device = copies[0].device
+        on_device = upload(saliency_maps, device), upload(depth_maps, device)
+        mark("depth")
+        return on_device
 
     def describe(self) -> list[str]:
         """What ran: name, version, runtime and device of each model loaded."""

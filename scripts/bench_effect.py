@@ -6,6 +6,8 @@ Without PHOTO the bundled motorcycle photo is upscaled to the requested size, wi
 disparity as depth and its nearest 30% as the subject: a real scene's share of transition.
 A second, harsher case puts the subject on a depth ramp across the whole frame. The models are
 not timed: maps arrive at model resolution, as in the job.
+Then the torch render backend's effect (pipeline/effect_torch.py) on the same core, with its
+PSNR against the NumPy/OpenCV picture: on CPUs it is the slower of the two (auto picks numpy).
 Last line: `effect/codec ratio: seed=R1 default=R2` for the real scene (target: at most 0.5).
 """
 
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("photo", nargs="?", type=Path)
     parser.add_argument("--megapixels", type=float, default=8.0)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--skip-torch", action="store_true", help="no torch render backend figures")
     args = parser.parse_args()
     cv2.setNumThreads(1)
 
@@ -92,8 +95,38 @@ def main() -> None:
             )
             ratios.setdefault(case, {})[preset] = effect_s / codec_s
             print(f"{case:5s} {preset:7s}: effect {effect_s * 1000:4.0f} ms, ratio {effect_s / codec_s:.2f}")
+    if not args.skip_torch:
+        compare_torch(photo, cases, args.repeat)
     main_case = ratios[next(iter(cases))]
     print("effect/codec ratio: " + " ".join(f"{k}={v:.2f}" for k, v in main_case.items()))
+
+
+def compare_torch(photo: np.ndarray, cases: dict, repeat: int) -> None:
+    """The torch render backend's effect (pipeline/effect_torch.py) on the same core, and how
+    close its picture is (PSNR against the NumPy/OpenCV one)."""
+    import torch
+
+    from pipeline import effect_torch
+
+    torch.set_num_threads(1)
+    batch = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
+    for case, (fg, depth) in cases.items():
+        maps = torch.from_numpy(fg)[None], torch.from_numpy(np.ascontiguousarray(depth))[None]
+        for preset in ("seed", "default"):
+            numpy_s = best_of(
+                lambda fg=fg, depth=depth, preset=preset: render(photo, fg, depth, PRESETS[preset]), repeat
+            )
+            torch_s = best_of(
+                lambda maps=maps, preset=preset: effect_torch.render(batch, *maps, PRESETS[preset]), repeat
+            )
+            got = effect_torch.render(batch, *maps, PRESETS[preset]).image[0].permute(1, 2, 0).numpy()
+            want = render(photo, fg, depth, PRESETS[preset]).image
+            mse = float(np.mean((got.astype(np.float64) - want) ** 2))
+            psnr = f"{10 * np.log10(255**2 / mse):.1f} dB" if mse else "identical"
+            print(
+                f"{case:5s} {preset:7s}: torch backend on the CPU {torch_s * 1000:4.0f} ms vs numpy "
+                f"{numpy_s * 1000:4.0f} ms (x{torch_s / numpy_s:.1f}); PSNR vs numpy {psnr}"
+            )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python scripts/bench_gpu.py [--device cuda] [--photos 500] [--size 4000x3000]
                                 [--batch-sizes 1 8 16 32] [--workdir DIR] [--models-only] [--skip-job]
+                                [--render-backends numpy torch]
 
 1. Models alone: photos/s of IS-Net (1024x1024, torch, fp16 autocast on CUDA) and Depth Anything
    V2 Small (518 px), each and both in turn (the fused actor: saliency, then depth on the same
@@ -12,7 +13,14 @@
    runs the job's model stage on each group as it arrives, a second pool finishes them (full
    decode, effect, encode, write to a local folder). Photos/s local disk to local disk, and how
    busy the GPU was (sampled through NVML or nvidia-smi).
-3. With Ray importable, and real IS-Net weights (the job loads models by name): the same library
+   This is the numpy render backend's layout.
+3. The same library with the GPU render path (the torch render backend), still without Ray: a
+   pool of reader threads reads the bytes (in the job, Ray's object store hands them over in
+   shared memory), this process does what the job's model actor then does (decode, both models,
+   effect, encode, all on the device, ``ModelStage.render``), and a pool of writer threads writes
+   the encoded bytes (the job's finishing tasks). Photos/s local disk to local disk, GPU busy share,
+   and the device's seconds per photo by step.
+4. With Ray importable, and real IS-Net weights (the job loads models by name): the same library
    through ``pipeline.job.run_job``.
 
 Weights are random on the real architectures (the same arithmetic, so the same time, as the
@@ -22,12 +30,14 @@ centred subject, a depth ramp), so the CPU stages do the work that a real photo 
 
 Needs torch, transformers, OpenCV, Pillow, PyArrow and fsspec; Ray only for step 3.
 Targets (printed next to the figures, never enforced): models at least 150 photos/s on one H100;
-the whole job at least 40 photos/s with 16 CPU cores.
+the whole job at least 40 photos/s with 16 CPU cores, and at least 150 photos/s with the GPU
+render path (one H100, 16 CPU cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import statistics
@@ -35,7 +45,7 @@ import sys
 import threading
 import time
 import types
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -65,13 +75,14 @@ HEIF_STUBBED = _allow_missing_heif()  # at import: worker processes import this 
 from pipeline.batches import pack_depth, pack_saliency, unpack_map
 from pipeline.job.driver import GROUP_SIZE, model_layout  # no Ray until run_job
 from pipeline.job.plan import JobConfig
-from pipeline.job.stages import ModelStage, finish_photos, read_photos
+from pipeline.job.stages import DeviceRendering, ModelStage, finish_photos, read_photos
 from pipeline.models import create_model
 from pipeline.photo import MODEL_INPUT_SIZE, SceneModels
 from pipeline.storage import Storage
 
 TARGET_MODELS = "150 photos/s (both models, one H100)"
 TARGET_JOB = "40 photos/s (16 CPU cores)"
+TARGET_DEVICE_JOB = "150 photos/s (GPU render path, one H100, 16 CPU cores)"
 LIBRARY_VERSION = 1  # of synthetic_photo(): bump to make the cached photos again
 RANDOM = "random-init"  # the version of a model built with random weights
 
@@ -355,11 +366,12 @@ def _ready(_) -> int:
 
 class BenchModelStage(ModelStage):
     """The job's model stage around models built here (random weights cannot be named to
-    ModelStage's own constructor); ``predict`` is the stage's own."""
+    ModelStage's own constructor); ``predict`` and ``render`` are the stage's own."""
 
-    def __init__(self, models: Models, device: str, batch_size: int) -> None:
+    def __init__(self, models: Models, device: str, batch_size: int, rendering: DeviceRendering | None = None) -> None:
         self.models = SceneModels.from_models(models.saliency, models.depth)
         self.models.batch_size = batch_size
+        self.rendering = rendering
 
 
 @dataclass
@@ -371,6 +383,7 @@ class EndToEnd:
     statuses: dict[str, int]
     cpu: dict[str, float]  # seconds per photo by step, summed over the workers
     first_error: str = ""
+    render_paths: dict[str, int] | None = None  # photos per render path (the GPU render path's run)
 
     @property
     def rate(self) -> float:
@@ -453,6 +466,80 @@ def run_end_to_end(
             cpu[step] += float(np.sum(batch[f"seconds_{step}"]))
     n = len(relpaths)
     return EndToEnd(n, seconds, busy.share(), model_seconds, statuses, {k: v / n for k, v in cpu.items()}, first_error)
+
+
+def run_device_end_to_end(
+    stage: ModelStage, input_dir: Path, relpaths: list[str], output_dir: Path, device: str, workers: int
+) -> EndToEnd:
+    """Groups of GROUP_SIZE photos: bytes read by reader threads, decoded, run through the models,
+    rendered and encoded on the device here (the model actor's ``render``), written by writer
+    threads; all at once, as the job streams them."""
+    shutil.rmtree(output_dir, ignore_errors=True)
+    config = JobConfig(input=str(input_dir), output=str(output_dir), device=device, render_backend="torch")
+    groups = [relpaths[i : i + GROUP_SIZE] for i in range(0, len(relpaths), GROUP_SIZE)]
+
+    def read(group: list[str]) -> dict:
+        batch = {"relpath": np.array(group, dtype=object), "output_relpath": np.array(group, dtype=object)}
+        return read_photos(batch, str(input_dir), {}, config.max_megapixels, model_copy=False)
+
+    def write(batch: dict) -> dict:
+        batch = finish_photos(batch, config)
+        for heavy in ("data", "encoded", "saliency", "depth"):
+            batch.pop(heavy, None)
+        return batch
+
+    with ThreadPoolExecutor(workers) as readers, ThreadPoolExecutor(workers) as writers:
+        first = read(groups[0])
+        for _ in range(2):  # nvJPEG, cuDNN and the allocator set themselves up on the first calls
+            stage.render(dict(first))
+        synchronize(device)
+        read_ahead, write_backlog = 4, 2 * workers  # bounded, as Ray Data's backpressure
+        pending = iter(groups)
+        reading: list = []
+        writing: set = set()
+        results: list[dict] = []
+        device_seconds = 0.0
+
+        def collect(done) -> None:
+            for fut in done:
+                writing.discard(fut)
+                results.append(fut.result())
+
+        with GpuBusy(device) as busy:
+            started = time.perf_counter()
+            for group in itertools.islice(pending, read_ahead):
+                reading.append(readers.submit(read, group))
+            while reading:
+                batch = reading.pop(0).result()  # in order: a group at a time, as the actor takes them
+                group = next(pending, None)
+                if group is not None:
+                    reading.append(readers.submit(read, group))
+                t0 = time.perf_counter()
+                batch = stage.render(batch)
+                device_seconds += time.perf_counter() - t0
+                while len(writing) >= write_backlog:
+                    collect(wait(writing, return_when=FIRST_COMPLETED)[0])
+                writing.add(writers.submit(write, batch))
+            collect(wait(writing)[0])
+            seconds = time.perf_counter() - started
+
+    statuses: dict[str, int] = {}
+    paths: dict[str, int] = {}
+    first_error = ""
+    steps = dict.fromkeys(("read", "decode", "saliency", "depth", "effect", "encode", "write"), 0.0)
+    for batch in results:
+        for i, status in enumerate(batch["status"]):
+            statuses[status] = statuses.get(status, 0) + 1
+            path = str(batch["render_path"][i] or "none")
+            paths[path] = paths.get(path, 0) + 1
+            if status == "failed" and not first_error:
+                first_error = str(batch["error"][i])
+        for step in steps:
+            steps[step] += float(np.sum(batch[f"seconds_{step}"]))
+    n = len(relpaths)
+    return EndToEnd(
+        n, seconds, busy.share(), device_seconds, statuses, {k: v / n for k, v in steps.items()}, first_error, paths
+    )
 
 
 # ----------------------------------------------------------------------------- the job
@@ -542,6 +629,29 @@ def print_end_to_end(result: EndToEnd, width: int, height: int, workers: int) ->
         print(f"  first failure: {result.first_error}")
 
 
+def print_device_end_to_end(result: EndToEnd, width: int, height: int, workers: int, device: str) -> None:
+    statuses = ", ".join(f"{k} {v}" for k, v in sorted(result.statuses.items()))
+    paths = ", ".join(f"{k} {v}" for k, v in sorted((result.render_paths or {}).items()))
+    print(
+        f"\nEnd to end with the GPU render path, without Ray, local disk to local disk ({result.photos} photos of "
+        f"{width}x{height}; {workers} reader + {workers} writer threads; decode, models, effect, encode on {device} "
+        f"in this process, groups of {GROUP_SIZE}):"
+    )
+    print(f"  {result.rate:.1f} photos/s ({result.seconds:.1f} s; {statuses})   target >= {TARGET_DEVICE_JOB}")
+    print(
+        f"  GPU busy {result.gpu_busy}; device stage busy {100 * result.model_seconds / result.seconds:.0f} % "
+        f"of the run ({result.photos / result.model_seconds:.1f} photos/s while running); render paths: {paths}"
+    )
+    s = result.cpu
+    print(
+        f"  device s/photo: decode {s['decode']:.4f}, saliency {s['saliency']:.4f}, depth {s['depth']:.4f}, "
+        f"effect {s['effect']:.4f}, "
+        f"encode {s['encode']:.4f}; host s/photo: read {s['read']:.4f}, write {s['write']:.4f}"
+    )
+    if result.first_error:
+        print(f"  first failure: {result.first_error}")
+
+
 # -------------------------------------------------------------------------------- main
 
 
@@ -563,7 +673,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=None, help="processes per CPU pool (default: CPU count)")
     parser.add_argument("--models-only", action="store_true", help="step 1 only")
-    parser.add_argument("--skip-job", action="store_true", help="no step 3 (the Ray job)")
+    parser.add_argument("--skip-job", action="store_true", help="no step 4 (the Ray job)")
+    parser.add_argument(
+        "--render-backends",
+        nargs="+",
+        choices=("numpy", "torch"),
+        default=["numpy", "torch"],
+        help="end-to-end runs: numpy (step 2, CPU finishing) and/or torch (step 3, the GPU render path)",
+    )
     parser.add_argument("--random-weights", action="store_true", help="random weights even where real ones are cached")
     parser.add_argument(
         "--tiny-models",
@@ -606,20 +723,32 @@ def main(argv: list[str] | None = None) -> int:
     relpaths = make_library(library, args.photos, width, height, workers)
     layout = model_layout(JobConfig(input=str(library), output=str(args.workdir)), 1 if gpu else 0)
     models = build_models(device, layout.batch_size, args.random_weights, args.tiny_models, None)
-    stage = BenchModelStage(models, device, layout.batch_size)
-    stand_ins = tuple(
-        task for task, model in (("saliency", models.saliency), ("depth", models.depth)) if model.version == RANDOM
-    )
-    print(f"  model stage: {'; '.join(stage.models.describe())}, batch {layout.batch_size}", flush=True)
-    if stand_ins:
-        print(f"  the effect gets the trivial models' {' and '.join(stand_ins)} maps (random weights)")
-    result = run_end_to_end(stage, library, relpaths, args.workdir / "out-end-to-end", device, workers, stand_ins)
-    print_end_to_end(result, width, height, workers)
-    del stage, models
+    if "numpy" in args.render_backends:
+        stage = BenchModelStage(models, device, layout.batch_size)
+        stand_ins = tuple(
+            task for task, model in (("saliency", models.saliency), ("depth", models.depth)) if model.version == RANDOM
+        )
+        print(f"  model stage: {'; '.join(stage.models.describe())}, batch {layout.batch_size}", flush=True)
+        if stand_ins:
+            print(f"  the effect gets the trivial models' {' and '.join(stand_ins)} maps (random weights)")
+        result = run_end_to_end(stage, library, relpaths, args.workdir / "out-end-to-end", device, workers, stand_ins)
+        print_end_to_end(result, width, height, workers)
+        del stage
 
-    # 3. the real job, where Ray is
+    # 3. the GPU render path: the model stage decodes, renders and encodes on the device
+    if "torch" in args.render_backends:
+        print("\n3. end to end with the GPU render path (torch render backend), without Ray", flush=True)
+        config = JobConfig(input=str(library), output=str(args.workdir), render_backend="torch")
+        stage = BenchModelStage(models, device, layout.batch_size, DeviceRendering.of(config))
+        print(f"  model stage: {'; '.join(stage.models.describe())}, batch {layout.batch_size}", flush=True)
+        result = run_device_end_to_end(stage, library, relpaths, args.workdir / "out-device", device, workers)
+        print_device_end_to_end(result, width, height, workers, device)
+        del stage
+    del models
+
+    # 4. the real job, where Ray is
     if not args.skip_job:
-        print("\n3. the job (pipeline.job.run_job, Ray)", flush=True)
+        print("\n4. the job (pipeline.job.run_job, Ray)", flush=True)
         line = run_real_job(library, args.workdir / "out-job", device)
         print(f"  {line}   target >= {TARGET_JOB}")
     return 0

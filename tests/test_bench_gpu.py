@@ -1,4 +1,5 @@
-"""scripts/bench_gpu.py runs to its end on the CPU (small networks, a few small photos, no Ray)."""
+"""scripts/bench_gpu.py runs to its end on the CPU (small networks, a few small photos, no Ray), both
+render backends' layouts."""
 
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path):
     out = done.stdout
     assert "device: CPU (no GPU)" in out
     assert "both in turn (the fused actor)" in out
-    assert "ok 3)" in out  # every photo went through read, models and finish
+    assert out.count("ok 3)") == 2  # every photo went through both layouts to the end
     assert "GPU busy n/a" in out
-    images = sorted(p.name for p in (tmp_path / "out-end-to-end" / "images").iterdir())
-    assert images == ["photo_00000.jpg", "photo_00001.jpg", "photo_00002.jpg"]
+    assert "End to end with the GPU render path" in out and "render paths: torch:cpu 3" in out
+    for run in ("out-end-to-end", "out-device"):  # the numpy backend's layout, the GPU render path
+        images = sorted(p.name for p in (tmp_path / run / "images").iterdir())
+        assert images == ["photo_00000.jpg", "photo_00001.jpg", "photo_00002.jpg"]
     # the photos are kept for reruns
     assert len(list((tmp_path / "library-320x240-v1").glob("*.jpg"))) == 3

@@ -6,9 +6,12 @@ import argparse
 import os
 
 import fsspec
+import numpy as np
 
 from ..errors import BadInputError
-from ..photo import SceneModels, finish, prepare
+from ..job.plan import render_backend_for
+from ..models.base import default_device
+from ..photo import NUMPY_PATH, Finished, SceneModels, finish, prepare
 from ..photo_io import OUTPUT_EXTENSIONS, read_depth, read_mask
 from ..storage import Storage
 from .options import add_config_fields, add_config_option, add_effect_options, params_from_args
@@ -64,33 +67,47 @@ def run(args: argparse.Namespace) -> int:
     data = read_input(args.photo)
     saliency = read_mask(read_input(args.mask), args.mask) if args.mask else None
     depth = read_depth(read_input(args.depth), args.depth) if args.depth else None
+    device = args.device or default_device()
+    models: SceneModels | None = None
+    done: Finished | None = None
+    path = NUMPY_PATH
 
-    used = ""
-    if saliency is None or depth is None:
-        names = (args.saliency_model, args.depth_model)
-        weights = (args.saliency_weights, args.depth_weights)
-        if args.weights_from:  # the models and weights a library job would run, from that copy
-            names, weights = _from_copy(args)
-        models = SceneModels(*names, *weights, args.device, batch_size=1)
-        maps = models.predict(
-            [prepare(data, args.photo, args.max_megapixels)],
-            saliency=None if saliency is None else [saliency],
-            depth=None if depth is None else [depth],
+    if render_backend_for(args.render_backend, device) == "torch":
+        from ..device_render import finish_on_device, render_path
+
+        if saliency is None and depth is None:  # the models run on the device too
+            models = _models(args, device)
+            given: dict = {"models": models}
+        else:
+            saliency, depth, models = _maps(args, data, device, saliency, depth)
+            given = {"maps": [(saliency, depth)]}
+        found = finish_on_device(
+            [data],
+            params,
+            device,
+            fmt=fmt,
+            quality=args.quality,
+            max_megapixels=args.max_megapixels,
+            intermediates=bool(args.save_intermediates),
+            **given,
         )[0]
-        saliency, depth = maps.saliency, maps.depth
-        used = f" models: {', '.join(models.describe())};"
-
-    done = finish(
-        data,
-        args.photo,
-        saliency,
-        depth,
-        params,
-        fmt,
-        args.quality,
-        args.max_megapixels,
-        intermediates=bool(args.save_intermediates),
-    )
+        if isinstance(found, str):
+            path = f"{NUMPY_PATH} ({found})"
+        else:
+            done, path = found, render_path(device)
+    if done is None:
+        saliency, depth, models = _maps(args, data, device, saliency, depth, models)
+        done = finish(
+            data,
+            args.photo,
+            saliency,
+            depth,
+            params,
+            fmt,
+            args.quality,
+            args.max_megapixels,
+            intermediates=bool(args.save_intermediates),
+        )
     folder, name = os.path.split(os.path.abspath(args.output))
     Storage(folder).write_atomic(name, done.encoded)
     if args.save_intermediates:
@@ -101,11 +118,40 @@ def run(args: argparse.Namespace) -> int:
 
     if done.left_alone:
         print(f"{args.output}: {done.reason}")
+    used = f" models: {', '.join(models.describe())};" if models is not None else ""
     print(
-        f"{args.output}: {done.width}x{done.height}, preset {params.preset};{used} "
+        f"{args.output}: {done.width}x{done.height}, preset {params.preset}, render path {path};{used} "
         f"crisp in front of depth {done.rendering.start:.3f}, background behind {done.rendering.stop:.3f}"
     )
     return 0
+
+
+def _models(args: argparse.Namespace, device: str) -> SceneModels:
+    names = (args.saliency_model, args.depth_model)
+    weights = (args.saliency_weights, args.depth_weights)
+    if args.weights_from:  # the models and weights a library job would run, from that copy
+        names, weights = _from_copy(args)
+    return SceneModels(*names, *weights, device, batch_size=1)
+
+
+def _maps(
+    args: argparse.Namespace,
+    data: bytes,
+    device: str,
+    saliency: np.ndarray | None,
+    depth: np.ndarray | None,
+    models: SceneModels | None = None,
+) -> tuple[np.ndarray, np.ndarray, SceneModels | None]:
+    """Both maps on the host: those given, the others from the models on the photo's model copy."""
+    if saliency is not None and depth is not None:
+        return saliency, depth, models
+    models = models or _models(args, device)
+    maps = models.predict(
+        [prepare(data, args.photo, args.max_megapixels)],
+        saliency=None if saliency is None else [saliency],
+        depth=None if depth is None else [depth],
+    )[0]
+    return maps.saliency, maps.depth, models
 
 
 def _from_copy(args: argparse.Namespace) -> tuple[tuple[str, str], tuple[str | None, str | None]]:

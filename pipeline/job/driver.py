@@ -44,8 +44,8 @@ from ..models import DEPTH, SALIENCY
 from ..storage import Storage
 from .console import Progress, without_native_noise
 from .lease import RENEW_SECONDS, Lease
-from .plan import IMAGES_DIR, JobConfig, OtherFile, PlanItem, check_locations, make_plan
-from .stages import ModelStage, finish_stage, read_stage
+from .plan import IMAGES_DIR, JobConfig, OtherFile, PlanItem, check_locations, make_plan, render_backend_for
+from .stages import DeviceRendering, ModelStage, finish_stage, read_stage
 from .weights import JobModel, resolve_models, ship
 
 log = logging.getLogger(__name__)
@@ -307,8 +307,14 @@ def _execute(
     # The plan arrives in large chunks (cheap to hold); streaming repartition cuts them into
     # groups without a shuffle, so reading fans out over the cluster's CPUs.
     ds = ray.data.from_arrow_refs(chunk_refs).repartition(target_num_rows_per_block=GROUP_SIZE)
+    # With the torch render backend the model actor decodes: the read tasks only read bytes.
+    on_device = render_backend_for(config.render_backend, layout.device) == "torch"
     read = functools.partial(
-        read_stage, input_uri=inputs.uri, storage_options=config.storage_options, max_megapixels=config.max_megapixels
+        read_stage,
+        input_uri=inputs.uri,
+        storage_options=config.storage_options,
+        max_megapixels=config.max_megapixels,
+        model_copy=not on_device,
     )
     ds = ds.map_batches(read, batch_size=GROUP_SIZE, batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(
@@ -321,6 +327,7 @@ def _execute(
             layout.device,
             layout.batch_size,
             ship(models),
+            DeviceRendering.of(config) if on_device else None,
         ),
         batch_size=layout.batch_size,
         batch_format="pyarrow",
@@ -371,4 +378,5 @@ def _manifest_row(row: dict, source_root: str, config: JobConfig, run_id: str) -
     )
     if row["status"] != OK:
         row["output_uri"] = None
+    row["render_path"] = row.get("render_path") or None  # null where no path rendered it
     return row

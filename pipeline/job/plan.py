@@ -21,6 +21,15 @@ from ..raw_io import is_raw
 from ..storage import SourceFile, Storage, is_inside, safe_relpath
 
 IMAGES_DIR, INTERMEDIATES_DIR = "images", "intermediates"
+RENDER_BACKENDS = ("auto", "numpy", "torch")
+
+
+def render_backend_for(choice: str, device: str) -> str:
+    """The render backend that runs: "numpy" or "torch"; auto picks torch on a GPU only (on CPUs
+    the NumPy/OpenCV effect is the quicker of the two)."""
+    if choice == "auto":
+        return "torch" if device.startswith("cuda") else "numpy"
+    return choice
 
 
 def _option(default, help: str, group: str, **argparse):
@@ -61,7 +70,18 @@ class JobConfig:
         "models",
         metavar="URI",
     )
-    device: str | None = _option(None, "cpu or cuda (default: cuda where the actor has a GPU)", "models")
+    device: str | None = _option(
+        None,
+        "cpu or cuda: where the models and the torch render backend run (default: cuda where there is a GPU)",
+        "models",
+    )
+    render_backend: str = _option(
+        "auto",
+        "where decode, effect and encode run: numpy (CPU processes, OpenCV), torch (on --device, each photo kept "
+        "there from bytes to bytes), auto (torch where --device is a GPU, else numpy)",
+        "models",
+        choices=RENDER_BACKENDS,
+    )
     # output
     format: str = _option("jpeg", "output format", "output", choices=sorted(OUTPUT_EXTENSIONS))
     quality: int = _option(92, "JPEG/WebP quality 1..100", "output")
@@ -113,6 +133,8 @@ class JobConfig:
                 problems.append(f"{name.replace('_', '-')} must be >= {0 if name == 'limit' else 1}")
         if self.commit_seconds <= 0:
             problems.append("commit-seconds must be > 0")
+        if self.render_backend not in RENDER_BACKENDS:
+            problems.append(f"unknown render backend {self.render_backend!r}; choose {', '.join(RENDER_BACKENDS)}")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append("gpus-per-actor must be >= 0")
         if problems:

@@ -1,0 +1,162 @@
+"""The device render path (pipeline/device_render.py) on the CPU: the same pictures as the CPU path,
+orientation and metadata kept, and what it cannot take sent to the CPU path with the reason."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageCms, ImageOps
+
+from pipeline import device_render
+from pipeline.params import PRESETS
+from pipeline.photo import finish
+from pipeline.photo_io import decode_photo
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def jpeg(image: Image.Image, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=95, **options)
+    return out.getvalue()
+
+
+def scene_maps(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    fg = ((((yy - height / 2) / (height / 3)) ** 2 + ((xx - width / 2) / (width / 5)) ** 2) < 1).astype(np.float32)
+    return fg, yy / height + 0.3 * fg
+
+
+def exif_with_orientation(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x010F] = "TestMaker"  # Make: must survive
+    return exif.tobytes()
+
+
+@pytest.mark.parametrize("preset", ["seed", "default"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_device_path_gives_the_cpu_paths_picture_and_metadata(preset, orientation):
+    data = jpeg(Image.open(EXAMPLES / "coffee.jpg"), exif=exif_with_orientation(orientation))
+    upright = decode_photo(data, "coffee.jpg").pixels
+    maps = scene_maps(*upright.shape[:2])
+    reference = finish(data, "coffee.jpg", *maps, PRESETS[preset])
+    (got,) = device_render.finish_on_device([data], PRESETS[preset], "cpu", maps=[maps])
+    assert not isinstance(got, str), got
+    assert (got.width, got.height) == (reference.width, reference.height) == (upright.shape[1], upright.shape[0])
+    assert psnr(pixels(got.encoded), pixels(reference.encoded)) >= 40  # two JPEG encodes of ~equal pictures
+    assert got.rendering.start == pytest.approx(reference.rendering.start, abs=1e-5)
+    assert got.rendering.fg_fraction == pytest.approx(reference.rendering.fg_fraction, abs=1e-4)
+    written = Image.open(io.BytesIO(got.encoded))
+    assert written.getexif()[0x0112] == 1 and written.getexif()[0x010F] == "TestMaker"
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(written.info["icc_profile"]))
+    assert "srgb" in ImageCms.getProfileDescription(profile).lower()
+    assert set(got.seconds) == {"decode", "saliency", "depth", "effect", "encode"}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_upright_turns_as_pillow_does(orientation):
+    image = Image.fromarray(np.random.default_rng(orientation).integers(0, 255, (5, 7, 3), dtype=np.uint8))
+    image.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(image))
+    tensor = torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
+    got = device_render.upright(tensor, orientation).permute(1, 2, 0).numpy()
+    assert np.array_equal(got, expected)
+
+
+def cmyk_jpeg() -> bytes:
+    return jpeg(Image.open(EXAMPLES / "chelsea.jpg").convert("CMYK"))
+
+
+def wide_gamut_jpeg() -> bytes:
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("XYZ")).tobytes()
+    return jpeg(Image.open(EXAMPLES / "chelsea.jpg"), icc_profile=profile)
+
+
+def png() -> bytes:
+    out = io.BytesIO()
+    Image.open(EXAMPLES / "chelsea.jpg").save(out, "PNG")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (png, "not a JPEG"),
+        (cmyk_jpeg, "CMYK JPEG"),
+        (wide_gamut_jpeg, "ICC profile other than sRGB"),
+        (lambda: (EXAMPLES / "chelsea.jpg").read_bytes()[:3000], "refused"),  # truncated: the decoder refuses
+    ],
+)
+def test_what_the_device_path_cannot_take_goes_to_the_cpu_path(make, reason):
+    good = (EXAMPLES / "chelsea.jpg").read_bytes()
+    maps = scene_maps(300, 451)
+    got = device_render.finish_on_device([make(), good], PRESETS["default"], "cpu", maps=[maps, maps])
+    assert isinstance(got[0], str) and reason in got[0]
+    assert not isinstance(got[1], str)  # the other photo of the batch goes on
+
+
+def test_megapixel_limit_is_left_to_the_cpu_path():
+    assert device_render.takes((EXAMPLES / "chelsea.jpg").read_bytes(), 0.1) == "over the megapixel limit"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["seed", "default"])
+def test_render_command_with_the_torch_backend(tmp_path, preset):
+    """`dreamfocus render --render-backend torch --device cpu` gives the numpy backend's picture."""
+    photo = EXAMPLES / "motorcycle_left.jpg"
+    outputs = {}
+    for backend in ("numpy", "torch"):
+        out = tmp_path / f"{backend}.png"
+        command = [sys.executable, "-m", "pipeline.cli", "render", str(photo), "-o", str(out), "--preset", preset]
+        command += ["--saliency-model", "trivial-saliency", "--depth-model", "trivial-depth"]
+        command += ["--render-backend", backend, "--device", "cpu"]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+        assert done.returncode == 0, done.stderr
+        assert f"render path {'torch:cpu' if backend == 'torch' else 'numpy'};" in done.stdout
+        outputs[backend] = np.asarray(Image.open(out).convert("RGB"))
+    assert psnr(outputs["torch"], outputs["numpy"]) >= 45
+
+
+def test_manifest_parts_written_before_render_path_read_it_as_null(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.manifest import read_manifest
+    from pipeline.storage import Storage
+
+    pq.write_table(pa.table({"relpath": ["a.jpg"], "status": ["ok"]}), tmp_path / "part-old-00000.parquet")
+    rows = read_manifest(Storage(str(tmp_path)), ["relpath", "render_path"])
+    assert rows.column("render_path").to_pylist() == [None]
+
+
+def test_a_batch_too_large_for_one_effect_call_goes_in_parts(monkeypatch):
+    datas = [(EXAMPLES / name).read_bytes() for name in ("chelsea.jpg", "coffee.jpg", "chelsea.jpg")]
+    sizes = [decode_photo(d, "x").pixels.shape[:2] for d in datas]
+    maps = [scene_maps(*size) for size in sizes]
+    whole = device_render.finish_on_device(datas, PRESETS["seed"], "cpu", maps=maps)
+    calls = []
+    original = device_render.effect_torch.render
+    monkeypatch.setattr(device_render, "_effect_pixels", lambda params: 1.0)  # one photo per call
+    monkeypatch.setattr(device_render.effect_torch, "render", lambda *a: calls.append(a[0].shape[0]) or original(*a))
+    parts = device_render.finish_on_device(datas, PRESETS["seed"], "cpu", maps=maps)
+    assert calls == [1, 1, 1]
+    for a, b in zip(whole, parts):
+        assert not isinstance(a, str) and not isinstance(b, str)
+        assert np.array_equal(pixels(a.encoded), pixels(b.encoded))
