@@ -24,7 +24,7 @@ class Rendering:
     image: np.ndarray  # uint8 HxWx3, the result at full size
     background: np.ndarray  # uint8, the painterly background at working size
     alpha: np.ndarray  # float32 at working size: 1 keeps the photo, 0 shows the background
-    fg: np.ndarray  # float32 salient-object mask at working size
+    fg: np.ndarray  # float32 the subject kept crisp at working size: the mask, extended to the whole object
     depth: np.ndarray  # float32 normalised depth at working size (nearest = 1)
     factor: int  # full size = working size * factor
     start: float  # depth at and in front of which the photo stays crisp
@@ -32,7 +32,10 @@ class Rendering:
     fg_fraction: float  # share of pixels that are foreground
     background_detail: float  # background detail relative to the subject's (nan: not measured, or no
     # subject or no background)
-    left_alone: bool = False  # True when the background is already soft: image is the photo itself
+    left_alone: bool = False  # True when no subject or an already soft background: image is the photo itself
+    saliency: np.ndarray | None = None  # float32 the model's mask at working size (fg: extended from it)
+    subject_confidence: float = float("nan")  # mean mask level over the model's foreground
+    no_subject: bool = False  # True when left alone for want of a clear subject
 
 
 def resize_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -255,25 +258,152 @@ def gradient_floor(height: int, width: int, direction: str, strength: float) -> 
     return (ramp, zeros) if along_x else (zeros, ramp)
 
 
-def background_detail(photo: np.ndarray, fg: np.ndarray, fg_threshold: float = 0.5) -> float:
+def background_detail(
+    photo: np.ndarray, fg: np.ndarray, fg_threshold: float = 0.5, whole: np.ndarray | None = None
+) -> float:
     """Mean Laplacian magnitude over the background relative to that over the subject.
 
     A photo whose background already has far less fine detail than its subject (a portrait
     shot with a fast lens, a macro) would look fake with a painted background; a low value
     says so. Measured on a lightly smoothed working-size image, away from the subject's edge.
+    whole: the subject extended to the whole object (`extend_subject`): the background is what
+    lies outside it, so petals the mask missed do not count as background detail, while the
+    subject's detail is measured on the mask itself, where the model saw the subject.
     nan when there is no subject or no background.
     """
     gray = cv2.GaussianBlur(luminance(photo), (0, 0), 1.0)  # float: 8-bit steps would read as detail
     detail = np.abs(cv2.Laplacian(gray, cv2.CV_32F))
     subject = fg >= fg_threshold
-    background = cv2.erode((~subject).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    outside = ~subject if whole is None else whole < fg_threshold
+    background = cv2.erode(outside.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
     if not subject.any() or not background.any():
         return float("nan")
     return float(detail[background].mean() / max(float(detail[subject].mean()), 1e-6))
 
 
-def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectParams) -> Rendering:
-    """The whole effect on one photo with the given parameters."""
+def subject_strength(fg: np.ndarray, fg_threshold: float = 0.5) -> tuple[float, float]:
+    """(area, confidence) of the salient-object mask: the share of pixels at or above the
+    threshold, and their mean mask level (1: the model is sure of every one; 0 when there are
+    none). A meadow or a storm over an empty field gives a tiny or unsure foreground."""
+    subject = fg >= fg_threshold
+    count = int(np.count_nonzero(subject))
+    if count == 0:
+        return 0.0, 0.0
+    return count / fg.size, float(fg[subject].mean())
+
+
+# Colour and texture bins of the subject model: L in 8 steps, a and b in 16, detail in 2.
+_TIE_SHAPE = (8, 16, 16, 2)
+
+
+def appearance_bins(photo: np.ndarray) -> np.ndarray:
+    """Each pixel's bin of colour (CIELAB, coarse) and texture (fine detail above or below the
+    photo's median): int32 indices into a histogram of np.prod(_TIE_SHAPE) bins."""
+    lab = cv2.cvtColor(photo, cv2.COLOR_RGB2LAB)
+    gray = lab[..., 0]
+    detail = cv2.blur(cv2.absdiff(gray, cv2.blur(gray, (3, 3))), (5, 5))
+    textured = (detail > np.median(detail)).astype(np.int32)
+    lum, a, b = (np.right_shift(lab[..., i], shift).astype(np.int32) for i, shift in enumerate((5, 4, 4)))
+    return ((lum * 16 + a) * 16 + b) * 2 + textured
+
+
+def _histogram(bins: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Normalised, lightly smoothed histogram of the bins where `where` holds."""
+    counts = np.bincount(bins[where], minlength=int(np.prod(_TIE_SHAPE))).astype(np.float32)
+    counts = counts.reshape(_TIE_SHAPE[0], _TIE_SHAPE[1], _TIE_SHAPE[2] * _TIE_SHAPE[3])
+    # Neighbouring colours count a little: a subject's shades in the photo's unmasked parts.
+    counts = np.stack([cv2.GaussianBlur(c, (3, 3), 0.8, borderType=cv2.BORDER_REPLICATE) for c in counts])
+    counts[1:] += 0.25 * counts[:-1]
+    counts[:-1] += 0.25 * counts[1:]
+    return counts.ravel() / max(float(counts.sum()), 1.0)
+
+
+def tied_to_core(
+    photo: np.ndarray, fg: np.ndarray, core_level: float = 0.9, clear_level: float = 0.1, ratio: float = 1.0
+) -> np.ndarray:
+    """Pixels whose colour and texture are more typical of the mask's confident core than of
+    what is clearly background (likelihood ratio above `ratio`), as a bool map.
+
+    With no core, or nothing clearly background, nothing is tied."""
+    core = fg >= core_level
+    clear = fg < clear_level
+    if not core.any() or not clear.any():
+        return np.zeros(fg.shape, bool)
+    bins = appearance_bins(photo)
+    subject_like = _histogram(bins, core) > np.float32(ratio) * _histogram(bins, clear)
+    return subject_like[bins]
+
+
+def at_subject_depth(fg: np.ndarray, depth: np.ndarray, core_level: float = 0.9, margin: float = 0.02) -> np.ndarray:
+    """Pixels within the depth range of the mask's confident core (its 5th..95th percentile,
+    widened by `margin`): the whole object at the subject's distance, where a depth model
+    measured it."""
+    core = fg >= core_level
+    if not core.any():
+        return np.zeros(fg.shape, bool)
+    lo, hi = np.percentile(depth[core], (5.0, 95.0))
+    return (depth >= lo - margin) & (depth <= hi + margin)
+
+
+def connected_to_core(core: np.ndarray, grow: np.ndarray) -> np.ndarray:
+    """The parts of core | grow that are 8-connected to the core (the core included)."""
+    region = (core | grow).astype(np.uint8)
+    count, labels = cv2.connectedComponents(region, connectivity=8)
+    if count <= 1:
+        return core.copy()
+    keep = np.zeros(count, bool)
+    keep[np.unique(labels[core])] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def extend_subject(
+    photo: np.ndarray,
+    fg: np.ndarray,
+    depth: np.ndarray,
+    depth_measured: bool,
+    fg_threshold: float = 0.5,
+    core_level: float = 0.9,
+    clear_level: float = 0.1,
+) -> np.ndarray:
+    """The mask grown to the whole object it belongs to (float32 0..1).
+
+    A partial mask (the nose of a face, two petals of a flower) stops where the model stopped,
+    often in the middle of a smooth stretch of the object; the object itself ends at an edge
+    of the photo. So: what is clearly background is marked (a low mask level, and a colour and
+    texture the mask's confident core does not have, `tied_to_core`), the mask is marked as
+    subject, and a watershed on the photo's gradients shares what is left between them: a petal
+    the mask missed is reached from the subject without crossing an edge, the wall behind it
+    only across one. With measured depth, what lies clearly off the core's depth is background
+    too, and the core's depth band connected to it is subject. With the weight-free ground
+    prior, mask levels the model was unsure of count as subject, and a colour only half as
+    typical of the core as of the background still keeps a region from being marked
+    background: when in doubt, crisp.
+    """
+    core = fg >= core_level
+    if not core.any():
+        return fg
+    subject = fg >= (fg_threshold if depth_measured else fg_threshold / 2)
+    ratio = 1.0 if depth_measured else 0.5
+    clear = (fg < clear_level) & ~tied_to_core(photo, fg, core_level, clear_level, ratio)
+    if depth_measured:
+        near = connected_to_core(core, at_subject_depth(fg, depth, core_level))
+        subject |= near
+        clear |= ~at_subject_depth(fg, depth, core_level, margin=0.15)
+    markers = np.where(subject, 1, np.where(clear & ~subject, 2, 0)).astype(np.int32)
+    cv2.watershed(np.ascontiguousarray(photo[..., ::-1]), markers)
+    whole = markers != 2  # the subject and the watershed lines on its border: when in doubt, crisp
+    return np.maximum(fg, whole.astype(np.float32))
+
+
+def render(
+    photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectParams, depth_measured: bool = True
+) -> Rendering:
+    """The whole effect on one photo with the given parameters.
+
+    depth_measured: False when depth is the weight-free ground prior, not a depth model's
+    measurement: the subject is then extended by colour and texture alone, generously.
+    """
     height, width = photo.shape[:2]
     factor = working_factor(height, width, params.work_size)
     work_photo = downscale(photo, factor)
@@ -283,8 +413,36 @@ def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectP
     kernel_size = max(1, round(params.kernel_size * scale))
     refine_radius = round(params.refine_radius * scale)
 
-    fg_work = np.clip(resize_map(fg, work_h, work_w), 0.0, 1.0)
+    saliency = np.clip(resize_map(fg, work_h, work_w), 0.0, 1.0)
     depth_work = normalize_depth(resize_map(depth, work_h, work_w))
+    area, confidence = subject_strength(saliency, params.fg_threshold)
+    if area < params.min_subject_area or confidence < params.min_subject_confidence:
+        start, stop = depth_bounds(
+            saliency, depth_work, params.fg_threshold, params.start_percentile, params.stop_percentile
+        )
+        return Rendering(
+            image=photo,
+            background=work_photo,
+            alpha=np.ones_like(saliency),
+            fg=saliency,
+            depth=depth_work,
+            factor=factor,
+            start=start,
+            stop=stop,
+            fg_fraction=area,
+            background_detail=float("nan"),
+            left_alone=True,
+            saliency=saliency,
+            subject_confidence=confidence,
+            no_subject=True,
+        )
+    # A flat depth map (normalised to all 0) measured nothing that could tell the object apart.
+    depth_measured = depth_measured and bool(depth_work.max() > 0)
+    fg_work = (
+        extend_subject(work_photo, saliency, depth_work, depth_measured, params.fg_threshold)
+        if params.extend_subject
+        else saliency
+    )
     start, stop = depth_bounds(
         fg_work, depth_work, params.fg_threshold, params.start_percentile, params.stop_percentile
     )
@@ -298,7 +456,7 @@ def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectP
         coef_a, coef_b = np.zeros_like(alpha), alpha
 
     detail = (
-        background_detail(work_photo, fg_work, params.fg_threshold)
+        background_detail(work_photo, saliency, params.fg_threshold, whole=fg_work)
         if params.min_background_detail > 0
         else float("nan")
     )
@@ -320,4 +478,6 @@ def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectP
         fg_fraction=float(np.count_nonzero(fg_work >= params.fg_threshold)) / fg_work.size,
         background_detail=detail,
         left_alone=left_alone,
+        saliency=saliency,
+        subject_confidence=confidence,
     )

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     saliency = read_mask(read_input(args.mask), args.mask) if args.mask else None
     depth = read_depth(read_input(args.depth), args.depth) if args.depth else None
 
-    used = ""
+    used, depth_measured = "", True  # a depth map given is taken as measured
     if saliency is None or depth is None:
         names = (args.saliency_model, args.depth_model)
         weights = (args.saliency_weights, args.depth_weights)
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         )[0]
         saliency, depth = maps.saliency, maps.depth
         used = f" models: {', '.join(models.describe())};"
+        depth_measured = args.depth is not None or models.depth.measures_depth
 
     done = finish(
         data,
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         args.quality,
         args.max_megapixels,
         intermediates=bool(args.save_intermediates),
+        depth_measured=depth_measured,
     )
     folder, name = os.path.split(os.path.abspath(args.output))
     Storage(folder).write_atomic(name, done.encoded)

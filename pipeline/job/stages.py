@@ -33,6 +33,7 @@ from ..batches import (
 )
 from ..errors import DreamfocusError, classify, error_kind
 from ..manifest import FAILED, OK, SKIPPED
+from ..models import model_class
 from ..photo import SceneMaps, SceneModels, finish, prepare
 from ..storage import Storage
 from .plan import IMAGES_DIR, INTERMEDIATES_DIR, JobConfig
@@ -186,6 +187,7 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
                 config.quality,
                 config.max_megapixels,
                 config.save_intermediates,
+                depth_measured=model_class(batch["depth_model"][i]).measures_depth,
             )
             t0 = _now()
             target = batch["output_relpath"][i]
@@ -213,5 +215,5 @@ def finish_stage(table: pa.Table, config: JobConfig) -> pa.Table:
         table,
         functools.partial(finish_photos, config=config),
         drops=HEAVY,
-        reads=("relpath", "output_relpath", *UPDATED, "data", "saliency", "depth"),
+        reads=("relpath", "output_relpath", *UPDATED, "data", "saliency", "depth", "depth_model"),
     )
