@@ -298,11 +298,11 @@ _TIE_SHAPE = (8, 16, 16, 2)
 
 def appearance_bins(photo: np.ndarray) -> np.ndarray:
     """Each pixel's bin of colour (CIELAB, coarse) and texture (fine detail above or below the
-    photo's median): int32 indices into a histogram of np.prod(_TIE_SHAPE) bins."""
+    photo's mean): int32 indices into a histogram of np.prod(_TIE_SHAPE) bins."""
     lab = cv2.cvtColor(photo, cv2.COLOR_RGB2LAB)
     gray = lab[..., 0]
     detail = cv2.blur(cv2.absdiff(gray, cv2.blur(gray, (3, 3))), (5, 5))
-    textured = (detail > np.median(detail)).astype(np.int32)
+    textured = (detail > cv2.mean(detail)[0]).astype(np.int32)
     lum, a, b = (np.right_shift(lab[..., i], shift).astype(np.int32) for i, shift in enumerate((5, 4, 4)))
     return ((lum * 16 + a) * 16 + b) * 2 + textured
 
@@ -334,15 +334,14 @@ def tied_to_core(
     return subject_like[bins]
 
 
-def at_subject_depth(fg: np.ndarray, depth: np.ndarray, core_level: float = 0.9, margin: float = 0.02) -> np.ndarray:
-    """Pixels within the depth range of the mask's confident core (its 5th..95th percentile,
-    widened by `margin`): the whole object at the subject's distance, where a depth model
-    measured it."""
+def subject_depth_range(fg: np.ndarray, depth: np.ndarray, core_level: float = 0.9) -> tuple[float, float]:
+    """The depth range of the mask's confident core (its 5th..95th percentile): where a depth
+    model measured the subject to be. (1, 0), an empty range, when there is no core."""
     core = fg >= core_level
     if not core.any():
-        return np.zeros(fg.shape, bool)
+        return 1.0, 0.0
     lo, hi = np.percentile(depth[core], (5.0, 95.0))
-    return (depth >= lo - margin) & (depth <= hi + margin)
+    return float(lo), float(hi)
 
 
 def connected_to_core(core: np.ndarray, grow: np.ndarray) -> np.ndarray:
@@ -365,6 +364,7 @@ def extend_subject(
     fg_threshold: float = 0.5,
     core_level: float = 0.9,
     clear_level: float = 0.1,
+    max_side: int = 320,
 ) -> np.ndarray:
     """The mask grown to the whole object it belongs to (float32 0..1).
 
@@ -375,25 +375,45 @@ def extend_subject(
     subject, and a watershed on the photo's gradients shares what is left between them: a petal
     the mask missed is reached from the subject without crossing an edge, the wall behind it
     only across one. With measured depth, what lies clearly off the core's depth is background
-    too, and the core's depth band connected to it is subject. With the weight-free ground
+    too, and the core's depth range connected to it is subject. With the weight-free ground
     prior, mask levels the model was unsure of count as subject, and a colour only half as
     typical of the core as of the background still keeps a region from being marked
     background: when in doubt, crisp.
+
+    Decided on a copy whose long side is at most `max_side` (the object's extent needs no
+    finer grain; the refinement brings the edges back to the photo's), kept where the model's
+    own mask is higher.
     """
     core = fg >= core_level
     if not core.any():
         return fg
-    subject = fg >= (fg_threshold if depth_measured else fg_threshold / 2)
+    height, width = fg.shape
+    step = max(1, -(-max(height, width) // max_side))
+    if step > 1:
+        small = (width // step, height // step)
+        photo = cv2.resize(photo[: small[1] * step, : small[0] * step], small, interpolation=cv2.INTER_AREA)
+        fg_small = cv2.resize(fg[: small[1] * step, : small[0] * step], small, interpolation=cv2.INTER_AREA)
+        depth = cv2.resize(depth[: small[1] * step, : small[0] * step], small, interpolation=cv2.INTER_AREA)
+    else:
+        fg_small = fg
+    core = fg_small >= core_level
+    if not core.any():
+        core = fg_small >= fg_threshold
+    subject = fg_small >= (fg_threshold if depth_measured else fg_threshold / 2)
     ratio = 1.0 if depth_measured else 0.5
-    clear = (fg < clear_level) & ~tied_to_core(photo, fg, core_level, clear_level, ratio)
+    clear = (fg_small < clear_level) & ~tied_to_core(photo, fg_small, core_level, clear_level, ratio)
     if depth_measured:
-        near = connected_to_core(core, at_subject_depth(fg, depth, core_level))
-        subject |= near
-        clear |= ~at_subject_depth(fg, depth, core_level, margin=0.15)
-    markers = np.where(subject, 1, np.where(clear & ~subject, 2, 0)).astype(np.int32)
+        lo, hi = subject_depth_range(fg_small, depth, core_level)
+        subject |= connected_to_core(core, (depth >= lo - 0.02) & (depth <= hi + 0.02))
+        clear |= (depth < lo - 0.15) | (depth > hi + 0.15)
+    markers = np.where(subject, 1, np.where(clear, 2, 0)).astype(np.int32)
     cv2.watershed(np.ascontiguousarray(photo[..., ::-1]), markers)
-    whole = markers != 2  # the subject and the watershed lines on its border: when in doubt, crisp
-    return np.maximum(fg, whole.astype(np.float32))
+    # The watershed draws -1 on the frame's edge too: those pixels go with their inner neighbours.
+    markers[0], markers[-1], markers[:, 0], markers[:, -1] = markers[1], markers[-2], markers[:, 1], markers[:, -2]
+    whole = (markers != 2).astype(np.float32)  # the subject and the lines on its border: in doubt, crisp
+    if step > 1:
+        whole = cv2.resize(whole, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.maximum(fg, whole)
 
 
 def render(
