@@ -107,14 +107,19 @@ def interpolation_alpha(fg: np.ndarray, depth: np.ndarray, start: float, stop: f
 
 
 def guided_filter_coefficients(
-    guide: np.ndarray, src: np.ndarray, radius: int, eps: float
+    guide: np.ndarray, src: np.ndarray, radius: int, eps: float, edge_level: float = 0.25, snap: float = 0.01
 ) -> tuple[np.ndarray, np.ndarray]:
     """Coefficients (a, b) of the guided filter (He et al.): the output is a * guide + b.
 
     Kept separate so they can be computed on a small image and applied, upsampled, to the
     full-size guide: edges follow the full-resolution photo at the cost of the small one.
     Where a moves the output by under half a grey level (|a| * local std of the guide < 1/510),
-    a * guide is folded into b, so stretches of alpha away from edges need no guide at all.
+    or where src has no edge of its own nearby (its range over the filter's reach is under
+    `edge_level`: a gentle ramp of alpha as the scene recedes, into which the guide would only
+    print the photo's texture), a * guide is folded into b, so stretches of alpha away from the
+    subject's outline need no guide at all. There b is clamped to 0..1 and taken as 0 or 1
+    within `snap` of them (a step of at most 1% of the blend), so more of the photo is a plain
+    copy of the photo or of the background.
     """
     size = (2 * radius + 1, 2 * radius + 1)
 
@@ -127,9 +132,14 @@ def guided_filter_coefficients(
     a = cov_ip / (var_i + np.float32(eps))
     b = mean_p - a * mean_i
     a, b = box(a), box(b)
-    negligible = np.abs(a) * np.sqrt(np.maximum(var_i, 0.0)) < np.float32(1 / 510)
-    b[negligible] += a[negligible] * mean_i[negligible]
-    a[negligible] = 0.0
+    reach = np.ones((4 * radius + 1, 4 * radius + 1), np.uint8)  # a is two box filters wide
+    flat = cv2.dilate(src, reach) - cv2.erode(src, reach) < np.float32(edge_level)
+    negligible = flat | (np.abs(a) * np.sqrt(np.maximum(var_i, 0.0)) < np.float32(1 / 510))
+    plain = np.clip(b + a * mean_i, 0.0, 1.0)
+    plain[plain <= snap] = 0.0
+    plain[plain >= 1.0 - snap] = 1.0
+    np.copyto(b, plain, where=negligible)
+    np.copyto(a, np.float32(0.0), where=negligible)
     return a, b
 
 
@@ -201,7 +211,8 @@ def compose_full_size(
     floor: tuple[np.ndarray, np.ndarray] | None = None,
     tile_pixels: int = 192,
 ) -> np.ndarray:
-    """The full-size composite, where alpha = clamp(up(a) * luminance(photo) + up(b), 0, 1).
+    """The full-size composite, where alpha = clamp(up(a / 255) * gray(photo) + up(b), 0, 1), gray
+    the photo's 8-bit luminance (a is per unit of luminance, as `guided_filter_coefficients` gives it).
 
     background, a and b are at working size. Tiles whose alpha is 1 everywhere keep the photo
     and tiles whose alpha is 0 everywhere take the upscaled background, so the blend runs only
@@ -210,6 +221,7 @@ def compose_full_size(
     floor: optional (column ramp, row ramp) whose sum is a floor on alpha (the gradient).
     """
     height, width = photo.shape[:2]
+    per_level = coef_a * np.float32(1 / 255)  # a per grey level: the 8-bit gray needs no scaling
     low = np.minimum(coef_b, coef_a + coef_b)
     high = np.maximum(coef_b, coef_a + coef_b)
     out = np.empty_like(photo)
@@ -233,10 +245,13 @@ def compose_full_size(
                 continue
             alpha = _upscale_block(coef_b, factor, y0, y1, x0, x1)
             if coef_a[region].any():  # edges of the subject: follow the full-resolution photo
-                alpha = alpha + _upscale_block(coef_a, factor, y0, y1, x0, x1) * luminance(photo_block)
+                gray = cv2.cvtColor(photo_block, cv2.COLOR_RGB2GRAY)
+                alpha += _upscale_block(per_level, factor, y0, y1, x0, x1) * gray
+                np.clip(alpha, 0.0, 1.0, out=alpha)
+            elif not 0.0 <= low[region].min() <= high[region].max() <= 1.0:
+                np.clip(alpha, 0.0, 1.0, out=alpha)  # (where a is 0, b is already within 0..1)
             if floor_block is not None:
                 np.maximum(alpha, floor_block, out=alpha)
-            np.clip(alpha, 0.0, 1.0, out=alpha)
             composite(photo_block, _upscale_block(background, factor, y0, y1, x0, x1), alpha, out=out[y0:y1, x0:x1])
     return out
 

@@ -99,7 +99,8 @@ def full_alpha(result: effect.Rendering, photo: np.ndarray, params) -> np.ndarra
         a, b = effect.guided_filter_coefficients(effect.luminance(work_photo), raw, radius, params.refine_eps)
     else:
         a, b = np.zeros_like(raw), raw
-    alpha = effect.upscale(a, result.factor, h, w) * effect.luminance(photo) + effect.upscale(b, result.factor, h, w)
+    gray = cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)
+    alpha = effect.upscale(a * np.float32(1 / 255), result.factor, h, w) * gray + effect.upscale(b, result.factor, h, w)
     floor = effect.gradient_floor(h, w, params.gradient, params.gradient_strength)
     if floor is not None:
         alpha = np.maximum(alpha, floor[0][None, :] + floor[1][:, None])
