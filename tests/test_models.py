@@ -510,12 +510,45 @@ def _tiny_glpn_config():
     )
 
 
+def _tiny_zoedepth_config():
+    from transformers import Dinov2Config, ZoeDepthConfig
+
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=64,
+        patch_size=8,
+        out_indices=[1, 2, 3, 4],
+        reshape_hidden_states=False,
+    )
+    return ZoeDepthConfig(
+        backbone_config=backbone,
+        hidden_size=32,
+        patch_size=8,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        reassemble_factors=[4, 2, 1, 0.5],
+        fusion_hidden_size=16,
+        bottleneck_features=16,
+        num_relative_features=8,
+        bin_embedding_dim=8,
+        num_attractors=[4, 4, 2, 1],
+        bin_configurations=[{"n_bins": 8, "min_depth": 0.001, "max_depth": 10.0, "name": "nyu"}],
+        num_patch_transformer_layers=1,
+        patch_transformer_hidden_size=16,
+        patch_transformer_intermediate_size=32,
+        patch_transformer_num_attention_heads=2,
+    )
+
+
 # architecture -> (a small configuration of it, the input's long side its published models take)
 HUB_CONFIGS = {
     "depth_anything": (DepthAnythingV2Small.small_config, 518),  # V2 Base and Large: the same class
     "dpt": (_tiny_dpt_config, 384),
     "depth_pro": (_tiny_depth_pro_config, 128),  # its patch (32 here, 384 published) / 0.25
     "glpn": (_tiny_glpn_config, 640),
+    "zoedepth": (_tiny_zoedepth_config, 512),
 }
 
 
@@ -562,7 +595,7 @@ def test_hub_depth_model_of_each_architecture_predicts_inverse_depth(hub_saved, 
     # Metric models (larger is farther) come out inverted: larger is nearer, as for every model.
     x = torch.rand(1, 3, model.size, model.size)
     raw = model.model(pixel_values=x).predicted_depth.float()
-    expected = 1.0 / raw.clamp(min=1e-3) if kind == "glpn" else raw
+    expected = 1.0 / raw.clamp(min=1e-3) if kind in ("glpn", "zoedepth") else raw
     torch.testing.assert_close(model._forward(x), expected.squeeze(1) if expected.ndim == 4 else expected)
 
 
