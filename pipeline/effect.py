@@ -282,15 +282,22 @@ def background_detail(
     shot with a fast lens, a macro) would look fake with a painted background; a low value
     says so. Measured on a lightly smoothed working-size image, away from the subject's edge.
     whole: the subject extended to the whole object (`extend_subject`): the background is what
-    lies outside it, so petals the mask missed do not count as background detail, while the
-    subject's detail is measured on the mask itself, where the model saw the subject.
+    lies outside it (when that is at least a tenth of the photo), so petals the mask missed do
+    not count as background detail, while the subject's detail is measured on the mask itself,
+    where the model saw the subject.
     nan when there is no subject or no background.
     """
     gray = cv2.GaussianBlur(luminance(photo), (0, 0), 1.0)  # float: 8-bit steps would read as detail
     detail = np.abs(cv2.Laplacian(gray, cv2.CV_32F))
     subject = fg >= fg_threshold
-    outside = ~subject if whole is None else whole < fg_threshold
-    background = cv2.erode(outside.astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    kernel = np.ones((9, 9), np.uint8)
+    background = cv2.erode((~subject).astype(np.uint8), kernel) > 0
+    if whole is not None:
+        outside = cv2.erode((whole < fg_threshold).astype(np.uint8), kernel) > 0
+        # A whole subject that leaves next to no background (colour tied the frame to it) says
+        # nothing about the background: then the mask's own outside is measured.
+        if np.count_nonzero(outside) >= 0.1 * outside.size:
+            background = outside
     if not subject.any() or not background.any():
         return float("nan")
     return float(detail[background].mean() / max(float(detail[subject].mean()), 1e-6))
