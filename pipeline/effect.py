@@ -222,38 +222,51 @@ def compose_full_size(
     """
     height, width = photo.shape[:2]
     per_level = coef_a * np.float32(1 / 255)  # a per grey level: the 8-bit gray needs no scaling
-    low = np.minimum(coef_b, coef_a + coef_b)
-    high = np.maximum(coef_b, coef_a + coef_b)
-    out = np.empty_like(photo)
     h, w = coef_b.shape
     tile = max(8, round(tile_pixels / factor))  # working pixels per tile: ~tile_pixels at full size
-    for r in range(0, h, tile):
-        for c in range(0, w, tile):
+    # Per tile and its one-pixel margin: the bounds of alpha, and whether a (the guide) enters.
+    margin = np.ones((3, 3), np.uint8)
+    low = _tile_reduce(cv2.erode(np.minimum(coef_b, coef_a + coef_b), margin), tile, np.min)
+    high = _tile_reduce(cv2.dilate(np.maximum(coef_b, coef_a + coef_b), margin), tile, np.max)
+    guided = _tile_reduce(cv2.dilate((coef_a != 0).astype(np.uint8), margin), tile, np.max) > 0
+    out = np.empty_like(photo)
+    for i, r in enumerate(range(0, h, tile)):
+        for j, c in enumerate(range(0, w, tile)):
             y0, x0 = r * factor, c * factor
             y1 = height if r + tile >= h else (r + tile) * factor
             x1 = width if c + tile >= w else (c + tile) * factor
-            region = np.s_[max(0, r - 1) : r + tile + 1, max(0, c - 1) : c + tile + 1]
             floor_block = None
             if floor is not None:
                 floor_block = floor[0][x0:x1][None, :] + floor[1][y0:y1][:, None]
             photo_block = photo[y0:y1, x0:x1]
-            if low[region].min() >= 1.0:
+            if low[i, j] >= 1.0:
                 out[y0:y1, x0:x1] = photo_block
                 continue
-            if high[region].max() <= 0.0 and (floor_block is None or floor_block.max() <= 0.0):
+            if high[i, j] <= 0.0 and (floor_block is None or floor_block.max() <= 0.0):
                 out[y0:y1, x0:x1] = _upscale_block(background, factor, y0, y1, x0, x1)
                 continue
-            alpha = _upscale_block(coef_b, factor, y0, y1, x0, x1)
-            if coef_a[region].any():  # edges of the subject: follow the full-resolution photo
-                gray = cv2.cvtColor(photo_block, cv2.COLOR_RGB2GRAY)
-                alpha += _upscale_block(per_level, factor, y0, y1, x0, x1) * gray
+            if guided[i, j]:  # edges of the subject: follow the full-resolution photo
+                alpha = _upscale_block(per_level, factor, y0, y1, x0, x1) * cv2.cvtColor(
+                    photo_block, cv2.COLOR_RGB2GRAY
+                )
+                alpha += _upscale_block(coef_b, factor, y0, y1, x0, x1)
                 np.clip(alpha, 0.0, 1.0, out=alpha)
-            elif not 0.0 <= low[region].min() <= high[region].max() <= 1.0:
-                np.clip(alpha, 0.0, 1.0, out=alpha)  # (where a is 0, b is already within 0..1)
+            else:
+                alpha = _upscale_block(coef_b, factor, y0, y1, x0, x1)
+                if not 0.0 <= low[i, j] <= high[i, j] <= 1.0:
+                    np.clip(alpha, 0.0, 1.0, out=alpha)  # (where a is 0, b is already within 0..1)
             if floor_block is not None:
                 np.maximum(alpha, floor_block, out=alpha)
             composite(photo_block, _upscale_block(background, factor, y0, y1, x0, x1), alpha, out=out[y0:y1, x0:x1])
     return out
+
+
+def _tile_reduce(values: np.ndarray, tile: int, reduce) -> np.ndarray:
+    """`reduce` (np.min, np.max) over each tile x tile block; partial blocks at the edges count."""
+    h, w = values.shape
+    rows, cols = -(-h // tile), -(-w // tile)
+    padded = np.pad(values, ((0, rows * tile - h), (0, cols * tile - w)), mode="edge")
+    return reduce(padded.reshape(rows, tile, cols, tile), axis=(1, 3))
 
 
 def gradient_floor(height: int, width: int, direction: str, strength: float) -> tuple[np.ndarray, np.ndarray] | None:
