@@ -25,7 +25,7 @@ class Rendering:
     image: np.ndarray  # HxWx3, the result at full size, of the photo's dtype
     background: np.ndarray  # the painterly background at working size, of the photo's dtype
     alpha: np.ndarray  # float32 at working size: 1 keeps the photo, 0 shows the background
-    fg: np.ndarray  # float32 salient-object mask at working size
+    fg: np.ndarray  # float32 the subject kept crisp at working size: the mask, extended to the whole object
     depth: np.ndarray  # float32 normalised depth at working size (nearest = 1)
     factor: int  # full size = working size * factor
     start: float  # depth at and in front of which the photo stays crisp
@@ -33,7 +33,10 @@ class Rendering:
     fg_fraction: float  # share of pixels that are foreground
     background_detail: float  # background detail relative to the subject's (nan: not measured, or no
     # subject or no background)
-    left_alone: bool = False  # True when the background is already soft: image is the photo itself
+    left_alone: bool = False  # True when no subject or an already soft background: image is the photo itself
+    saliency: np.ndarray | None = None  # float32 the model's mask at working size (fg: extended from it)
+    subject_confidence: float = float("nan")  # mean mask level over the model's foreground
+    no_subject: bool = False  # True when left alone for want of a clear subject
 
 
 def resize_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -107,14 +110,19 @@ def interpolation_alpha(fg: np.ndarray, depth: np.ndarray, start: float, stop: f
 
 
 def guided_filter_coefficients(
-    guide: np.ndarray, src: np.ndarray, radius: int, eps: float
+    guide: np.ndarray, src: np.ndarray, radius: int, eps: float, edge_level: float = 0.25, snap: float = 0.01
 ) -> tuple[np.ndarray, np.ndarray]:
     """Coefficients (a, b) of the guided filter (He et al.): the output is a * guide + b.
 
     Kept separate so they can be computed on a small image and applied, upsampled, to the
     full-size guide: edges follow the full-resolution photo at the cost of the small one.
     Where a moves the output by under half a grey level (|a| * local std of the guide < 1/510),
-    a * guide is folded into b, so stretches of alpha away from edges need no guide at all.
+    or where src has no edge of its own nearby (its range over the filter's reach is under
+    `edge_level`: a gentle ramp of alpha as the scene recedes, into which the guide would only
+    print the photo's texture), a * guide is folded into b, so stretches of alpha away from the
+    subject's outline need no guide at all. There b is clamped to 0..1 and taken as 0 or 1
+    within `snap` of them (a step of at most 1% of the blend), so more of the photo is a plain
+    copy of the photo or of the background.
     """
     size = (2 * radius + 1, 2 * radius + 1)
 
@@ -127,9 +135,14 @@ def guided_filter_coefficients(
     a = cov_ip / (var_i + np.float32(eps))
     b = mean_p - a * mean_i
     a, b = box(a), box(b)
-    negligible = np.abs(a) * np.sqrt(np.maximum(var_i, 0.0)) < np.float32(1 / 510)
-    b[negligible] += a[negligible] * mean_i[negligible]
-    a[negligible] = 0.0
+    reach = np.ones((4 * radius + 1, 4 * radius + 1), np.uint8)  # a is two box filters wide
+    flat = cv2.dilate(src, reach) - cv2.erode(src, reach) < np.float32(edge_level)
+    negligible = flat | (np.abs(a) * np.sqrt(np.maximum(var_i, 0.0)) < np.float32(1 / 510))
+    plain = np.clip(b + a * mean_i, 0.0, 1.0)
+    plain[plain <= snap] = 0.0
+    plain[plain >= 1.0 - snap] = 1.0
+    np.copyto(b, plain, where=negligible)
+    np.copyto(a, np.float32(0.0), where=negligible)
     return a, b
 
 
@@ -213,7 +226,8 @@ def compose_full_size(
     floor: tuple[np.ndarray, np.ndarray] | None = None,
     tile_pixels: int = 192,
 ) -> np.ndarray:
-    """The full-size composite, where alpha = clamp(up(a) * luminance(photo) + up(b), 0, 1).
+    """The full-size composite, where alpha = clamp(up(a / 255) * gray(photo) + up(b), 0, 1), gray
+    the photo's 8-bit luminance (a is per unit of luminance, as `guided_filter_coefficients` gives it).
 
     background, a and b are at working size. Tiles whose alpha is 1 everywhere keep the photo
     and tiles whose alpha is 0 everywhere take the upscaled background, so the blend runs only
@@ -222,35 +236,52 @@ def compose_full_size(
     floor: optional (column ramp, row ramp) whose sum is a floor on alpha (the gradient).
     """
     height, width = photo.shape[:2]
-    low = np.minimum(coef_b, coef_a + coef_b)
-    high = np.maximum(coef_b, coef_a + coef_b)
-    out = np.empty_like(photo)
+    per_level = coef_a * np.float32(1 / 255)  # a per grey level: the 8-bit gray needs no scaling
     h, w = coef_b.shape
     tile = max(8, round(tile_pixels / factor))  # working pixels per tile: ~tile_pixels at full size
-    for r in range(0, h, tile):
-        for c in range(0, w, tile):
+    # Per tile and its one-pixel margin: the bounds of alpha, and whether a (the guide) enters.
+    margin = np.ones((3, 3), np.uint8)
+    low = _tile_reduce(cv2.erode(np.minimum(coef_b, coef_a + coef_b), margin), tile, np.min)
+    high = _tile_reduce(cv2.dilate(np.maximum(coef_b, coef_a + coef_b), margin), tile, np.max)
+    guided = _tile_reduce(cv2.dilate((coef_a != 0).astype(np.uint8), margin), tile, np.max) > 0
+    out = np.empty_like(photo)
+    for i, r in enumerate(range(0, h, tile)):
+        for j, c in enumerate(range(0, w, tile)):
             y0, x0 = r * factor, c * factor
             y1 = height if r + tile >= h else (r + tile) * factor
             x1 = width if c + tile >= w else (c + tile) * factor
-            region = np.s_[max(0, r - 1) : r + tile + 1, max(0, c - 1) : c + tile + 1]
             floor_block = None
             if floor is not None:
                 floor_block = floor[0][x0:x1][None, :] + floor[1][y0:y1][:, None]
             photo_block = photo[y0:y1, x0:x1]
-            if low[region].min() >= 1.0:
+            if low[i, j] >= 1.0:
                 out[y0:y1, x0:x1] = photo_block
                 continue
-            if high[region].max() <= 0.0 and (floor_block is None or floor_block.max() <= 0.0):
+            if high[i, j] <= 0.0 and (floor_block is None or floor_block.max() <= 0.0):
                 out[y0:y1, x0:x1] = _upscale_block(background, factor, y0, y1, x0, x1)
                 continue
-            alpha = _upscale_block(coef_b, factor, y0, y1, x0, x1)
-            if coef_a[region].any():  # edges of the subject: follow the full-resolution photo
-                alpha = alpha + _upscale_block(coef_a, factor, y0, y1, x0, x1) * luminance(photo_block)
+            if guided[i, j]:  # edges of the subject: follow the full-resolution photo
+                alpha = _upscale_block(per_level, factor, y0, y1, x0, x1) * cv2.cvtColor(
+                    photo_block, cv2.COLOR_RGB2GRAY
+                )
+                alpha += _upscale_block(coef_b, factor, y0, y1, x0, x1)
+                np.clip(alpha, 0.0, 1.0, out=alpha)
+            else:
+                alpha = _upscale_block(coef_b, factor, y0, y1, x0, x1)
+                if not 0.0 <= low[i, j] <= high[i, j] <= 1.0:
+                    np.clip(alpha, 0.0, 1.0, out=alpha)  # (where a is 0, b is already within 0..1)
             if floor_block is not None:
                 np.maximum(alpha, floor_block, out=alpha)
-            np.clip(alpha, 0.0, 1.0, out=alpha)
             composite(photo_block, _upscale_block(background, factor, y0, y1, x0, x1), alpha, out=out[y0:y1, x0:x1])
     return out
+
+
+def _tile_reduce(values: np.ndarray, tile: int, reduce) -> np.ndarray:
+    """`reduce` (np.min, np.max) over each tile x tile block; partial blocks at the edges count."""
+    h, w = values.shape
+    rows, cols = -(-h // tile), -(-w // tile)
+    padded = np.pad(values, ((0, rows * tile - h), (0, cols * tile - w)), mode="edge")
+    return reduce(padded.reshape(rows, tile, cols, tile), axis=(1, 3))
 
 
 def gradient_floor(height: int, width: int, direction: str, strength: float) -> tuple[np.ndarray, np.ndarray] | None:
@@ -270,25 +301,179 @@ def gradient_floor(height: int, width: int, direction: str, strength: float) -> 
     return (ramp, zeros) if along_x else (zeros, ramp)
 
 
-def background_detail(photo: np.ndarray, fg: np.ndarray, fg_threshold: float = 0.5) -> float:
+def background_detail(
+    photo: np.ndarray, fg: np.ndarray, fg_threshold: float = 0.5, whole: np.ndarray | None = None
+) -> float:
     """Mean Laplacian magnitude over the background relative to that over the subject.
 
     A photo whose background already has far less fine detail than its subject (a portrait
     shot with a fast lens, a macro) would look fake with a painted background; a low value
     says so. Measured on a lightly smoothed working-size image, away from the subject's edge.
+    whole: the subject extended to the whole object (`extend_subject`): the background is what
+    lies outside it (when that is at least a tenth of the photo), so petals the mask missed do
+    not count as background detail, while the subject's detail is measured on the mask itself,
+    where the model saw the subject.
     nan when there is no subject or no background.
     """
     gray = cv2.GaussianBlur(luminance(photo), (0, 0), 1.0)  # float: 8-bit steps would read as detail
     detail = np.abs(cv2.Laplacian(gray, cv2.CV_32F))
     subject = fg >= fg_threshold
-    background = cv2.erode((~subject).astype(np.uint8), np.ones((9, 9), np.uint8)) > 0
+    kernel = np.ones((9, 9), np.uint8)
+    background = cv2.erode((~subject).astype(np.uint8), kernel) > 0
+    if whole is not None:
+        outside = cv2.erode((whole < fg_threshold).astype(np.uint8), kernel) > 0
+        # A whole subject that leaves next to no background (colour tied the frame to it) says
+        # nothing about the background: then the mask's own outside is measured.
+        if np.count_nonzero(outside) >= 0.1 * outside.size:
+            background = outside
     if not subject.any() or not background.any():
         return float("nan")
     return float(detail[background].mean() / max(float(detail[subject].mean()), 1e-6))
 
 
-def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectParams) -> Rendering:
-    """The whole effect on one photo with the given parameters."""
+def subject_strength(fg: np.ndarray, fg_threshold: float = 0.5) -> tuple[float, float]:
+    """(area, confidence) of the salient-object mask: the share of pixels at or above the
+    threshold, and their mean mask level (1: the model is sure of every one; 0 when there are
+    none). A meadow or a storm over an empty field gives a tiny or unsure foreground."""
+    subject = fg >= fg_threshold
+    count = int(np.count_nonzero(subject))
+    if count == 0:
+        return 0.0, 0.0
+    return count / fg.size, float(fg[subject].mean())
+
+
+# Colour and texture bins of the subject model: L in 8 steps, a and b in 16, detail in 2.
+_TIE_SHAPE = (8, 16, 16, 2)
+
+
+def appearance_bins(photo: np.ndarray) -> np.ndarray:
+    """Each pixel's bin of colour (CIELAB, coarse) and texture (fine detail above or below the
+    photo's mean): int32 indices into a histogram of np.prod(_TIE_SHAPE) bins."""
+    lab = cv2.cvtColor(photo, cv2.COLOR_RGB2LAB)
+    gray = lab[..., 0]
+    detail = cv2.blur(cv2.absdiff(gray, cv2.blur(gray, (3, 3))), (5, 5))
+    textured = (detail > cv2.mean(detail)[0]).astype(np.int32)
+    lum, a, b = (np.right_shift(lab[..., i], shift).astype(np.int32) for i, shift in enumerate((5, 4, 4)))
+    return ((lum * 16 + a) * 16 + b) * 2 + textured
+
+
+def _histogram(bins: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Normalised, lightly smoothed histogram of the bins where `where` holds."""
+    counts = np.bincount(bins[where], minlength=int(np.prod(_TIE_SHAPE))).astype(np.float32)
+    counts = counts.reshape(_TIE_SHAPE[0], _TIE_SHAPE[1], _TIE_SHAPE[2] * _TIE_SHAPE[3])
+    # Neighbouring colours count a little: a subject's shades in the photo's unmasked parts.
+    counts = np.stack([cv2.GaussianBlur(c, (3, 3), 0.8, borderType=cv2.BORDER_REPLICATE) for c in counts])
+    counts[1:] += 0.25 * counts[:-1]
+    counts[:-1] += 0.25 * counts[1:]
+    return counts.ravel() / max(float(counts.sum()), 1.0)
+
+
+def tied_to_core(
+    photo: np.ndarray, fg: np.ndarray, core_level: float = 0.9, clear_level: float = 0.1, ratio: float = 1.0
+) -> np.ndarray:
+    """Pixels whose colour and texture are more typical of the mask's confident core than of
+    what is clearly background (likelihood ratio above `ratio`), as a bool map.
+
+    With no core, or nothing clearly background, nothing is tied."""
+    core = fg >= core_level
+    clear = fg < clear_level
+    if not core.any() or not clear.any():
+        return np.zeros(fg.shape, bool)
+    bins = appearance_bins(photo)
+    subject_like = _histogram(bins, core) > np.float32(ratio) * _histogram(bins, clear)
+    return subject_like[bins]
+
+
+def subject_depth_range(fg: np.ndarray, depth: np.ndarray, core_level: float = 0.9) -> tuple[float, float]:
+    """The depth range of the mask's confident core (its 5th..95th percentile): where a depth
+    model measured the subject to be. (1, 0), an empty range, when there is no core."""
+    core = fg >= core_level
+    if not core.any():
+        return 1.0, 0.0
+    lo, hi = np.percentile(depth[core], (5.0, 95.0))
+    return float(lo), float(hi)
+
+
+def connected_to_core(core: np.ndarray, grow: np.ndarray) -> np.ndarray:
+    """The parts of core | grow that are 8-connected to the core (the core included)."""
+    region = (core | grow).astype(np.uint8)
+    count, labels = cv2.connectedComponents(region, connectivity=8)
+    if count <= 1:
+        return core.copy()
+    keep = np.zeros(count, bool)
+    keep[np.unique(labels[core])] = True
+    keep[0] = False
+    return keep[labels]
+
+
+def extend_subject(
+    photo: np.ndarray,
+    fg: np.ndarray,
+    depth: np.ndarray,
+    depth_measured: bool,
+    fg_threshold: float = 0.5,
+    core_level: float = 0.9,
+    clear_level: float = 0.1,
+    max_side: int = 320,
+) -> np.ndarray:
+    """The mask grown to the whole object it belongs to (float32 0..1).
+
+    A partial mask (the nose of a face, two petals of a flower) stops where the model stopped,
+    often in the middle of a smooth stretch of the object; the object itself ends at an edge
+    of the photo. So: what is clearly background is marked (a low mask level, and a colour and
+    texture the mask's confident core does not have, `tied_to_core`), the mask is marked as
+    subject, and a watershed on the photo's gradients shares what is left between them: a petal
+    the mask missed is reached from the subject without crossing an edge, the wall behind it
+    only across one. With measured depth, what lies clearly off the core's depth is background
+    too, and the core's depth range connected to it is subject. With the weight-free ground
+    prior, mask levels the model was unsure of count as subject, and a colour only half as
+    typical of the core as of the background still keeps a region from being marked
+    background: when in doubt, crisp.
+
+    Decided on a copy whose long side is at most `max_side` (the object's extent needs no
+    finer grain; the refinement brings the edges back to the photo's), kept where the model's
+    own mask is higher.
+    """
+    core = fg >= core_level
+    if not core.any():
+        return fg
+    height, width = fg.shape
+    step = max(1, -(-max(height, width) // max_side))
+    if step > 1:
+        small = (width // step, height // step)
+        photo = cv2.resize(photo[: small[1] * step, : small[0] * step], small, interpolation=cv2.INTER_AREA)
+        fg_small = cv2.resize(fg[: small[1] * step, : small[0] * step], small, interpolation=cv2.INTER_AREA)
+        depth = cv2.resize(depth[: small[1] * step, : small[0] * step], small, interpolation=cv2.INTER_AREA)
+    else:
+        fg_small = fg
+    core = fg_small >= core_level
+    if not core.any():
+        core = fg_small >= fg_threshold
+    subject = fg_small >= (fg_threshold if depth_measured else fg_threshold / 2)
+    ratio = 1.0 if depth_measured else 0.5
+    clear = (fg_small < clear_level) & ~tied_to_core(photo, fg_small, core_level, clear_level, ratio)
+    if depth_measured:
+        lo, hi = subject_depth_range(fg_small, depth, core_level)
+        subject |= connected_to_core(core, (depth >= lo - 0.02) & (depth <= hi + 0.02))
+        clear |= (depth < lo - 0.15) | (depth > hi + 0.15)
+    markers = np.where(subject, 1, np.where(clear, 2, 0)).astype(np.int32)
+    cv2.watershed(np.ascontiguousarray(photo[..., ::-1]), markers)
+    # The watershed draws -1 on the frame's edge too: those pixels go with their inner neighbours.
+    markers[0], markers[-1], markers[:, 0], markers[:, -1] = markers[1], markers[-2], markers[:, 1], markers[:, -2]
+    whole = (markers != 2).astype(np.float32)  # the subject and the lines on its border: in doubt, crisp
+    if step > 1:
+        whole = cv2.resize(whole, (width, height), interpolation=cv2.INTER_LINEAR)
+    return np.maximum(fg, whole)
+
+
+def render(
+    photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectParams, depth_measured: bool = True
+) -> Rendering:
+    """The whole effect on one photo with the given parameters.
+
+    depth_measured: False when depth is the weight-free ground prior, not a depth model's
+    measurement: the subject is then extended by colour and texture alone, generously.
+    """
     height, width = photo.shape[:2]
     factor = working_factor(height, width, params.work_size)
     work_photo = downscale(photo, factor)
@@ -298,8 +483,36 @@ def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectP
     kernel_size = max(1, round(params.kernel_size * scale))
     refine_radius = round(params.refine_radius * scale)
 
-    fg_work = np.clip(resize_map(fg, work_h, work_w), 0.0, 1.0)
+    saliency = np.clip(resize_map(fg, work_h, work_w), 0.0, 1.0)
     depth_work = normalize_depth(resize_map(depth, work_h, work_w))
+    area, confidence = subject_strength(saliency, params.fg_threshold)
+    if area < params.min_subject_area or confidence < params.min_subject_confidence:
+        start, stop = depth_bounds(
+            saliency, depth_work, params.fg_threshold, params.start_percentile, params.stop_percentile
+        )
+        return Rendering(
+            image=photo,
+            background=work_photo,
+            alpha=np.ones_like(saliency),
+            fg=saliency,
+            depth=depth_work,
+            factor=factor,
+            start=start,
+            stop=stop,
+            fg_fraction=area,
+            background_detail=float("nan"),
+            left_alone=True,
+            saliency=saliency,
+            subject_confidence=confidence,
+            no_subject=True,
+        )
+    # A flat depth map (normalised to all 0) measured nothing that could tell the object apart.
+    depth_measured = depth_measured and bool(depth_work.max() > 0)
+    fg_work = (
+        extend_subject(work_photo, saliency, depth_work, depth_measured, params.fg_threshold)
+        if params.extend_subject
+        else saliency
+    )
     start, stop = depth_bounds(
         fg_work, depth_work, params.fg_threshold, params.start_percentile, params.stop_percentile
     )
@@ -313,7 +526,7 @@ def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectP
         coef_a, coef_b = np.zeros_like(alpha), alpha
 
     detail = (
-        background_detail(work_photo, fg_work, params.fg_threshold)
+        background_detail(work_photo, saliency, params.fg_threshold, whole=fg_work)
         if params.min_background_detail > 0
         else float("nan")
     )
@@ -335,4 +548,6 @@ def render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params: EffectP
         fg_fraction=float(np.count_nonzero(fg_work >= params.fg_threshold)) / fg_work.size,
         background_detail=detail,
         left_alone=left_alone,
+        saliency=saliency,
+        subject_confidence=confidence,
     )

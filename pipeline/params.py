@@ -25,6 +25,11 @@ class EffectParams:
         the look independent of the photo's resolution.
     min_background_detail: photos whose background has less fine detail than this share of the
         subject's are left as they are (their background is already soft); 0 turns this off.
+    min_subject_area, min_subject_confidence: photos with no clear subject are left as they are:
+        a foreground (saliency >= fg_threshold) under this share of the photo, or a foreground
+        whose mean saliency is under this (the model is unsure); 0 turns each check off.
+    extend_subject: grow a partial mask to the whole object it belongs to (the regions that
+        colour, texture and, with a depth model, depth tie to its confident core).
     """
 
     preset: str = "default"
@@ -40,6 +45,9 @@ class EffectParams:
     gradient: str = "none"
     gradient_strength: float = 0.6
     min_background_detail: float = 0.2
+    min_subject_area: float = 0.01
+    min_subject_confidence: float = 0.75
+    extend_subject: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,6 +70,8 @@ class EffectParams:
             problems.append("gradient_strength must be within 0..1")
         if self.min_background_detail < 0:
             problems.append("min_background_detail must be >= 0 (0 = never leave a photo alone)")
+        if not 0 <= self.min_subject_area < 1 or not 0 <= self.min_subject_confidence <= 1:
+            problems.append("min_subject_area must be within 0..1 (below 1) and min_subject_confidence within 0..1")
         if problems:
             raise BadInputError("invalid effect parameters: " + "; ".join(problems))
 
@@ -73,7 +83,16 @@ class EffectParams:
 
 PRESETS: dict[str, EffectParams] = {
     # The original write-up, number for number: full resolution, 24 px kernel, no refinement.
-    "seed": EffectParams(preset="seed", work_size=0, kernel_size=24, refine_radius=0, min_background_detail=0.0),
+    "seed": EffectParams(
+        preset="seed",
+        work_size=0,
+        kernel_size=24,
+        refine_radius=0,
+        min_background_detail=0.0,
+        min_subject_area=0.0,
+        min_subject_confidence=0.0,
+        extend_subject=False,
+    ),
     "default": EffectParams(),
 }
 

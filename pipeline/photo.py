@@ -32,6 +32,7 @@ MODEL_INPUT_SIZE = 1024
 
 # Kinds of "left alone" (a `skipped` row whose output is the photo unchanged).
 BACKGROUND_ALREADY_SOFT = "background-already-soft"
+NO_CLEAR_SUBJECT = "no-clear-subject"
 
 # The render_path of a photo rendered by effect.py on the host (the device path says "torch:<device>").
 NUMPY_PATH = "numpy"
@@ -193,18 +194,21 @@ def finish(
     quality: int = 92,
     max_megapixels: float = 200.0,
     intermediates: bool = False,
+    depth_measured: bool = True,
 ) -> Finished:
     """Decode at full resolution (a camera RAW demosaiced, at 16 bits until encoded), apply the
-    effect, encode (EXIF kept, orientation applied)."""
+    effect, encode (EXIF kept, orientation applied).
+
+    depth_measured: False when depth is the weight-free ground prior (see effect.render)."""
     t0 = time.perf_counter()
     photo = decode_photo(data, source, max_megapixels)
     t1 = time.perf_counter()
-    result = render(photo.pixels, saliency, depth, params)
+    result = render(photo.pixels, saliency, depth, params, depth_measured)
     t2 = time.perf_counter()
     encoded = encode_photo(result.image, fmt, quality, photo.exif)
     t3 = time.perf_counter()
     height, width = photo.pixels.shape[:2]
-    kind, reason = (BACKGROUND_ALREADY_SOFT, soft_background_reason(result, params)) if result.left_alone else ("", "")
+    kind, reason = left_alone_reason(result, params)
     return Finished(
         encoded,
         result,
@@ -214,6 +218,27 @@ def finish(
         reason,
         intermediate_pngs(result, height, width) if intermediates else {},
         {"decode": t1 - t0, "effect": t2 - t1, "encode": t3 - t2},
+    )
+
+
+def left_alone_reason(result: Rendering, params: EffectParams) -> tuple[str, str]:
+    """(kind, reason in words) of a photo the effect left as it is; ("", "") when it did not."""
+    if result.no_subject:
+        return NO_CLEAR_SUBJECT, no_subject_reason(result, params)
+    if result.left_alone:
+        return BACKGROUND_ALREADY_SOFT, soft_background_reason(result, params)
+    return "", ""
+
+
+def no_subject_reason(result: Rendering, params: EffectParams) -> str:
+    if result.fg_fraction < params.min_subject_area:
+        return (
+            f"left as it is: no clear subject (the salient-object mask covers {result.fg_fraction:.2%} "
+            f"of the photo, below min_subject_area {params.min_subject_area:g})"
+        )
+    return (
+        f"left as it is: no clear subject (the salient-object mask's mean level is "
+        f"{result.subject_confidence:.2f}, below min_subject_confidence {params.min_subject_confidence:g})"
     )
 
 

@@ -6,6 +6,7 @@ Without PHOTO the bundled motorcycle photo is upscaled to the requested size, wi
 disparity as depth and its nearest 30% as the subject: a real scene's share of transition.
 A second, harsher case puts the subject on a depth ramp across the whole frame. The models are
 not timed: maps arrive at model resolution, as in the job.
+Times are CPU time of this process (one thread), so other work on the machine does not count.
 Then the torch render backend's effect (pipeline/effect_torch.py) on the same core, with its
 PSNR against the NumPy/OpenCV picture: on CPUs it is the slower of the two (auto picks numpy).
 Last line: `effect/codec ratio: seed=R1 default=R2` for the real scene (target: at most 0.5).
@@ -33,11 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def best_of(fn, repeat: int) -> float:
+    """CPU seconds of one call (median of `repeat`): on a shared machine wall time would count
+    the other processes' turns too."""
     times = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(time.process_time() - t0)
     return min(times) if repeat < 3 else statistics.median(times)
 
 

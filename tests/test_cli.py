@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
+from pipeline.params import load_yaml_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "examples" / "motorcycle_left.jpg"
@@ -136,3 +137,21 @@ def test_render_runs_the_models_when_no_maps_are_given(tmp_path, capsys):
     assert code == 0, err
     assert "models: trivial-saliency builtin (numpy, cpu), trivial-depth builtin (numpy, cpu)" in stdout
     assert Image.open(out).format == "PNG"
+
+
+def test_subject_decisions_are_flags_and_yaml_keys(tmp_path):
+    import argparse
+
+    from pipeline.cli.options import add_effect_options, params_from_args
+
+    parser = argparse.ArgumentParser()
+    add_effect_options(parser)
+    params = params_from_args(parser.parse_args(["--extend-subject", "no", "--min-subject-area", "0.05"]))
+    assert params.extend_subject is False and params.min_subject_area == 0.05
+    assert params_from_args(parser.parse_args(["--extend-subject", "yes"])).extend_subject is True
+    assert params_from_args(parser.parse_args([])).min_subject_confidence == 0.75
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--extend-subject", "maybe"])
+    config = tmp_path / "look.yaml"
+    config.write_text("extend-subject: no\nmin-subject-confidence: 0\n")
+    assert load_yaml_config(config) == {"extend_subject": False, "min_subject_confidence": 0}

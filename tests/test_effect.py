@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pytest
@@ -97,7 +99,8 @@ def full_alpha(result: effect.Rendering, photo: np.ndarray, params) -> np.ndarra
         a, b = effect.guided_filter_coefficients(effect.luminance(work_photo), raw, radius, params.refine_eps)
     else:
         a, b = np.zeros_like(raw), raw
-    alpha = effect.upscale(a, result.factor, h, w) * effect.luminance(photo) + effect.upscale(b, result.factor, h, w)
+    gray = cv2.cvtColor(photo, cv2.COLOR_RGB2GRAY)
+    alpha = effect.upscale(a * np.float32(1 / 255), result.factor, h, w) * gray + effect.upscale(b, result.factor, h, w)
     floor = effect.gradient_floor(h, w, params.gradient, params.gradient_strength)
     if floor is not None:
         alpha = np.maximum(alpha, floor[0][None, :] + floor[1][:, None])
@@ -130,7 +133,8 @@ def test_background_high_frequency_energy_is_reduced(preset):
     fg = np.zeros((h, w), np.float32)  # no subject, everything far: all background
     depth = np.zeros((h, w), np.float32)
     depth[: h // 2] = 1.0
-    result = effect.render(photo, fg, depth, PRESETS[preset])
+    params = dataclasses.replace(PRESETS[preset], min_subject_area=0.0, min_subject_confidence=0.0)
+    result = effect.render(photo, fg, depth, params)
     bottom = np.s_[h // 2 + 20 :, :]
     assert high_frequency_energy(result.image[bottom]) < 0.2 * high_frequency_energy(photo[bottom])
 
@@ -157,6 +161,9 @@ def test_degenerate_maps_neither_crash_nor_divide_by_zero(preset):
         effect.render(photo, subject, nan_depth, params)
 
     assert empty_fg.start == 1.0
+    # default: no subject, so the photo is left as it is; seed paints it as the write-up did.
+    assert empty_fg.no_subject == (preset == "default") == empty_fg.left_alone
+    assert np.array_equal(empty_fg.image, photo) == (preset == "default")
     np.testing.assert_array_equal(empty_bg.image, photo)
     assert flat.start == flat.stop == 0.0
     inner = np.s_[h // 3 + 20 : 2 * h // 3 - 20, w // 3 + 20 : 2 * w // 3 - 20]
@@ -190,8 +197,13 @@ def test_gradient_keeps_more_of_the_photo_towards_its_edge():
     h, w = photo.shape[:2]
     fg = np.zeros((h, w), np.float32)
     depth = np.zeros((h, w), np.float32)
-    plain = effect.render(photo, fg, depth, effect_params("default"))
-    left = effect.render(photo, fg, depth, effect_params("default", gradient="left", gradient_strength=0.8))
+    plain = effect.render(photo, fg, depth, effect_params("default", min_subject_area=0, min_subject_confidence=0))
+    left = effect.render(
+        photo,
+        fg,
+        depth,
+        effect_params("default", gradient="left", gradient_strength=0.8, min_subject_area=0, min_subject_confidence=0),
+    )
 
     def distance(image, cols):
         return float(np.abs(image[:, cols].astype(int) - photo[:, cols]).mean())
@@ -237,3 +249,117 @@ def test_a_photo_whose_background_is_already_soft_is_left_alone():
     assert not effect.render(shallow, fg, depth, PRESETS["seed"]).left_alone  # seed: as written up
     off = effect.render(shallow, fg, depth, effect_params("default", min_background_detail=0))
     assert not off.left_alone
+
+
+def disc_scene(size: int = 240, radius: int = 60, seen: int = 120) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A detailed red disc (the object) on green noise, and a mask that saw only the part of it
+    left of column `seen`."""
+    rng = np.random.default_rng(0)
+    photo = np.zeros((size, size, 3), np.uint8)
+    photo[...] = (40, 140, 50)
+    photo = np.clip(photo + rng.normal(0, 25, photo.shape), 0, 255).astype(np.uint8)
+    disc = np.zeros((size, size), np.uint8)
+    cv2.circle(disc, (size // 2, size // 2), radius, 1, -1)
+    stripes = np.broadcast_to(np.arange(size) // 3 % 2 * 40, (size, size))  # the object's own fine detail
+    red = np.stack([np.full((size, size), 200), 40 + stripes, np.full((size, size), 30)], -1).astype(np.uint8)
+    photo[disc > 0] = red[disc > 0]
+    fg = np.zeros((size, size), np.float32)
+    fg[disc > 0] = 1.0
+    fg[:, seen:] = 0.0
+    return photo, fg, disc > 0
+
+
+@pytest.mark.parametrize("depth_measured", [True, False])
+def test_a_partial_mask_is_extended_to_the_whole_object(depth_measured):
+    photo, fg, disc = disc_scene()
+    depth = np.where(disc, 0.8, 0.2).astype(np.float32) if depth_measured else np.zeros(fg.shape, np.float32)
+    whole = effect.extend_subject(photo, fg, depth, depth_measured) >= 0.5
+    assert whole[disc].mean() > 0.97  # the right half the mask missed joined it
+    assert whole[~disc].mean() < 0.04  # the background did not (but for a line along its edge)
+    # ... and the photo's right half of the disc stays crisp in the rendering.
+    result = effect.render(photo, fg, depth, PRESETS["default"], depth_measured=depth_measured)
+    right = np.s_[100:140, 130:170]
+    np.testing.assert_array_equal(result.image[right], photo[right])
+    if not depth_measured:  # (measured depth alone keeps it crisp: it is as near as the rest)
+        unextended = effect.render(photo, fg, depth, effect_params("default", extend_subject=False), False)
+        assert np.abs(unextended.image[right].astype(int) - photo[right]).mean() > 5
+
+
+def test_measured_depth_extends_an_object_that_colour_cannot_tell_apart():
+    """A grey object on a grey background: only depth says where it ends."""
+    rng = np.random.default_rng(1)
+    photo = np.clip(128 + rng.normal(0, 20, (200, 300, 3)), 0, 255).astype(np.uint8)
+    obj = np.zeros((200, 300), bool)
+    obj[40:180, 60:200] = True
+    fg = np.zeros((200, 300), np.float32)
+    fg[40:180, 60:120] = 1.0  # the mask saw the left part only
+    depth = np.where(obj, 0.9, np.linspace(0, 0.5, 300, dtype=np.float32)[None, :])
+    whole = effect.extend_subject(photo, fg, depth, depth_measured=True) >= 0.5
+    assert whole[obj].mean() > 0.97 and whole[~obj].mean() < 0.05
+    # Colour alone cannot tell them apart; with the ground prior that doubt keeps both crisp.
+    prior = effect.extend_subject(photo, fg, depth, depth_measured=False) >= 0.5
+    assert prior[obj].mean() > 0.97 and prior[~obj].mean() > 0.5
+
+
+def test_with_the_ground_prior_what_the_mask_was_unsure_of_stays_crisp():
+    photo, fg, disc = disc_scene()
+    unsure = fg.copy()
+    unsure[disc & (fg == 0)] = 0.3  # the model half-saw the right half
+    depth = np.zeros(fg.shape, np.float32)
+    prior = effect.extend_subject(photo, unsure, depth, depth_measured=False)
+    assert (prior[disc] >= 0.5).mean() > 0.97
+    # Measured depth that puts the right half far behind: depth wins, it is not kept.
+    far_right = np.where(disc & (fg == 0), 0.0, np.where(disc, 0.9, 0.5)).astype(np.float32)
+    measured = effect.extend_subject(photo, unsure, far_right, depth_measured=True)
+    assert (measured[disc & (fg == 0)] >= 0.5).mean() < 0.1
+
+
+@pytest.mark.parametrize(
+    "mask, why",
+    [
+        ("empty", "area"),
+        ("tiny", "area"),  # 0.5% of the photo: too small to lead the eye
+        ("unsure", "confidence"),  # a large blob the model gives 0.6 everywhere
+    ],
+)
+def test_no_clear_subject_leaves_the_photo_as_it_is(mask, why):
+    photo = example("chelsea")
+    h, w = photo.shape[:2]
+    fg = np.zeros((h, w), np.float32)
+    if mask == "tiny":
+        side = round((0.005 * h * w) ** 0.5)
+        fg[h // 2 : h // 2 + side, w // 2 : w // 2 + side] = 1.0
+    elif mask == "unsure":
+        fg[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 0.6
+    depth = np.tile(np.linspace(0, 1, h, dtype=np.float32)[:, None], (1, w))
+    result = effect.render(photo, fg, depth, PRESETS["default"])
+    assert result.no_subject and result.left_alone
+    np.testing.assert_array_equal(result.image, photo)
+    params = PRESETS["default"]
+    if why == "area":
+        assert result.fg_fraction < params.min_subject_area
+    else:
+        assert result.fg_fraction > params.min_subject_area
+        assert result.subject_confidence == pytest.approx(0.6)
+        assert result.subject_confidence < params.min_subject_confidence
+    # The same mask, sure of itself and large enough, is a subject.
+    clear = np.zeros((h, w), np.float32)
+    clear[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1.0
+    assert not effect.render(photo, clear, depth, params).no_subject
+    # seed keeps the write-up's behaviour: it paints whatever it is given.
+    assert not effect.render(photo, fg, depth, PRESETS["seed"]).left_alone
+
+
+def test_soft_background_is_judged_against_the_whole_subject():
+    """A sharp object on a blurred background, the mask on half of it: the other half is not
+    background detail, so the photo is recognised as already soft."""
+    photo, fg, disc = disc_scene(radius=90, seen=80)
+    soft = cv2.GaussianBlur(photo, (0, 0), 5)
+    shallow = np.where(disc[..., None], photo, soft)
+    depth = np.zeros(fg.shape, np.float32)
+    extended = effect.render(shallow, fg, depth, PRESETS["default"], depth_measured=False)
+    assert extended.left_alone and not extended.no_subject
+    assert extended.background_detail < PRESETS["default"].min_background_detail
+    np.testing.assert_array_equal(extended.image, shallow)
+    partial = effect.render(shallow, fg, depth, effect_params("default", extend_subject=False), depth_measured=False)
+    assert not partial.left_alone and partial.background_detail > PRESETS["default"].min_background_detail

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pipeline.models as models
-from pipeline.errors import WeightsUnavailableError
+from pipeline.errors import BadInputError, WeightsUnavailableError
 from pipeline.models import DEPTH, SALIENCY, create_model, default_model, default_models, load_model, model_names
 from pipeline.models.depth_anything import DepthAnythingV2Small
 from pipeline.models.dpt import DPTLarge
@@ -461,3 +461,163 @@ def test_cli_models_fetch_offline_fails_clearly(cache, monkeypatch, capsys):
     assert code == 0 and "warning" in err
     code, _, err = _cli(monkeypatch, capsys, "models", "fetch", "no-such-model")
     assert code == 2 and "unknown model" in err
+
+
+# ---------------------------------------------------------------------- any hub depth model (hf:ORG/NAME)
+
+
+def _tiny_depth_pro_config():
+    from transformers import DepthProConfig
+
+    def dino(size: int) -> dict:
+        return dict(
+            model_type="dinov2",
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_ratio=2,
+            image_size=size,
+            patch_size=8,
+        )
+
+    return DepthProConfig(
+        patch_size=32,
+        image_model_config=dino(32),
+        patch_model_config=dino(32),
+        fov_model_config=dino(32),
+        scaled_images_ratios=[0.25, 0.5, 1],
+        scaled_images_overlap_ratios=[0.0, 0.5, 0.25],
+        scaled_images_feature_dims=[32, 32, 32],
+        intermediate_hook_ids=[1, 0],
+        intermediate_feature_dims=[16, 16],
+        fusion_hidden_size=16,
+    )
+
+
+def _tiny_glpn_config():
+    from transformers import GLPNConfig
+
+    return GLPNConfig(
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[8, 16],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        decoder_hidden_size=16,
+    )
+
+
+def _tiny_zoedepth_config():
+    from transformers import Dinov2Config, ZoeDepthConfig
+
+    backbone = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        image_size=64,
+        patch_size=8,
+        out_indices=[1, 2, 3, 4],
+        reshape_hidden_states=False,
+    )
+    return ZoeDepthConfig(
+        backbone_config=backbone,
+        hidden_size=32,
+        patch_size=8,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        reassemble_factors=[4, 2, 1, 0.5],
+        fusion_hidden_size=16,
+        bottleneck_features=16,
+        num_relative_features=8,
+        bin_embedding_dim=8,
+        num_attractors=[4, 4, 2, 1],
+        bin_configurations=[{"n_bins": 8, "min_depth": 0.001, "max_depth": 10.0, "name": "nyu"}],
+        num_patch_transformer_layers=1,
+        patch_transformer_hidden_size=16,
+        patch_transformer_intermediate_size=32,
+        patch_transformer_num_attention_heads=2,
+    )
+
+
+# architecture -> (a small configuration of it, the input's long side its published models take)
+HUB_CONFIGS = {
+    "depth_anything": (DepthAnythingV2Small.small_config, 518),  # V2 Base and Large: the same class
+    "dpt": (_tiny_dpt_config, 384),
+    "depth_pro": (_tiny_depth_pro_config, 128),  # its patch (32 here, 384 published) / 0.25
+    "glpn": (_tiny_glpn_config, 640),
+    "zoedepth": (_tiny_zoedepth_config, 512),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(HUB_CONFIGS))
+def hub_saved(request, tmp_path_factory):
+    """A small random model of each architecture saved as the hub publishes it."""
+    from transformers import AutoModelForDepthEstimation
+
+    torch.manual_seed(0)
+    model = AutoModelForDepthEstimation.from_config(HUB_CONFIGS[request.param][0]())
+    holder = type("Holder", (), {"model": model})()
+    _scramble(holder, 3)
+    folder = tmp_path_factory.mktemp(f"hub-{request.param}")
+    model.save_pretrained(folder)
+    return request.param, folder
+
+
+def test_hub_depth_models_are_named_by_their_hub_id(cache):
+    cls = models.model_class("hf:depth-anything/Depth-Anything-V2-Large-hf")
+    assert cls.task == DEPTH and cls.hub_id == "depth-anything/Depth-Anything-V2-Large-hf"
+    assert cls.cache_name == "hf--depth-anything--Depth-Anything-V2-Large-hf"
+    assert cls.weights_env == "DREAMFOCUS_HF_DEPTH_ANYTHING_DEPTH_ANYTHING_V2_LARGE_HF_URL"
+    assert models.model_class("hf:depth-anything/Depth-Anything-V2-Large-hf") is cls
+    assert models.model_class("hf:apple/DepthPro-hf") is not cls
+    for bad in ("hf:no-organisation", "hf:a/b/c", "hf:"):
+        with pytest.raises(BadInputError, match="hf:ORG/NAME"):
+            models.model_class(bad)
+    # No weights and no hub: one clear error, or the ground prior where falling back is allowed.
+    with pytest.raises(WeightsUnavailableError, match="DepthPro-hf"):
+        load_model(DEPTH, "hf:apple/DepthPro-hf", fallback=False)
+    assert load_model(DEPTH, "hf:apple/DepthPro-hf").name == "ground-prior"
+
+
+def test_hub_depth_model_of_each_architecture_predicts_inverse_depth(hub_saved, cache):
+    kind, folder = hub_saved
+    model = load_model(DEPTH, f"hf:test/{kind}", weights=str(folder), device="cpu", fallback=False)
+    assert model.name == f"hf:test/{kind}" and model.measures_depth
+    assert model.version == sha256_file(folder / "model.safetensors")[:12]
+    assert model.size == HUB_CONFIGS[kind][1]
+    maps = model.predict(PHOTOS[:2])
+    assert [m.shape for m in maps] == SIZES[:2]
+    for m in maps:
+        assert m.dtype == np.float32 and np.isfinite(m).all() and m.std() > 1e-4
+    # Metric models (larger is farther) come out inverted: larger is nearer, as for every model.
+    x = torch.rand(1, 3, model.size, model.size)
+    raw = model.model(pixel_values=x).predicted_depth.float()
+    expected = 1.0 / raw.clamp(min=1e-3) if kind in ("glpn", "zoedepth") else raw
+    torch.testing.assert_close(model._forward(x), expected.squeeze(1) if expected.ndim == 4 else expected)
+
+
+def test_hub_depth_model_takes_the_input_policy_of_its_preprocessor_config(hub_saved, cache, tmp_path):
+    kind, folder = hub_saved
+    if kind != "dpt":
+        pytest.skip("one architecture shows it")
+    import shutil
+
+    own = tmp_path / "dpt-512"
+    shutil.copytree(folder, own)
+    (own / "preprocessor_config.json").write_text(
+        '{"size": {"height": 512, "width": 512}, "ensure_multiple_of": 16, '
+        '"image_mean": [0.4, 0.4, 0.4], "image_std": [0.2, 0.2, 0.2]}'
+    )
+    model = load_model(DEPTH, "hf:Intel/dpt-beit-large-512", weights=str(own), device="cpu", fallback=False)
+    assert (model.size, model.multiple, model.mean, model.std) == (512, 16, (0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
+    assert max(model.input_shape(300, 200)) == 512
+
+
+def test_hub_depth_weights_of_an_unsupported_kind_are_refused(cache, tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsUnavailableError, match="'bert' model"):
+        load_model(DEPTH, "hf:some/bert", weights=str(tmp_path), device="cpu", fallback=False)

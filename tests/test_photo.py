@@ -15,7 +15,15 @@ from pipeline.models.depth_anything import DepthAnythingV2Small
 from pipeline.models.isnet import ISNet
 from pipeline.models.rsu import SMALL, ISNetNetwork
 from pipeline.params import effect_params
-from pipeline.photo import BACKGROUND_ALREADY_SOFT, MODEL_INPUT_SIZE, SceneModels, finish, model_copy, prepare
+from pipeline.photo import (
+    BACKGROUND_ALREADY_SOFT,
+    MODEL_INPUT_SIZE,
+    NO_CLEAR_SUBJECT,
+    SceneModels,
+    finish,
+    model_copy,
+    prepare,
+)
 from pipeline.photo_io import decode_photo, encode_photo
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -109,3 +117,13 @@ def test_prepare_raises_the_kind_of_the_problem(bad, kind):
     with pytest.raises(BadInputError) as raised:
         prepare(bad, "bad.jpg", 200)
     assert raised.value.kind == kind and str(raised.value).startswith("bad.jpg: ")
+
+
+def test_no_clear_subject_is_left_alone_with_its_reason():
+    """A textured photo in which the salient-object model found nothing: written unchanged."""
+    pixels = textured(240, 320, 7)
+    saliency = np.zeros((240, 320), np.float32)
+    depth = np.tile(np.linspace(0, 1, 240, dtype=np.float32)[:, None], (1, 320))
+    done = finish(encode_photo(pixels, "png"), "meadow.png", saliency, depth, effect_params("default"), "png")
+    assert done.left_alone == NO_CLEAR_SUBJECT and "no clear subject" in done.reason and "0.00%" in done.reason
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(done.encoded))), pixels)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 from ..job.plan import JobConfig, config_fields
 from ..params import GRADIENT_DIRECTIONS, PRESETS, EffectParams, effect_params
@@ -27,8 +29,20 @@ _EFFECT_HELP = {
     "gradient_strength": "alpha at the gradient's named edge",
     "min_background_detail": "leave photos alone whose background detail is below this share of the "
     "subject's (already soft); 0 = never",
+    "min_subject_area": "leave photos alone whose subject covers less than this share of the photo; 0 = never",
+    "min_subject_confidence": "leave photos alone whose subject's mean mask level is below this; 0 = never",
+    "extend_subject": "grow a partial mask to the whole object (colour, texture, depth): yes or no",
 }
-_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _yes_no(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("yes", "no", "true", "false", "on", "off", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected yes or no, not {text!r}")
+    return value in ("yes", "true", "on", "1")
+
+
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str, "bool": _yes_no}
 
 
 def _keys(parser: argparse.ArgumentParser, *names: str) -> None:

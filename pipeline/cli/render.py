@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
             args.quality,
             args.max_megapixels,
             intermediates=bool(args.save_intermediates),
+            depth_measured=args.depth is not None or models is None or models.depth.measures_depth,
         )
     folder, name = os.path.split(os.path.abspath(args.output))
     Storage(folder).write_atomic(name, done.encoded)

@@ -42,6 +42,7 @@ from ..batches import (
 )
 from ..errors import DreamfocusError, classify, error_kind
 from ..manifest import FAILED, OK, SKIPPED
+from ..models import model_class
 from ..params import EffectParams
 from ..photo import NUMPY_PATH, Finished, SceneMaps, SceneModels, finish, prepare
 from ..storage import Storage
@@ -326,6 +327,7 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
                     config.quality,
                     config.max_megapixels,
                     config.save_intermediates,
+                    depth_measured=model_class(batch["depth_model"][i]).measures_depth,
                 )
                 data, pngs = done.encoded, done.intermediates
                 batch["seconds_decode"][i] += done.seconds["decode"]
@@ -356,6 +358,6 @@ def finish_stage(table: pa.Table, config: JobConfig) -> pa.Table:
         table,
         functools.partial(finish_photos, config=config),
         drops=(*HEAVY, "encoded", *(f"png_{name}" for name in INTERMEDIATE_NAMES)),
-        reads=("relpath", "output_relpath", *UPDATED, "data", "saliency", "depth", *device_columns),
+        reads=("relpath", "output_relpath", *UPDATED, "data", "saliency", "depth", "depth_model", *device_columns),
         updates=(*UPDATED, *RENDER_NUMBERS, "render_path"),
     )

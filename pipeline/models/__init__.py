@@ -44,10 +44,17 @@ def model_names(task: str | None = None) -> list[str]:
 def model_class(name: str) -> type[MapModel]:
     if name not in _CLASSES and name in _MODULES:
         importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    if name not in _CLASSES and name.startswith("hf:"):  # any transformers depth model, by hub id
+        from .hub_depth import hub_depth_class
+
+        register(hub_depth_class(name))
     try:
         return _CLASSES[name]
     except KeyError:
-        raise BadInputError(f"unknown model {name!r}; available: {', '.join(model_names())}") from None
+        raise BadInputError(
+            f"unknown model {name!r}; available: {', '.join(model_names())}, or hf:ORG/NAME for a depth model "
+            "of the model hub"
+        ) from None
 
 
 def default_model(task: str) -> str:

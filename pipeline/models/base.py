@@ -46,6 +46,9 @@ class MapModel(ABC):
     licence: ClassVar[str] = ""
     source: ClassVar[str] = ""
     needs_weights: ClassVar[bool] = True
+    # A depth model that measures the scene (False: a prior that assumes it, as the ground
+    # prior does); the effect trusts only measured depth to tell what belongs to the subject.
+    measures_depth: ClassVar[bool] = True
 
     # Where the weights live: an environment variable naming them (a path or URI), the name of
     # the model's own entry in the cache (None: the model has none, its weights are always

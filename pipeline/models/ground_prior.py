@@ -58,6 +58,7 @@ class GroundPrior(MapModel):
     licence = "Apache-2.0 (this project)"
     source = "builtin (no weights)"
     needs_weights = False
+    measures_depth = False
 
     def __init__(
         self, weights: str | None = None, device: str | None = None, batch_size: int = 16, horizon: float = 1 / 3

@@ -52,10 +52,11 @@ class HFDepthModel(MapModel):
     hub_id: ClassVar[str]
     model_type: ClassVar[str]  # config.json's model_type
     weights_env: ClassVar[str]
-    size: ClassVar[int]  # long side of the model input
-    multiple: ClassVar[int]  # both input sides are multiples of this
-    mean: ClassVar[tuple[float, float, float]]
-    std: ClassVar[tuple[float, float, float]]
+    # The input policy (a model may set its own from its configuration: see _configure)
+    size: int  # long side of the model input
+    multiple: int  # both input sides are multiples of this
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
     cache_name: ClassVar[str]  # the weights folder, <cache>/<cache_name>/
     runtime = "torch"
@@ -71,7 +72,7 @@ class HFDepthModel(MapModel):
         if config is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
-                model = self.model_class()(config)
+                model = self.build(config)
             self._version = "random-init"
             self.weights_path: Path | None = None
             self.weights = None
@@ -79,6 +80,7 @@ class HFDepthModel(MapModel):
             where = resolve_weights(type(self), weights)
             self.weights = str(where)
             model = self._load(where)
+        self._configure(model.config)
         self._device = torch_device(self.device)
         self.fp16 = self._device.type == "cuda"
         model = model.eval().to(self._device)
@@ -93,6 +95,14 @@ class HFDepthModel(MapModel):
     @classmethod
     def model_class(cls):
         raise NotImplementedError
+
+    @classmethod
+    def build(cls, config):
+        """The architecture with random weights for a transformers configuration."""
+        return cls.model_class()(config)
+
+    def _configure(self, config) -> None:
+        """Hook: set the input policy from the loaded model's configuration (the class's by default)."""
 
     @classmethod
     def default_config(cls):
@@ -141,8 +151,13 @@ class HFDepthModel(MapModel):
             model_type = read_json(path / "config.json").get("model_type")
         except ValueError as exc:
             raise WeightsUnavailableError(f"{path}/config.json is not valid JSON: {exc}") from exc
-        if model_type != cls.model_type:
+        if not cls.runs_model_type(model_type):
             raise WeightsUnavailableError(f"{path} holds a {model_type!r} model, not {cls.name} ({cls.model_type!r})")
+
+    @classmethod
+    def runs_model_type(cls, model_type: str | None) -> bool:
+        """Whether weights whose config.json says this model_type are this model's."""
+        return model_type == cls.model_type
 
     @classmethod
     def copy_weights(cls, source: str, name: str, sha256: str | None = None) -> Path:

@@ -55,6 +55,7 @@ class TrivialDepth(_Builtin):
 
     name = "trivial-depth"
     task = DEPTH
+    measures_depth = False
 
     def _predict_batch(self, photos):
         maps = []
