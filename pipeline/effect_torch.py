@@ -403,7 +403,7 @@ def subject_decisions(
     its inputs, so the maps are brought to working size there by effect.resize_map, as the
     reference does. Photos with no clear subject keep their mask."""
     n = fg.shape[0]
-    device = fg.device
+    device = work_photo.device
     checks = params.min_subject_area > 0 or params.min_subject_confidence > 0
     if not checks and not params.extend_subject:  # nothing to decide: no copy, no wait
         return torch.zeros(n, dtype=torch.bool, device=device), torch.full((n,), float("nan"), device=device), None
@@ -456,8 +456,9 @@ def render(
     kernel_size = max(1, round(params.kernel_size * scale))
     refine_radius = round(params.refine_radius * scale)
 
-    saliency = resize_map(fg.to(photos.device), work_h, work_w).clamp_(0.0, 1.0)
-    depth_work = normalize_depth(resize_map(depth.to(photos.device), work_h, work_w))
+    fg, depth = fg.to(photos.device), depth.to(photos.device)
+    saliency = resize_map(fg, work_h, work_w).clamp_(0.0, 1.0)
+    depth_work = normalize_depth(resize_map(depth, work_h, work_w))
     no_subject, confidence, whole = subject_decisions(work_photo, fg, depth, params, measured)
     fg_work = saliency if whole is None else whole
     start, stop = depth_bounds(
