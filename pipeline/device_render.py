@@ -35,14 +35,7 @@ from PIL import Image, ImageCms
 from . import effect_torch
 from .effect import Rendering
 from .params import EffectParams
-from .photo import (
-    BACKGROUND_ALREADY_SOFT,
-    MODEL_INPUT_SIZE,
-    Finished,
-    SceneModels,
-    intermediate_pngs,
-    soft_background_reason,
-)
+from .photo import MODEL_INPUT_SIZE, Finished, SceneModels, intermediate_pngs, left_alone_reason
 from .photo_io import _SRGB_ICC, _is_srgb, _reset_orientation, encode_photo
 
 _ORIENTATION = 0x0112
@@ -222,9 +215,11 @@ def finish_on_device(
     quality: int = 92,
     max_megapixels: float = 200.0,
     intermediates: bool = False,
+    depth_measured: bool = True,
 ) -> list[Finished | str]:
     """Each photo decoded, run through the models (or given ``maps``: saliency, depth), rendered
     and encoded on ``device``: its Finished, or the reason it goes to the CPU path instead.
+    depth_measured: False when depth is the weight-free ground prior (see effect.render).
 
     Finished.seconds holds the photo's share of the batch's decode, saliency, depth, effect and encode;
     Finished.rendering carries the numbers, and the maps only with ``intermediates``.
@@ -277,6 +272,7 @@ def finish_on_device(
                     _stack_maps([saliency[k] for k in members]),
                     _stack_maps([depth[k] for k in members]),
                     params,
+                    depth_measured,
                 )
                 for j, k in enumerate(members):
                     rendered[live[k]] = (done, j)
@@ -299,14 +295,14 @@ def finish_on_device(
         batch, j = rendered[i]
         height, width = images[live.index(i)].shape[-2:]
         rendering = batch.host(j, with_image=False) if intermediates else numbers[i]
-        left_alone = rendering.left_alone
+        kind, reason = left_alone_reason(rendering, params)
         results[i] = Finished(
             blob,
             rendering,
             width,
             height,
-            BACKGROUND_ALREADY_SOFT if left_alone else "",
-            soft_background_reason(rendering, params) if left_alone else "",
+            kind,
+            reason,
             intermediate_pngs(rendering, height, width) if intermediates else {},
             dict(seconds),
         )
@@ -338,6 +334,8 @@ def _numbers(rendered: dict[int, tuple[effect_torch.TorchRendering, int]], live:
                     batch.fg_fraction[j].double(),
                     batch.background_detail[j].double(),
                     batch.left_alone[j].double(),
+                    batch.subject_confidence[j].double(),
+                    batch.no_subject[j].double(),
                 ]
             )
             for batch, j in (rendered[i] for i in live)
@@ -345,7 +343,7 @@ def _numbers(rendered: dict[int, tuple[effect_torch.TorchRendering, int]], live:
     ).cpu()
     empty = np.empty((0, 0), np.float32)
     out = {}
-    for i, (start, stop, fraction, detail, alone) in zip(live, rows.tolist()):
+    for i, (start, stop, fraction, detail, alone, confidence, no_subject) in zip(live, rows.tolist()):
         out[i] = Rendering(
             image=np.empty((0, 0, 3), np.uint8),
             background=np.empty((0, 0, 3), np.uint8),
@@ -358,5 +356,7 @@ def _numbers(rendered: dict[int, tuple[effect_torch.TorchRendering, int]], live:
             fg_fraction=fraction,
             background_detail=detail,
             left_alone=bool(alone),
+            subject_confidence=confidence,
+            no_subject=bool(no_subject),
         )
     return out

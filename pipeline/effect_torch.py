@@ -6,9 +6,11 @@ interpolation alpha, edge-aware refinement, gradient, composite. effect.py stays
 and the CPU path; this one keeps a photo on a GPU from decode to encode.
 
 Shapes: photos N x 3 x H x W uint8 (RGB), maps N x h x w float32, per-photo scalars N. One batch
-holds photos of one size (their maps share a size too). Nothing here waits for the device: every
-decision (no subject, flat depth, a soft background) is a tensor, taken with torch.where, so a
-batch is queued whole and read back once (``TorchRendering.host``).
+holds photos of one size (their maps share a size too). The decisions on the working-size maps
+that need OpenCV's watershed and connected components (a clear subject, the whole subject:
+effect.subject_strength, effect.extend_subject) are effect.py's own, taken on host copies of
+those small maps, one copy per batch; everything at full resolution stays on the device, and
+the other decisions (flat depth, a soft background) are tensors taken with torch.where.
 
 Arithmetic follows OpenCV's where effect.py uses it (bilinear with pixel centres at
 half-integers, BORDER_REFLECT box filters, the fixed-point RGB to gray), so results agree to
@@ -18,6 +20,7 @@ within a grey level of rounding.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import cv2
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import effect
 from .effect import Rendering, gradient_floor, working_factor
 from .models.tensors import resize_area
 from .params import EffectParams
@@ -42,7 +46,7 @@ class TorchRendering:
     image: torch.Tensor  # N x 3 x H x W uint8
     background: torch.Tensor  # N x 3 x h x w uint8, working size
     alpha: torch.Tensor  # N x h x w float32
-    fg: torch.Tensor  # N x h x w float32
+    fg: torch.Tensor  # N x h x w float32, the subject extended to the whole object
     depth: torch.Tensor  # N x h x w float32
     factor: int
     start: torch.Tensor  # N float64
@@ -50,6 +54,9 @@ class TorchRendering:
     fg_fraction: torch.Tensor  # N float32
     background_detail: torch.Tensor  # N float32, nan where not measured
     left_alone: torch.Tensor  # N bool
+    saliency: torch.Tensor  # N x h x w float32, the model's mask at working size
+    subject_confidence: torch.Tensor  # N float32
+    no_subject: torch.Tensor  # N bool
 
     def host(self, i: int, with_image: bool = True) -> Rendering:
         """Photo i as effect.Rendering, in host memory (waits for the device)."""
@@ -69,6 +76,9 @@ class TorchRendering:
             fg_fraction=float(self.fg_fraction[i]),
             background_detail=float(self.background_detail[i]),
             left_alone=bool(self.left_alone[i]),
+            saliency=self.saliency[i].cpu().numpy(),
+            subject_confidence=float(self.subject_confidence[i]),
+            no_subject=bool(self.no_subject[i]),
         )
 
 
@@ -222,27 +232,42 @@ def _box(x: torch.Tensor, radius: int) -> torch.Tensor:
 
 
 def guided_filter_coefficients(
-    guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float
+    guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float, edge_level: float = 0.25, snap: float = 0.01
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients (a, b) of the guided filter, a * guide + b; a * guide folded into b where it
-    moves the output by under half a grey level (see effect.guided_filter_coefficients)."""
+    moves the output by under half a grey level or where src has no edge of its own within the
+    filter's reach, b there clamped to 0..1 and snapped to 0 or 1 within ``snap`` of them (see
+    effect.guided_filter_coefficients)."""
     mean_i, mean_p = _box(guide, radius), _box(src, radius)
     var_i = _box(guide * guide, radius) - mean_i * mean_i
     cov_ip = _box(guide * src, radius) - mean_i * mean_p
     a = cov_ip / (var_i + eps)
     b = mean_p - a * mean_i
     a, b = _box(a, radius), _box(b, radius)
-    negligible = a.abs() * var_i.clamp(min=0.0).sqrt() < _HALF_LEVEL
-    b = torch.where(negligible, b + a * mean_i, b)
+    # cv2.dilate minus cv2.erode by a square of side 4 * radius + 1 (a is two box filters wide);
+    # max-pooling's padding is ignored, as OpenCV's default border for both is.
+    reach, pad = 4 * radius + 1, 2 * radius
+    spread = F.max_pool2d(src[:, None], reach, stride=1, padding=pad) + F.max_pool2d(
+        -src[:, None], reach, stride=1, padding=pad
+    )
+    flat = spread[:, 0] < edge_level
+    negligible = flat | (a.abs() * var_i.clamp(min=0.0).sqrt() < _HALF_LEVEL)
+    plain = (b + a * mean_i).clamp_(0.0, 1.0)
+    plain = torch.where(plain <= snap, 0.0, torch.where(plain >= 1.0 - snap, 1.0, plain))
+    b = torch.where(negligible, plain, b)
     a = torch.where(negligible, 0.0, a)
     return a, b
 
 
-def luminance(photos: torch.Tensor) -> torch.Tensor:
-    """N x H x W float32 0..1 gray, OpenCV's fixed-point RGB to gray exactly (integers in float32)."""
+def gray8(photos: torch.Tensor) -> torch.Tensor:
+    """N x H x W float32 0..255 gray levels, OpenCV's fixed-point RGB to gray exactly (integers in float32)."""
     x = photos.to(torch.float32)
-    gray = torch.floor((x[:, 0] * 4899 + x[:, 1] * 9617 + x[:, 2] * 1868 + 8192) * (1 / 16384))
-    return gray * _PER_LEVEL
+    return torch.floor((x[:, 0] * 4899 + x[:, 1] * 9617 + x[:, 2] * 1868 + 8192) * (1 / 16384))
+
+
+def luminance(photos: torch.Tensor) -> torch.Tensor:
+    """N x H x W float32 0..1 gray, the refinement's guide (as effect.luminance)."""
+    return gray8(photos) * _PER_LEVEL
 
 
 def composite(photo: torch.Tensor, background: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -257,6 +282,8 @@ def downscale(photos: torch.Tensor, factor: int) -> torch.Tensor:
     """Area-average by an integer factor (uint8 in, uint8 out); leftover rows/columns dropped."""
     if factor == 1:
         return photos
+    if factor == 2:  # OpenCV's INTER_AREA rounds halves up here ((sum + 2) >> 2), to even elsewhere
+        return F.avg_pool2d(photos.to(torch.float32), 2).add_(0.5).floor_().to(torch.uint8)
     return F.avg_pool2d(photos.to(torch.float32), factor).round_().to(torch.uint8)
 
 
@@ -282,19 +309,19 @@ def compose_full_size(
     factor: int,
     floor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The full-size composite, alpha = clamp(up(a) * luminance(photo) + up(b), 0, 1), on the whole
-    frame at once (a GPU gains nothing from skipping tiles); photo by photo, so that only one
-    full-size float image is alive at a time. floor: an H x W floor on alpha (the gradient)."""
+    """The full-size composite, alpha = clamp(up(a / 255) * gray(photo) + up(b), 0, 1), gray the
+    photo's 8-bit luminance, on the whole frame at once (a GPU gains nothing from skipping tiles);
+    photo by photo, so that only one full-size float image is alive at a time. floor: an H x W
+    floor on alpha (the gradient)."""
     height, width = photos.shape[-2:]
+    per_level = coef_a * _PER_LEVEL  # a per grey level, as effect.compose_full_size has it
     out = torch.empty_like(photos)
     for i in range(photos.shape[0]):
         one = photos[i : i + 1]
-        alpha = upscale(coef_b[i : i + 1], factor, height, width) + upscale(
-            coef_a[i : i + 1], factor, height, width
-        ) * luminance(one)
+        alpha = upscale(per_level[i : i + 1], factor, height, width) * gray8(one)
+        alpha = alpha.add_(upscale(coef_b[i : i + 1], factor, height, width)).clamp_(0.0, 1.0)
         if floor is not None:
             alpha = torch.maximum(alpha, floor)
-        alpha = alpha.clamp_(0.0, 1.0)
         back = upscale(background[i : i + 1].to(torch.float32), factor, height, width).round_()
         out[i : i + 1] = composite(one, back, alpha)
     return out
@@ -330,17 +357,22 @@ def _gaussian_sigma1(gray: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, taps.view(1, 1, 9, 1))[:, 0]
 
 
-def background_detail(photos: torch.Tensor, fg: torch.Tensor, fg_threshold: float = 0.5) -> torch.Tensor:
+def background_detail(
+    photos: torch.Tensor, fg: torch.Tensor, fg_threshold: float = 0.5, whole: torch.Tensor | None = None
+) -> torch.Tensor:
     """Per photo, mean Laplacian magnitude over the background relative to that over the subject
-    (see effect.background_detail); nan when there is no subject or no background."""
+    (see effect.background_detail: with ``whole``, the background is what lies outside the whole
+    subject, where that is at least a tenth of the photo); nan when there is no subject or no
+    background."""
     gray = _gaussian_sigma1(luminance(photos))
     laplacian = _filters(gray.device)[1]
     detail = F.conv2d(F.pad(gray[:, None], (1, 1, 1, 1), mode="reflect"), laplacian.view(1, 1, 3, 3))[:, 0].abs()
     subject = fg >= fg_threshold
-    # cv2.erode of the background by a 9x9 square: what lies within 4 px of the subject is not
-    # background; outside the image counts as background, as max-pooling's padding ignores it.
-    near_subject = F.max_pool2d(subject[:, None].to(torch.float32), 9, stride=1, padding=4)[:, 0] > 0
-    background = ~near_subject
+    background = _away_from(subject)
+    if whole is not None:
+        outside = _away_from(whole >= fg_threshold)
+        wide = outside.sum(dim=(1, 2)) >= 0.1 * outside[0].numel()
+        background = torch.where(wide[:, None, None], outside, background)
     n_subject = subject.sum(dim=(1, 2))
     n_background = background.sum(dim=(1, 2))
     mean_bg = (detail * background).sum(dim=(1, 2)) / n_background.clamp(min=1)
@@ -349,11 +381,74 @@ def background_detail(photos: torch.Tensor, fg: torch.Tensor, fg_threshold: floa
     return torch.where((n_subject > 0) & (n_background > 0), ratio, float("nan"))
 
 
+def _away_from(subject: torch.Tensor) -> torch.Tensor:
+    """cv2.erode of ~subject by a 9x9 square: what lies within 4 px of the subject is not
+    background; outside the image counts as background, as max-pooling's padding ignores it."""
+    return F.max_pool2d(subject[:, None].to(torch.float32), 9, stride=1, padding=4)[:, 0] <= 0
+
+
+def subject_decisions(
+    work_photo: torch.Tensor,
+    fg: torch.Tensor,
+    depth: torch.Tensor,
+    params: EffectParams,
+    depth_measured: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(no subject N bool, confidence N float32, the whole subject N x h x w or None when it is
+    the mask itself) of a batch, as effect.render decides them.
+
+    effect.py's own functions decide, on a host copy (one for the batch) of the working-size
+    photo and of the maps as given (the models' size): OpenCV's watershed and connected
+    components have no torch counterpart, and a watershed's outcome turns on the last bit of
+    its inputs, so the maps are brought to working size there by effect.resize_map, as the
+    reference does. Photos with no clear subject keep their mask."""
+    n = fg.shape[0]
+    device = work_photo.device
+    checks = params.min_subject_area > 0 or params.min_subject_confidence > 0
+    if not checks and not params.extend_subject:  # nothing to decide: no copy, no wait
+        return torch.zeros(n, dtype=torch.bool, device=device), torch.full((n,), float("nan"), device=device), None
+    work_h, work_w = work_photo.shape[-2:]
+    parts = [fg.to(torch.float32).flatten(1), depth.to(torch.float32).flatten(1)]
+    if params.extend_subject:
+        parts.append(work_photo.to(torch.float32).permute(0, 2, 3, 1).flatten(1))
+    host = torch.cat(parts, dim=1).cpu().numpy()
+    map_size = fg.shape[-2] * fg.shape[-1]
+    no_subject, confidence, whole = [], [], []
+    for i in range(n):
+        saliency = np.clip(effect.resize_map(host[i, :map_size].reshape(fg.shape[-2:]), work_h, work_w), 0.0, 1.0)
+        area, sure = effect.subject_strength(saliency, params.fg_threshold)
+        alone = area < params.min_subject_area or sure < params.min_subject_confidence
+        no_subject.append(alone)
+        confidence.append(sure)
+        if params.extend_subject and not alone:
+            depth_i = host[i, map_size : 2 * map_size].reshape(depth.shape[-2:])
+            depth_work = effect.normalize_depth(effect.resize_map(depth_i, work_h, work_w))
+            photo = host[i, 2 * map_size :].reshape(work_h, work_w, 3).astype(np.uint8)
+            measured = bool(depth_measured[i]) and bool(depth_work.max() > 0)  # flat depth measured nothing
+            saliency = effect.extend_subject(photo, saliency, depth_work, measured, params.fg_threshold)
+        whole.append(saliency)
+    return (
+        torch.tensor(no_subject, dtype=torch.bool, device=device),
+        torch.tensor(confidence, dtype=torch.float32, device=device),
+        torch.from_numpy(np.stack(whole)).to(device) if params.extend_subject else None,
+    )
+
+
 @torch.inference_mode()
-def render(photos: torch.Tensor, fg: torch.Tensor, depth: torch.Tensor, params: EffectParams) -> TorchRendering:
-    """The whole effect on a batch of same-size photos with the given parameters."""
+def render(
+    photos: torch.Tensor,
+    fg: torch.Tensor,
+    depth: torch.Tensor,
+    params: EffectParams,
+    depth_measured: bool | Sequence[bool] = True,
+) -> TorchRendering:
+    """The whole effect on a batch of same-size photos with the given parameters.
+
+    depth_measured: per photo (or one for all), False where depth is the weight-free ground
+    prior (see effect.render)."""
     height, width = photos.shape[-2:]
     n = photos.shape[0]
+    measured = [depth_measured] * n if isinstance(depth_measured, bool) else list(depth_measured)
     factor = working_factor(height, width, params.work_size)
     work_photo = downscale(photos, factor)
     work_h, work_w = work_photo.shape[-2:]
@@ -361,8 +456,11 @@ def render(photos: torch.Tensor, fg: torch.Tensor, depth: torch.Tensor, params: 
     kernel_size = max(1, round(params.kernel_size * scale))
     refine_radius = round(params.refine_radius * scale)
 
-    fg_work = resize_map(fg.to(photos.device), work_h, work_w).clamp_(0.0, 1.0)
-    depth_work = normalize_depth(resize_map(depth.to(photos.device), work_h, work_w))
+    fg, depth = fg.to(photos.device), depth.to(photos.device)
+    saliency = resize_map(fg, work_h, work_w).clamp_(0.0, 1.0)
+    depth_work = normalize_depth(resize_map(depth, work_h, work_w))
+    no_subject, confidence, whole = subject_decisions(work_photo, fg, depth, params, measured)
+    fg_work = saliency if whole is None else whole
     start, stop = depth_bounds(
         fg_work, depth_work, params.fg_threshold, params.start_percentile, params.stop_percentile
     )
@@ -377,15 +475,22 @@ def render(photos: torch.Tensor, fg: torch.Tensor, depth: torch.Tensor, params: 
         coef_a, coef_b = torch.zeros_like(alpha), alpha
 
     nan = torch.full((n,), float("nan"), device=photos.device)
-    detail = background_detail(work_photo, fg_work, params.fg_threshold) if params.min_background_detail > 0 else nan
-    left_alone = detail < params.min_background_detail  # False for nan
+    detail = (
+        background_detail(work_photo, saliency, params.fg_threshold, whole=fg_work)
+        if params.min_background_detail > 0
+        else nan
+    )
+    # No clear subject: the photo as it is, its working copy as background, alpha all 1 (as effect.render).
+    detail = torch.where(no_subject, nan, detail)
+    left_alone = no_subject | (detail < params.min_background_detail)  # False for nan
     floor = _gradient_floor(height, width, params.gradient, params.gradient_strength, photos.device)
     composed = compose_full_size(photos, background, coef_a, coef_b, factor, floor)
     image = torch.where(left_alone[:, None, None, None], photos, composed)
+    unset = no_subject[:, None, None]
     return TorchRendering(
         image=image,
-        background=background,
-        alpha=alpha,
+        background=torch.where(unset[:, None], work_photo, background),
+        alpha=torch.where(unset, 1.0, alpha),
         fg=fg_work,
         depth=depth_work,
         factor=factor,
@@ -394,4 +499,7 @@ def render(photos: torch.Tensor, fg: torch.Tensor, depth: torch.Tensor, params: 
         fg_fraction=(fg_work >= params.fg_threshold).sum(dim=(1, 2)).float() / (work_h * work_w),
         background_detail=detail,
         left_alone=left_alone,
+        saliency=saliency,
+        subject_confidence=confidence,
+        no_subject=no_subject,
     )

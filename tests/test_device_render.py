@@ -15,7 +15,7 @@ from PIL import Image, ImageCms, ImageOps
 
 from pipeline import device_render
 from pipeline.params import PRESETS
-from pipeline.photo import finish
+from pipeline.photo import NO_CLEAR_SUBJECT, finish
 from pipeline.photo_io import decode_photo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +68,44 @@ def test_device_path_gives_the_cpu_paths_picture_and_metadata(preset, orientatio
     profile = ImageCms.ImageCmsProfile(io.BytesIO(written.info["icc_profile"]))
     assert "srgb" in ImageCms.getProfileDescription(profile).lower()
     assert set(got.seconds) == {"decode", "saliency", "depth", "effect", "encode"}
+
+
+def test_a_photo_with_no_clear_subject_is_left_as_it_is_on_both_paths():
+    data = (EXAMPLES / "coffee.jpg").read_bytes()
+    photo = decode_photo(data, "coffee.jpg").pixels
+    fg, depth = scene_maps(*photo.shape[:2])
+    maps = (fg * np.float32(0.6), depth)  # a large mask the model is unsure of
+    reference = finish(data, "coffee.jpg", *maps, PRESETS["default"])
+    (got,) = device_render.finish_on_device([data], PRESETS["default"], "cpu", maps=[maps])
+    assert not isinstance(got, str), got
+    assert reference.left_alone == got.left_alone == NO_CLEAR_SUBJECT
+    assert got.reason == reference.reason and "min_subject_confidence" in got.reason
+    assert got.rendering.no_subject and got.rendering.left_alone
+    assert psnr(pixels(got.encoded), photo) >= 40  # the photo itself, encoded once
+    assert psnr(pixels(got.encoded), pixels(reference.encoded)) >= 40
+
+
+@pytest.mark.parametrize("depth_measured", [True, False])
+def test_depth_measured_reaches_the_device_path(depth_measured):
+    """A partial mask is extended as the CPU path extends it: by depth, or by colour alone under
+    the ground prior."""
+    data = (EXAMPLES / "coffee.jpg").read_bytes()
+    fg, depth = scene_maps(*decode_photo(data, "coffee.jpg").pixels.shape[:2])
+    fg[:, : fg.shape[1] // 2] = 0  # the right half of the subject only
+    fractions = {}
+    for measured in (True, False):
+        reference = finish(data, "coffee.jpg", fg, depth, PRESETS["default"], depth_measured=measured)
+        fractions[measured] = reference.rendering.fg_fraction
+        if measured != depth_measured:
+            continue
+        (got,) = device_render.finish_on_device(
+            [data], PRESETS["default"], "cpu", maps=[(fg, depth)], depth_measured=measured
+        )
+        assert not isinstance(got, str), got
+        assert got.rendering.fg_fraction == pytest.approx(reference.rendering.fg_fraction, abs=1e-6)
+        assert got.rendering.start == pytest.approx(reference.rendering.start, abs=1e-5)
+        assert psnr(pixels(got.encoded), pixels(reference.encoded)) >= 40
+    assert fractions[True] != pytest.approx(fractions[False], abs=1e-3)  # the argument decides something
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

@@ -1,7 +1,8 @@
 """The torch effect (pipeline/effect_torch.py) on the CPU gives effect.py's pictures: the result,
-the background and alpha to at least 45 dB PSNR, both presets, on the examples, an 8-MP photo,
-and the cases where a decision falls back (flat depth, no subject, all subject, a soft
-background, a flat photo)."""
+the background, alpha and the subject kept crisp to at least 45 dB PSNR, both presets, on the
+examples, an 8-MP photo, the cases where a decision falls back (flat depth, no subject, all
+subject, a soft background, a flat photo) and the decisions on the subject (no clear subject,
+a partial mask extended to the whole object, with measured depth or the ground prior)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,11 @@ def scene_maps(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return fg, depth
 
 
-def torch_render(photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params) -> effect.Rendering:
+def torch_render(
+    photo: np.ndarray, fg: np.ndarray, depth: np.ndarray, params, depth_measured: bool = True
+) -> effect.Rendering:
     batch = torch.from_numpy(np.ascontiguousarray(photo.transpose(2, 0, 1)))[None]
-    return et.render(batch, torch.from_numpy(fg)[None], torch.from_numpy(depth)[None], params).host(0)
+    return et.render(batch, torch.from_numpy(fg)[None], torch.from_numpy(depth)[None], params, depth_measured).host(0)
 
 
 def assert_same_picture(ref: effect.Rendering, got: effect.Rendering) -> None:
@@ -49,6 +52,12 @@ def assert_same_picture(ref: effect.Rendering, got: effect.Rendering) -> None:
     assert psnr(ref.background, got.background, 255) >= 45
     assert psnr(ref.alpha, got.alpha, 1.0) >= 45
     assert psnr(ref.depth, got.depth, 1.0) >= 45
+    assert psnr(ref.fg, got.fg, 1.0) >= 45  # the whole subject
+    assert ref.saliency is not None and got.saliency is not None
+    assert psnr(ref.saliency, got.saliency, 1.0) >= 45
+    assert got.no_subject == ref.no_subject
+    if not np.isnan(got.subject_confidence):  # nan: not measured (no subject checks, no extension)
+        assert got.subject_confidence == pytest.approx(ref.subject_confidence, abs=1e-5)
     assert got.start == pytest.approx(ref.start, abs=1e-5)
     assert got.stop == pytest.approx(ref.stop, abs=1e-5)
     assert got.fg_fraction == pytest.approx(ref.fg_fraction, abs=1e-4)
@@ -153,3 +162,63 @@ def test_opening_is_opencvs(kernel_size):
     expected = cv2.normalize(cv2.morphologyEx(photo, cv2.MORPH_OPEN, kernel), None, 40, 255, cv2.NORM_MINMAX)
     got = et.painterly_background(torch.from_numpy(photo.transpose(2, 0, 1).copy())[None], kernel_size)
     assert np.abs(got[0].permute(1, 2, 0).numpy().astype(int) - expected).max() <= 1
+
+
+def partial_mask(fg: np.ndarray) -> np.ndarray:
+    """The right half of the subject only, as a model that missed part of it gives."""
+    part = fg.copy()
+    part[:, : fg.shape[1] // 2] = 0
+    return cv2.GaussianBlur(part, (0, 0), 3)
+
+
+@pytest.mark.parametrize("case", ["tiny subject", "unsure subject", "clear subject"])
+def test_no_clear_subject_matches(case):
+    photo = example("coffee")
+    fg, depth = scene_maps(*photo.shape[:2])
+    if case == "tiny subject":  # a speck: well under min_subject_area
+        speck = cv2.resize(fg, None, fx=0.05, fy=0.05)
+        fg = np.zeros_like(fg)
+        fg[: speck.shape[0], : speck.shape[1]] = speck
+    elif case == "unsure subject":  # large, but the model is unsure of it
+        fg = fg * np.float32(0.6)
+    params = PRESETS["default"]
+    ref = effect.render(photo, fg, depth, params)
+    got = torch_render(photo, fg, depth, params)
+    assert ref.no_subject == (case != "clear subject")
+    assert_same_picture(ref, got)
+    if ref.no_subject:
+        assert got.left_alone and np.array_equal(got.image, photo)
+        assert got.subject_confidence == pytest.approx(ref.subject_confidence, abs=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_partial_mask_grows_to_the_same_whole_subject(name):
+    photo = example(name)
+    fg, depth = scene_maps(*photo.shape[:2])
+    part = partial_mask(fg)
+    params = PRESETS["default"]
+    wholes = {}
+    for measured in (True, False):
+        ref = effect.render(photo, part, depth, params, depth_measured=measured)
+        got = torch_render(photo, part, depth, params, depth_measured=measured)
+        assert ref.saliency is not None
+        assert np.count_nonzero((ref.fg >= 0.5) & (ref.saliency < 0.5)) > 0.01 * ref.fg.size  # it did grow
+        assert np.array_equal(got.fg, ref.fg)  # the same decision, pixel for pixel
+        assert_same_picture(ref, got)
+        wholes[measured] = got.fg
+    assert not np.array_equal(wholes[True], wholes[False])  # the ground prior decides otherwise
+
+
+def test_depth_measured_is_per_photo_in_a_batch():
+    photo = example("chelsea")
+    fg, depth = scene_maps(*photo.shape[:2])
+    part = partial_mask(fg)
+    batch = et.render(
+        torch.from_numpy(np.ascontiguousarray(np.stack([photo, photo]).transpose(0, 3, 1, 2))),
+        torch.from_numpy(np.stack([part, part])),
+        torch.from_numpy(np.stack([depth, depth])),
+        PRESETS["default"],
+        [True, False],
+    )
+    for i, measured in enumerate((True, False)):
+        assert_same_picture(effect.render(photo, part, depth, PRESETS["default"], measured), batch.host(i))

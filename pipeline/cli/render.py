@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
             quality=args.quality,
             max_megapixels=args.max_megapixels,
             intermediates=bool(args.save_intermediates),
+            depth_measured=_depth_measured(args, models),
             **given,
         )[0]
         if isinstance(found, str):
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             args.quality,
             args.max_megapixels,
             intermediates=bool(args.save_intermediates),
-            depth_measured=args.depth is not None or models is None or models.depth.measures_depth,
+            depth_measured=_depth_measured(args, models),
         )
     folder, name = os.path.split(os.path.abspath(args.output))
     Storage(folder).write_atomic(name, done.encoded)
@@ -125,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
         f"crisp in front of depth {done.rendering.start:.3f}, background behind {done.rendering.stop:.3f}"
     )
     return 0
+
+
+def _depth_measured(args: argparse.Namespace, models: SceneModels | None) -> bool:
+    """Whether the depth map is a measurement (a file given, or a depth model's) rather than the
+    weight-free ground prior (see effect.render)."""
+    return args.depth is not None or models is None or models.depth.measures_depth
 
 
 def _models(args: argparse.Namespace, device: str) -> SceneModels:

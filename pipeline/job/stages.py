@@ -184,6 +184,7 @@ class ModelStage:
                 quality=how.quality,
                 max_megapixels=how.max_megapixels,
                 intermediates=how.intermediates,
+                depth_measured=self.models.depth.measures_depth,
             )
 
         results: list[Finished | str]
