@@ -306,3 +306,11 @@ def test_status_merges_many_parts_only_while_no_job_runs(tmp_path, capsys):
     assert "merged 70 manifest parts into one" in out and "70 inputs (70 attempts): ok 70" in out
     assert len(list(store.list_files(frozenset({".parquet"})))) == 1
     assert not (tmp_path / "out" / "manifest" / "lease.json").exists()
+
+
+def test_verbose_is_taken_before_or_after_the_subcommand():
+    from pipeline.cli import parse_args
+
+    assert parse_args(["run", "in", "out"]).verbose is False
+    assert parse_args(["-v", "run", "in", "out"]).verbose is True
+    assert parse_args(["run", "in", "out", "--verbose"]).verbose is True

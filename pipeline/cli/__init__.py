@@ -21,6 +21,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")
         subparsers[name] = module.add_parser(sub)
+        # also after the subcommand (`dreamfocus run IN OUT -v`); SUPPRESS keeps a -v given before it
+        subparsers[name].add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details"
+        )
         subparsers[name].set_defaults(handler=module.run)
     return parser, subparsers
 
