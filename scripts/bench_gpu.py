@@ -25,7 +25,7 @@
 
 Weights are random on the real architectures (the same arithmetic, so the same time, as the
 published weights) unless real ones are in the dreamfocus cache; the output says which. With
-random weights the maps handed to the effect in step 2 are those of the trivial models (a
+random weights the maps handed to the effect in steps 2 and 3 are those of the trivial models (a
 centred subject, a depth ramp), so the CPU stages do the work that a real photo costs.
 
 Needs torch, transformers, OpenCV, Pillow, PyArrow and fsspec; Ray only for step 3.
@@ -364,12 +364,38 @@ def _ready(_) -> int:
     return os.getpid()
 
 
+class StandInScene(SceneModels):
+    """On the device path: the models run (for their time), and the effect gets the trivial
+    models' maps (a centred subject, a depth ramp) for the tasks in ``stand_ins``. Random weights
+    give no clear subject: every photo would be left alone and the effect never measured."""
+
+    stand_ins: tuple[str, ...] = ()
+
+    def predict_on_device(self, copies, mark=lambda step: None):
+        import torch
+
+        maps = dict(zip(("saliency", "depth"), super().predict_on_device(copies, mark)))
+        for task in self.stand_ins:
+            model = create_model(f"trivial-{task}")
+            blanks = [np.zeros((c.shape[0], c.shape[1], 3), np.uint8) for c in copies]
+            maps[task] = [torch.from_numpy(m).to(c.device) for m, c in zip(model.predict(blanks), copies)]
+        return maps["saliency"], maps["depth"]
+
+
 class BenchModelStage(ModelStage):
     """The job's model stage around models built here (random weights cannot be named to
     ModelStage's own constructor); ``predict`` and ``render`` are the stage's own."""
 
-    def __init__(self, models: Models, device: str, batch_size: int, rendering: DeviceRendering | None = None) -> None:
-        self.models = SceneModels.from_models(models.saliency, models.depth)
+    def __init__(
+        self,
+        models: Models,
+        device: str,
+        batch_size: int,
+        rendering: DeviceRendering | None = None,
+        stand_ins: tuple[str, ...] = (),
+    ) -> None:
+        self.models = StandInScene.from_models(models.saliency, models.depth)
+        self.models.stand_ins = stand_ins
         self.models.batch_size = batch_size
         self.rendering = rendering
 
@@ -723,11 +749,11 @@ def main(argv: list[str] | None = None) -> int:
     relpaths = make_library(library, args.photos, width, height, workers)
     layout = model_layout(JobConfig(input=str(library), output=str(args.workdir)), 1 if gpu else 0)
     models = build_models(device, layout.batch_size, args.random_weights, args.tiny_models, None)
+    stand_ins = tuple(
+        task for task, model in (("saliency", models.saliency), ("depth", models.depth)) if model.version == RANDOM
+    )
     if "numpy" in args.render_backends:
         stage = BenchModelStage(models, device, layout.batch_size)
-        stand_ins = tuple(
-            task for task, model in (("saliency", models.saliency), ("depth", models.depth)) if model.version == RANDOM
-        )
         print(f"  model stage: {'; '.join(stage.models.describe())}, batch {layout.batch_size}", flush=True)
         if stand_ins:
             print(f"  the effect gets the trivial models' {' and '.join(stand_ins)} maps (random weights)")
@@ -739,8 +765,10 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in args.render_backends:
         print("\n3. end to end with the GPU render path (torch render backend), without Ray", flush=True)
         config = JobConfig(input=str(library), output=str(args.workdir), render_backend="torch")
-        stage = BenchModelStage(models, device, layout.batch_size, DeviceRendering.of(config))
+        stage = BenchModelStage(models, device, layout.batch_size, DeviceRendering.of(config), stand_ins)
         print(f"  model stage: {'; '.join(stage.models.describe())}, batch {layout.batch_size}", flush=True)
+        if stand_ins:
+            print(f"  the effect gets the trivial models' {' and '.join(stand_ins)} maps (random weights)")
         result = run_device_end_to_end(stage, library, relpaths, args.workdir / "out-device", device, workers)
         print_device_end_to_end(result, width, height, workers, device)
         del stage
