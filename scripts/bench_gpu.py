@@ -28,7 +28,7 @@ published weights) unless real ones are in the dreamfocus cache; the output says
 random weights the maps handed to the effect in steps 2 and 3 are those of the trivial models (a
 centred subject, a depth ramp), so the CPU stages do the work that a real photo costs.
 
-Needs torch, transformers, OpenCV, Pillow, PyArrow and fsspec; Ray only for step 3.
+Needs torch, transformers, OpenCV, Pillow, PyArrow and fsspec; Ray only for step 4.
 Targets (printed next to the figures, never enforced): models at least 150 photos/s on one H100;
 the whole job at least 40 photos/s with 16 CPU cores, and at least 150 photos/s with the GPU
 render path (one H100, 16 CPU cores).
