@@ -446,6 +446,8 @@ def extend_subject(
         depth = cv2.resize(depth[: small[1] * step, : small[0] * step], small, interpolation=cv2.INTER_AREA)
     else:
         fg_small = fg
+    if photo.dtype != np.uint8:  # a camera RAW's 16 bits: colour bins and edges need no more than 8
+        photo = cv2.convertScaleAbs(photo, alpha=255 / 65535)
     core = fg_small >= core_level
     if not core.any():
         core = fg_small >= fg_threshold

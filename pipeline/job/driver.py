@@ -89,26 +89,22 @@ class JobSummary:
 def run_job(config: JobConfig) -> JobSummary:
     """Plan, then process what is left; returns counts.
 
-    The run first takes OUTPUT's lease (OutputBusyError where another job holds it), so the
-    plan it makes stays true while it runs. The plan streams: to-do items go to Ray's object
-    store in chunks as the listing proceeds, so the driver's memory does not grow with the
-    library. Ray starts only if there is work, and only once every model's weights are found and
-    checked (WeightsUnavailableError, with nothing started, where they cannot be had). Rows are
-    committed every config.commit_every photos and at least every config.commit_seconds.
+    A run refuses at once where another job holds OUTPUT's lease (OutputBusyError), and takes
+    the lease itself once its plan has work, before anything is written or processed. The plan
+    streams: to-do items go to Ray's object store in chunks as the listing proceeds, so the
+    driver's memory does not grow with the library. Ray starts only if there is work, and only
+    once every model's weights are found and checked (WeightsUnavailableError, with nothing
+    started or written, where they cannot be had). Rows are committed every
+    config.commit_every photos and at least every config.commit_seconds.
     """
     started = time.perf_counter()
     inputs, output = check_locations(config)
     run_id = new_run_id()
     manifest = Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options)
+    lease = None if config.dry_run else Lease(output, run_id)
+    if lease is not None:
+        lease.check()
     with contextlib.ExitStack() as held:
-        ticker = None
-        if not config.dry_run:
-            lease = Lease(output, run_id).acquire()
-            held.callback(lease.release)
-            ticker = held.enter_context(Ticker(lease))
-            merged = compact_manifest(manifest)
-            if merged:
-                log.info("merged %d manifest parts into one", merged)
         skipped: dict[str, int] = {}
         others: dict[str, int] = {}
         other_files = None if config.dry_run else OtherFilesWriter()
@@ -145,7 +141,13 @@ def run_job(config: JobConfig) -> JobSummary:
 
         counts: dict[str, int] = {}
         processing_started = ended = time.perf_counter()
-        if ticker is not None and (chunk_refs or refused):
+        if lease is not None and (chunk_refs or refused):
+            lease.acquire()  # of runs planned at once, one goes on; nothing was written before
+            held.callback(lease.release)
+            ticker = held.enter_context(Ticker(lease))
+            merged = compact_manifest(manifest)
+            if merged:
+                log.info("merged %d manifest parts into one", merged)
             writer = ManifestWriter(manifest, run_id, config.commit_every, config.commit_seconds)
             console = sys.stderr
             if chunk_refs and not logging.getLogger().isEnabledFor(logging.INFO):

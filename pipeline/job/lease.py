@@ -75,6 +75,12 @@ class Lease:
             log.warning("%s is unreadable (%s); taking it over", self.output.uri_of(LEASE_FILE), exc)
             return LeaseRecord("unknown", "unknown", 0, "unknown", 0.0)
 
+    def check(self) -> None:
+        """Without writing anything: OutputBusyError where another live job holds the lease."""
+        held = self.current()
+        if held is not None and held.run_id != self.run_id:
+            self._refuse_if_live(held)
+
     def acquire(self) -> Lease:
         """Take the lease, or raise OutputBusyError naming the live job that holds it."""
         for _ in range(3):  # a lost race against another taker is decided by the re-read
@@ -85,15 +91,18 @@ class Lease:
                 continue  # released between our create and read
             if held.run_id == self.run_id:
                 return self
-            left = held.expires_at - self.clock()
-            if left > 0 and not held.is_dead_here():
-                raise OutputBusyError(
-                    f"{self.output.uri}: another job is writing here: {held.describe()}; "
-                    f"its lease expires in {left:.0f} s unless it renews it (wait for it, or stop it)"
-                )
+            self._refuse_if_live(held)
             log.warning("taking over the lease of %s, which has ended", held.describe())
             self.output.remove(LEASE_FILE)
         raise OutputBusyError(f"{self.output.uri}: could not take the lease ({LEASE_FILE}): other runs keep taking it")
+
+    def _refuse_if_live(self, held: LeaseRecord) -> None:
+        left = held.expires_at - self.clock()
+        if left > 0 and not held.is_dead_here():
+            raise OutputBusyError(
+                f"{self.output.uri}: another job is writing here: {held.describe()}; "
+                f"its lease expires in {left:.0f} s unless it renews it (wait for it, or stop it)"
+            )
 
     def renew(self) -> None:
         """Push the expiry on; OutputBusyError where another run has taken the lease since."""

@@ -97,11 +97,11 @@ def resolve_models(config: Any) -> dict[str, JobModel]:
     except WeightsUnavailableError as exc:
         if config.depth_weights or config.depth_model == FALLBACK_DEPTH:
             raise  # weights named explicitly that cannot be used: not silently something else
-        log.info("%s", exc)  # the how-to in full, with --verbose; `models list` says it too
+        # One line: why, without the how-to (that is in `dreamfocus models list`, and here with -v).
+        log.info("%s", exc)
         log.warning(
-            "no weights for %s here, and none can be fetched: using %s depth (`dreamfocus models list` "
-            "says how to supply them)",
-            config.depth_model,
+            "%s: using %s depth (`dreamfocus models list` says how to supply the weights)",
+            str(exc).split(";")[0],
             FALLBACK_DEPTH,
         )
         depth = JobModel(DEPTH, FALLBACK_DEPTH)
