@@ -599,10 +599,9 @@ def test_hub_depth_model_of_each_architecture_predicts_inverse_depth(hub_saved, 
     torch.testing.assert_close(model._forward(x), expected.squeeze(1) if expected.ndim == 4 else expected)
 
 
+@pytest.mark.parametrize("hub_saved", ["dpt"], indirect=True)  # one architecture shows it
 def test_hub_depth_model_takes_the_input_policy_of_its_preprocessor_config(hub_saved, cache, tmp_path):
     kind, folder = hub_saved
-    if kind != "dpt":
-        pytest.skip("one architecture shows it")
     import shutil
 
     own = tmp_path / "dpt-512"
