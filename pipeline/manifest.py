@@ -143,14 +143,19 @@ def _parquet(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
-def _read_parts(store: Storage) -> tuple[dict[str, pa.Table], list[str]]:
-    """Every committed part by name, less those a compacted part has replaced (a compaction
-    killed before it removed them leaves them behind; their rows are in the compacted part),
-    and the names of such leftovers."""
+def part_names(store: Storage) -> list[str]:
+    """The manifest's part files (none when there is no manifest yet): a listing, no reads."""
     try:
-        names = [part.relpath for part in store.list_files(frozenset({".parquet"}))]
+        return [part.relpath for part in store.list_files(frozenset({".parquet"}))]
     except FileNotFoundError:
-        return {}, []
+        return []
+
+
+def _read_parts(store: Storage, names: list[str] | None = None) -> tuple[dict[str, pa.Table], list[str]]:
+    """Every committed part by name (of `names`, else of a listing), less those a compacted part
+    has replaced (a compaction killed before it removed them leaves them behind; their rows are
+    in the compacted part), and the names of such leftovers."""
+    names = part_names(store) if names is None else names
     parts = {name: pq.read_table(io.BytesIO(store.read_bytes(name))) for name in names}
     replaced = set()
     for table in parts.values():
@@ -219,8 +224,12 @@ def compact_manifest(store: Storage, min_parts: int = COMPACT_MIN_PARTS) -> int:
     Only while holding OUTPUT's lease (no run is adding parts). The merged part is written
     first, naming the parts it replaces, and only then are they removed: a kill at any point
     loses no row and counts none twice. Every column of every part is kept, old ones too.
+    Fewer part files than `min_parts` cost a listing only: nothing is read.
     """
-    parts, leftovers = _read_parts(store)
+    names = part_names(store)
+    if len(names) < min_parts:
+        return 0
+    parts, leftovers = _read_parts(store, names)
     for name in leftovers:  # of a compaction killed midway
         store.remove(name)
     if len(parts) < min_parts:

@@ -16,6 +16,7 @@ from ..manifest import (
     compact_manifest,
     manifest_report,
     new_run_id,
+    part_names,
     read_other_files,
 )
 from ..storage import Storage
@@ -53,10 +54,7 @@ def run(args: argparse.Namespace) -> int:
 def _compact_when_idle(output: Storage, manifest: Storage) -> None:
     """Merge many small parts into one, but only while no job writes OUTPUT (its lease is
     free) and where OUTPUT can be written; otherwise the status is read as it is."""
-    try:
-        if len(list(manifest.list_files(frozenset({".parquet"})))) < COMPACT_MIN_PARTS:
-            return
-    except FileNotFoundError:
+    if len(part_names(manifest)) < COMPACT_MIN_PARTS:
         return
     try:
         lease = Lease(output, f"status-{new_run_id()}").acquire()
