@@ -348,6 +348,11 @@ def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
         ["relpath", "status", "error_kind", "error", "reason", "attempt", "run_id", "started_at", "finished_at"]
         + stage_columns,
     )
+    return report_of(table, top)
+
+
+def report_of(table: pa.Table, top: int = 5) -> ManifestReport:
+    """The report of manifest rows already read (with at least manifest_report's columns)."""
     latest = latest_rows(table)
     latest_counts = (
         {

@@ -50,8 +50,8 @@ from .manifest import (
     ManifestReport,
     key_of,
     latest_rows,
-    manifest_report,
     read_manifest,
+    report_of,
 )
 from .photo_io import OUTPUT_EXTENSIONS, decode_photo
 from .storage import Storage
@@ -376,7 +376,7 @@ def build_review(
 
     rows_js = rows_script(rows).encode()
     review.write_atomic("rows.js", rows_js)
-    page = render_page(manifest_report(manifest), output.uri, rows_js)
+    page = render_page(report_of(table), output.uri, rows_js)  # the rows read above, not read again
     review.write_atomic("index.html", page.encode())
     return ReviewSummary(
         page=review.uri_of("index.html"),
