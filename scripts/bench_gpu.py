@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import types
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -480,18 +481,24 @@ def run_end_to_end(
             collect(wait(finishing)[0])
             seconds = time.perf_counter() - started
 
+    statuses, per_photo, first_error = tally(results, ("read", "decode", "effect", "encode", "write"))
+    return EndToEnd(len(relpaths), seconds, busy.share(), model_seconds, statuses, per_photo, first_error)
+
+
+def tally(results: list[dict], steps: tuple[str, ...]) -> tuple[dict[str, int], dict[str, float], str]:
+    """Photos by status, seconds per photo of each step, and the first failure's error."""
     statuses: dict[str, int] = {}
     first_error = ""
-    cpu = dict.fromkeys(("read", "decode", "effect", "encode", "write"), 0.0)
+    totals = dict.fromkeys(steps, 0.0)
     for batch in results:
         for i, status in enumerate(batch["status"]):
             statuses[status] = statuses.get(status, 0) + 1
             if status == "failed" and not first_error:
                 first_error = str(batch["error"][i])
-        for step in cpu:
-            cpu[step] += float(np.sum(batch[f"seconds_{step}"]))
-    n = len(relpaths)
-    return EndToEnd(n, seconds, busy.share(), model_seconds, statuses, {k: v / n for k, v in cpu.items()}, first_error)
+        for step in steps:
+            totals[step] += float(np.sum(batch[f"seconds_{step}"]))
+    n = sum(statuses.values())
+    return statuses, {step: total / n for step, total in totals.items()}, first_error
 
 
 def run_device_end_to_end(
@@ -549,23 +556,11 @@ def run_device_end_to_end(
             collect(wait(writing)[0])
             seconds = time.perf_counter() - started
 
-    statuses: dict[str, int] = {}
-    paths: dict[str, int] = {}
-    first_error = ""
-    steps = dict.fromkeys(("read", "decode", "saliency", "depth", "effect", "encode", "write"), 0.0)
-    for batch in results:
-        for i, status in enumerate(batch["status"]):
-            statuses[status] = statuses.get(status, 0) + 1
-            path = str(batch["render_path"][i] or "none")
-            paths[path] = paths.get(path, 0) + 1
-            if status == "failed" and not first_error:
-                first_error = str(batch["error"][i])
-        for step in steps:
-            steps[step] += float(np.sum(batch[f"seconds_{step}"]))
-    n = len(relpaths)
-    return EndToEnd(
-        n, seconds, busy.share(), device_seconds, statuses, {k: v / n for k, v in steps.items()}, first_error, paths
+    statuses, per_photo, first_error = tally(
+        results, ("read", "decode", "saliency", "depth", "effect", "encode", "write")
     )
+    paths = dict(Counter(str(path or "none") for batch in results for path in batch["render_path"]))
+    return EndToEnd(len(relpaths), seconds, busy.share(), device_seconds, statuses, per_photo, first_error, paths)
 
 
 # ----------------------------------------------------------------------------- the job
