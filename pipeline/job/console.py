@@ -87,25 +87,24 @@ class Progress:
     def line(self) -> str:
         return progress_line(self.done, self.total, self.failed, self.left_alone, self.rate())
 
+    def _draw(self, line: str, to_log: bool) -> None:
+        """Redraw the live line on a terminal; in a log, print it when `to_log`."""
+        if self.live is not None:
+            self.live.update(self.task, completed=self.done, description=line, refresh=True)
+        elif to_log:
+            self.last_logged = self.clock()
+            print(line, file=self.stream, flush=True)
+
     def show(self) -> None:
         with self._lock:
-            line = self.line()
-            if self.live is not None:
-                self.live.update(self.task, completed=self.done, description=line, refresh=True)
-            elif self.clock() - self.last_logged >= LOG_SECONDS:
-                self.last_logged = self.clock()
-                print(line, file=self.stream, flush=True)
+            self._draw(self.line(), to_log=self.clock() - self.last_logged >= LOG_SECONDS)
 
     def close(self) -> None:
         """The final line, in logs too, with the rate of the whole run."""
         with self._lock:
             elapsed = self.clock() - self.started
             rate = self.done / elapsed if elapsed > 0 else None
-            line = progress_line(self.done, self.total, self.failed, self.left_alone, rate)
-            if self.live is not None:
-                self.live.update(self.task, completed=self.done, description=line, refresh=True)
-            else:
-                print(line, file=self.stream, flush=True)
+            self._draw(progress_line(self.done, self.total, self.failed, self.left_alone, rate), to_log=True)
         if self.live is not None:
             self.live.stop()
 
