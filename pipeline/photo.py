@@ -250,8 +250,12 @@ def soft_background_reason(result: Rendering, params: EffectParams) -> str:
     )
 
 
+# The intermediates a photo can be saved with (intermediate_pngs' keys), as <stem>.<name>.png.
+INTERMEDIATE_NAMES = ("background", "mask", "depth16", "alpha")
+
+
 def intermediate_pngs(rendering: Rendering, height: int, width: int) -> dict[str, bytes]:
-    """Viewable PNGs at the photo's size, named for what they show."""
+    """Viewable PNGs at the photo's size, named for what they show (INTERMEDIATE_NAMES)."""
 
     def full(values: np.ndarray) -> np.ndarray:
         return upscale(values, rendering.factor, height, width)

@@ -62,7 +62,7 @@ REVIEW_DIR, THUMBS_DIR = "review", "thumbs"
 THUMB_SIZE = 640  # long side, px: sharp enough for the side-by-side slider, ~40 KB as JPEG
 THUMB_QUALITY = 80
 # Intermediates as the job names them (photo.intermediate_pngs), in the order shown.
-INTERMEDIATE_NAMES = ("mask", "depth16", "alpha", "background")
+INTERMEDIATE_ORDER = ("mask", "depth16", "alpha", "background")  # the page shows photo.INTERMEDIATE_NAMES so
 STATUS_LABELS = {OK: "ok", SKIPPED: "left alone", FAILED: "failed"}
 # Inputs the job could not decode: no thumbnail is tried (it would fail again on every rerun).
 UNDECODABLE_KINDS = frozenset(
@@ -201,7 +201,7 @@ def page_rows(
             thumbs.append(Thumb(images_store, target, after))
             full = _href(IMAGES_DIR, target)
             stem = os.path.splitext(target)[0]
-            for name in INTERMEDIATE_NAMES:
+            for name in INTERMEDIATE_ORDER:
                 file = f"{stem}.{name}.png"
                 if file in intermediates:
                     thumb = thumb_name(name, file, stamp)

@@ -44,7 +44,7 @@ from ..errors import DreamfocusError, classify, error_kind
 from ..manifest import FAILED, OK, SKIPPED
 from ..models import model_class
 from ..params import EffectParams
-from ..photo import NUMPY_PATH, Finished, SceneMaps, SceneModels, finish, prepare
+from ..photo import INTERMEDIATE_NAMES, NUMPY_PATH, Finished, SceneMaps, SceneModels, finish, prepare
 from ..storage import Storage
 from .plan import IMAGES_DIR, INTERMEDIATES_DIR, JobConfig
 from .weights import Shipment
@@ -276,7 +276,6 @@ RENDER_NUMBERS = {
     "seconds_effect": np.float32,
     "seconds_encode": np.float32,
 }
-INTERMEDIATE_NAMES = ("background", "mask", "depth16", "alpha")
 # Columns the model actor adds with the torch render backend, for the finishing task to write.
 DEVICE_COLUMNS = ("encoded", "render_path", *RENDER_NUMBERS, *(f"png_{name}" for name in INTERMEDIATE_NAMES))
 
