@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BadInputError, WeightsUnavailableError
-from ..models import DEPTH, FALLBACK_DEPTH, SALIENCY, model_class
+from ..models import DEPTH, FALLBACK_DEPTH, SALIENCY, model_class, warn_depth_fallback
 from ..models.weights import (
     cache_dir,
     fetch_to_cache,
@@ -97,13 +97,7 @@ def resolve_models(config: Any) -> dict[str, JobModel]:
     except WeightsUnavailableError as exc:
         if config.depth_weights or config.depth_model == FALLBACK_DEPTH:
             raise  # weights named explicitly that cannot be used: not silently something else
-        # One line: why, without the how-to (that is in `dreamfocus models list`, and here with -v).
-        log.info("%s", exc)
-        log.warning(
-            "%s: using %s depth (`dreamfocus models list` says how to supply the weights)",
-            str(exc).split(";")[0],
-            FALLBACK_DEPTH,
-        )
+        warn_depth_fallback(log, config.depth_model, exc)
         depth = JobModel(DEPTH, FALLBACK_DEPTH)
     return {SALIENCY: saliency, DEPTH: depth}
 

@@ -102,9 +102,19 @@ def load_model(
             raise
         if name not in _warned_fallback:
             _warned_fallback.add(name)
-            reason = str(exc) if name in str(exc) else f"no weights for {name} ({exc})"
-            logging.getLogger(__name__).warning("%s; using %s depth instead", reason, FALLBACK_DEPTH)
+            warn_depth_fallback(logging.getLogger(__name__), name, exc)
         return create_model(FALLBACK_DEPTH, DEPTH, device=device, batch_size=batch_size)
+
+
+def warn_depth_fallback(log: logging.Logger, name: str, exc: WeightsUnavailableError) -> None:
+    """The one warning line of a depth model that falls back to the ground prior: why, without
+    the how-to (that is in `dreamfocus models list`, and logged here in full with -v)."""
+    log.info("%s", exc)
+    why = str(exc).split(";")[0]
+    why = why if name in why else f"no weights for {name} ({why})"
+    log.warning(
+        "%s: using %s depth instead (`dreamfocus models list` says how to supply the weights)", why, FALLBACK_DEPTH
+    )
 
 
 __all__ = [
@@ -120,4 +130,5 @@ __all__ = [
     "model_class",
     "model_names",
     "register",
+    "warn_depth_fallback",
 ]
