@@ -62,7 +62,7 @@ REVIEW_DIR, THUMBS_DIR = "review", "thumbs"
 THUMB_SIZE = 640  # long side, px: sharp enough for the side-by-side slider, ~40 KB as JPEG
 THUMB_QUALITY = 80
 # Intermediates as the job names them (photo.intermediate_pngs), in the order shown.
-INTERMEDIATE_ORDER = ("mask", "depth16", "alpha", "background")  # the page shows photo.INTERMEDIATE_NAMES so
+INTERMEDIATE_ORDER = ("mask", "depth16", "alpha", "background")  # photo.INTERMEDIATE_NAMES, as the page lists them
 STATUS_LABELS = {OK: "ok", SKIPPED: "left alone", FAILED: "failed"}
 # Inputs the job could not decode: no thumbnail is tried (it would fail again on every rerun).
 UNDECODABLE_KINDS = frozenset(
