@@ -22,22 +22,20 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import OutputError
 from ..manifest import (
     FAILED,
     MANIFEST_DIR,
-    OK,
     OTHER_FILES,
     SKIPPED,
     ManifestWriter,
     OtherFilesWriter,
     compact_manifest,
-    image_id,
+    manifest_rows,
     new_run_id,
 )
 from ..models import DEPTH, SALIENCY
@@ -127,7 +125,7 @@ def run_job(config: JobConfig) -> JobSummary:
                     print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
             elif item.error:
                 planned += 1
-                refused.append(_refused_row(item, inputs, config, run_id))
+                refused.append(item)
             else:
                 planned += 1
                 if models is None:  # the first photo to process: the weights, before Ray starts
@@ -154,20 +152,13 @@ def run_job(config: JobConfig) -> JobSummary:
                 console = held.enter_context(without_native_noise())  # Ray is up: its lines from now on
             progress = Progress(planned, console)
             ticker.follow(writer, progress)
-            failing_writes = 0
+            tally = RowTally(writer, progress, output.uri)
+            counts = tally.counts
             rows = _execute(config, inputs, chunk_refs, run_id, models) if chunk_refs and models else iter(())
             try:
-                for row in itertools.chain(refused, rows):
+                for table in itertools.chain(_refused_rows(refused, inputs, config, run_id), rows):
                     ticker.check()
-                    writer.add(row)
-                    progress.add(row["status"])
-                    counts[row["status"]] = counts.get(row["status"], 0) + 1
-                    # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
-                    failing_writes = failing_writes + 1 if row["error_kind"] == OutputError.kind else 0
-                    if failing_writes >= MAX_FAILING_WRITES:
-                        raise OutputError(
-                            f"{output.uri}: {failing_writes} writes in a row failed, stopping (last: {row['error']})"
-                        )
+                    tally.add(table)
             finally:
                 ticker.follow(None, None)
                 writer.flush()
@@ -178,6 +169,34 @@ def run_job(config: JobConfig) -> JobSummary:
         if other_files is not None and (others or output.exists(OTHER_FILES)):
             other_files.close(output)  # replaces the last run's listing
     return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started, output.uri, others)
+
+
+class RowTally:
+    """The driver's part in a row's life: commit the manifest rows the workers made, count them
+    for the progress line and the summary, and stop a job whose every write fails."""
+
+    def __init__(self, writer: ManifestWriter, progress: Progress, output_uri: str) -> None:
+        self.writer, self.progress, self.output_uri = writer, progress, output_uri
+        self.counts: dict[str, int] = {}
+        self.failing_writes = 0
+
+    def add(self, rows: pa.Table) -> None:
+        self.writer.add_table(rows)
+        for status, n in zip(*_value_counts(rows.column("status"))):
+            self.counts[status] = self.counts.get(status, 0) + n
+            self.progress.add(status, n)
+        # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
+        for kind, error in zip(rows.column("error_kind").to_pylist(), rows.column("error").to_pylist()):
+            self.failing_writes = self.failing_writes + 1 if kind == OutputError.kind else 0
+            if self.failing_writes >= MAX_FAILING_WRITES:
+                raise OutputError(
+                    f"{self.output_uri}: {self.failing_writes} writes in a row failed, stopping (last: {error})"
+                )
+
+
+def _value_counts(values: pa.ChunkedArray) -> tuple[list[str], list[int]]:
+    counted = pc.value_counts(values)
+    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
 
 
 class Ticker:
@@ -290,7 +309,8 @@ def model_layout(config: JobConfig, cluster_gpus: float) -> ModelLayout:
 
 def _execute(
     config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel]
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[pa.Table]:
+    """The photos' manifest rows, a group's table at a time, as the dataset finishes them."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -337,48 +357,36 @@ def _execute(
         num_gpus=layout.gpus_per_actor,
         num_cpus=config.cpus_per_actor,
     )
-    ds = ds.map_batches(
-        functools.partial(finish_stage, config=config), batch_size=None, batch_format="pyarrow", num_cpus=1
-    )
+    finish = functools.partial(finish_stage, config=config, run_id=run_id, source_root=inputs.uri)
+    ds = ds.map_batches(finish, batch_size=None, batch_format="pyarrow", num_cpus=1)
 
-    source_root = inputs.uri
     # No prefetch: with one, Ray Data holds each finished group back until the next is done too.
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        for row in table.to_pylist():  # type: ignore[union-attr] # a pyarrow batch, as asked
-            yield _manifest_row(row, source_root, config, run_id)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)  # type: ignore[misc]
 
 
-def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str) -> dict[str, Any]:
-    assert item.error is not None
-    row = {
-        "relpath": item.source.relpath,
-        "source_size": item.source.size,
-        "source_fingerprint": item.source.fingerprint,
-        "attempt": item.attempt,
-        "status": FAILED,
-        "error_kind": item.error.kind,
-        "error": str(item.error),
-        "reason": "",
-    }
-    if item.error.leaves_alone:  # say, the RAW of a RAW + JPEG pair
-        row.update(status=SKIPPED, error="", reason=str(item.error))
-    return _manifest_row(row, inputs.uri, config, run_id)
-
-
-def _manifest_row(row: dict, source_root: str, config: JobConfig, run_id: str) -> dict[str, Any]:
-    relpath = row["relpath"]
-    finished_at = datetime.now(UTC)
-    started_at = row.get("started_at")
-    row.update(
-        started_at=started_at.replace(tzinfo=UTC) if started_at else finished_at,
-        image_id=image_id(relpath),
-        source_uri=f"{source_root}/{relpath}",
-        preset=config.params.preset,
-        job_hash=config.job_hash(),
-        run_id=run_id,
-        finished_at=finished_at,
-    )
-    if row["status"] != OK:
-        row["output_uri"] = None
-    row["render_path"] = row.get("render_path") or None  # null where no path rendered it
-    return row
+def _refused_rows(items: list[PlanItem], inputs: Storage, config: JobConfig, run_id: str) -> Iterator[pa.Table]:
+    """The rows the listing decided (an unsafe name, a pair's other half), PLAN_CHUNK at a time."""
+    for start in range(0, len(items), PLAN_CHUNK):
+        rows = []
+        for item in items[start : start + PLAN_CHUNK]:
+            assert item.error is not None
+            leaves_alone = item.error.leaves_alone  # say, the RAW of a RAW + JPEG pair
+            rows.append(
+                {
+                    "relpath": item.source.relpath,
+                    "source_size": item.source.size,
+                    "source_fingerprint": item.source.fingerprint,
+                    "attempt": item.attempt,
+                    "status": SKIPPED if leaves_alone else FAILED,
+                    "error_kind": item.error.kind,
+                    "error": "" if leaves_alone else str(item.error),
+                    "reason": str(item.error) if leaves_alone else "",
+                }
+            )
+        yield manifest_rows(
+            pa.Table.from_pylist(rows),
+            source_root=inputs.uri,
+            preset=config.params.preset,
+            job_hash=config.job_hash(),
+            run_id=run_id,
+        )
