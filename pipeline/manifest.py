@@ -7,13 +7,14 @@ functions here take a Storage rooted at the manifest folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -92,9 +93,14 @@ def new_run_id() -> str:
 
 class ManifestWriter:
     """Buffers manifest rows (Arrow tables of SCHEMA, as manifest_rows makes them) and writes
-    them as numbered parts: every `rows_per_part` rows, and at least every `seconds_per_part`
-    seconds while rows arrive (flush_if_due() from a timer), so a killed run loses little.
-    Thread-safe: rows come from the driver, time from a ticker."""
+    them as numbered parts: once `rows_per_part` rows wait, and at least every
+    `seconds_per_part` seconds while rows arrive (flush_if_due() from a timer), so a killed run
+    loses little.
+
+    Within `committing()`, parts are written by a thread of their own while rows go on arriving
+    (a group commit): a part then takes every row that waits, so when rows come faster than one
+    part per write, parts grow instead of the driver waiting. Thread-safe: rows come from the
+    driver, time from a ticker."""
 
     def __init__(
         self,
@@ -113,44 +119,94 @@ class ManifestWriter:
         self.pending = 0  # rows in self.tables
         self.parts = 0
         self.first_pending = 0.0  # when the oldest uncommitted row arrived
-        self._lock = threading.Lock()
+        self.error: BaseException | None = None  # of the committing thread, raised to the driver
+        self._lock = threading.Lock()  # the pending rows
+        self._writing = threading.Lock()  # one part at a time, numbered in order
+        self._wake = threading.Condition(self._lock)
+        self._committer: threading.Thread | None = None
+        self._stopping = False
 
     def add(self, row: dict) -> None:
         """One row given as a dict of SCHEMA's columns (missing ones are null)."""
         self.add_table(pa.Table.from_pylist([{c: row.get(c) for c in COLUMNS}], schema=SCHEMA))
 
     def add_table(self, rows: pa.Table) -> None:
-        """Rows with SCHEMA's columns. A part holds whole tables: one that would take a part past
-        rows_per_part is committed after what was pending, on its own or with what follows."""
+        """Rows with SCHEMA's columns."""
+        if self.error is not None:
+            raise self.error
         if not rows.num_rows:
             return
-        self.flush_if_due()
         with self._lock:
-            if self.pending and self.pending + rows.num_rows > self.rows_per_part:
-                self._flush()
             if not self.pending:
                 self.first_pending = self.clock()
             self.tables.append(rows)
             self.pending += rows.num_rows
-            if self.pending >= self.rows_per_part:
-                self._flush()
+        self.flush_if_due()
+
+    def _due(self) -> bool:
+        return self.pending >= self.rows_per_part or (
+            self.pending > 0 and self.clock() - self.first_pending >= self.seconds_per_part
+        )
 
     def flush_if_due(self) -> None:
         with self._lock:
-            if self.pending and self.clock() - self.first_pending >= self.seconds_per_part:
-                self._flush()
+            if not self._due():
+                return
+            if self._committer is not None:
+                self._wake.notify()
+                return
+        self._commit()
 
     def flush(self) -> None:
-        with self._lock:
-            self._flush()
+        """Commit every waiting row now (after the part being written, if any)."""
+        self._commit()
+        if self.error is not None:
+            raise self.error
 
-    def _flush(self) -> None:
-        if not self.pending:
-            return
-        table = pa.concat_tables(self.tables).select(list(COLUMNS)).cast(SCHEMA)
-        self.store.write_atomic(f"part-{self.run_id}-{self.parts:05d}.parquet", _parquet(table))
-        self.parts += 1
-        self.tables, self.pending = [], 0
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[ManifestWriter]:
+        """Parts written by a thread beside the caller; on leaving, the rest is committed."""
+        self._stopping = False
+        self._committer = threading.Thread(target=self._commit_when_due, name="dreamfocus-manifest", daemon=True)
+        self._committer.start()
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._stopping = True
+                self._wake.notify()
+            self._committer.join()
+            self._committer = None
+            self.flush()
+
+    def _commit_when_due(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._due():
+                    self._wake.wait(timeout=1.0)  # the time limit is checked on waking, too
+                if self._stopping:
+                    return
+            try:
+                self._commit()
+            except Exception as exc:  # noqa: BLE001 - raised in the driver's next add or flush
+                self.error = exc
+                return
+
+    def _commit(self) -> None:
+        with self._writing:
+            with self._lock:
+                tables, self.tables, self.pending = self.tables, [], 0
+            if not tables:
+                return
+            try:
+                table = pa.concat_tables(tables).select(list(COLUMNS)).cast(SCHEMA)
+                self.store.write_atomic(f"part-{self.run_id}-{self.parts:05d}.parquet", _parquet(table))
+            except BaseException:
+                with self._lock:  # not committed: they wait for the next try
+                    self.tables = tables + self.tables
+                    self.pending += sum(t.num_rows for t in tables)
+                raise
+            self.parts += 1
 
 
 def manifest_rows(

@@ -12,6 +12,7 @@ one line, having started nothing) and travel to the model actors through Ray's o
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import itertools
@@ -24,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from ..errors import OutputError
 from ..manifest import (
@@ -156,12 +156,12 @@ def run_job(config: JobConfig) -> JobSummary:
             counts = tally.counts
             rows = _execute(config, inputs, chunk_refs, run_id, models) if chunk_refs and models else iter(())
             try:
-                for table in itertools.chain(_refused_rows(refused, inputs, config, run_id), rows):
-                    ticker.check()
-                    tally.add(table)
+                with writer.committing():  # parts are written beside this loop
+                    for table in itertools.chain(_refused_rows(refused, inputs, config, run_id), rows):
+                        ticker.check()
+                        tally.add(table)
             finally:
                 ticker.follow(None, None)
-                writer.flush()
                 progress.close()
                 if hasattr(rows, "close"):
                     rows.close()  # stops the dataset's workers now when the loop ended early
@@ -182,7 +182,7 @@ class RowTally:
 
     def add(self, rows: pa.Table) -> None:
         self.writer.add_table(rows)
-        for status, n in zip(*_value_counts(rows.column("status"))):
+        for status, n in collections.Counter(rows.column("status").to_pylist()).items():
             self.counts[status] = self.counts.get(status, 0) + n
             self.progress.add(status, n)
         # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
@@ -192,11 +192,6 @@ class RowTally:
                 raise OutputError(
                     f"{self.output_uri}: {self.failing_writes} writes in a row failed, stopping (last: {error})"
                 )
-
-
-def _value_counts(values: pa.ChunkedArray) -> tuple[list[str], list[int]]:
-    counted = pc.value_counts(values)
-    return counted.field("values").to_pylist(), counted.field("counts").to_pylist()
 
 
 class Ticker:
