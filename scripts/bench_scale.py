@@ -158,9 +158,10 @@ def plan_phase(root: str, options: dict, prefetch: int | None) -> dict:
     return {"seconds": time.perf_counter() - started, "decided": decided, "peak_mib": _peak_mib()}
 
 
-def manifest_phase(root: str, options: dict, group_size: int) -> dict:
+def manifest_phase(root: str, options: dict, group_size: int, chunk: int = 100_000) -> dict:
     """Every photo's manifest row made (as the workers make them) and committed (as the driver
-    does), timed apart."""
+    does), timed apart: `chunk` rows are made, then committed, and so on, so that what the
+    workers would hold is never all in this process at once."""
     import io
 
     import pyarrow as pa
@@ -174,43 +175,57 @@ def manifest_phase(root: str, options: dict, group_size: int) -> dict:
     _register()
     config = _config(root, options)
     inputs, output = check_locations(config)
-    items = [item for item in make_plan(config, inputs, output) if isinstance(item, PlanItem)]
     run_id, job_hash = new_run_id(), config.job_hash()
-    started = time.perf_counter()
-    tables = []
-    for start in range(0, len(items), group_size):
-        group = items[start : start + group_size]
-        finished = pa.table(
+    manifest = Storage(f"{output.uri}/{MANIFEST_DIR}", options)
+    writer = ManifestWriter(manifest, run_id, config.commit_every, config.commit_seconds)
+    tally = RowTally(writer, Progress(0, io.StringIO()), output.uri)
+    made = committed = 0.0
+    rows = 0
+
+    def group_table(group: list[PlanItem]) -> pa.Table:
+        n = len(group)
+        return pa.table(
             {
                 "relpath": [it.source.relpath for it in group],
                 "source_size": pa.array([it.source.size for it in group], pa.int64()),
                 "source_fingerprint": [it.source.fingerprint for it in group],
                 "output_uri": [f"{output.uri}/images/{it.output_relpath}" for it in group],
-                "status": ["ok"] * len(group),
+                "status": ["ok"] * n,
                 "attempt": pa.array([it.attempt for it in group], pa.int32()),
-                "width": pa.array([4000] * len(group), pa.int32()),
-                "height": pa.array([3000] * len(group), pa.int32()),
-                "render_path": ["numpy"] * len(group),
-                "seconds_saliency": pa.array([0.5] * len(group), pa.float32()),
+                "width": pa.array([4000] * n, pa.int32()),
+                "height": pa.array([3000] * n, pa.int32()),
+                "render_path": ["numpy"] * n,
+                "seconds_saliency": pa.array([0.5] * n, pa.float32()),
             }
         )
-        tables.append(
-            manifest_rows(finished, source_root=inputs.uri, preset="default", job_hash=job_hash, run_id=run_id)
-        )
-    made = time.perf_counter() - started
-    manifest = Storage(f"{output.uri}/{MANIFEST_DIR}", options)
-    writer = ManifestWriter(manifest, run_id, config.commit_every, config.commit_seconds)
-    progress = Progress(len(items), io.StringIO())
-    tally = RowTally(writer, progress, output.uri)
-    started = time.perf_counter()
-    with writer.committing():
-        for table in tables:
-            tally.add(table)
-    committed = time.perf_counter() - started
+
+    def commit(items: list[PlanItem]) -> None:
+        nonlocal made, committed, rows
+        started = time.perf_counter()
+        groups = [group_table(items[i : i + group_size]) for i in range(0, len(items), group_size)]
+        tables = [
+            manifest_rows(g, source_root=inputs.uri, preset="default", job_hash=job_hash, run_id=run_id) for g in groups
+        ]
+        made += time.perf_counter() - started
+        started = time.perf_counter()
+        with writer.committing():
+            for table in tables:
+                tally.add(table)
+        committed += time.perf_counter() - started
+        rows += len(items)
+
+    items: list[PlanItem] = []
+    for item in make_plan(config, inputs, output):
+        if isinstance(item, PlanItem):
+            items.append(item)
+            if len(items) == chunk:
+                commit(items)
+                items = []
+    commit(items)
     return {
-        "rows": len(items),
-        "made_per_s": len(items) / made,
-        "committed_per_s": len(items) / committed,
+        "rows": rows,
+        "made_per_s": rows / made,
+        "committed_per_s": rows / committed,
         "parts": writer.parts,
         "counts": tally.counts,
         "peak_mib": _peak_mib(),
