@@ -39,6 +39,7 @@ class SourceFile:
     relpath: str  # posix, relative to the storage root
     size: int
     fingerprint: str  # "etag:<etag>" or "mtime:<mtime>:<size>"
+    broken: str = ""  # why it cannot be read, for a symbolic link that leads to no file ("" otherwise)
 
 
 # --------------------------------------------------------------------------- retries
@@ -179,13 +180,18 @@ def _split(uri: str) -> tuple[str, str]:
     return protocol, path.strip("/")
 
 
+def _within(inner: str, outer: str) -> bool:
+    """True where the local path `inner` is `outer` or lies under it."""
+    return os.path.commonpath([inner, outer]) == outer
+
+
 def is_inside(inner_uri: str, outer_uri: str) -> bool:
     """True if inner_uri is outer_uri or lies under it (same protocol, whole components)."""
     (p_in, inner), (p_out, outer) = _split(inner_uri), _split(outer_uri)
     if p_in != p_out:
         return False
     if p_in == "file":
-        return os.path.commonpath([inner, outer]) == outer
+        return _within(inner, outer)
     return outer == "" or inner == outer or inner.startswith(outer + "/")
 
 
@@ -206,6 +212,47 @@ def _fingerprint(info: dict) -> str:
     if isinstance(value, _dt.datetime):
         value = value.isoformat()
     return f"mtime:{value}:{int(info.get('size') or 0)}"
+
+
+class _FolderLinks:
+    """Which folders a local listing enters, so that linked folders are followed once each.
+
+    Each real folder is listed once: at its own path where it lies under the root (a link to it
+    from elsewhere under the root is not followed), else at the first link to it in the
+    listing's order. A link back into a folder the listing is in (a loop) is named in one
+    warning and not followed.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/") or "/"
+        self.real_root = os.path.realpath(self.root)
+        self.listed: dict[str, str] = {}  # real path -> the path it was listed at
+
+    def first_visit(self, folder: str) -> bool:
+        """True the first time a real folder comes to be listed, False after (it says so)."""
+        real = os.path.realpath(folder)
+        if real in self.listed:
+            log.info("%s: the same folder as %s, listed there only", folder, self.listed[real])
+            return False
+        self.listed[real] = folder
+        return True
+
+    def follow(self, folder: str, link: str, info: dict) -> bool:
+        """Whether the listing of `folder` enters its linked folder `link`."""
+        real, destination = os.path.realpath(link), info.get("destination", "")
+        chain = [folder]  # the folders the listing is in: `folder`, its parents up to the root
+        while chain[-1] != self.root and len(chain[-1]) > len(self.root):
+            chain.append(os.path.dirname(chain[-1]))
+        if any(_within(os.path.realpath(inside), real) for inside in chain):
+            log.warning(
+                "symbolic link loop: %s -> %s leads back into a folder it is in; not followed", link, destination
+            )
+            return False
+        relative = os.path.relpath(real, self.real_root)
+        if _within(real, self.real_root) and not any(_is_hidden(part) for part in relative.split(os.sep)):
+            log.info("%s -> %s: a folder under the root, listed at its own path only", link, destination)
+            return False
+        return True
 
 
 class Storage:
@@ -244,12 +291,19 @@ class Storage:
         its subfolders. Hidden files and folders and the folder placeholders of object stores
         are skipped. Each directory listing is retried on
         transient errors. Raises FileNotFoundError if the root does not exist.
+
+        Symbolic links (local folders): a link to a file is listed at the link's path, with the
+        fingerprint of the file it leads to; a link that leads to no file (dangling, a loop) is
+        listed with the reason in `broken`. Each real folder is listed once (`_FolderLinks`).
         """
         exts = None if extensions is None else {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
         prefix = self.root.rstrip("/") + "/"
+        links = _FolderLinks(self.root) if self.is_local else None
         pending = [self.root]
         while pending:
             folder = pending.pop()
+            if links is not None and not links.first_visit(folder):
+                continue
             self.fs.invalidate_cache(folder)  # s3fs/gcsfs cache listings; a rerun must not
             entries = retry(functools.partial(self.fs.ls, folder, detail=True), what=f"list {folder}")
             subdirs = []
@@ -259,13 +313,30 @@ class Storage:
                     continue  # object-store folder placeholder, or the folder itself
                 if not name.startswith(prefix) or _is_hidden(name.rsplit("/", 1)[-1]):
                     continue
+                broken = ""
+                if info.get("islink") and links is not None:
+                    info, broken = self._link_target(name, info)
                 if info["type"] == "directory":
-                    if not info.get("islink"):  # like os.walk: don't follow folder links
+                    if not info.get("islink") or (links is not None and links.follow(folder, name, info)):
                         subdirs.append(name)
-                elif info["type"] == "file":
+                elif info["type"] == "file" or broken:
                     if exts is None or os.path.splitext(name)[1].lower() in exts:
-                        yield SourceFile(name[len(prefix) :], int(info.get("size") or 0), _fingerprint(info))
+                        size = int(info.get("size") or 0)
+                        yield SourceFile(name[len(prefix) :], size, _fingerprint(info), broken)
             pending.extend(reversed(subdirs))
+
+    def _link_target(self, path: str, link: dict) -> tuple[dict, str]:
+        """What a local symbolic link leads to: its info and "", or the link's own info and why
+        it leads to no file."""
+        destination = link.get("destination") or os.readlink(path)
+        try:
+            return self.fs.info(path), ""  # info() of a path follows links
+        except FileNotFoundError:
+            return link, f"dangling symbolic link -> {destination}"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return link, f"symbolic link loop -> {destination} (it never reaches a file)"
+            return link, f"symbolic link -> {destination} cannot be followed ({exc.strerror or exc})"
 
     def stat(self, relpath: str) -> SourceFile:
         path = self._path(relpath)

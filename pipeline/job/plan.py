@@ -7,18 +7,21 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from ..errors import BadInputError, DreamfocusError, PairedFileSkipped
+from ..errors import BadInputError, BrokenLinkError, DreamfocusError, PairedFileSkipped
 from ..manifest import FAILED, MANIFEST_DIR, OK, SKIPPED, KeySet, ResumeIndex, key_of, listing_status
 from ..models import DEPTH, SALIENCY, default_model
 from ..params import EffectParams
 from ..photo_io import OUTPUT_EXTENSIONS, PHOTO_EXTENSIONS
 from ..raw_io import is_raw
 from ..storage import SourceFile, Storage, is_inside, safe_relpath
+
+log = logging.getLogger(__name__)
 
 IMAGES_DIR, INTERMEDIATES_DIR = "images", "intermediates"
 RENDER_BACKENDS = ("auto", "numpy", "torch")
@@ -213,9 +216,14 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
     for _, files in itertools.groupby(inputs.list_files(None), key=lambda f: posixpath.dirname(f.relpath)):
         photos = []
         for source in files:
-            if os.path.splitext(source.relpath)[1].lower() in PHOTO_EXTENSIONS:
+            is_photo = os.path.splitext(source.relpath)[1].lower() in PHOTO_EXTENSIONS
+            if is_photo and source.broken:  # its own failed row, and no half of a pair
+                yield _planned(source, config, resume, job_hash, existing, claimed)
+            elif is_photo:
                 photos.append(source)
             else:
+                if source.broken:
+                    log.warning("%s: %s", inputs.uri_of(source.relpath), source.broken)
                 yield OtherFile(source)
         partners = pair_partners(photos)
         for source in photos:
@@ -267,6 +275,8 @@ def _planned(
     """A photo to process and why, or the reason it is skipped."""
     error = None
     try:
+        if source.broken:  # no output of its own: it claims no name
+            raise BrokenLinkError(f"{source.relpath}: {source.broken}")
         target = output_relpath(source.relpath, config.format)
         if int(key_of(target.lower())) in claimed:  # the listing is sorted: the same file wins each run
             target = output_relpath(source.relpath, config.format, keep_extension=True)
