@@ -3,28 +3,37 @@
 OUTPUT/manifest/part-<run>-<seq>.parquet; each part is written atomically, so a part either
 exists whole or not at all, and a row in a part is what "committed" means for the job. The
 functions here take a Storage rooted at the manifest folder.
+
+A part that cannot be read all the same (a disk that filled, a copy cut short) is named in one
+warning and set aside in OUTPUT/manifest/damaged/: its rows count as never committed, so the
+next run redoes exactly the photos whose rows were only in it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import LISTING_KINDS, RETRIED_KINDS
+from .errors import LISTING_KINDS, RETRIED_KINDS, OutputError
 from .storage import Storage
 
+log = logging.getLogger(__name__)
+
 MANIFEST_DIR = "manifest"
+DAMAGED_DIR = "damaged"  # in MANIFEST_DIR: files of OUTPUT that could not be read, set aside
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 STAGES = ("read", "decode", "saliency", "depth", "effect", "encode", "write")
 # Columns renamed since: old parts are read under the new name.
@@ -144,19 +153,73 @@ def _parquet(table: pa.Table) -> bytes:
 
 
 def part_names(store: Storage) -> list[str]:
-    """The manifest's part files (none when there is no manifest yet): a listing, no reads."""
+    """The manifest's part files (none when there is no manifest yet): a listing, no reads.
+    Only the manifest folder's own files: not those set aside in damaged/."""
     try:
-        return [part.relpath for part in store.list_files(frozenset({".parquet"}))]
+        return [part.relpath for part in store.list_files(frozenset({".parquet"})) if "/" not in part.relpath]
     except FileNotFoundError:
         return []
 
 
-def _read_parts(store: Storage, names: list[str] | None = None) -> tuple[dict[str, pa.Table], list[str]]:
+def damaged_names(store: Storage) -> list[str]:
+    """The files set aside in the manifest folder's damaged/ (a listing, no reads)."""
+    try:
+        return [f.relpath for f in Storage(f"{store.uri}/{DAMAGED_DIR}", store.storage_options).list_files(None)]
+    except FileNotFoundError:
+        return []
+
+
+def set_aside(store: Storage, relpath: str, target: str, data: bytes, damage: str, consequence: str) -> None:
+    """Move a file of OUTPUT that cannot be read to `target` (its bytes kept for a look) and say
+    so in one warning line. Where it cannot be moved (a read-only OUTPUT), the warning says so
+    and the file stays: readers go on as if it were absent."""
+    where = store.uri_of(relpath)
+    try:
+        store.write_atomic(target, data)
+        if store.read_bytes(relpath) == data:  # not replaced since it was read (say, a new lease)
+            store.remove(relpath)
+    except FileNotFoundError:  # another reader moved it first
+        pass
+    except (OutputError, OSError) as exc:
+        log.warning("%s is damaged (%s) and cannot be moved aside (%s); %s", where, damage, exc, consequence)
+        return
+    log.warning("%s is damaged (%s); moved to %s; %s", where, damage, store.uri_of(target), consequence)
+
+
+def damage_of(exc: BaseException) -> str:
+    """What is wrong with a file, in one line (pyarrow's messages may span lines)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def read_part(store: Storage, name: str, set_aside_damaged: bool = True) -> pa.Table | None:
+    """A part's rows; None for a damaged part, which is named in a warning and moved to damaged/
+    (where `set_aside_damaged`; else only named)."""
+    data = store.read_bytes(name)
+    try:
+        table = pq.read_table(io.BytesIO(data))
+        missing = [c for c in ("relpath", "status") if c not in table.column_names]
+        if not missing:
+            return table
+        damage = f"not a manifest part: no {' or '.join(missing)} column"
+    except (pa.ArrowException, OSError) as exc:  # the bytes are read: an OSError here is pyarrow's
+        damage = damage_of(exc)
+    consequence = "the photos whose rows were only in it are done again by the next run"
+    if set_aside_damaged:
+        set_aside(store, name, f"{DAMAGED_DIR}/{name}", data, damage, consequence)
+    else:
+        log.warning("%s is damaged (%s); left where it is; %s", store.uri_of(name), damage, consequence)
+    return None
+
+
+def _read_parts(
+    store: Storage, names: list[str] | None = None, set_aside_damaged: bool = True
+) -> tuple[dict[str, pa.Table], list[str]]:
     """Every committed part by name (of `names`, else of a listing), less those a compacted part
     has replaced (a compaction killed before it removed them leaves them behind; their rows are
-    in the compacted part), and the names of such leftovers."""
+    in the compacted part) and those that are damaged (read_part), and the names of such
+    leftovers."""
     names = part_names(store) if names is None else names
-    parts = {name: pq.read_table(io.BytesIO(store.read_bytes(name))) for name in names}
+    parts = {name: table for name in names if (table := read_part(store, name, set_aside_damaged)) is not None}
     replaced = set()
     for table in parts.values():
         replaced.update(json.loads((table.schema.metadata or {}).get(REPLACES, b"[]")))
@@ -199,19 +262,26 @@ class OtherFilesWriter:
 
 def read_other_files(output: Storage) -> pa.Table:
     """relpath, extension and size of the files the last run found to be no photos (none when
-    no run has written the listing yet)."""
+    no run has written the listing yet, or when it is damaged: then it is set aside)."""
     if not output.exists(OTHER_FILES):
         return _OTHER_SCHEMA.empty_table()
-    return pq.read_table(io.BytesIO(output.read_bytes(OTHER_FILES))).cast(_OTHER_SCHEMA)
+    data = output.read_bytes(OTHER_FILES)
+    try:
+        return pq.read_table(io.BytesIO(data)).cast(_OTHER_SCHEMA)
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: columns that do not cast
+        target = f"{MANIFEST_DIR}/{DAMAGED_DIR}/{OTHER_FILES}"
+        set_aside(output, OTHER_FILES, target, data, damage_of(exc), "the next run lists them again")
+        return _OTHER_SCHEMA.empty_table()
 
 
-def read_manifest(store: Storage, columns: Iterable[str] | None = None) -> pa.Table:
-    """Every committed row (an empty table when there is no manifest yet)."""
+def read_manifest(store: Storage, columns: Iterable[str] | None = None, set_aside_damaged: bool = True) -> pa.Table:
+    """Every committed row (an empty table when there is no manifest yet). Damaged parts are
+    left out, and set aside (read_part) unless `set_aside_damaged` is False."""
     names = list(columns) if columns is not None else list(COLUMNS)
     schema = pa.schema([SCHEMA.field(n) for n in names])
     tables = [
         pa.table({n: _column(table, n, schema.field(n).type) for n in names})
-        for table in _read_parts(store)[0].values()
+        for table in _read_parts(store, set_aside_damaged=set_aside_damaged)[0].values()
     ]
     if not tables:
         return schema.empty_table()
@@ -286,9 +356,9 @@ class ResumeIndex:
     attempts: np.ndarray
 
     @classmethod
-    def load(cls, store: Storage) -> ResumeIndex:
+    def load(cls, store: Storage, set_aside_damaged: bool = True) -> ResumeIndex:
         columns = ("relpath", "source_fingerprint", "job_hash", "status", "error_kind", "attempt")
-        latest = latest_rows(read_manifest(store, [*columns, "finished_at"]))
+        latest = latest_rows(read_manifest(store, [*columns, "finished_at"], set_aside_damaged))
         settled, attempt_keys, attempts = [], [], []
         for relpath, fingerprint, job_hash, status, kind, attempt in zip(
             *(latest.column(c).to_pylist() for c in columns)
@@ -322,10 +392,11 @@ class ManifestReport:
     runs: list[tuple[str, int, float]]  # (run id, rows, photos per second)
     stage_seconds: dict[str, float]  # stage -> seconds summed over the rows that have timings
     timed_rows: int  # rows with per-stage timings (rows of older versions have none per model)
+    damaged: list[str] = field(default_factory=list)  # files set aside in manifest/damaged/
 
     def lines(self) -> list[str]:
         if not self.rows:
-            return ["no manifest rows yet"]
+            return ["no manifest rows yet", *self.damaged_lines()]
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.latest_counts.items()))
         out = [f"{sum(self.latest_counts.values())} inputs ({self.rows} attempts): {counts}"]
         for title, kinds in (("failures by kind:", self.failure_kinds), ("left alone:", self.left_alone_kinds)):
@@ -338,7 +409,15 @@ class ManifestReport:
             out.append(f"time by stage ({total / self.timed_rows:.2f} s per photo, all workers): {shares}")
         out.append("runs:")
         out += [f"  {run}  {n} photos  {rate:.2f} photos/s" for run, n, rate in self.runs]
-        return out
+        return out + self.damaged_lines()
+
+    def damaged_lines(self) -> list[str]:
+        if not self.damaged:
+            return []
+        return [
+            f"damaged, set aside in {MANIFEST_DIR}/{DAMAGED_DIR}/: {', '.join(self.damaged)} (a run redoes the "
+            "photos whose rows were only in a damaged part; remove these files once looked at)"
+        ]
 
 
 def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
@@ -348,7 +427,7 @@ def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
         ["relpath", "status", "error_kind", "error", "reason", "attempt", "run_id", "started_at", "finished_at"]
         + stage_columns,
     )
-    return report_of(table, top)
+    return dataclasses.replace(report_of(table, top), damaged=damaged_names(store))
 
 
 def report_of(table: pa.Table, top: int = 5) -> ManifestReport:

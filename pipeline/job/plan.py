@@ -203,7 +203,8 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
     a PlanItem to process (or whose row the listing decides), an OtherFile that is no photo, or
     the reason it is skipped."""
     job_hash = config.job_hash()
-    resume = ResumeIndex.load(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options))
+    manifest = Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options)
+    resume = ResumeIndex.load(manifest, set_aside_damaged=not config.dry_run)  # a dry run writes nothing
     images = Storage(f"{output.uri}/{IMAGES_DIR}", config.storage_options)
     outputs = frozenset({OUTPUT_EXTENSIONS[config.format]})
     try:  # one listing of OUTPUT/images answers "does the output exist" for every input
