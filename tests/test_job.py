@@ -286,3 +286,16 @@ def test_linked_photos_and_folders_are_processed_once_and_a_dangling_link_is_a_f
     shutil.copy(EXAMPLES[2], inputs / "archive" / "deleted.jpg")  # the link leads to a photo again
     again = run_job(config)
     assert again.counts == {"ok": 2}  # the link, and the photo it leads to
+
+
+def test_a_photo_left_alone_names_the_unchanged_file_it_wrote(tmp_path):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    shutil.copy(EXAMPLES[0], inputs / "meadow.jpg")
+    no_subject = effect_params("default", min_subject_area=0.99)  # the models' subject is far smaller
+    summary = run_job(JobConfig(input=str(inputs), output=str(output), params=no_subject, **TRIVIAL))
+    assert summary.counts == {"skipped": 1}
+    (row,) = manifest(output).to_pylist()
+    assert (row["status"], row["error_kind"]) == ("skipped", "no-clear-subject")
+    assert row["output_uri"] == str(output / "images" / "meadow.jpg")
+    assert Image.open(row["output_uri"]).size == Image.open(EXAMPLES[0]).size

@@ -31,7 +31,6 @@ from ..errors import OutputError
 from ..manifest import (
     FAILED,
     MANIFEST_DIR,
-    OK,
     OTHER_FILES,
     SKIPPED,
     ManifestWriter,
@@ -378,7 +377,7 @@ def _manifest_row(row: dict, source_root: str, config: JobConfig, run_id: str) -
         run_id=run_id,
         finished_at=finished_at,
     )
-    if row["status"] != OK:
-        row["output_uri"] = None
+    # The file written, ok or left alone (written unchanged); null where nothing was written.
+    row["output_uri"] = row.get("output_uri") or None
     row["render_path"] = row.get("render_path") or None  # null where no path rendered it
     return row
