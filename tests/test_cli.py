@@ -155,3 +155,18 @@ def test_subject_decisions_are_flags_and_yaml_keys(tmp_path):
     config = tmp_path / "look.yaml"
     config.write_text("extend-subject: no\nmin-subject-confidence: 0\n")
     assert load_yaml_config(config) == {"extend_subject": False, "min_subject_confidence": 0}
+
+
+def test_help_opens_with_what_the_command_does(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    usage, description = out.split("\n\n")[:2]
+    assert usage == "usage: dreamfocus [-h] [-v] COMMAND ..."
+    assert " ".join(description.split()).startswith(
+        "Make the subject of an everyday, everything-in-focus photo stand out against a soft, painterly background"
+    )
+    assert "add_parser" not in out and "module" not in out  # the code's docstring is no help
+    for command in ("render", "models", "run", "status", "review"):
+        assert f"\n    {command} " in out

@@ -293,8 +293,11 @@ def test_output_copied_elsewhere(local_job, tmp_path):
 def test_cli(local_job, capsys):
     _, output, latest = local_job
     assert main(["review", output.uri, "--workers", "2"]) == 0
-    out = capsys.readouterr().out
-    assert f"review: {output.uri}/review/index.html ({len(latest)} photos; thumbnails: 17 made" in out
+    out, err = capsys.readouterr()
+    # What is to be done, then what was done: two lines, in order, on one stream (none glued to the other).
+    to_make, made = out.splitlines()
+    assert to_make == f"{len(latest)} photos, 17 thumbnails to make (0 kept)" and err == ""
+    assert made.startswith(f"review: {output.uri}/review/index.html ({len(latest)} photos; thumbnails: 17 made")
 
 
 def test_cli_on_an_output_without_manifest_says_so(tmp_path, capsys):
