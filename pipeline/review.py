@@ -61,8 +61,9 @@ log = logging.getLogger(__name__)
 REVIEW_DIR, THUMBS_DIR = "review", "thumbs"
 THUMB_SIZE = 640  # long side, px: sharp enough for the side-by-side slider, ~40 KB as JPEG
 THUMB_QUALITY = 80
-# Intermediates as the job names them (photo.intermediate_pngs), in the order shown.
-INTERMEDIATE_ORDER = ("mask", "depth16", "alpha", "background")  # photo.INTERMEDIATE_NAMES, as the page lists them
+# The intermediates of photo.INTERMEDIATE_NAMES in the order the page shows them: what the
+# salient-object model found, the subject kept crisp, depth, alpha, the painterly background.
+INTERMEDIATE_ORDER = ("saliency", "subject", "depth16", "alpha", "background")
 STATUS_LABELS = {OK: "ok", SKIPPED: "left alone", FAILED: "failed"}
 # Inputs the job could not decode: no thumbnail is tried (it would fail again on every rerun).
 UNDECODABLE_KINDS = frozenset(
