@@ -34,6 +34,7 @@ from PIL import Image
 from .errors import (
     KINDS,
     BadInputError,
+    BrokenLinkError,
     CorruptImageError,
     EmptyFileError,
     NotAnImageError,
@@ -65,12 +66,16 @@ THUMB_QUALITY = 80
 # salient-object model found, the subject kept crisp, depth, alpha, the painterly background.
 INTERMEDIATE_ORDER = ("saliency", "subject", "depth16", "alpha", "background")
 STATUS_LABELS = {OK: "ok", SKIPPED: "left alone", FAILED: "failed"}
-# Inputs the job could not decode: no thumbnail is tried (it would fail again on every rerun).
-UNDECODABLE_KINDS = frozenset(
-    cls.kind
-    for cls in KINDS
-    if issubclass(cls, (EmptyFileError, NotAnImageError, CorruptImageError, UnsupportedImageError, TooManyPixelsError))
+# Inputs the job could not decode or read: no thumbnail is tried (it would fail again on every rerun).
+_UNDECODABLE = (
+    EmptyFileError,
+    NotAnImageError,
+    CorruptImageError,
+    UnsupportedImageError,
+    TooManyPixelsError,
+    BrokenLinkError,
 )
+UNDECODABLE_KINDS = frozenset(cls.kind for cls in KINDS if issubclass(cls, _UNDECODABLE))
 # Left alone before anything was written (not an image, the other half of a RAW + JPEG pair):
 # an output of the same name is not theirs. Photos the effect leaves alone are written unchanged.
 UNWRITTEN_KINDS = frozenset(cls.kind for cls in KINDS if cls.leaves_alone)

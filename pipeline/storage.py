@@ -21,7 +21,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -223,14 +223,20 @@ class _FolderLinks:
     warning and not followed.
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, excluded: Iterable[str] = ()) -> None:
         self.root = root.rstrip("/") or "/"
         self.real_root = os.path.realpath(self.root)
+        self.excluded = [os.path.realpath(path) for path in excluded]
         self.listed: dict[str, str] = {}  # real path -> the path it was listed at
 
     def first_visit(self, folder: str) -> bool:
-        """True the first time a real folder comes to be listed, False after (it says so)."""
+        """True the first time a real folder comes to be listed, False after (it says so) and for
+        an excluded folder that a link leads into (it warns)."""
         real = os.path.realpath(folder)
+        inside = next((path for path in self.excluded if _within(real, path)), None)
+        if inside is not None:
+            log.warning("%s leads into %s, which is left out of the listing; not followed", folder, inside)
+            return False
         if real in self.listed:
             log.info("%s: the same folder as %s, listed there only", folder, self.listed[real])
             return False
@@ -283,7 +289,7 @@ class Storage:
 
     # ---- reading
 
-    def list_files(self, extensions: frozenset[str] | None) -> Iterator[SourceFile]:
+    def list_files(self, extensions: frozenset[str] | None, excluded: Iterable[str] = ()) -> Iterator[SourceFile]:
         """Files under the root whose lower-cased suffix is in `extensions` (".jpg" or "jpg"), or
         all of them (None).
 
@@ -294,11 +300,12 @@ class Storage:
 
         Symbolic links (local folders): a link to a file is listed at the link's path, with the
         fingerprint of the file it leads to; a link that leads to no file (dangling, a loop) is
-        listed with the reason in `broken`. Each real folder is listed once (`_FolderLinks`).
+        listed with the reason in `broken`. Each real folder is listed once (`_FolderLinks`), and
+        no local folder of `excluded` (OUTPUT, where a link leads into it) is listed.
         """
         exts = None if extensions is None else {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
         prefix = self.root.rstrip("/") + "/"
-        links = _FolderLinks(self.root) if self.is_local else None
+        links = _FolderLinks(self.root, excluded) if self.is_local else None
         pending = [self.root]
         while pending:
             folder = pending.pop()

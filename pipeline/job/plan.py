@@ -213,8 +213,10 @@ def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[P
         existing = KeySet(())
 
     claimed: set[int] = set()  # outputs given out in this listing: x.jpg and x.png must not share one
-    # The listing gives one folder's files together (storage.list_files), so pairs are found per folder.
-    for _, files in itertools.groupby(inputs.list_files(None), key=lambda f: posixpath.dirname(f.relpath)):
+    # The listing gives one folder's files together (storage.list_files), so pairs are found per
+    # folder. A folder link into OUTPUT is not followed: each run would take the last one's outputs in.
+    listing = inputs.list_files(None, excluded=[output.uri] if output.is_local else [])
+    for _, files in itertools.groupby(listing, key=lambda f: posixpath.dirname(f.relpath)):
         photos = []
         for source in files:
             is_photo = os.path.splitext(source.relpath)[1].lower() in PHOTO_EXTENSIONS
