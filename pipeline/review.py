@@ -156,8 +156,9 @@ def note_of(status: str, error: str | None, reason: str | None) -> str:
 def output_of(row: dict, images_uri: str, images: frozenset[str]) -> str | None:
     """The input's output under OUTPUT/images, if it is there: the manifest's output_uri, else
     the names the job gives outputs (rows of older versions left alone carry no output_uri, and
-    OUTPUT may have been copied elsewhere since, to a bucket for instance). A failed row has none, whatever an
-    earlier attempt left there, nor has a row left alone before its output was written."""
+    OUTPUT may have been copied elsewhere since, to a bucket for instance). A failed row has
+    none, whatever an earlier attempt left there, nor has a row left alone before its output
+    was written."""
     uri = row.get("output_uri")
     if uri and uri.startswith(images_uri + "/"):
         candidates = [uri[len(images_uri) + 1 :]]

@@ -219,14 +219,16 @@ class _FolderLinks:
 
     Each real folder is listed once: at its own path where it lies under the root (a link to it
     from elsewhere under the root is not followed), else at the first link to it in the
-    listing's order. A link back into a folder the listing is in (a loop) is named in one
-    warning and not followed.
+    listing's order. A link back into a folder the listing is in (a loop), and one into an
+    excluded folder, is named in one warning and not followed.
     """
 
     def __init__(self, root: str, excluded: Iterable[str] = ()) -> None:
         self.root = root.rstrip("/") or "/"
         self.real_root = os.path.realpath(self.root)
-        self.excluded = [os.path.realpath(path) for path in excluded]
+        # An excluded folder that holds the root itself excludes nothing: the root is what is listed.
+        real_excluded = (os.path.realpath(path) for path in excluded)
+        self.excluded = [path for path in real_excluded if not _within(self.real_root, path)]
         self.listed: dict[str, str] = {}  # real path -> the path it was listed at
 
     def first_visit(self, folder: str) -> bool:

@@ -212,6 +212,8 @@ def test_a_link_into_an_excluded_folder_is_not_followed(tmp_path, caplog):
         for name in ("edited", "results")
     ]
     assert [f.relpath for f in Storage(t.uri).list_files(IMAGES)] == ["a.jpg", "edited/a.jpg"]  # images: once
+    holding_the_root = Storage(t.uri).list_files(IMAGES, excluded=[str(tmp_path)])  # excludes nothing
+    assert [f.relpath for f in holding_the_root] == ["a.jpg", "edited/a.jpg"]
 
 
 # ------------------------------------------------------------------------ fingerprints
