@@ -21,7 +21,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -222,18 +222,26 @@ class _FolderLinks:
 
     Each real folder is listed once: at its own path where it lies under the root (a link to it
     from elsewhere under the root is not followed), else at the first link to it in the
-    listing's order. A link back into a folder the listing is in (a loop) is named in one
-    warning and not followed.
+    listing's order. A link back into a folder the listing is in (a loop), and one into an
+    excluded folder, is named in one warning and not followed.
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, excluded: Iterable[str] = ()) -> None:
         self.root = root.rstrip("/") or "/"
         self.real_root = os.path.realpath(self.root)
+        # An excluded folder that holds the root itself excludes nothing: the root is what is listed.
+        real_excluded = (os.path.realpath(path) for path in excluded)
+        self.excluded = [path for path in real_excluded if not _within(self.real_root, path)]
         self.listed: dict[str, str] = {}  # real path -> the path it was listed at
 
     def first_visit(self, folder: str) -> bool:
-        """True the first time a real folder comes to be listed, False after (it says so)."""
+        """True the first time a real folder comes to be listed, False after (it says so) and for
+        an excluded folder that a link leads into (it warns)."""
         real = os.path.realpath(folder)
+        inside = next((path for path in self.excluded if _within(real, path)), None)
+        if inside is not None:
+            log.warning("%s leads into %s, which is left out of the listing; not followed", folder, inside)
+            return False
         if real in self.listed:
             log.info("%s: the same folder as %s, listed there only", folder, self.listed[real])
             return False
@@ -286,14 +294,14 @@ class Storage:
 
     # ---- reading
 
-    def list_files(self, extensions: frozenset[str] | None) -> Iterator[SourceFile]:
+    def list_files(self, extensions: frozenset[str] | None, excluded: Iterable[str] = ()) -> Iterator[SourceFile]:
         """Files under the root whose lower-cased suffix is in `extensions` (".jpg" or "jpg"), or
         all of them (None), in list_folders' order."""
-        for _, files in self.list_folders(extensions):
+        for _, files in self.list_folders(extensions, excluded=excluded):
             yield from files
 
     def list_folders(
-        self, extensions: frozenset[str] | None, prefetch: int = LISTING_PREFETCH
+        self, extensions: frozenset[str] | None, prefetch: int = LISTING_PREFETCH, excluded: Iterable[str] = ()
     ) -> Iterator[tuple[str, list[SourceFile]]]:
         """(folder relative to the root, its files sorted by name) for each folder under the
         root, depth first: a folder comes before its subfolders, which come in name order.
@@ -307,11 +315,12 @@ class Storage:
 
         Symbolic links (local folders): a link to a file is listed at the link's path, with the
         fingerprint of the file it leads to; a link that leads to no file (dangling, a loop) is
-        listed with the reason in `broken`. Each real folder is listed once (`_FolderLinks`).
+        listed with the reason in `broken`. Each real folder is listed once (`_FolderLinks`), and
+        no local folder of `excluded` (OUTPUT, where a link leads into it) is listed.
         """
         exts = None if extensions is None else {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
         prefix = self.root.rstrip("/") + "/"
-        links = _FolderLinks(self.root) if self.is_local else None
+        links = _FolderLinks(self.root, excluded) if self.is_local else None
         pending = [self.root]  # a stack: the next folder to yield is at its end
         listings: dict[str, Future[list[dict]]] = {}
         with ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="dreamfocus-list") as pool:

@@ -42,9 +42,10 @@ def row(relpath: str) -> dict:
     return values
 
 
-def manifest_of(tmp_path: Path, parts: int) -> Storage:
-    """OUTPUT/manifest with `parts` parts of one row each: p0.jpg, p1.jpg, ..."""
-    store = Storage(str(tmp_path / "out" / "manifest"))
+def manifest_of(tmp_path: Path, parts: int, output: str | None = None) -> Storage:
+    """OUTPUT/manifest (OUTPUT: `output`, else tmp_path/out) with `parts` parts of one row each:
+    p0.jpg, p1.jpg, ..."""
+    store = Storage(f"{output or tmp_path / 'out'}/manifest")
     writer = ManifestWriter(store, "r1", rows_per_part=1)
     for i in range(parts):
         writer.add(row(f"p{i}.jpg"))
@@ -69,9 +70,16 @@ def warnings_of(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+@pytest.fixture(params=["local", "s3"])
+def output(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "out")
+    return request.getfixturevalue("s3_bucket") + "/out"
+
+
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_part_is_named_once_set_aside_and_its_rows_left_out(tmp_path, caplog, damage):
-    store = manifest_of(tmp_path, 3)
+def test_a_damaged_part_is_named_once_set_aside_and_its_rows_left_out(tmp_path, output, caplog, damage):
+    store = manifest_of(tmp_path, 3, output)
     name = part_names(store)[1]
     data = DAMAGE[damage](store.read_bytes(name))
     store.write_atomic(name, data)

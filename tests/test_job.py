@@ -284,7 +284,10 @@ def test_linked_photos_and_folders_are_processed_once_and_a_dangling_link_is_a_f
         ]
     )
 
-    assert run_job(config).planned == 0  # nothing twice, the dangling link included
+    (inputs / "results").symlink_to(output)  # a link into OUTPUT: not followed, or each run takes the last one's in
+    with caplog.at_level("WARNING"):
+        assert run_job(config).planned == 0  # nothing twice, the dangling link included
+    assert f"{inputs}/results leads into {output}, which is left out of the listing; not followed" in caplog.messages
     shutil.copy(EXAMPLES[2], inputs / "archive" / "deleted.jpg")  # the link leads to a photo again
     again = run_job(config)
     assert again.counts == {"ok": 2}  # the link, and the photo it leads to

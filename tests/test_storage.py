@@ -196,6 +196,26 @@ def test_each_linked_folder_is_listed_once_and_a_loop_is_named_once(tmp_path, ca
     ]
 
 
+def test_a_link_into_an_excluded_folder_is_not_followed(tmp_path, caplog):
+    t = _local_tree(tmp_path)
+    t.put("a.jpg", b"1")
+    output = tmp_path / "out"
+    (output / "images").mkdir(parents=True)
+    (output / "images" / "a.jpg").write_bytes(b"2")
+    os.symlink(str(output), os.path.join(t.uri, "results"))
+    os.symlink(str(output / "images"), os.path.join(t.uri, "edited"))
+    with caplog.at_level("WARNING", logger="pipeline.storage"):
+        listed = [f.relpath for f in Storage(t.uri).list_files(IMAGES, excluded=[str(output)])]
+    assert listed == ["a.jpg"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{t.uri}/{name} leads into {output}, which is left out of the listing; not followed"
+        for name in ("edited", "results")
+    ]
+    assert [f.relpath for f in Storage(t.uri).list_files(IMAGES)] == ["a.jpg", "edited/a.jpg"]  # images: once
+    holding_the_root = Storage(t.uri).list_files(IMAGES, excluded=[str(tmp_path)])  # excludes nothing
+    assert [f.relpath for f in holding_the_root] == ["a.jpg", "edited/a.jpg"]
+
+
 # ------------------------------------------------------------------------ fingerprints
 
 

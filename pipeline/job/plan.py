@@ -216,7 +216,9 @@ def make_plan(
     images = Storage(f"{output.uri}/{IMAGES_DIR}", config.storage_options)
     ahead: deque[tuple[str, list[SourceFile], FolderResume, Future[set[str]] | None]] = deque()
     with ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="dreamfocus-outputs") as pool:
-        for folder, files in inputs.list_folders(None, prefetch):
+        # A folder link into OUTPUT is not followed: each run would take the last one's outputs in.
+        excluded = [output.uri] if output.is_local else []
+        for folder, files in inputs.list_folders(None, prefetch, excluded):
             settled = resume.folder(folder)
             # "Is its output there?" matters only where a photo is done: one listing per such folder.
             outputs = pool.submit(images.names_in, folder) if settled.any_ok and not config.force else None
