@@ -186,9 +186,10 @@ class RowTally:
             self.counts[status] = self.counts.get(status, 0) + n
             self.progress.add(status, n)
         # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
-        for kind, error in zip(rows.column("error_kind").to_pylist(), rows.column("error").to_pylist()):
+        for i, kind in enumerate(rows.column("error_kind").to_pylist()):
             self.failing_writes = self.failing_writes + 1 if kind == OutputError.kind else 0
             if self.failing_writes >= MAX_FAILING_WRITES:
+                error = rows.column("error")[i].as_py()
                 raise OutputError(
                     f"{self.output_uri}: {self.failing_writes} writes in a row failed, stopping (last: {error})"
                 )
