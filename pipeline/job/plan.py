@@ -251,7 +251,8 @@ def _plan_folder(
                 log.warning("%s: %s", inputs.uri_of(source.relpath), source.broken)
             yield OtherFile(source)
     existing = outputs.result() if outputs is not None else set()
-    partners = pair_partners(photos)
+    # Pairs need a RAW: most folders have none, and are spared the pairing.
+    partners = pair_partners(photos) if any(is_raw(p.relpath) for p in photos) else {}
     claimed: set[str] = set()  # outputs given out in this folder: x.jpg and x.png must not share one
     for source in broken:
         yield _planned(source, config, settled, job_hash, existing, claimed)
