@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import threading
 import time
 import uuid
@@ -21,8 +22,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import LISTING_KINDS, RETRIED_KINDS
+from .errors import LISTING_KINDS, RETRIED_KINDS, OutputError
 from .storage import Storage
+
+log = logging.getLogger(__name__)
 
 MANIFEST_DIR = "manifest"
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
@@ -31,6 +34,7 @@ STAGES = ("read", "decode", "saliency", "depth", "effect", "encode", "write")
 RENAMED = {"job_hash": "params_hash"}
 REPLACES = b"dreamfocus.replaces"  # a compacted part's metadata: the parts it replaces
 COMPACT_MIN_PARTS = 64  # a run or `status` finding this many parts merges them into one
+RETRY_COMMIT_SECONDS = 5.0  # after a failed commit, the next try waits this long (or a commit interval)
 
 SCHEMA = pa.schema(
     [
@@ -108,6 +112,8 @@ class ManifestWriter:
         self.rows: list[dict] = []
         self.parts = 0
         self.first_pending = 0.0  # when the oldest uncommitted row arrived
+        self.failed_commits = 0  # commits that failed while the run went on; their rows went with a later one
+        self.retry_at = 0.0  # after a failed commit, no new try before this
         self._lock = threading.Lock()
 
     def add(self, row: dict) -> None:
@@ -116,17 +122,30 @@ class ManifestWriter:
                 self.first_pending = self.clock()
             self.rows.append(row)
             if len(self.rows) >= self.rows_per_part:
-                self._flush()
+                self._commit_or_keep()
         self.flush_if_due()
 
     def flush_if_due(self) -> None:
         with self._lock:
             if self.rows and self.clock() - self.first_pending >= self.seconds_per_part:
-                self._flush()
+                self._commit_or_keep()
 
     def flush(self) -> None:
+        """Commit every row now; OutputError where that fails (the rows stay buffered)."""
         with self._lock:
             self._flush()
+
+    def _commit_or_keep(self) -> None:
+        """A commit while the run goes on: where it fails (storage errors that outlived the
+        retries, a full disk) the rows stay buffered for the next one, and the run goes on."""
+        if self.clock() < self.retry_at:
+            return
+        try:
+            self._flush()
+        except OutputError as exc:
+            self.failed_commits += 1
+            self.retry_at = self.clock() + min(self.seconds_per_part, RETRY_COMMIT_SECONDS)
+            log.warning("manifest commit failed, %d rows kept for the next one: %s", len(self.rows), exc)
 
     def _flush(self) -> None:
         if not self.rows:

@@ -20,14 +20,15 @@ import os
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
 
-from ..errors import OutputError
+from ..errors import RETRIED_KINDS, OutputError, SourceVanishedError
 from ..manifest import (
     FAILED,
     MANIFEST_DIR,
@@ -41,7 +42,7 @@ from ..manifest import (
     new_run_id,
 )
 from ..models import DEPTH, SALIENCY
-from ..storage import Storage
+from ..storage import Storage, retried_total
 from .console import Progress, without_native_noise
 from .lease import RENEW_SECONDS, Lease
 from .plan import IMAGES_DIR, JobConfig, OtherFile, PlanItem, check_locations, make_plan, render_backend_for
@@ -68,6 +69,7 @@ class JobSummary:
     processing_seconds: float  # from the first photo's start to the last row
     output: str
     others: dict[str, int]  # files that are no photos (videos, sidecars, documents): extension -> files
+    faults: list[str] = field(default_factory=list)  # what went wrong beside the photos, one line each
 
     def lines(self) -> list[str]:
         done = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "nothing to do"
@@ -76,6 +78,7 @@ class JobSummary:
         return [
             f"run {self.run_id}: {self.planned} to process: {done} in {self.seconds:.1f} s "
             f"({self.processing_seconds:.1f} s processing)",
+            *self.faults,
             *([f"left alone: {kept}"] if kept else []),
             *(
                 [f"not photos, not processed: {others} (`dreamfocus status {self.output} --other-files` lists them)"]
@@ -98,6 +101,7 @@ def run_job(config: JobConfig) -> JobSummary:
     config.commit_every photos and at least every config.commit_seconds.
     """
     started = time.perf_counter()
+    retried_here = retried_total()  # the driver's own: listing, manifest, lease
     inputs, output = check_locations(config)
     run_id = new_run_id()
     manifest = Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options)
@@ -140,6 +144,7 @@ def run_job(config: JobConfig) -> JobSummary:
             chunk_refs.append(_put_tasks(config, chunk))
 
         counts: dict[str, int] = {}
+        seen = RunFaults()
         processing_started = ended = time.perf_counter()
         if lease is not None and (chunk_refs or refused):
             lease.acquire()  # of runs planned at once, one goes on; nothing was written before
@@ -155,13 +160,14 @@ def run_job(config: JobConfig) -> JobSummary:
             progress = Progress(planned, console)
             ticker.follow(writer, progress)
             failing_writes = 0
-            rows = _execute(config, inputs, chunk_refs, run_id, models) if chunk_refs and models else iter(())
+            rows = _execute(config, inputs, chunk_refs, run_id, models, seen) if chunk_refs and models else iter(())
             try:
                 for row in itertools.chain(refused, rows):
                     ticker.check()
                     writer.add(row)
                     progress.add(row["status"])
                     counts[row["status"]] = counts.get(row["status"], 0) + 1
+                    seen.add(row)
                     # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
                     failing_writes = failing_writes + 1 if row["error_kind"] == OutputError.kind else 0
                     if failing_writes >= MAX_FAILING_WRITES:
@@ -175,9 +181,59 @@ def run_job(config: JobConfig) -> JobSummary:
                 if hasattr(rows, "close"):
                     rows.close()  # stops the dataset's workers now when the loop ended early
             ended = time.perf_counter()
+            seen.failed_commits = writer.failed_commits
         if other_files is not None and (others or output.exists(OTHER_FILES)):
             other_files.close(output)  # replaces the last run's listing
-    return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started, output.uri, others)
+    seen.driver_retries = retried_total() - retried_here
+    return JobSummary(
+        run_id, planned, counts, skipped, ended - started, ended - processing_started, output.uri, others, seen.lines()
+    )
+
+
+@dataclass
+class RunFaults:
+    """What went wrong beside the photos during a run, and what became of it: the run's summary
+    says so in one line each, so a fault the job survived is seen, not only the ones it lost."""
+
+    photo_retries: int = 0  # transient storage errors met reading and writing photos (workers)
+    driver_retries: int = 0  # ... listing, committing the manifest, renewing the lease (driver)
+    failed_commits: int = 0  # manifest commits that failed while the run went on
+    replaced: int = 0  # photos replaced after the listing: the version read is the one recorded
+    not_their_own: Counter[str] = field(default_factory=Counter)  # kind -> photos a plain rerun retries
+    vanished: int = 0  # photos deleted after the listing
+    model_restarts: int = 0  # model actors restarted or replaced mid-run
+    lost_nodes: list[str] = field(default_factory=list)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.photo_retries += int(row.get("storage_retries") or 0)
+        self.replaced += bool(row.get("source_changed"))
+        if row["error_kind"] in RETRIED_KINDS:
+            self.not_their_own[row["error_kind"]] += 1
+        elif row["error_kind"] == SourceVanishedError.kind:
+            self.vanished += 1
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.photo_retries or self.driver_retries:
+            out.append(
+                f"storage: {self.photo_retries + self.driver_retries} transient errors (throttling, 5xx, dropped "
+                f"connections) retried: {self.photo_retries} reading or writing photos, "
+                f"{self.driver_retries} listing or committing the manifest"
+            )
+        if self.failed_commits:
+            out.append(f"manifest: {self.failed_commits} commits failed; their rows went with a later one")
+        if self.replaced:
+            out.append(f"{self.replaced} photos replaced after the listing: the version read is the one recorded")
+        if self.vanished:
+            out.append(f"{self.vanished} photos deleted after the listing: left alone")
+        if self.model_restarts:
+            out.append(f"model actors: {self.model_restarts} lost mid-batch and replaced; their batches were redone")
+        if self.lost_nodes:
+            out.append(f"nodes lost mid-run: {', '.join(self.lost_nodes)}; their work was redone on the others")
+        if self.not_their_own:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.not_their_own.items()))
+            out.append(f"failed for reasons not their own: {kinds}; a plain rerun retries them")
+        return out
 
 
 class Ticker:
@@ -289,9 +345,17 @@ def model_layout(config: JobConfig, cluster_gpus: float) -> ModelLayout:
 
 
 def _execute(
-    config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel]
+    config: JobConfig,
+    inputs: Storage,
+    chunk_refs: list,
+    run_id: str,
+    models: dict[str, JobModel],
+    seen: RunFaults | None = None,
 ) -> Iterator[dict[str, Any]]:
     import ray
+
+    nodes_before = _alive_nodes()
+    since_ms = time.time() * 1000
 
     ctx = ray.data.DataContext.get_current()
     ctx.verbose_stats_logs = False
@@ -346,6 +410,29 @@ def _execute(
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for row in table.to_pylist():  # type: ignore[union-attr] # a pyarrow batch, as asked
             yield _manifest_row(row, source_root, config, run_id)
+    if seen is not None:
+        seen.model_restarts = _model_actor_losses(since_ms, layout.actors)
+        seen.lost_nodes = sorted(nodes_before - _alive_nodes())
+
+
+def _alive_nodes() -> set[str]:
+    """The cluster's live nodes, as "<address> (<node id>)"."""
+    import ray
+
+    return {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in ray.nodes() if n["Alive"]}
+
+
+def _model_actor_losses(since_ms: float, pool_size: int) -> int:
+    """Model actors of this run lost while it went on: restarts in place, and replacements (the
+    pool's actors beyond its size). Ray's actor table, which records both."""
+    from ray._private import state  # the actor table; ray.util.state needs the dashboard
+
+    mine = [
+        a
+        for a in state.actors().values()
+        if "ModelStage" in a.get("ActorClassName", "") and (a.get("StartTime") or 0) >= since_ms
+    ]
+    return sum(int(a.get("NumRestarts") or 0) for a in mine) + max(0, len(mine) - pool_size)
 
 
 def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str) -> dict[str, Any]:
