@@ -15,6 +15,7 @@ that both say what the cases measured):
 | photo-changed | photos replaced as they are read, and between read and check; one deleted as read | 0 | 0 | 0 |
 | disk-full | OUTPUT a tmpfs that fills mid-run (ENOSPC); space freed before the rerun | 0 | 0 | 1 |
 | actor-killed | `ray.kill` of the model actor while it holds a batch | 0 | 0 | 0 |
+| actor-restarted | `ray.kill(no_restart=False)` of the model actor while it holds a batch | 0 | 0 | 0 |
 | node-lost | the model actor's node removed mid-batch (`ray.cluster_utils.Cluster`); a new node joins | 0 | 0 | 0 |
 
 S3 faults come from `FaultyS3`, an HTTP proxy on loopback in front of moto that answers chosen
@@ -82,6 +83,7 @@ INJECTED = {  # case -> what it injects, as the table says it
     "photo-changed": "photos replaced as they are read, and between read and check; one deleted as read",
     "disk-full": "OUTPUT a tmpfs that fills mid-run (ENOSPC); space freed before the rerun",
     "actor-killed": "`ray.kill` of the model actor while it holds a batch",
+    "actor-restarted": "`ray.kill(no_restart=False)` of the model actor while it holds a batch",
     "node-lost": "the model actor's node removed mid-batch (`ray.cluster_utils.Cluster`); a new node joins",
 }
 MEASURED: dict[str, Outcome] = {}  # what the cases measured, for the table's test at the end
@@ -491,5 +493,81 @@ def test_s3_manifest_commits_failing_lose_nothing(local_ray, faulty_s3, s3_serve
     assert re.fullmatch(
         r"storage: 5 transient errors .* retried: 0 reading or writing photos, 5 listing .*", storage_line
     )
-    assert commit_line == "manifest: 1 commits failed; their rows went with a later one"
+    assert commit_line == "manifest: 1 commit failed; their rows went with a later one"
     assert_clean(settle("s3-commit", config, photos), reruns=0)
+
+
+# ------------------------------------------------------------------------------ photos changed while read
+
+
+def test_photos_replaced_or_deleted_while_read_are_recorded_as_read(local_ray, faulty_s3, s3_server, bucket):
+    import boto3
+
+    photos = put_photos(s3_server, bucket, 6)
+    s3, name = boto3.client("s3", endpoint_url=s3_server), bucket.removeprefix("s3://")
+    new_size = (40, 30)
+
+    def replace_photo(relpath: str) -> Callable[[], None]:
+        return lambda: s3.put_object(Bucket=name, Key=f"in/{relpath}", Body=photo_bytes(99, new_size))
+
+    # p01 replaced as its bytes are asked for; p02 just after they came, before the check that
+    # follows a read; p03 deleted as it is read.
+    faulty_s3.inject("GET", r"/in/p01\.jpg$", 1, "pass", before=replace_photo("p01.jpg"))
+    faulty_s3.inject("HEAD", r"/in/p02\.jpg$", 1, "pass", before=replace_photo("p02.jpg"))
+    faulty_s3.inject("GET", r"/in/p03\.jpg$", 1, "pass", before=lambda: s3.delete_object(Bucket=name, Key="in/p03.jpg"))
+    config = s3_config(bucket)
+    first = run_job(config)
+
+    assert first.counts == {"ok": 5, "skipped": 1}
+    assert fault_lines(first) == [
+        "2 photos replaced after the listing: the version read is the one recorded",
+        "1 photo deleted after the listing: left alone",
+    ]
+    rows = {r["relpath"]: r for r in manifest_rows(config)}
+    for relpath in ("p01.jpg", "p02.jpg"):  # the new version: its fingerprint, its output
+        etag = s3.head_object(Bucket=name, Key=f"in/{relpath}")["ETag"].strip('"')
+        assert rows[relpath]["source_fingerprint"] == f"etag:{etag}"
+        assert (rows[relpath]["width"], rows[relpath]["height"]) == new_size
+    gone = rows["p03.jpg"]
+    assert (gone["status"], gone["error_kind"]) == ("skipped", "deleted-while-read")
+    assert gone["reason"] == "p03.jpg: deleted since the listing found it"
+    photos.remove("p03.jpg")
+    assert_clean(settle("photo-changed", config, photos), reruns=0)
+
+
+# ------------------------------------------------------------------------------ a model actor killed
+
+
+def local_photos(folder: Path, n: int) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"p{i:02d}.jpg" for i in range(n)]
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(photo_bytes(i))
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["actor-killed", "actor-restarted"])
+def test_a_model_actor_killed_mid_batch_loses_nothing(local_ray, tmp_path, case):
+    photos = local_photos(tmp_path / "in", 8)
+    gate = Gate.options(name=GATE).remote()
+    config = JobConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        saliency_model=GatedSaliency.name,
+        depth_model="trivial-depth",
+        model_batch_size=2,
+    )
+    runner, result = run_in_thread(config)
+    actor, _ = ray.get(gate.wait.remote(), timeout=RUN_TIMEOUT)  # a model actor holds its first batch
+    ray.kill(actor, no_restart=case == "actor-killed")
+    first = joined(runner, result)
+    ray.kill(gate)
+
+    assert first.counts == {"ok": 8}
+    [line] = fault_lines(first)
+    if case == "actor-killed":  # for good: Ray Data's dataset fails, and the job starts it again
+        assert re.fullmatch(r"dataset started again: a model actor was lost \(ActorDiedError\): \d photos left", line)
+    else:  # Ray restarts it, and Ray Data sends it its batch again
+        assert line == "model actors: 1 restart mid-run; their batches were redone"
+    assert_clean(settle(case, config, photos), reruns=0)

@@ -39,6 +39,7 @@ from ..manifest import (
     OtherFilesWriter,
     compact_manifest,
     image_id,
+    key_of,
     new_run_id,
 )
 from ..models import DEPTH, SALIENCY
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 GROUP_SIZE = 16
 PLAN_CHUNK = 2000  # plan rows per object put into Ray's object store as the listing proceeds
 MAX_FAILING_WRITES = 8
+MAX_DATASET_RESTARTS = 3  # starts of the dataset again, for the photos left, after the cluster lost a part
 
 
 @dataclass
@@ -160,7 +162,7 @@ def run_job(config: JobConfig) -> JobSummary:
             progress = Progress(planned, console)
             ticker.follow(writer, progress)
             failing_writes = 0
-            rows = _execute(config, inputs, chunk_refs, run_id, models, seen) if chunk_refs and models else iter(())
+            rows = _rows(config, inputs, chunk_refs, run_id, models, seen) if chunk_refs and models else iter(())
             try:
                 for row in itertools.chain(refused, rows):
                     ticker.check()
@@ -201,8 +203,9 @@ class RunFaults:
     replaced: int = 0  # photos replaced after the listing: the version read is the one recorded
     not_their_own: Counter[str] = field(default_factory=Counter)  # kind -> photos a plain rerun retries
     vanished: int = 0  # photos deleted after the listing
-    model_restarts: int = 0  # model actors restarted or replaced mid-run
+    model_restarts: int = 0  # model actors restarted mid-run
     lost_nodes: list[str] = field(default_factory=list)
+    restarts: list[str] = field(default_factory=list)  # why the dataset was started again
 
     def add(self, row: dict[str, Any]) -> None:
         self.photo_retries += int(row.get("storage_retries") or 0)
@@ -216,24 +219,30 @@ class RunFaults:
         out = []
         if self.photo_retries or self.driver_retries:
             out.append(
-                f"storage: {self.photo_retries + self.driver_retries} transient errors (throttling, 5xx, dropped "
-                f"connections) retried: {self.photo_retries} reading or writing photos, "
+                f"storage: {_many(self.photo_retries + self.driver_retries, 'transient error')} "
+                f"(throttling, 5xx, dropped connections) retried: {self.photo_retries} reading or writing photos, "
                 f"{self.driver_retries} listing or committing the manifest"
             )
         if self.failed_commits:
-            out.append(f"manifest: {self.failed_commits} commits failed; their rows went with a later one")
+            out.append(f"manifest: {_many(self.failed_commits, 'commit')} failed; their rows went with a later one")
         if self.replaced:
-            out.append(f"{self.replaced} photos replaced after the listing: the version read is the one recorded")
+            replaced = _many(self.replaced, "photo")
+            out.append(f"{replaced} replaced after the listing: the version read is the one recorded")
         if self.vanished:
-            out.append(f"{self.vanished} photos deleted after the listing: left alone")
+            out.append(f"{_many(self.vanished, 'photo')} deleted after the listing: left alone")
         if self.model_restarts:
-            out.append(f"model actors: {self.model_restarts} lost mid-batch and replaced; their batches were redone")
+            out.append(f"model actors: {_many(self.model_restarts, 'restart')} mid-run; their batches were redone")
+        out += [f"dataset started again: {why}" for why in self.restarts]
         if self.lost_nodes:
             out.append(f"nodes lost mid-run: {', '.join(self.lost_nodes)}; their work was redone on the others")
         if self.not_their_own:
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.not_their_own.items()))
             out.append(f"failed for reasons not their own: {kinds}; a plain rerun retries them")
         return out
+
+
+def _many(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
 
 
 class Ticker:
@@ -344,18 +353,58 @@ def model_layout(config: JobConfig, cluster_gpus: float) -> ModelLayout:
     )
 
 
-def _execute(
-    config: JobConfig,
-    inputs: Storage,
-    chunk_refs: list,
-    run_id: str,
-    models: dict[str, JobModel],
-    seen: RunFaults | None = None,
+def _rows(
+    config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel], seen: RunFaults
 ) -> Iterator[dict[str, Any]]:
+    """The dataset's rows; where the dataset fails (a model actor killed for good, a node lost
+    with what it held: every photo's own failure is its row, so what stops the dataset is the
+    cluster), it starts again for the photos that have no row yet, up to MAX_DATASET_RESTARTS."""
     import ray
 
-    nodes_before = _alive_nodes()
-    since_ms = time.time() * 1000
+    nodes_before, since_ms = _alive_nodes(), time.time() * 1000
+    done: set[int] = set()  # 64-bit keys of the relpaths with a row, only needed for a restart
+    try:
+        for restart in range(MAX_DATASET_RESTARTS + 1):
+            try:
+                for row in _execute(config, inputs, chunk_refs, run_id, models):
+                    done.add(int(key_of(row["relpath"])))
+                    yield row
+                return
+            except ray.exceptions.RayError as exc:
+                if restart == MAX_DATASET_RESTARTS:
+                    raise
+                chunk_refs = [ray.put(_without(ray.get(ref), done)) for ref in chunk_refs]
+                left = sum(ray.get(ref).num_rows for ref in chunk_refs)
+                log.warning("the dataset stopped (%s); starting it again for the %d photos left", exc, left)
+                seen.restarts.append(f"{_lost_what(exc)} ({type(exc).__name__}): {left} photos left")
+    finally:
+        seen.model_restarts = _model_actor_restarts(since_ms)
+        seen.lost_nodes = sorted(nodes_before - _alive_nodes())
+
+
+def _without(table: pa.Table, done: set[int]) -> pa.Table:
+    keep = [int(key_of(relpath)) not in done for relpath in table.column("relpath").to_pylist()]
+    return table.filter(pa.array(keep, pa.bool_()))
+
+
+def _lost_what(exc: BaseException) -> str:
+    """What a dataset's failure says was lost, in a few words."""
+    import ray
+
+    text = str(exc)
+    if isinstance(exc, ray.exceptions.NodeDiedError) or ("node" in text.lower() and "died" in text.lower()):
+        return "a node was lost"
+    if isinstance(exc, ray.exceptions.ActorDiedError) and "ModelStage" in text:
+        return "a model actor was lost"
+    if isinstance(exc, ray.exceptions.ObjectLostError):
+        return "data held by a lost worker"
+    return "a worker was lost"
+
+
+def _execute(
+    config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel]
+) -> Iterator[dict[str, Any]]:
+    import ray
 
     ctx = ray.data.DataContext.get_current()
     ctx.verbose_stats_logs = False
@@ -410,9 +459,6 @@ def _execute(
     for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         for row in table.to_pylist():  # type: ignore[union-attr] # a pyarrow batch, as asked
             yield _manifest_row(row, source_root, config, run_id)
-    if seen is not None:
-        seen.model_restarts = _model_actor_losses(since_ms, layout.actors)
-        seen.lost_nodes = sorted(nodes_before - _alive_nodes())
 
 
 def _alive_nodes() -> set[str]:
@@ -422,17 +468,15 @@ def _alive_nodes() -> set[str]:
     return {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in ray.nodes() if n["Alive"]}
 
 
-def _model_actor_losses(since_ms: float, pool_size: int) -> int:
-    """Model actors of this run lost while it went on: restarts in place, and replacements (the
-    pool's actors beyond its size). Ray's actor table, which records both."""
+def _model_actor_restarts(since_ms: float) -> int:
+    """Restarts of this run's model actors (Ray restarts one that died: killed, out of memory)."""
     from ray._private import state  # the actor table; ray.util.state needs the dashboard
 
-    mine = [
-        a
+    return sum(
+        int(a.get("NumRestarts") or 0)
         for a in state.actors().values()
         if "ModelStage" in a.get("ActorClassName", "") and (a.get("StartTime") or 0) >= since_ms
-    ]
-    return sum(int(a.get("NumRestarts") or 0) for a in mine) + max(0, len(mine) - pool_size)
+    )
 
 
 def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str) -> dict[str, Any]:
