@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import socket
+import subprocess
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -48,6 +49,7 @@ import pytest
 import ray
 from PIL import Image
 
+from pipeline.cli import main
 from pipeline.job import JobConfig, JobSummary, run_job
 from pipeline.manifest import latest_rows, read_manifest
 from pipeline.models import register
@@ -571,3 +573,50 @@ def test_a_model_actor_killed_mid_batch_loses_nothing(local_ray, tmp_path, case)
     else:  # Ray restarts it, and Ray Data sends it its batch again
         assert line == "model actors: 1 restart mid-run; their batches were redone"
     assert_clean(settle(case, config, photos), reruns=0)
+
+
+# ------------------------------------------------------------------------------ OUTPUT's disk full
+
+
+@pytest.fixture
+def tmpfs():
+    """mount(path, size): a fresh tmpfs of that size at path (a real disk that fills), unmounted
+    after the test; skipped where mounting is not permitted."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip()}); a full OUTPUT needs one")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.slow
+def test_output_disk_filling_mid_run_loses_nothing(local_ray, tmp_path, tmpfs, capsys, caplog):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    photos = [f"p{i:02d}.jpg" for i in range(20)]
+    for i, name in enumerate(photos):
+        (inputs / name).write_bytes(photo_bytes(i, size=(320, 240)))  # outputs of about 67 kB
+    output = tmpfs(tmp_path / "out", "600k")  # room for a few of them and the manifest's first parts
+    flags = ["--saliency-model", "trivial-saliency", "--depth-model", "trivial-depth", "--commit-every", "2"]
+
+    assert main(["run", str(inputs), str(output), *flags]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    [stopped] = [line for line in lines if line.startswith("dreamfocus: error: ")]
+    assert re.fullmatch(
+        rf"dreamfocus: error: {output}: 8 writes in a row failed, stopping \(last: cannot write {output}/images/"
+        r"p\d\d\.jpg: OSError: \[Errno 28\] No space left on device\)",
+        stopped,
+    ), lines
+    commits = [r.getMessage() for r in caplog.records if r.name == "pipeline.manifest"]
+    assert commits and all("No space left on device" in m for m in commits), commits  # parts too
+    subprocess.run(["mount", "-o", "remount,size=64m", str(output)], check=True)  # space freed
+    config = JobConfig(input=str(inputs), output=str(output), commit_every=2, **TRIVIAL)
+    assert_clean(settle("disk-full", config, photos), reruns=1)

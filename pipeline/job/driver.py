@@ -163,6 +163,7 @@ def run_job(config: JobConfig) -> JobSummary:
             ticker.follow(writer, progress)
             failing_writes = 0
             rows = _rows(config, inputs, chunk_refs, run_id, models, seen) if chunk_refs and models else iter(())
+            finished = False
             try:
                 for row in itertools.chain(refused, rows):
                     ticker.check()
@@ -176,9 +177,16 @@ def run_job(config: JobConfig) -> JobSummary:
                         raise OutputError(
                             f"{output.uri}: {failing_writes} writes in a row failed, stopping (last: {row['error']})"
                         )
+                finished = True
             finally:
                 ticker.follow(None, None)
-                writer.flush()
+                try:
+                    writer.flush()
+                except OutputError as exc:
+                    if finished:
+                        raise
+                    # What stopped the run is what it says; that its last rows are lost, too.
+                    log.error("%d rows not committed, a rerun redoes their photos: %s", len(writer.rows), exc)
                 progress.close()
                 if hasattr(rows, "close"):
                     rows.close()  # stops the dataset's workers now when the loop ended early
