@@ -620,3 +620,76 @@ def test_output_disk_filling_mid_run_loses_nothing(local_ray, tmp_path, tmpfs, c
     subprocess.run(["mount", "-o", "remount,size=64m", str(output)], check=True)  # space freed
     config = JobConfig(input=str(inputs), output=str(output), commit_every=2, **TRIVIAL)
     assert_clean(settle("disk-full", config, photos), reruns=1)
+
+
+# ------------------------------------------------------------------------------ a worker node lost
+
+
+@pytest.fixture
+def two_node_cluster(local_ray):
+    """A head (CPUs only) and a worker node declaring the one GPU, so the model actor sits there
+    (Ray schedules on declared resources; the models run on the CPU). The module's own Ray is
+    shut down for it: this test comes last of those that need one."""
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, num_gpus=0))
+    worker = cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address, **ray_options())
+    yield cluster, worker
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_a_worker_node_lost_mid_batch_loses_nothing(two_node_cluster, tmp_path):
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cluster, worker = two_node_cluster
+    photos = local_photos(tmp_path / "in", 8)
+    head = ray.get_runtime_context().get_node_id()
+    gate = Gate.options(name=GATE, scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
+    config = JobConfig(
+        input=str(tmp_path / "in"),
+        output=str(tmp_path / "out"),
+        saliency_model=GatedSaliency.name,
+        depth_model="trivial-depth",
+        model_batch_size=2,
+        gpus_per_actor=1,
+        device="cpu",
+    )
+    runner, result = run_in_thread(config)
+    _, node_id = ray.get(gate.wait.remote(), timeout=RUN_TIMEOUT)  # the model actor holds its first batch
+    assert node_id == worker.node_id
+    cluster.remove_node(worker, allow_graceful=False)  # the node and everything on it, at once
+    cluster.add_node(num_cpus=1, num_gpus=1)  # as an autoscaler would start one
+    first = joined(runner, result)
+
+    assert first.counts == {"ok": 8}
+    assert (
+        fault_lines(first)
+        == [
+            "model actors: 1 restart mid-run; their batches were redone",  # on the new node
+            f"nodes lost mid-run: {worker.node_ip_address} ({worker.node_id[:8]}); their work was redone on the others",
+        ]
+    )
+    assert_clean(settle("node-lost", config, photos), reruns=0)
+
+
+# ------------------------------------------------------------------------------ the table
+
+
+def matrix_table(outcomes: list[Outcome]) -> list[str]:
+    return ["| case | injected | rows lost | rows twice | reruns |", "|---|---|---|---|---|"] + [
+        o.table_row() for o in outcomes
+    ]
+
+
+def test_the_fault_matrix_in_the_docstring_and_readme_is_what_the_cases_measured():
+    """Runs last: the table of the cases that ran in this session, against the two copies."""
+    if set(MEASURED) != set(INJECTED):
+        pytest.skip(f"only some cases ran ({', '.join(sorted(MEASURED)) or 'none'}): no whole table to compare")
+    measured = matrix_table([MEASURED[case] for case in INJECTED])
+    assert all(line in __doc__.splitlines() for line in measured), "\n".join(measured)
+    readme = (ROOT / "README.md").read_text().splitlines()
+    assert all(line in readme for line in measured), "\n".join(measured)
