@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import io
 import logging
 import os
 import re
@@ -133,9 +134,8 @@ def output_files(config: JobConfig) -> set[str]:
         found = {f.relpath for f in Storage(f"{config.output}/images").list_files(None)}
     except FileNotFoundError:
         return set()
-    hidden = Path(config.output) if "://" not in config.output else None
-    if hidden is not None:  # list_files skips hidden names: look for temporary files directly
-        assert not [p for p in hidden.rglob("*.partial")], "temporary files left in OUTPUT"
+    if "://" not in config.output:  # list_files skips hidden names: look for temporary files directly
+        assert not list(Path(config.output).rglob("*.partial")), "temporary files left in OUTPUT"
     return found
 
 
@@ -150,7 +150,7 @@ def assert_clean(outcome: Outcome, reruns: int) -> None:
 def photo_bytes(i: int, size=(48, 32)) -> bytes:
     rng = np.random.default_rng(i)
     image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
-    buffer = __import__("io").BytesIO()
+    buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)
     return buffer.getvalue()
 
@@ -428,10 +428,6 @@ def on_log(logger: str, words: str, action: Callable[[], None]):
         target.removeHandler(handler)
 
 
-def fault_lines(summary: JobSummary) -> list[str]:
-    return summary.faults
-
-
 # ------------------------------------------------------------------------------ S3 errors and throttling
 
 
@@ -453,7 +449,7 @@ def test_s3_reads_throttled_and_failing_lose_nothing(local_ray, faulty_s3, s3_se
     assert (row["relpath"], row["error_kind"]) == ("p03.jpg", "read-error")
     assert row["error"].startswith(f"cannot read {bucket}/in/p03.jpg: ")
     assert "reduce your request rate" in row["error"]
-    storage_line, rerun_line = fault_lines(first)
+    storage_line, rerun_line = first.faults
     assert re.fullmatch(
         r"storage: 5 transient errors .* retried: 5 reading or writing photos, 0 listing .*", storage_line
     )
@@ -470,7 +466,7 @@ def test_s3_writes_failing_and_answers_lost_lose_nothing(local_ray, faulty_s3, s
     first = run_job(config)
     assert lost.taken == 1 and faulty_s3.seen[f"PUT /{bucket.removeprefix('s3://')}/out/images/p02.jpg"] == 2
     assert first.counts == {"ok": 6}
-    [storage_line] = fault_lines(first)
+    [storage_line] = first.faults
     assert re.fullmatch(
         r"storage: 3 transient errors .* retried: 3 reading or writing photos, 0 listing .*", storage_line
     )
@@ -491,7 +487,7 @@ def test_s3_manifest_commits_failing_lose_nothing(local_ray, faulty_s3, s3_serve
         first = run_job(config)
     assert lost.taken == 1 and throttled.taken >= 25
     assert first.counts == {"ok": 8}
-    storage_line, commit_line = fault_lines(first)
+    storage_line, commit_line = first.faults
     assert re.fullmatch(
         r"storage: 5 transient errors .* retried: 0 reading or writing photos, 5 listing .*", storage_line
     )
@@ -521,7 +517,7 @@ def test_photos_replaced_or_deleted_while_read_are_recorded_as_read(local_ray, f
     first = run_job(config)
 
     assert first.counts == {"ok": 5, "skipped": 1}
-    assert fault_lines(first) == [
+    assert first.faults == [
         "2 photos replaced after the listing: the version read is the one recorded",
         "1 photo deleted after the listing: left alone",
     ]
@@ -567,7 +563,7 @@ def test_a_model_actor_killed_mid_batch_loses_nothing(local_ray, tmp_path, case)
     ray.kill(gate)
 
     assert first.counts == {"ok": 8}
-    [line] = fault_lines(first)
+    [line] = first.faults
     if case == "actor-killed":  # for good: Ray Data's dataset fails, and the job starts it again
         assert re.fullmatch(r"dataset started again: a model actor was lost \(ActorDiedError\): \d photos left", line)
     else:  # Ray restarts it, and Ray Data sends it its batch again
@@ -667,7 +663,7 @@ def test_a_worker_node_lost_mid_batch_loses_nothing(two_node_cluster, tmp_path):
 
     assert first.counts == {"ok": 8}
     assert (
-        fault_lines(first)
+        first.faults
         == [
             "model actors: 1 restart mid-run; their batches were redone",  # on the new node
             f"nodes lost mid-run: {worker.node_ip_address} ({worker.node_id[:8]}); their work was redone on the others",

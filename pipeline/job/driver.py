@@ -12,6 +12,7 @@ one line, having started nothing) and travel to the model actors through Ray's o
 
 from __future__ import annotations
 
+import array
 import contextlib
 import functools
 import itertools
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from ..errors import RETRIED_KINDS, OutputError, SourceVanishedError
@@ -35,6 +37,7 @@ from ..manifest import (
     OK,
     OTHER_FILES,
     SKIPPED,
+    KeySet,
     ManifestWriter,
     OtherFilesWriter,
     compact_manifest,
@@ -370,18 +373,19 @@ def _rows(
     import ray
 
     nodes_before, since_ms = _alive_nodes(), time.time() * 1000
-    done: set[int] = set()  # 64-bit keys of the relpaths with a row, only needed for a restart
+    done = array.array("q")  # 64-bit keys of the relpaths with a row (8 bytes a photo), for a restart
     try:
         for restart in range(MAX_DATASET_RESTARTS + 1):
             try:
                 for row in _execute(config, inputs, chunk_refs, run_id, models):
-                    done.add(int(key_of(row["relpath"])))
+                    done.append(int(key_of(row["relpath"])))
                     yield row
                 return
             except ray.exceptions.RayError as exc:
                 if restart == MAX_DATASET_RESTARTS:
                     raise
-                chunk_refs = [ray.put(_without(ray.get(ref), done)) for ref in chunk_refs]
+                settled = KeySet(np.frombuffer(done, dtype=np.int64))
+                chunk_refs = [ray.put(_without(ray.get(ref), settled)) for ref in chunk_refs]
                 left = sum(ray.get(ref).num_rows for ref in chunk_refs)
                 log.warning("the dataset stopped (%s); starting it again for the %d photos left", exc, left)
                 seen.restarts.append(f"{_lost_what(exc)} ({type(exc).__name__}): {left} photos left")
@@ -390,8 +394,8 @@ def _rows(
         seen.lost_nodes = sorted(nodes_before - _alive_nodes())
 
 
-def _without(table: pa.Table, done: set[int]) -> pa.Table:
-    keep = [int(key_of(relpath)) not in done for relpath in table.column("relpath").to_pylist()]
+def _without(table: pa.Table, done: KeySet) -> pa.Table:
+    keep = [key_of(relpath) not in done for relpath in table.column("relpath").to_pylist()]
     return table.filter(pa.array(keep, pa.bool_()))
 
 
@@ -399,13 +403,12 @@ def _lost_what(exc: BaseException) -> str:
     """What a dataset's failure says was lost, in a few words."""
     import ray
 
-    text = str(exc)
-    if isinstance(exc, ray.exceptions.NodeDiedError) or ("node" in text.lower() and "died" in text.lower()):
+    if isinstance(exc, ray.exceptions.NodeDiedError):
         return "a node was lost"
-    if isinstance(exc, ray.exceptions.ActorDiedError) and "ModelStage" in text:
-        return "a model actor was lost"
+    if isinstance(exc, ray.exceptions.ActorDiedError):
+        return "a model actor was lost" if "ModelStage" in str(exc) else "an actor was lost"
     if isinstance(exc, ray.exceptions.ObjectLostError):
-        return "data held by a lost worker"
+        return "data held by a lost node or worker"
     return "a worker was lost"
 
 
