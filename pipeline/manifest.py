@@ -7,6 +7,7 @@ functions here take a Storage rooted at the manifest folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -14,8 +15,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +37,7 @@ STAGES = ("read", "decode", "saliency", "depth", "effect", "encode", "write")
 RENAMED = {"job_hash": "params_hash"}
 REPLACES = b"dreamfocus.replaces"  # a compacted part's metadata: the parts it replaces
 COMPACT_MIN_PARTS = 64  # a run or `status` finding this many parts merges them into one
+PART_READERS = 16  # parts read at once
 RETRY_COMMIT_SECONDS = 5.0  # after a failed commit, the next try waits this long (or a commit interval)
 
 SCHEMA = pa.schema(
@@ -61,6 +65,8 @@ SCHEMA = pa.schema(
         ("interp_stop", pa.float32()),
         ("render_path", pa.string()),  # numpy (effect.py on the CPU) or torch:<device> (the device path)
         *[(f"seconds_{stage}", pa.float32()) for stage in STAGES],
+        ("storage_retries", pa.int32()),  # transient storage errors retried reading and writing this photo
+        ("source_changed", pa.bool_()),  # replaced after the listing: the row names the version read
         ("attempt", pa.int32()),
         ("run_id", pa.string()),
         ("started_at", pa.timestamp("ms", tz="UTC")),  # when reading the photo began
@@ -92,9 +98,15 @@ def new_run_id() -> str:
 
 
 class ManifestWriter:
-    """Buffers rows and writes them as numbered parts: every `rows_per_part` rows, and at least
-    every `seconds_per_part` seconds while rows arrive (flush_if_due() from a timer), so a
-    killed run loses little. Thread-safe: rows come from the driver, time from a ticker."""
+    """Buffers manifest rows (Arrow tables of SCHEMA, as manifest_rows makes them) and writes
+    them as numbered parts: once `rows_per_part` rows wait, and at least every
+    `seconds_per_part` seconds while rows arrive (flush_if_due() from a timer), so a killed run
+    loses little.
+
+    Within `committing()`, parts are written by a thread of their own while rows go on arriving
+    (a group commit): a part then takes every row that waits, so when rows come faster than one
+    part per write, parts grow instead of the driver waiting. Thread-safe: rows come from the
+    driver, time from a ticker."""
 
     def __init__(
         self,
@@ -109,51 +121,168 @@ class ManifestWriter:
         self.rows_per_part = rows_per_part
         self.seconds_per_part = seconds_per_part
         self.clock = clock
-        self.rows: list[dict] = []
+        self.tables: list[pa.Table] = []
+        self.pending = 0  # rows in self.tables
         self.parts = 0
         self.first_pending = 0.0  # when the oldest uncommitted row arrived
+        self.error: BaseException | None = None  # of the committing thread, raised to the driver
         self.failed_commits = 0  # commits that failed while the run went on; their rows went with a later one
         self.retry_at = 0.0  # after a failed commit, no new try before this
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the pending rows
+        self._writing = threading.Lock()  # one part at a time, numbered in order
+        self._wake = threading.Condition(self._lock)
+        self._committer: threading.Thread | None = None
+        self._stopping = False
 
     def add(self, row: dict) -> None:
+        """One row given as a dict of SCHEMA's columns (missing ones are null)."""
+        self.add_table(pa.Table.from_pylist([{c: row.get(c) for c in COLUMNS}], schema=SCHEMA))
+
+    def add_table(self, rows: pa.Table) -> None:
+        """Rows with SCHEMA's columns."""
+        if self.error is not None:
+            raise self.error
+        if not rows.num_rows:
+            return
         with self._lock:
-            if not self.rows:
+            if not self.pending:
                 self.first_pending = self.clock()
-            self.rows.append(row)
-            if len(self.rows) >= self.rows_per_part:
-                self._commit_or_keep()
+            self.tables.append(rows)
+            self.pending += rows.num_rows
         self.flush_if_due()
+
+    def _due(self) -> bool:
+        if self.clock() < self.retry_at:
+            return False
+        return self.pending >= self.rows_per_part or (
+            self.pending > 0 and self.clock() - self.first_pending >= self.seconds_per_part
+        )
 
     def flush_if_due(self) -> None:
         with self._lock:
-            if self.rows and self.clock() - self.first_pending >= self.seconds_per_part:
-                self._commit_or_keep()
+            if not self._due():
+                return
+            if self._committer is not None:
+                self._wake.notify()
+                return
+        self._commit()
 
     def flush(self) -> None:
-        """Commit every row now; OutputError where that fails (the rows stay buffered)."""
-        with self._lock:
-            self._flush()
+        """Commit every waiting row now (after the part being written, if any)."""
+        self._commit()
+        if self.error is not None:
+            raise self.error
 
-    def _commit_or_keep(self) -> None:
-        """A commit while the run goes on: where it fails (storage errors that outlived the
-        retries, a full disk) the rows stay buffered for the next one, and the run goes on."""
-        if self.clock() < self.retry_at:
-            return
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[ManifestWriter]:
+        """Parts written by a thread beside the caller; on leaving, the rest is committed.
+
+        Where the caller stops on an error of its own, a last commit that fails too is logged:
+        what stopped the run is what it raises."""
+        self._stopping = False
+        self._committer = threading.Thread(target=self._commit_when_due, name="dreamfocus-manifest", daemon=True)
+        self._committer.start()
+        stopped = True
         try:
-            self._flush()
-        except OutputError as exc:
-            self.failed_commits += 1
-            self.retry_at = self.clock() + min(self.seconds_per_part, RETRY_COMMIT_SECONDS)
-            log.warning("manifest commit failed, %d rows kept for the next one: %s", len(self.rows), exc)
+            yield self
+            stopped = False
+        finally:
+            with self._lock:
+                self._stopping = True
+                self._wake.notify()
+            self._committer.join()
+            self._committer = None
+            try:
+                self.flush()
+            except OutputError as exc:
+                if not stopped:
+                    raise
+                log.error("%d rows not committed, a rerun redoes their photos: %s", self.pending, exc)
 
-    def _flush(self) -> None:
-        if not self.rows:
-            return
-        table = pa.Table.from_pylist([{c: r.get(c) for c in COLUMNS} for r in self.rows], schema=SCHEMA)
-        self.store.write_atomic(f"part-{self.run_id}-{self.parts:05d}.parquet", _parquet(table))
-        self.parts += 1
-        self.rows = []
+    def _commit_when_due(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._due():
+                    self._wake.wait(timeout=1.0)  # the time limit is checked on waking, too
+                if self._stopping:
+                    return
+            try:
+                self._commit()
+            except OutputError as exc:  # storage errors past every retry, a full disk: the rows wait
+                self.failed_commits += 1
+                self.retry_at = self.clock() + min(self.seconds_per_part, RETRY_COMMIT_SECONDS)
+                log.warning("manifest commit failed, %d rows kept for the next one: %s", self.pending, exc)
+            except Exception as exc:  # noqa: BLE001 - raised in the driver's next add or flush
+                self.error = exc
+                return
+
+    def _commit(self) -> None:
+        with self._writing:
+            with self._lock:
+                tables, self.tables, self.pending = self.tables, [], 0
+            if not tables:
+                return
+            try:
+                table = pa.concat_tables(tables).select(list(COLUMNS)).cast(SCHEMA)
+                self.store.write_atomic(f"part-{self.run_id}-{self.parts:05d}.parquet", _parquet(table))
+            except BaseException:
+                with self._lock:  # not committed: they wait for the next try
+                    self.tables = tables + self.tables
+                    self.pending += sum(t.num_rows for t in tables)
+                raise
+            self.parts += 1
+
+
+def manifest_rows(
+    rows: pa.Table,
+    *,
+    source_root: str,
+    preset: str,
+    job_hash: str,
+    run_id: str,
+    finished_at: datetime | None = None,
+) -> pa.Table:
+    """Manifest rows (SCHEMA) of photos' results, column by column: `rows` holds at least
+    relpath, status and attempt, and any of SCHEMA's other columns; the rest is filled in here.
+    The job's finishing tasks call it, so the driver only commits the tables."""
+    n = rows.num_rows
+    now = pa.scalar(finished_at or datetime.now(UTC), SCHEMA.field("finished_at").type)
+    relpaths = rows.column("relpath").to_pylist()
+    filled = {
+        "image_id": pa.array([image_id(r) for r in relpaths], pa.string()),
+        "source_uri": pc.binary_join_element_wise(source_root, rows.column("relpath"), "/"),
+        "preset": pa.array([preset] * n, pa.string()),
+        "job_hash": pa.array([job_hash] * n, pa.string()),
+        "run_id": pa.array([run_id] * n, pa.string()),
+        "finished_at": pa.array([now.as_py()] * n, now.type),
+    }
+    columns = []
+    for field in SCHEMA:
+        if field.name in filled:
+            column = filled[field.name]
+        elif field.name in rows.column_names:
+            column = rows.column(field.name).cast(field.type, safe=False)  # say, naive us times to UTC ms
+        else:
+            column = pa.nulls(n, field.type)
+        columns.append(column)
+    table = pa.Table.from_arrays(columns, schema=SCHEMA)
+    started = table.column("started_at")
+    table = table.set_column(
+        SCHEMA.get_field_index("started_at"),
+        "started_at",
+        pc.if_else(pc.is_null(started), table.column("finished_at"), started),
+    )
+    table = table.set_column(
+        SCHEMA.get_field_index("output_uri"),
+        "output_uri",
+        pc.if_else(pc.equal(table.column("status"), OK), table.column("output_uri"), None),
+    )
+    # null where no path rendered the photo, not an empty name
+    render_path = table.column("render_path")
+    table = table.set_column(
+        SCHEMA.get_field_index("render_path"), "render_path", pc.if_else(pc.equal(render_path, ""), None, render_path)
+    )
+    return table
 
 
 def _parquet(table: pa.Table) -> bytes:
@@ -170,12 +299,24 @@ def part_names(store: Storage) -> list[str]:
         return []
 
 
-def _read_parts(store: Storage, names: list[str] | None = None) -> tuple[dict[str, pa.Table], list[str]]:
+def _read_parts(
+    store: Storage, names: list[str] | None = None, columns: Iterable[str] | None = None
+) -> tuple[dict[str, pa.Table], list[str]]:
     """Every committed part by name (of `names`, else of a listing), less those a compacted part
     has replaced (a compaction killed before it removed them leaves them behind; their rows are
-    in the compacted part), and the names of such leftovers."""
+    in the compacted part), and the names of such leftovers. With `columns`, only those (under
+    their old names too, where renamed) are read. Parts are read on threads: each is a round
+    trip to the store."""
     names = part_names(store) if names is None else names
-    parts = {name: pq.read_table(io.BytesIO(store.read_bytes(name))) for name in names}
+    wanted = None if columns is None else set(columns) | {RENAMED[c] for c in columns if c in RENAMED}
+
+    def read(name: str) -> pa.Table:
+        part = pq.ParquetFile(io.BytesIO(store.read_bytes(name)))
+        found = None if wanted is None else [c for c in part.schema_arrow.names if c in wanted]
+        return part.read(columns=found).replace_schema_metadata(part.schema_arrow.metadata)
+
+    with ThreadPoolExecutor(max_workers=PART_READERS, thread_name_prefix="dreamfocus-parts") as pool:
+        parts = dict(zip(names, pool.map(read, names)))
     replaced = set()
     for table in parts.values():
         replaced.update(json.loads((table.schema.metadata or {}).get(REPLACES, b"[]")))
@@ -230,7 +371,7 @@ def read_manifest(store: Storage, columns: Iterable[str] | None = None) -> pa.Ta
     schema = pa.schema([SCHEMA.field(n) for n in names])
     tables = [
         pa.table({n: _column(table, n, schema.field(n).type) for n in names})
-        for table in _read_parts(store)[0].values()
+        for table in _read_parts(store, columns=names)[0].values()
     ]
     if not tables:
         return schema.empty_table()
@@ -281,55 +422,76 @@ def latest_rows(table: pa.Table) -> pa.Table:
     return order.filter(pa.array(first))
 
 
-class KeySet:
-    """A sorted array of 64-bit keys: membership tests for millions of entries in a few MB."""
+@dataclass(frozen=True)
+class FolderResume:
+    """What earlier runs settled for the inputs of one folder: name -> (fingerprint, job_hash,
+    status as listing_status gives it, attempts so far, whether a rerun retries it anyway)."""
 
-    def __init__(self, keys: Iterable[np.int64]) -> None:
-        self.keys = np.sort(np.fromiter(keys, dtype=np.int64))
+    latest: dict[str, tuple[str, str, str, int, bool]]
 
-    def __contains__(self, key: np.int64) -> bool:
-        i = int(np.searchsorted(self.keys, key))
-        return i < len(self.keys) and self.keys[i] == key
+    def latest_is(self, name: str, fingerprint: str, job_hash: str, status: str) -> bool:
+        entry = self.latest.get(name)
+        return entry is not None and not entry[4] and entry[:3] == (fingerprint, job_hash, status)
+
+    def attempts_of(self, name: str) -> int:
+        entry = self.latest.get(name)
+        return entry[3] if entry is not None else 0
+
+    @property
+    def any_ok(self) -> bool:
+        """Whether some input here has an output that should exist."""
+        return any(entry[2] == OK for entry in self.latest.values())
 
 
-@dataclass
+_RESUME_COLUMNS = ("relpath", "source_fingerprint", "job_hash", "status", "error_kind", "attempt", "finished_at")
+
+
 class ResumeIndex:
-    """What earlier runs settled, as sorted 64-bit keys (a few bytes per input).
+    """Each input's latest row, as Arrow columns sorted by folder (tens of bytes per input, no
+    Python object per photo): the plan asks for one folder's entries at a time."""
 
-    settled: key(relpath, fingerprint, job_hash, status) of each input's latest row.
-    attempts: key(relpath) -> the number of attempts so far.
-    """
-
-    settled: KeySet
-    attempt_keys: np.ndarray
-    attempts: np.ndarray
+    def __init__(self, latest: pa.Table) -> None:
+        relpaths = latest.column("relpath")
+        folders = pc.replace_substring_regex(relpaths, r"/?[^/]*$", "")
+        names = pc.replace_substring_regex(relpaths, r"^.*/", "")
+        kinds = latest.column("error_kind")
+        status = latest.column("status")
+        listing = pc.is_in(kinds, value_set=pa.array(sorted(LISTING_KINDS), pa.string()))
+        table = pa.table(
+            {
+                "folder": folders,
+                "name": names,
+                "fingerprint": pc.fill_null(latest.column("source_fingerprint"), ""),
+                "job_hash": pc.fill_null(latest.column("job_hash"), "").dictionary_encode(),
+                "status": pc.if_else(
+                    pc.fill_null(listing, False), pc.binary_join_element_wise(status, kinds, ":"), status
+                ).dictionary_encode(),
+                "attempt": pc.fill_null(latest.column("attempt"), 0),
+                "retried": pc.fill_null(pc.is_in(kinds, value_set=pa.array(sorted(RETRIED_KINDS), pa.string())), False),
+            }
+        ).sort_by("folder")
+        runs = pc.run_end_encode(table.column("folder").combine_chunks())
+        ends = runs.run_ends.to_numpy()
+        starts = np.concatenate([[0], ends[:-1]]) if len(ends) else ends
+        self.slices = {
+            folder: (int(start), int(end)) for folder, start, end in zip(runs.values.to_pylist(), starts, ends)
+        }
+        self.table = table.drop_columns(["folder"])
 
     @classmethod
     def load(cls, store: Storage) -> ResumeIndex:
-        columns = ("relpath", "source_fingerprint", "job_hash", "status", "error_kind", "attempt")
-        latest = latest_rows(read_manifest(store, [*columns, "finished_at"]))
-        settled, attempt_keys, attempts = [], [], []
-        for relpath, fingerprint, job_hash, status, kind, attempt in zip(
-            *(latest.column(c).to_pylist() for c in columns)
-        ):
-            if kind not in RETRIED_KINDS:
-                settled.append(key_of(relpath, fingerprint or "", job_hash or "", listing_status(status, kind)))
-            attempt_keys.append(key_of(relpath))
-            attempts.append(attempt)
-        order = np.argsort(np.array(attempt_keys, dtype=np.int64))
-        return cls(
-            settled=KeySet(settled),
-            attempt_keys=np.array(attempt_keys, dtype=np.int64)[order],
-            attempts=np.array(attempts, dtype=np.int32)[order],
-        )
+        return cls(latest_rows(read_manifest(store, _RESUME_COLUMNS)))
 
-    def latest_is(self, relpath: str, fingerprint: str, job_hash: str, status: str) -> bool:
-        return key_of(relpath, fingerprint, job_hash, status) in self.settled
-
-    def attempts_of(self, relpath: str) -> int:
-        key = key_of(relpath)
-        i = int(np.searchsorted(self.attempt_keys, key))
-        return int(self.attempts[i]) if i < len(self.attempt_keys) and self.attempt_keys[i] == key else 0
+    def folder(self, folder: str) -> FolderResume:
+        """The entries of the inputs directly in `folder` (relative to INPUT, "" for its top)."""
+        where = self.slices.get(folder)
+        if where is None:
+            return FolderResume({})
+        part = self.table.slice(where[0], where[1] - where[0])
+        columns = [
+            part.column(c).to_pylist() for c in ("name", "fingerprint", "job_hash", "status", "attempt", "retried")
+        ]
+        return FolderResume({name: tuple(rest) for name, *rest in zip(*columns)})  # type: ignore[misc]
 
 
 @dataclass

@@ -23,6 +23,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -33,6 +34,8 @@ from pipeline.errors import OutputError, ReadError, SourceChangedError, SourceVa
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# Folders listed at once ahead of the one the listing is at (Storage.list_folders).
+LISTING_PREFETCH = 16
 
 
 @dataclass(frozen=True)
@@ -249,34 +252,70 @@ class Storage:
 
     def list_files(self, extensions: frozenset[str] | None) -> Iterator[SourceFile]:
         """Files under the root whose lower-cased suffix is in `extensions` (".jpg" or "jpg"), or
-        all of them (None).
+        all of them (None), in list_folders' order."""
+        for _, files in self.list_folders(extensions):
+            yield from files
 
-        Walks one directory at a time (sorted): a folder's files come together, before those of
-        its subfolders. Hidden files and folders and the folder placeholders of object stores
-        are skipped. Each directory listing is retried on
-        transient errors. Raises FileNotFoundError if the root does not exist.
+    def list_folders(
+        self, extensions: frozenset[str] | None, prefetch: int = LISTING_PREFETCH
+    ) -> Iterator[tuple[str, list[SourceFile]]]:
+        """(folder relative to the root, its files sorted by name) for each folder under the
+        root, depth first: a folder comes before its subfolders, which come in name order.
+
+        Up to `prefetch` folders next in that order are listed at once on threads: a listing is
+        a round trip to the store (an S3 LIST is tens of milliseconds), and one after another they
+        would keep a library of many folders waiting minutes before its first photo. The order is
+        the same whatever `prefetch` is. Hidden files and folders and the folder placeholders of
+        object stores are skipped; folder links are not followed (like os.walk). Each listing is
+        retried on transient errors. Raises FileNotFoundError if the root does not exist.
         """
         exts = None if extensions is None else {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
         prefix = self.root.rstrip("/") + "/"
-        pending = [self.root]
-        while pending:
-            folder = pending.pop()
-            self.fs.invalidate_cache(folder)  # s3fs/gcsfs cache listings; a rerun must not
-            entries = retry(functools.partial(self.fs.ls, folder, detail=True), what=f"list {folder}")
-            subdirs = []
-            for info in sorted(entries, key=lambda i: i["name"]):
-                name = info["name"]
-                if name.endswith("/") or name.rstrip("/") == folder.rstrip("/"):
-                    continue  # object-store folder placeholder, or the folder itself
-                if not name.startswith(prefix) or _is_hidden(name.rsplit("/", 1)[-1]):
-                    continue
-                if info["type"] == "directory":
-                    if not info.get("islink"):  # like os.walk: don't follow folder links
-                        subdirs.append(name)
-                elif info["type"] == "file":
-                    if exts is None or os.path.splitext(name)[1].lower() in exts:
-                        yield SourceFile(name[len(prefix) :], int(info.get("size") or 0), _fingerprint(info))
-            pending.extend(reversed(subdirs))
+        pending = [self.root]  # a stack: the next folder to yield is at its end
+        listings: dict[str, Future[list[dict]]] = {}
+        with ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="dreamfocus-list") as pool:
+            while pending:
+                for folder in pending[-prefetch:]:  # what is next in depth-first order
+                    if folder not in listings:
+                        listings[folder] = pool.submit(self._list_folder, folder)
+                folder = pending.pop()
+                files, subdirs = [], []
+                for info in listings.pop(folder).result():
+                    name = info["name"]
+                    if info["type"] == "directory":
+                        if not info.get("islink"):
+                            subdirs.append(name)
+                    elif info["type"] == "file":
+                        if exts is None or os.path.splitext(name)[1].lower() in exts:
+                            files.append(
+                                SourceFile(name[len(prefix) :], int(info.get("size") or 0), _fingerprint(info))
+                            )
+                pending.extend(reversed(subdirs))
+                yield (folder[len(prefix) :] if folder != self.root else ""), files
+
+    def _list_folder(self, folder: str) -> list[dict]:
+        """A folder's entries sorted by name, less hidden ones and placeholders."""
+        self.fs.invalidate_cache(folder)  # s3fs/gcsfs cache listings; a rerun must not
+        entries = retry(functools.partial(self.fs.ls, folder, detail=True), what=f"list {folder}")
+        prefix = self.root.rstrip("/") + "/"
+        kept = []
+        for info in sorted(entries, key=lambda i: i["name"]):
+            name = info["name"]
+            if name.endswith("/") or name.rstrip("/") == folder.rstrip("/"):
+                continue  # object-store folder placeholder, or the folder itself
+            if name.startswith(prefix) and not _is_hidden(name.rsplit("/", 1)[-1]):
+                kept.append(info)
+        return kept
+
+    def names_in(self, folder: str) -> set[str]:
+        """The names of the files directly in a folder (relative to the root; none where it is
+        missing): one listing."""
+        path = self._path(folder) if folder else self.root
+        try:
+            entries = self._list_folder(path)
+        except FileNotFoundError:
+            return set()
+        return {info["name"].rsplit("/", 1)[-1] for info in entries if info["type"] == "file"}
 
     def stat(self, relpath: str) -> SourceFile:
         path = self._path(relpath)

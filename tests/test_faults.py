@@ -556,11 +556,13 @@ def test_a_model_actor_killed_mid_batch_loses_nothing(local_ray, tmp_path, case)
         depth_model="trivial-depth",
         model_batch_size=2,
     )
-    runner, result = run_in_thread(config)
-    actor, _ = ray.get(gate.wait.remote(), timeout=RUN_TIMEOUT)  # a model actor holds its first batch
-    ray.kill(actor, no_restart=case == "actor-killed")
-    first = joined(runner, result)
-    ray.kill(gate)
+    try:
+        runner, result = run_in_thread(config)
+        actor, _ = ray.get(gate.wait.remote(), timeout=RUN_TIMEOUT)  # a model actor holds its first batch
+        ray.kill(actor, no_restart=case == "actor-killed")
+        first = joined(runner, result)
+    finally:
+        ray.kill(gate)
 
     assert first.counts == {"ok": 8}
     [line] = first.faults
@@ -597,10 +599,10 @@ def tmpfs():
 def test_output_disk_filling_mid_run_loses_nothing(local_ray, tmp_path, tmpfs, capsys, caplog):
     inputs = tmp_path / "in"
     inputs.mkdir()
-    photos = [f"p{i:02d}.jpg" for i in range(20)]
+    photos = [f"p{i:02d}.jpg" for i in range(40)]
     for i, name in enumerate(photos):
-        (inputs / name).write_bytes(photo_bytes(i, size=(320, 240)))  # outputs of about 67 kB
-    output = tmpfs(tmp_path / "out", "600k")  # room for a few of them and the manifest's first parts
+        (inputs / name).write_bytes(photo_bytes(i))  # outputs of a page or two, smaller than a part
+    output = tmpfs(tmp_path / "out", "80k")  # room for some, and a few parts: parts fail first
     flags = ["--saliency-model", "trivial-saliency", "--depth-model", "trivial-depth", "--commit-every", "2"]
 
     assert main(["run", str(inputs), str(output), *flags]) == 2

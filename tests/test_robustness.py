@@ -38,7 +38,7 @@ from pipeline.errors import BadInputError, OutputError
 from pipeline.job import JobConfig, JobSummary, driver, run_job
 from pipeline.job.plan import make_plan, output_relpath
 from pipeline.job.stages import ModelStage, finish_photos, read_photos
-from pipeline.manifest import latest_rows, read_manifest
+from pipeline.manifest import latest_rows, manifest_rows, read_manifest
 from pipeline.models import DEPTH, SALIENCY, load_model
 from pipeline.storage import Storage, safe_relpath
 
@@ -582,13 +582,15 @@ def fake_execution(kinds: list[str]):
         relpaths = pa.concat_tables(ray.get(chunk_refs)).column("relpath").to_pylist()
         for relpath, kind in zip(relpaths, kinds):
             failed = kind == "write-error"
-            yield dict(
+            row = dict(
                 relpath=relpath,
                 status="failed" if failed else "ok",
                 error_kind=kind,
                 attempt=1,
                 error=f"cannot write {config.output}/images/{relpath}: OSError: disk trouble" if failed else "",
-                run_id=run_id,
+            )
+            yield manifest_rows(
+                pa.Table.from_pylist([row]), source_root=inputs.uri, preset="", job_hash="", run_id=run_id
             )
 
     return execute

@@ -66,11 +66,11 @@ class Progress:
         live.start()
         return live
 
-    def add(self, status: str) -> None:
+    def add(self, status: str, n: int = 1) -> None:
         with self._lock:
-            self.done += 1
-            self.failed += status == FAILED
-            self.left_alone += status == SKIPPED
+            self.done += n
+            self.failed += n * (status == FAILED)
+            self.left_alone += n * (status == SKIPPED)
             self.finished.append((self.clock(), self.done))
 
     def rate(self) -> float | None:

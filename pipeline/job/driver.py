@@ -13,6 +13,7 @@ one line, having started nothing) and travel to the model actors through Ray's o
 from __future__ import annotations
 
 import array
+import collections
 import contextlib
 import functools
 import itertools
@@ -21,28 +22,24 @@ import os
 import sys
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..errors import RETRIED_KINDS, OutputError, SourceVanishedError
 from ..manifest import (
     FAILED,
     MANIFEST_DIR,
-    OK,
     OTHER_FILES,
     SKIPPED,
-    KeySet,
     ManifestWriter,
     OtherFilesWriter,
     compact_manifest,
-    image_id,
     key_of,
+    manifest_rows,
     new_run_id,
 )
 from ..models import DEPTH, SALIENCY
@@ -136,7 +133,7 @@ def run_job(config: JobConfig) -> JobSummary:
                     print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
             elif item.error:
                 planned += 1
-                refused.append(_refused_row(item, inputs, config, run_id))
+                refused.append(item)
             else:
                 planned += 1
                 if models is None:  # the first photo to process: the weights, before Ray starts
@@ -164,32 +161,16 @@ def run_job(config: JobConfig) -> JobSummary:
                 console = held.enter_context(without_native_noise())  # Ray is up: its lines from now on
             progress = Progress(planned, console)
             ticker.follow(writer, progress)
-            failing_writes = 0
+            tally = RowTally(writer, progress, output.uri, seen)
+            counts = tally.counts
             rows = _rows(config, inputs, chunk_refs, run_id, models, seen) if chunk_refs and models else iter(())
-            finished = False
             try:
-                for row in itertools.chain(refused, rows):
-                    ticker.check()
-                    writer.add(row)
-                    progress.add(row["status"])
-                    counts[row["status"]] = counts.get(row["status"], 0) + 1
-                    seen.add(row)
-                    # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
-                    failing_writes = failing_writes + 1 if row["error_kind"] == OutputError.kind else 0
-                    if failing_writes >= MAX_FAILING_WRITES:
-                        raise OutputError(
-                            f"{output.uri}: {failing_writes} writes in a row failed, stopping (last: {row['error']})"
-                        )
-                finished = True
+                with writer.committing():  # parts are written beside this loop
+                    for table in itertools.chain(_refused_rows(refused, inputs, config, run_id), rows):
+                        ticker.check()
+                        tally.add(table)
             finally:
                 ticker.follow(None, None)
-                try:
-                    writer.flush()
-                except OutputError as exc:
-                    if finished:
-                        raise
-                    # What stopped the run is what it says; that its last rows are lost, too.
-                    log.error("%d rows not committed, a rerun redoes their photos: %s", len(writer.rows), exc)
                 progress.close()
                 if hasattr(rows, "close"):
                     rows.close()  # stops the dataset's workers now when the loop ended early
@@ -203,6 +184,30 @@ def run_job(config: JobConfig) -> JobSummary:
     )
 
 
+class RowTally:
+    """The driver's part in a row's life: commit the manifest rows the workers made, count them
+    for the progress line and the summary, and stop a job whose every write fails."""
+
+    def __init__(self, writer: ManifestWriter, progress: Progress, output_uri: str, seen: RunFaults) -> None:
+        self.writer, self.progress, self.output_uri, self.seen = writer, progress, output_uri, seen
+        self.counts: dict[str, int] = {}
+        self.failing_writes = 0
+
+    def add(self, rows: pa.Table) -> None:
+        self.writer.add_table(rows)
+        self.seen.add(rows)
+        for status, n in collections.Counter(rows.column("status").to_pylist()).items():
+            self.counts[status] = self.counts.get(status, 0) + n
+            self.progress.add(status, n)
+        # A full or read-only OUTPUT fails every photo: stop instead of failing them all.
+        for kind, error in zip(rows.column("error_kind").to_pylist(), rows.column("error").to_pylist()):
+            self.failing_writes = self.failing_writes + 1 if kind == OutputError.kind else 0
+            if self.failing_writes >= MAX_FAILING_WRITES:
+                raise OutputError(
+                    f"{self.output_uri}: {self.failing_writes} writes in a row failed, stopping (last: {error})"
+                )
+
+
 @dataclass
 class RunFaults:
     """What went wrong beside the photos during a run, and what became of it: the run's summary
@@ -212,19 +217,22 @@ class RunFaults:
     driver_retries: int = 0  # ... listing, committing the manifest, renewing the lease (driver)
     failed_commits: int = 0  # manifest commits that failed while the run went on
     replaced: int = 0  # photos replaced after the listing: the version read is the one recorded
-    not_their_own: Counter[str] = field(default_factory=Counter)  # kind -> photos a plain rerun retries
+    # kind -> photos a plain rerun retries
+    not_their_own: collections.Counter[str] = field(default_factory=collections.Counter)
     vanished: int = 0  # photos deleted after the listing
     model_restarts: int = 0  # model actors restarted mid-run
     lost_nodes: list[str] = field(default_factory=list)
     restarts: list[str] = field(default_factory=list)  # why the dataset was started again
 
-    def add(self, row: dict[str, Any]) -> None:
-        self.photo_retries += int(row.get("storage_retries") or 0)
-        self.replaced += bool(row.get("source_changed"))
-        if row["error_kind"] in RETRIED_KINDS:
-            self.not_their_own[row["error_kind"]] += 1
-        elif row["error_kind"] == SourceVanishedError.kind:
-            self.vanished += 1
+    def add(self, rows: pa.Table) -> None:
+        """The manifest rows of a group of photos."""
+        self.photo_retries += int(pc.sum(rows.column("storage_retries")).as_py() or 0)
+        self.replaced += int(pc.sum(pc.fill_null(rows.column("source_changed"), False).cast(pa.int32())).as_py() or 0)
+        for kind in rows.column("error_kind").to_pylist():
+            if kind in RETRIED_KINDS:
+                self.not_their_own[kind] += 1
+            elif kind == SourceVanishedError.kind:
+                self.vanished += 1
 
     def lines(self) -> list[str]:
         out = []
@@ -366,7 +374,7 @@ def model_layout(config: JobConfig, cluster_gpus: float) -> ModelLayout:
 
 def _rows(
     config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel], seen: RunFaults
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[pa.Table]:
     """The dataset's rows; where the dataset fails (a model actor killed for good, a node lost
     with what it held: every photo's own failure is its row, so what stops the dataset is the
     cluster), it starts again for the photos that have no row yet, up to MAX_DATASET_RESTARTS."""
@@ -377,14 +385,14 @@ def _rows(
     try:
         for restart in range(MAX_DATASET_RESTARTS + 1):
             try:
-                for row in _execute(config, inputs, chunk_refs, run_id, models):
-                    done.append(int(key_of(row["relpath"])))
-                    yield row
+                for rows in _execute(config, inputs, chunk_refs, run_id, models):
+                    done.extend(int(key_of(relpath)) for relpath in rows.column("relpath").to_pylist())
+                    yield rows
                 return
             except ray.exceptions.RayError as exc:
                 if restart == MAX_DATASET_RESTARTS:
                     raise
-                settled = KeySet(np.frombuffer(done, dtype=np.int64))
+                settled = np.frombuffer(done, dtype=np.int64).copy()  # a view would pin `done`
                 chunk_refs = [ray.put(_without(ray.get(ref), settled)) for ref in chunk_refs]
                 left = sum(ray.get(ref).num_rows for ref in chunk_refs)
                 log.warning("the dataset stopped (%s); starting it again for the %d photos left", exc, left)
@@ -394,9 +402,9 @@ def _rows(
         seen.lost_nodes = sorted(nodes_before - _alive_nodes())
 
 
-def _without(table: pa.Table, done: KeySet) -> pa.Table:
-    keep = [key_of(relpath) not in done for relpath in table.column("relpath").to_pylist()]
-    return table.filter(pa.array(keep, pa.bool_()))
+def _without(table: pa.Table, done: np.ndarray) -> pa.Table:
+    keys = np.array([key_of(relpath) for relpath in table.column("relpath").to_pylist()], dtype=np.int64)
+    return table.filter(pa.array(~np.isin(keys, done)))
 
 
 def _lost_what(exc: BaseException) -> str:
@@ -414,7 +422,8 @@ def _lost_what(exc: BaseException) -> str:
 
 def _execute(
     config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel]
-) -> Iterator[dict[str, Any]]:
+) -> Iterator[pa.Table]:
+    """The photos' manifest rows, a group's table at a time, as the dataset finishes them."""
     import ray
 
     ctx = ray.data.DataContext.get_current()
@@ -461,15 +470,11 @@ def _execute(
         num_gpus=layout.gpus_per_actor,
         num_cpus=config.cpus_per_actor,
     )
-    ds = ds.map_batches(
-        functools.partial(finish_stage, config=config), batch_size=None, batch_format="pyarrow", num_cpus=1
-    )
+    finish = functools.partial(finish_stage, config=config, run_id=run_id, source_root=inputs.uri)
+    ds = ds.map_batches(finish, batch_size=None, batch_format="pyarrow", num_cpus=1)
 
-    source_root = inputs.uri
     # No prefetch: with one, Ray Data holds each finished group back until the next is done too.
-    for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        for row in table.to_pylist():  # type: ignore[union-attr] # a pyarrow batch, as asked
-            yield _manifest_row(row, source_root, config, run_id)
+    yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)  # type: ignore[misc]
 
 
 def _alive_nodes() -> set[str]:
@@ -490,37 +495,29 @@ def _model_actor_restarts(since_ms: float) -> int:
     )
 
 
-def _refused_row(item: PlanItem, inputs: Storage, config: JobConfig, run_id: str) -> dict[str, Any]:
-    assert item.error is not None
-    row = {
-        "relpath": item.source.relpath,
-        "source_size": item.source.size,
-        "source_fingerprint": item.source.fingerprint,
-        "attempt": item.attempt,
-        "status": FAILED,
-        "error_kind": item.error.kind,
-        "error": str(item.error),
-        "reason": "",
-    }
-    if item.error.leaves_alone:  # say, the RAW of a RAW + JPEG pair
-        row.update(status=SKIPPED, error="", reason=str(item.error))
-    return _manifest_row(row, inputs.uri, config, run_id)
-
-
-def _manifest_row(row: dict, source_root: str, config: JobConfig, run_id: str) -> dict[str, Any]:
-    relpath = row["relpath"]
-    finished_at = datetime.now(UTC)
-    started_at = row.get("started_at")
-    row.update(
-        started_at=started_at.replace(tzinfo=UTC) if started_at else finished_at,
-        image_id=image_id(relpath),
-        source_uri=f"{source_root}/{relpath}",
-        preset=config.params.preset,
-        job_hash=config.job_hash(),
-        run_id=run_id,
-        finished_at=finished_at,
-    )
-    if row["status"] != OK:
-        row["output_uri"] = None
-    row["render_path"] = row.get("render_path") or None  # null where no path rendered it
-    return row
+def _refused_rows(items: list[PlanItem], inputs: Storage, config: JobConfig, run_id: str) -> Iterator[pa.Table]:
+    """The rows the listing decided (an unsafe name, a pair's other half), PLAN_CHUNK at a time."""
+    for start in range(0, len(items), PLAN_CHUNK):
+        rows = []
+        for item in items[start : start + PLAN_CHUNK]:
+            assert item.error is not None
+            leaves_alone = item.error.leaves_alone  # say, the RAW of a RAW + JPEG pair
+            rows.append(
+                {
+                    "relpath": item.source.relpath,
+                    "source_size": item.source.size,
+                    "source_fingerprint": item.source.fingerprint,
+                    "attempt": item.attempt,
+                    "status": SKIPPED if leaves_alone else FAILED,
+                    "error_kind": item.error.kind,
+                    "error": "" if leaves_alone else str(item.error),
+                    "reason": str(item.error) if leaves_alone else "",
+                }
+            )
+        yield manifest_rows(
+            pa.Table.from_pylist(rows),
+            source_root=inputs.uri,
+            preset=config.params.preset,
+            job_hash=config.job_hash(),
+            run_id=run_id,
+        )

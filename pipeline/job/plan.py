@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import json
 import os
 import posixpath
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import BadInputError, DreamfocusError, PairedFileSkipped
-from ..manifest import FAILED, MANIFEST_DIR, OK, SKIPPED, KeySet, ResumeIndex, key_of, listing_status
+from ..manifest import FAILED, MANIFEST_DIR, OK, SKIPPED, FolderResume, ResumeIndex, listing_status
 from ..models import DEPTH, SALIENCY, default_model
 from ..params import EffectParams
 from ..photo_io import OUTPUT_EXTENSIONS, PHOTO_EXTENSIONS
 from ..raw_io import is_raw
-from ..storage import SourceFile, Storage, is_inside, safe_relpath
+from ..storage import LISTING_PREFETCH, SourceFile, Storage, is_inside, safe_relpath
 
 IMAGES_DIR, INTERMEDIATES_DIR = "images", "intermediates"
 RENDER_BACKENDS = ("auto", "numpy", "torch")
@@ -195,35 +196,57 @@ def check_locations(config: JobConfig) -> tuple[Storage, Storage]:
     return inputs, output
 
 
-def make_plan(config: JobConfig, inputs: Storage, output: Storage) -> Iterator[PlanItem | OtherFile | str]:
+def make_plan(
+    config: JobConfig, inputs: Storage, output: Storage, prefetch: int = LISTING_PREFETCH
+) -> Iterator[PlanItem | OtherFile | str]:
     """Each input's fate, decided from the listing and the manifest without reading any image:
     a PlanItem to process (or whose row the listing decides), an OtherFile that is no photo, or
-    the reason it is skipped."""
+    the reason it is skipped.
+
+    One folder at a time, in the listing's order: its files, its entries of the resume index,
+    and (where it has photos done before) the listing of its outputs, which are made on threads
+    `prefetch` folders ahead of the one being planned. Whatever `prefetch` is, the plan is the same.
+    """
     job_hash = config.job_hash()
     resume = ResumeIndex.load(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options))
     images = Storage(f"{output.uri}/{IMAGES_DIR}", config.storage_options)
-    outputs = frozenset({OUTPUT_EXTENSIONS[config.format]})
-    try:  # one listing of OUTPUT/images answers "does the output exist" for every input
-        existing = KeySet(key_of(f.relpath) for f in images.list_files(outputs))
-    except FileNotFoundError:
-        existing = KeySet(())
+    ahead: deque[tuple[str, list[SourceFile], FolderResume, Future[set[str]] | None]] = deque()
+    with ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="dreamfocus-outputs") as pool:
+        for folder, files in inputs.list_folders(None, prefetch):
+            settled = resume.folder(folder)
+            # "Is its output there?" matters only where a photo is done: one listing per such folder.
+            outputs = pool.submit(images.names_in, folder) if settled.any_ok and not config.force else None
+            ahead.append((folder, files, settled, outputs))
+            if len(ahead) > prefetch:
+                yield from _plan_folder(*ahead.popleft(), config, job_hash)
+        while ahead:
+            yield from _plan_folder(*ahead.popleft(), config, job_hash)
 
-    claimed: set[int] = set()  # outputs given out in this listing: x.jpg and x.png must not share one
-    # The listing gives one folder's files together (storage.list_files), so pairs are found per folder.
-    for _, files in itertools.groupby(inputs.list_files(None), key=lambda f: posixpath.dirname(f.relpath)):
-        photos = []
-        for source in files:
-            if os.path.splitext(source.relpath)[1].lower() in PHOTO_EXTENSIONS:
-                photos.append(source)
-            else:
-                yield OtherFile(source)
-        partners = pair_partners(photos)
-        for source in photos:
-            partner = partners.get(source.relpath)
-            if partner is not None and is_raw(source.relpath) != config.prefer_raw:
-                yield _paired(source, partner, config, resume, job_hash)
-            else:
-                yield _planned(source, config, resume, job_hash, existing, claimed)
+
+def _plan_folder(
+    folder: str,
+    files: list[SourceFile],
+    settled: FolderResume,
+    outputs: Future[set[str]] | None,
+    config: JobConfig,
+    job_hash: str,
+) -> Iterator[PlanItem | OtherFile | str]:
+    """The plan of one folder's files (pairs and output names are decided within a folder)."""
+    photos = []
+    for source in files:
+        if os.path.splitext(source.relpath)[1].lower() in PHOTO_EXTENSIONS:
+            photos.append(source)
+        else:
+            yield OtherFile(source)
+    existing = outputs.result() if outputs is not None else set()
+    partners = pair_partners(photos)
+    claimed: set[str] = set()  # outputs given out in this folder: x.jpg and x.png must not share one
+    for source in photos:
+        partner = partners.get(source.relpath)
+        if partner is not None and is_raw(source.relpath) != config.prefer_raw:
+            yield _paired(source, partner, config, settled, job_hash)
+        else:
+            yield _planned(source, config, settled, job_hash, existing, claimed)
 
 
 def pair_partners(photos: list[SourceFile]) -> dict[str, str]:
@@ -244,50 +267,54 @@ def pair_partners(photos: list[SourceFile]) -> dict[str, str]:
     return partners
 
 
-def _paired(source: SourceFile, partner: str, config: JobConfig, resume: ResumeIndex, job_hash: str) -> PlanItem | str:
+def _paired(
+    source: SourceFile, partner: str, config: JobConfig, settled: FolderResume, job_hash: str
+) -> PlanItem | str:
     """The half of a pair that is not processed: one `skipped` row, once."""
-    if resume.latest_is(source.relpath, source.fingerprint, job_hash, listing_status(SKIPPED, PairedFileSkipped.kind)):
+    name = posixpath.basename(source.relpath)
+    if settled.latest_is(name, source.fingerprint, job_hash, listing_status(SKIPPED, PairedFileSkipped.kind)):
         return "skipped before (the other half of a RAW + JPEG pair)"
     processed = posixpath.basename(partner)
     option = (
         "--prefer-raw processes the RAW instead" if not config.prefer_raw else "without --prefer-raw it is processed"
     )
     error = PairedFileSkipped(f"{source.relpath}: left alone, its pair {processed} is processed ({option})")
-    return PlanItem(source, "", "the other half of a RAW + JPEG pair", resume.attempts_of(source.relpath) + 1, error)
+    return PlanItem(source, "", "the other half of a RAW + JPEG pair", settled.attempts_of(name) + 1, error)
 
 
 def _planned(
     source: SourceFile,
     config: JobConfig,
-    resume: ResumeIndex,
+    settled: FolderResume,
     job_hash: str,
-    existing: KeySet,
-    claimed: set[int],
+    existing: set[str],
+    claimed: set[str],
 ) -> PlanItem | str:
     """A photo to process and why, or the reason it is skipped."""
     error = None
     try:
         target = output_relpath(source.relpath, config.format)
-        if int(key_of(target.lower())) in claimed:  # the listing is sorted: the same file wins each run
+        if target.lower() in claimed:  # the listing is sorted: the same file wins each run
             target = output_relpath(source.relpath, config.format, keep_extension=True)
-        claimed.add(int(key_of(target.lower())))
+        claimed.add(target.lower())
     except BadInputError as exc:
         target, error = "", exc
-    attempts = resume.attempts_of(source.relpath)
-    same = (source.relpath, source.fingerprint, job_hash)
+    name = posixpath.basename(source.relpath)
+    attempts = settled.attempts_of(name)
+    same = (name, source.fingerprint, job_hash)
     if config.force:
         reason = "forced"
-    elif resume.latest_is(*same, OK) and key_of(target) in existing:
+    elif settled.latest_is(*same, OK) and posixpath.basename(target) in existing:
         return "done"
-    elif resume.latest_is(*same, SKIPPED):
+    elif settled.latest_is(*same, SKIPPED):
         return "skipped before (not an image, or left as it is)"
-    elif resume.latest_is(*same, FAILED) and not config.retry_failed:
+    elif settled.latest_is(*same, FAILED) and not config.retry_failed:
         return "failed before (use --retry-failed)"
-    elif resume.latest_is(*same, OK):
+    elif settled.latest_is(*same, OK):
         reason = "output missing"
-    elif resume.latest_is(*same, FAILED):
+    elif settled.latest_is(*same, FAILED):
         reason = "retrying failure"
-    elif resume.latest_is(*same, listing_status(SKIPPED, PairedFileSkipped.kind)):
+    elif settled.latest_is(*same, listing_status(SKIPPED, PairedFileSkipped.kind)):
         reason = "no longer left alone for its pair"
     elif attempts:
         reason = "changed photo or parameters, or a failure not of its own making"

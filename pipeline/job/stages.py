@@ -41,7 +41,7 @@ from ..batches import (
     writable,
 )
 from ..errors import DreamfocusError, classify, error_kind
-from ..manifest import FAILED, OK, SKIPPED
+from ..manifest import FAILED, OK, SKIPPED, manifest_rows
 from ..models import model_class
 from ..params import EffectParams
 from ..photo import INTERMEDIATE_NAMES, NUMPY_PATH, Finished, SceneMaps, SceneModels, finish, prepare
@@ -374,10 +374,11 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
     return batch
 
 
-def finish_stage(table: pa.Table, config: JobConfig) -> pa.Table:
-    """finish_photos as a Ray Data stage."""
+def finish_stage(table: pa.Table, config: JobConfig, run_id: str, source_root: str) -> pa.Table:
+    """finish_photos as a Ray Data stage, ending in the photos' manifest rows: the workers build
+    them, the driver only commits them."""
     device_columns = tuple(c for c in (*DEVICE_COLUMNS, "storage_retries") if c in table.column_names)
-    return arrow_stage(
+    finished = arrow_stage(
         table,
         functools.partial(finish_photos, config=config),
         drops=(*HEAVY, "encoded", *(f"png_{name}" for name in INTERMEDIATE_NAMES)),
@@ -392,4 +393,7 @@ def finish_stage(table: pa.Table, config: JobConfig) -> pa.Table:
             *device_columns,
         ),
         updates=(*UPDATED, *RENDER_NUMBERS, "render_path", "storage_retries"),
+    )
+    return manifest_rows(
+        finished, source_root=source_root, preset=config.params.preset, job_hash=config.job_hash(), run_id=run_id
     )
