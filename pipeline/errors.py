@@ -66,6 +66,12 @@ class UnsafeNameError(BadInputError):
     kind = "unsafe-name"
 
 
+class BrokenLinkError(BadInputError):
+    """A symbolic link that leads to no file: dangling, or a loop of links."""
+
+    kind = "broken-link"
+
+
 class PairedFileSkipped(DreamfocusError):
     """One of a RAW + JPEG pair (same name, same folder, as cameras write them): only the other
     one is processed, and this one is left alone."""
@@ -132,6 +138,7 @@ KINDS: tuple[type[DreamfocusError], ...] = (
     UnsupportedCameraError,
     TooManyPixelsError,
     UnsafeNameError,
+    BrokenLinkError,
     PairedFileSkipped,
     WeightsUnavailableError,
     OutputError,

@@ -3,11 +3,16 @@
 OUTPUT/manifest/part-<run>-<seq>.parquet; each part is written atomically, so a part either
 exists whole or not at all, and a row in a part is what "committed" means for the job. The
 functions here take a Storage rooted at the manifest folder.
+
+A part that cannot be read all the same (a disk that filled, a copy cut short) is named in one
+warning and set aside in OUTPUT/manifest/damaged/: its rows count as never committed, so the
+next run redoes exactly the photos whose rows were only in it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -17,7 +22,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
@@ -31,6 +36,7 @@ from .storage import Storage
 log = logging.getLogger(__name__)
 
 MANIFEST_DIR = "manifest"
+DAMAGED_DIR = "damaged"  # in MANIFEST_DIR: files of OUTPUT that could not be read, set aside
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
 STAGES = ("read", "decode", "saliency", "depth", "effect", "encode", "write")
 # Columns renamed since: old parts are read under the new name.
@@ -39,6 +45,7 @@ REPLACES = b"dreamfocus.replaces"  # a compacted part's metadata: the parts it r
 COMPACT_MIN_PARTS = 64  # a run or `status` finding this many parts merges them into one
 PART_READERS = 16  # parts read at once
 RETRY_COMMIT_SECONDS = 5.0  # after a failed commit, the next try waits this long (or a commit interval)
+MAX_PART_GROWTH = 16  # a group commit's part holds at most this many times rows_per_part
 
 SCHEMA = pa.schema(
     [
@@ -170,6 +177,8 @@ class ManifestWriter:
     def flush(self) -> None:
         """Commit every waiting row now (after the part being written, if any)."""
         self._commit()
+        while self.pending and self.error is None:
+            self._commit()
         if self.error is not None:
             raise self.error
 
@@ -218,8 +227,14 @@ class ManifestWriter:
 
     def _commit(self) -> None:
         with self._writing:
-            with self._lock:
-                tables, self.tables, self.pending = self.tables, [], 0
+            with self._lock:  # at most MAX_PART_GROWTH parts' worth: a crash loses little whatever the rate
+                taken, rows = 0, 0
+                while taken < len(self.tables) and rows < self.rows_per_part * MAX_PART_GROWTH:
+                    rows += self.tables[taken].num_rows
+                    taken += 1
+                tables, self.tables, self.pending = self.tables[:taken], self.tables[taken:], self.pending - rows
+                if self.pending:
+                    self.first_pending = self.clock()
             if not tables:
                 return
             try:
@@ -257,13 +272,13 @@ def manifest_rows(
         "finished_at": pa.array([now.as_py()] * n, now.type),
     }
     columns = []
-    for field in SCHEMA:
-        if field.name in filled:
-            column = filled[field.name]
-        elif field.name in rows.column_names:
-            column = rows.column(field.name).cast(field.type, safe=False)  # say, naive us times to UTC ms
+    for column_field in SCHEMA:
+        if column_field.name in filled:
+            column = filled[column_field.name]
+        elif column_field.name in rows.column_names:
+            column = rows.column(column_field.name).cast(column_field.type, safe=False)  # say, naive us times to UTC ms
         else:
-            column = pa.nulls(n, field.type)
+            column = pa.nulls(n, column_field.type)
         columns.append(column)
     table = pa.Table.from_arrays(columns, schema=SCHEMA)
     started = table.column("started_at")
@@ -272,16 +287,11 @@ def manifest_rows(
         "started_at",
         pc.if_else(pc.is_null(started), table.column("finished_at"), started),
     )
-    table = table.set_column(
-        SCHEMA.get_field_index("output_uri"),
-        "output_uri",
-        pc.if_else(pc.equal(table.column("status"), OK), table.column("output_uri"), None),
-    )
-    # null where no path rendered the photo, not an empty name
-    render_path = table.column("render_path")
-    table = table.set_column(
-        SCHEMA.get_field_index("render_path"), "render_path", pc.if_else(pc.equal(render_path, ""), None, render_path)
-    )
+    # The file written (ok, or left alone and written unchanged) and the path that rendered it:
+    # null where there is none, not an empty name.
+    for name in ("output_uri", "render_path"):
+        values = table.column(name)
+        table = table.set_column(SCHEMA.get_field_index(name), name, pc.if_else(pc.equal(values, ""), None, values))
     return table
 
 
@@ -292,31 +302,84 @@ def _parquet(table: pa.Table) -> bytes:
 
 
 def part_names(store: Storage) -> list[str]:
-    """The manifest's part files (none when there is no manifest yet): a listing, no reads."""
+    """The manifest's part files (none when there is no manifest yet): a listing, no reads.
+    Only the manifest folder's own files: not those set aside in damaged/."""
     try:
-        return [part.relpath for part in store.list_files(frozenset({".parquet"}))]
+        return [part.relpath for part in store.list_files(frozenset({".parquet"})) if "/" not in part.relpath]
     except FileNotFoundError:
         return []
 
 
+def damaged_names(store: Storage) -> list[str]:
+    """The files set aside in the manifest folder's damaged/ (a listing, no reads)."""
+    try:
+        return [f.relpath for f in Storage(f"{store.uri}/{DAMAGED_DIR}", store.storage_options).list_files(None)]
+    except FileNotFoundError:
+        return []
+
+
+def set_aside(store: Storage, relpath: str, target: str, data: bytes, damage: str, consequence: str) -> None:
+    """Move a file of OUTPUT that cannot be read to `target` (its bytes kept for a look) and say
+    so in one warning line. Where it cannot be moved (a read-only OUTPUT), the warning says so
+    and the file stays: readers go on as if it were absent."""
+    where = store.uri_of(relpath)
+    try:
+        store.write_atomic(target, data)
+        if store.read_bytes(relpath) == data:  # not replaced since it was read (say, a new lease)
+            store.remove(relpath)
+    except FileNotFoundError:  # another reader moved it first
+        pass
+    except (OutputError, OSError) as exc:
+        log.warning("%s is damaged (%s) and cannot be moved aside (%s); %s", where, damage, exc, consequence)
+        return
+    log.warning("%s is damaged (%s); moved to %s; %s", where, damage, store.uri_of(target), consequence)
+
+
+def damage_of(exc: BaseException) -> str:
+    """What is wrong with a file, in one line (pyarrow's messages may span lines)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def read_part(
+    store: Storage, name: str, set_aside_damaged: bool = True, columns: set[str] | None = None
+) -> pa.Table | None:
+    """A part's rows (only `columns` of them, where given); None for a damaged part, which is
+    named in a warning and moved to damaged/ (where `set_aside_damaged`; else only named)."""
+    data = store.read_bytes(name)
+    try:
+        part = pq.ParquetFile(io.BytesIO(data))
+        found = part.schema_arrow.names
+        missing = [c for c in ("relpath", "status") if c not in found]
+        if not missing:
+            table = part.read(columns=None if columns is None else [c for c in found if c in columns])
+            return table.replace_schema_metadata(part.schema_arrow.metadata)
+        damage = f"not a manifest part: no {' or '.join(missing)} column"
+    except (pa.ArrowException, OSError) as exc:  # the bytes are read: an OSError here is pyarrow's
+        damage = damage_of(exc)
+    consequence = "the photos whose rows were only in it are done again by the next run"
+    if set_aside_damaged:
+        set_aside(store, name, f"{DAMAGED_DIR}/{name}", data, damage, consequence)
+    else:
+        log.warning("%s is damaged (%s); left where it is; %s", store.uri_of(name), damage, consequence)
+    return None
+
+
 def _read_parts(
-    store: Storage, names: list[str] | None = None, columns: Iterable[str] | None = None
+    store: Storage,
+    names: list[str] | None = None,
+    set_aside_damaged: bool = True,
+    columns: Iterable[str] | None = None,
 ) -> tuple[dict[str, pa.Table], list[str]]:
     """Every committed part by name (of `names`, else of a listing), less those a compacted part
     has replaced (a compaction killed before it removed them leaves them behind; their rows are
-    in the compacted part), and the names of such leftovers. With `columns`, only those (under
-    their old names too, where renamed) are read. Parts are read on threads: each is a round
-    trip to the store."""
+    in the compacted part) and those that are damaged (read_part), and the names of such
+    leftovers. With `columns`, only those (under their old names too, where renamed) are read.
+    Parts are read on threads: each is a round trip to the store."""
     names = part_names(store) if names is None else names
     wanted = None if columns is None else set(columns) | {RENAMED[c] for c in columns if c in RENAMED}
-
-    def read(name: str) -> pa.Table:
-        part = pq.ParquetFile(io.BytesIO(store.read_bytes(name)))
-        found = None if wanted is None else [c for c in part.schema_arrow.names if c in wanted]
-        return part.read(columns=found).replace_schema_metadata(part.schema_arrow.metadata)
-
     with ThreadPoolExecutor(max_workers=PART_READERS, thread_name_prefix="dreamfocus-parts") as pool:
-        parts = dict(zip(names, pool.map(read, names)))
+        read = pool.map(lambda name: read_part(store, name, set_aside_damaged, wanted), names)
+        parts = {name: table for name, table in zip(names, read) if table is not None}
     replaced = set()
     for table in parts.values():
         replaced.update(json.loads((table.schema.metadata or {}).get(REPLACES, b"[]")))
@@ -359,19 +422,26 @@ class OtherFilesWriter:
 
 def read_other_files(output: Storage) -> pa.Table:
     """relpath, extension and size of the files the last run found to be no photos (none when
-    no run has written the listing yet)."""
+    no run has written the listing yet, or when it is damaged: then it is set aside)."""
     if not output.exists(OTHER_FILES):
         return _OTHER_SCHEMA.empty_table()
-    return pq.read_table(io.BytesIO(output.read_bytes(OTHER_FILES))).cast(_OTHER_SCHEMA)
+    data = output.read_bytes(OTHER_FILES)
+    try:
+        return pq.read_table(io.BytesIO(data)).cast(_OTHER_SCHEMA)
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ValueError: columns that do not cast
+        target = f"{MANIFEST_DIR}/{DAMAGED_DIR}/{OTHER_FILES}"
+        set_aside(output, OTHER_FILES, target, data, damage_of(exc), "the next run lists them again")
+        return _OTHER_SCHEMA.empty_table()
 
 
-def read_manifest(store: Storage, columns: Iterable[str] | None = None) -> pa.Table:
-    """Every committed row (an empty table when there is no manifest yet)."""
+def read_manifest(store: Storage, columns: Iterable[str] | None = None, set_aside_damaged: bool = True) -> pa.Table:
+    """Every committed row (an empty table when there is no manifest yet). Damaged parts are
+    left out, and set aside (read_part) unless `set_aside_damaged` is False."""
     names = list(columns) if columns is not None else list(COLUMNS)
     schema = pa.schema([SCHEMA.field(n) for n in names])
     tables = [
         pa.table({n: _column(table, n, schema.field(n).type) for n in names})
-        for table in _read_parts(store, columns=names)[0].values()
+        for table in _read_parts(store, set_aside_damaged=set_aside_damaged, columns=names)[0].values()
     ]
     if not tables:
         return schema.empty_table()
@@ -479,8 +549,8 @@ class ResumeIndex:
         self.table = table.drop_columns(["folder"])
 
     @classmethod
-    def load(cls, store: Storage) -> ResumeIndex:
-        return cls(latest_rows(read_manifest(store, _RESUME_COLUMNS)))
+    def load(cls, store: Storage, set_aside_damaged: bool = True) -> ResumeIndex:
+        return cls(latest_rows(read_manifest(store, _RESUME_COLUMNS, set_aside_damaged)))
 
     def folder(self, folder: str) -> FolderResume:
         """The entries of the inputs directly in `folder` (relative to INPUT, "" for its top)."""
@@ -503,10 +573,11 @@ class ManifestReport:
     runs: list[tuple[str, int, float]]  # (run id, rows, photos per second)
     stage_seconds: dict[str, float]  # stage -> seconds summed over the rows that have timings
     timed_rows: int  # rows with per-stage timings (rows of older versions have none per model)
+    damaged: list[str] = field(default_factory=list)  # files set aside in manifest/damaged/
 
     def lines(self) -> list[str]:
         if not self.rows:
-            return ["no manifest rows yet"]
+            return ["no manifest rows yet", *self.damaged_lines()]
         counts = ", ".join(f"{k} {v}" for k, v in sorted(self.latest_counts.items()))
         out = [f"{sum(self.latest_counts.values())} inputs ({self.rows} attempts): {counts}"]
         for title, kinds in (("failures by kind:", self.failure_kinds), ("left alone:", self.left_alone_kinds)):
@@ -519,7 +590,15 @@ class ManifestReport:
             out.append(f"time by stage ({total / self.timed_rows:.2f} s per photo, all workers): {shares}")
         out.append("runs:")
         out += [f"  {run}  {n} photos  {rate:.2f} photos/s" for run, n, rate in self.runs]
-        return out
+        return out + self.damaged_lines()
+
+    def damaged_lines(self) -> list[str]:
+        if not self.damaged:
+            return []
+        return [
+            f"damaged, set aside in {MANIFEST_DIR}/{DAMAGED_DIR}/: {', '.join(self.damaged)} (a run redoes the "
+            "photos whose rows were only in a damaged part; remove these files once looked at)"
+        ]
 
 
 def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
@@ -529,7 +608,7 @@ def manifest_report(store: Storage, top: int = 5) -> ManifestReport:
         ["relpath", "status", "error_kind", "error", "reason", "attempt", "run_id", "started_at", "finished_at"]
         + stage_columns,
     )
-    return report_of(table, top)
+    return dataclasses.replace(report_of(table, top), damaged=damaged_names(store))
 
 
 def report_of(table: pa.Table, top: int = 5) -> ManifestReport:

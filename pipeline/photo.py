@@ -250,12 +250,17 @@ def soft_background_reason(result: Rendering, params: EffectParams) -> str:
     )
 
 
-# The intermediates a photo can be saved with (intermediate_pngs' keys), as <stem>.<name>.png.
-INTERMEDIATE_NAMES = ("background", "mask", "depth16", "alpha")
+# The intermediates a photo can be saved with (intermediate_pngs' keys), as <stem>.<name>.png:
+# saliency is what the salient-object model found, subject the mask kept crisp (the model's
+# mask extended to the whole object), depth16 the normalised depth, alpha the blend of photo
+# and background.
+INTERMEDIATE_NAMES = ("background", "saliency", "subject", "depth16", "alpha")
 
 
 def intermediate_pngs(rendering: Rendering, height: int, width: int) -> dict[str, bytes]:
     """Viewable PNGs at the photo's size, named for what they show (INTERMEDIATE_NAMES)."""
+    if rendering.saliency is None:  # a rendering's numbers only (device_render without intermediates)
+        raise ValueError("intermediates need a rendering that carries its maps")
 
     def full(values: np.ndarray) -> np.ndarray:
         return upscale(values, rendering.factor, height, width)
@@ -265,7 +270,8 @@ def intermediate_pngs(rendering: Rendering, height: int, width: int) -> dict[str
 
     return {
         "background": png(cv2.cvtColor(full(rendering.background), cv2.COLOR_RGB2BGR)),
-        "mask": gray(rendering.fg, 255, np.uint8),
+        "saliency": gray(rendering.saliency, 255, np.uint8),
+        "subject": gray(rendering.fg, 255, np.uint8),
         "depth16": gray(rendering.depth, 65535, np.uint16),
         "alpha": gray(rendering.alpha, 255, np.uint8),
     }

@@ -34,6 +34,7 @@ from PIL import Image
 from .errors import (
     KINDS,
     BadInputError,
+    BrokenLinkError,
     CorruptImageError,
     EmptyFileError,
     NotAnImageError,
@@ -61,15 +62,20 @@ log = logging.getLogger(__name__)
 REVIEW_DIR, THUMBS_DIR = "review", "thumbs"
 THUMB_SIZE = 640  # long side, px: sharp enough for the side-by-side slider, ~40 KB as JPEG
 THUMB_QUALITY = 80
-# Intermediates as the job names them (photo.intermediate_pngs), in the order shown.
-INTERMEDIATE_ORDER = ("mask", "depth16", "alpha", "background")  # photo.INTERMEDIATE_NAMES, as the page lists them
+# The intermediates of photo.INTERMEDIATE_NAMES in the order the page shows them: what the
+# salient-object model found, the subject kept crisp, depth, alpha, the painterly background.
+INTERMEDIATE_ORDER = ("saliency", "subject", "depth16", "alpha", "background")
 STATUS_LABELS = {OK: "ok", SKIPPED: "left alone", FAILED: "failed"}
-# Inputs the job could not decode: no thumbnail is tried (it would fail again on every rerun).
-UNDECODABLE_KINDS = frozenset(
-    cls.kind
-    for cls in KINDS
-    if issubclass(cls, (EmptyFileError, NotAnImageError, CorruptImageError, UnsupportedImageError, TooManyPixelsError))
+# Inputs the job could not decode or read: no thumbnail is tried (it would fail again on every rerun).
+_UNDECODABLE = (
+    EmptyFileError,
+    NotAnImageError,
+    CorruptImageError,
+    UnsupportedImageError,
+    TooManyPixelsError,
+    BrokenLinkError,
 )
+UNDECODABLE_KINDS = frozenset(cls.kind for cls in KINDS if issubclass(cls, _UNDECODABLE))
 # Left alone before anything was written (not an image, the other half of a RAW + JPEG pair):
 # an output of the same name is not theirs. Photos the effect leaves alone are written unchanged.
 UNWRITTEN_KINDS = frozenset(cls.kind for cls in KINDS if cls.leaves_alone)
@@ -149,9 +155,10 @@ def note_of(status: str, error: str | None, reason: str | None) -> str:
 
 def output_of(row: dict, images_uri: str, images: frozenset[str]) -> str | None:
     """The input's output under OUTPUT/images, if it is there: the manifest's output_uri, else
-    the names the job gives outputs (left-alone rows carry no output_uri, and OUTPUT may have
-    been copied elsewhere since, to a bucket for instance). A failed row has none, whatever an
-    earlier attempt left there, nor has a row left alone before its output was written."""
+    the names the job gives outputs (rows of older versions left alone carry no output_uri, and
+    OUTPUT may have been copied elsewhere since, to a bucket for instance). A failed row has
+    none, whatever an earlier attempt left there, nor has a row left alone before its output
+    was written."""
     uri = row.get("output_uri")
     if uri and uri.startswith(images_uri + "/"):
         candidates = [uri[len(images_uri) + 1 :]]

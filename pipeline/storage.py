@@ -22,7 +22,7 @@ import re
 import secrets
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
@@ -43,6 +43,7 @@ class SourceFile:
     relpath: str  # posix, relative to the storage root
     size: int
     fingerprint: str  # "etag:<etag>" or "mtime:<mtime>:<size>"
+    broken: str = ""  # why it cannot be read, for a symbolic link that leads to no file ("" otherwise)
 
 
 # --------------------------------------------------------------------------- retries
@@ -193,13 +194,18 @@ def _split(uri: str) -> tuple[str, str]:
     return protocol, path.strip("/")
 
 
+def _within(inner: str, outer: str) -> bool:
+    """True where the local path `inner` is `outer` or lies under it."""
+    return os.path.commonpath([inner, outer]) == outer
+
+
 def is_inside(inner_uri: str, outer_uri: str) -> bool:
     """True if inner_uri is outer_uri or lies under it (same protocol, whole components)."""
     (p_in, inner), (p_out, outer) = _split(inner_uri), _split(outer_uri)
     if p_in != p_out:
         return False
     if p_in == "file":
-        return os.path.commonpath([inner, outer]) == outer
+        return _within(inner, outer)
     return outer == "" or inner == outer or inner.startswith(outer + "/")
 
 
@@ -220,6 +226,55 @@ def _fingerprint(info: dict) -> str:
     if isinstance(value, _dt.datetime):
         value = value.isoformat()
     return f"mtime:{value}:{int(info.get('size') or 0)}"
+
+
+class _FolderLinks:
+    """Which folders a local listing enters, so that linked folders are followed once each.
+
+    Each real folder is listed once: at its own path where it lies under the root (a link to it
+    from elsewhere under the root is not followed), else at the first link to it in the
+    listing's order. A link back into a folder the listing is in (a loop), and one into an
+    excluded folder, is named in one warning and not followed.
+    """
+
+    def __init__(self, root: str, excluded: Iterable[str] = ()) -> None:
+        self.root = root.rstrip("/") or "/"
+        self.real_root = os.path.realpath(self.root)
+        # An excluded folder that holds the root itself excludes nothing: the root is what is listed.
+        real_excluded = (os.path.realpath(path) for path in excluded)
+        self.excluded = [path for path in real_excluded if not _within(self.real_root, path)]
+        self.listed: dict[str, str] = {}  # real path -> the path it was listed at
+
+    def first_visit(self, folder: str) -> bool:
+        """True the first time a real folder comes to be listed, False after (it says so) and for
+        an excluded folder that a link leads into (it warns)."""
+        real = os.path.realpath(folder)
+        inside = next((path for path in self.excluded if _within(real, path)), None)
+        if inside is not None:
+            log.warning("%s leads into %s, which is left out of the listing; not followed", folder, inside)
+            return False
+        if real in self.listed:
+            log.info("%s: the same folder as %s, listed there only", folder, self.listed[real])
+            return False
+        self.listed[real] = folder
+        return True
+
+    def follow(self, folder: str, link: str, info: dict) -> bool:
+        """Whether the listing of `folder` enters its linked folder `link`."""
+        real, destination = os.path.realpath(link), info.get("destination", "")
+        chain = [folder]  # the folders the listing is in: `folder`, its parents up to the root
+        while chain[-1] != self.root and len(chain[-1]) > len(self.root):
+            chain.append(os.path.dirname(chain[-1]))
+        if any(_within(os.path.realpath(inside), real) for inside in chain):
+            log.warning(
+                "symbolic link loop: %s -> %s leads back into a folder it is in; not followed", link, destination
+            )
+            return False
+        relative = os.path.relpath(real, self.real_root)
+        if _within(real, self.real_root) and not any(_is_hidden(part) for part in relative.split(os.sep)):
+            log.info("%s -> %s: a folder under the root, listed at its own path only", link, destination)
+            return False
+        return True
 
 
 class Storage:
@@ -250,14 +305,14 @@ class Storage:
 
     # ---- reading
 
-    def list_files(self, extensions: frozenset[str] | None) -> Iterator[SourceFile]:
+    def list_files(self, extensions: frozenset[str] | None, excluded: Iterable[str] = ()) -> Iterator[SourceFile]:
         """Files under the root whose lower-cased suffix is in `extensions` (".jpg" or "jpg"), or
         all of them (None), in list_folders' order."""
-        for _, files in self.list_folders(extensions):
+        for _, files in self.list_folders(extensions, excluded=excluded):
             yield from files
 
     def list_folders(
-        self, extensions: frozenset[str] | None, prefetch: int = LISTING_PREFETCH
+        self, extensions: frozenset[str] | None, prefetch: int = LISTING_PREFETCH, excluded: Iterable[str] = ()
     ) -> Iterator[tuple[str, list[SourceFile]]]:
         """(folder relative to the root, its files sorted by name) for each folder under the
         root, depth first: a folder comes before its subfolders, which come in name order.
@@ -266,11 +321,17 @@ class Storage:
         a round trip to the store (an S3 LIST is tens of milliseconds), and one after another they
         would keep a library of many folders waiting minutes before its first photo. The order is
         the same whatever `prefetch` is. Hidden files and folders and the folder placeholders of
-        object stores are skipped; folder links are not followed (like os.walk). Each listing is
-        retried on transient errors. Raises FileNotFoundError if the root does not exist.
+        object stores are skipped. Each listing is retried on transient errors. Raises
+        FileNotFoundError if the root does not exist.
+
+        Symbolic links (local folders): a link to a file is listed at the link's path, with the
+        fingerprint of the file it leads to; a link that leads to no file (dangling, a loop) is
+        listed with the reason in `broken`. Each real folder is listed once (`_FolderLinks`), and
+        no local folder of `excluded` (OUTPUT, where a link leads into it) is listed.
         """
         exts = None if extensions is None else {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
         prefix = self.root.rstrip("/") + "/"
+        links = _FolderLinks(self.root, excluded) if self.is_local else None
         pending = [self.root]  # a stack: the next folder to yield is at its end
         listings: dict[str, Future[list[dict]]] = {}
         with ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="dreamfocus-list") as pool:
@@ -279,17 +340,22 @@ class Storage:
                     if folder not in listings:
                         listings[folder] = pool.submit(self._list_folder, folder)
                 folder = pending.pop()
+                entries = listings.pop(folder)
+                if links is not None and not links.first_visit(folder):
+                    entries.cancel()
+                    continue
                 files, subdirs = [], []
-                for info in listings.pop(folder).result():
-                    name = info["name"]
+                for info in entries.result():
+                    name, broken = info["name"], ""
+                    if info.get("islink") and links is not None:
+                        info, broken = self._link_target(name, info)
                     if info["type"] == "directory":
-                        if not info.get("islink"):
+                        if not info.get("islink") or (links is not None and links.follow(folder, name, info)):
                             subdirs.append(name)
-                    elif info["type"] == "file":
+                    elif info["type"] == "file" or broken:
                         if exts is None or os.path.splitext(name)[1].lower() in exts:
-                            files.append(
-                                SourceFile(name[len(prefix) :], int(info.get("size") or 0), _fingerprint(info))
-                            )
+                            size = int(info.get("size") or 0)
+                            files.append(SourceFile(name[len(prefix) :], size, _fingerprint(info), broken))
                 pending.extend(reversed(subdirs))
                 yield (folder[len(prefix) :] if folder != self.root else ""), files
 
@@ -316,6 +382,19 @@ class Storage:
         except FileNotFoundError:
             return set()
         return {info["name"].rsplit("/", 1)[-1] for info in entries if info["type"] == "file"}
+
+    def _link_target(self, path: str, link: dict) -> tuple[dict, str]:
+        """What a local symbolic link leads to: its info and "", or the link's own info and why
+        it leads to no file."""
+        destination = link.get("destination") or os.readlink(path)
+        try:
+            return self.fs.info(path), ""  # info() of a path follows links
+        except FileNotFoundError:
+            return link, f"dangling symbolic link -> {destination}"
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return link, f"symbolic link loop -> {destination} (it never reaches a file)"
+            return link, f"symbolic link -> {destination} cannot be followed ({exc.strerror or exc})"
 
     def stat(self, relpath: str) -> SourceFile:
         path = self._path(relpath)

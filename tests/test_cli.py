@@ -50,7 +50,11 @@ def test_render_with_given_maps_and_intermediates(tmp_path, maps, capsys):
     with Image.open(out) as im:
         assert im.info.get("icc_profile")
     names = {p.name: p for p in (tmp_path / "steps").iterdir()}
-    assert set(names) == {f"motorcycle_left.{k}.png" for k in ("background", "mask", "depth16", "alpha")}
+    kinds = ("background", "saliency", "subject", "depth16", "alpha")
+    assert set(names) == {f"motorcycle_left.{k}.png" for k in kinds}
+    saliency = cv2.imread(str(names["motorcycle_left.saliency.png"]), cv2.IMREAD_UNCHANGED)
+    given = cv2.resize(cv2.imread(str(mask), cv2.IMREAD_UNCHANGED), saliency.shape[::-1])
+    assert saliency.shape == photo.shape[:2] and np.abs(saliency.astype(int) - given).mean() < 8  # the --mask given
     depth16 = cv2.imread(str(names["motorcycle_left.depth16.png"]), cv2.IMREAD_UNCHANGED)
     assert depth16.dtype == np.uint16 and depth16.shape == photo.shape[:2] and depth16.max() > 65000
     alpha = cv2.imread(str(names["motorcycle_left.alpha.png"]), cv2.IMREAD_UNCHANGED)
@@ -155,3 +159,18 @@ def test_subject_decisions_are_flags_and_yaml_keys(tmp_path):
     config = tmp_path / "look.yaml"
     config.write_text("extend-subject: no\nmin-subject-confidence: 0\n")
     assert load_yaml_config(config) == {"extend_subject": False, "min_subject_confidence": 0}
+
+
+def test_help_opens_with_what_the_command_does(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    usage, description = out.split("\n\n")[:2]
+    assert usage == "usage: dreamfocus [-h] [-v] COMMAND ..."
+    assert " ".join(description.split()).startswith(
+        "Make the subject of an everyday, everything-in-focus photo stand out against a soft, painterly background"
+    )
+    assert "add_parser" not in out and "module" not in out  # the code's docstring is no help
+    for command in ("render", "models", "run", "status", "review"):
+        assert f"\n    {command} " in out

@@ -250,3 +250,57 @@ def test_a_failed_write_is_retried_by_a_plain_rerun(tmp_path):
     blocked.rmdir()
     again = run_job(config)
     assert again.planned == 1 and again.counts == {"ok": 1}
+
+
+def test_linked_photos_and_folders_are_processed_once_and_a_dangling_link_is_a_failed_row(tmp_path, caplog):
+    inputs, output, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
+    (inputs / "archive").mkdir(parents=True)
+    (inputs / "favourites").mkdir()
+    elsewhere.mkdir()
+    shutil.copy(EXAMPLES[0], inputs / "archive" / "a.jpg")
+    shutil.copy(EXAMPLES[1], elsewhere / "b.jpg")
+    (inputs / "favourites" / "best.jpg").symlink_to("../archive/a.jpg")
+    (inputs / "favourites" / "gone.jpg").symlink_to("../archive/deleted.jpg")
+    (inputs / "favourites" / "clip.mov").symlink_to("../archive/clip.mov")  # no photo: named, not a row
+    (inputs / "phone").symlink_to(elsewhere)  # a folder outside INPUT, reached by two links
+    (inputs / "phone-again").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(inputs)
+    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    with caplog.at_level("WARNING"):
+        summary = run_job(config)
+    assert summary.counts == {"ok": 3, "failed": 1} and summary.others == {".mov": 1}
+    rows = {r["relpath"]: r for r in manifest(output).to_pylist()}
+    assert set(rows) == {"archive/a.jpg", "favourites/best.jpg", "favourites/gone.jpg", "phone/b.jpg"}
+    assert rows["favourites/best.jpg"]["output_uri"] == str(output / "images" / "favourites" / "best.jpg")
+    assert Image.open(output / "images" / "favourites" / "best.jpg").size == Image.open(EXAMPLES[0]).size
+    gone = rows["favourites/gone.jpg"]
+    assert (gone["status"], gone["error_kind"]) == ("failed", "broken-link")
+    assert gone["error"] == "favourites/gone.jpg: dangling symbolic link -> ../archive/deleted.jpg"
+    links = sorted(r.getMessage() for r in caplog.records if "symbolic link" in r.getMessage())
+    assert links == sorted(
+        [
+            f"{inputs}/favourites/clip.mov: dangling symbolic link -> ../archive/clip.mov",
+            f"symbolic link loop: {inputs}/phone/loop -> {inputs} leads back into a folder it is in; not followed",
+        ]
+    )
+
+    (inputs / "results").symlink_to(output)  # a link into OUTPUT: not followed, or each run takes the last one's in
+    with caplog.at_level("WARNING"):
+        assert run_job(config).planned == 0  # nothing twice, the dangling link included
+    assert f"{inputs}/results leads into {output}, which is left out of the listing; not followed" in caplog.messages
+    shutil.copy(EXAMPLES[2], inputs / "archive" / "deleted.jpg")  # the link leads to a photo again
+    again = run_job(config)
+    assert again.counts == {"ok": 2}  # the link, and the photo it leads to
+
+
+def test_a_photo_left_alone_names_the_unchanged_file_it_wrote(tmp_path):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    shutil.copy(EXAMPLES[0], inputs / "meadow.jpg")
+    no_subject = effect_params("default", min_subject_area=0.99)  # the models' subject is far smaller
+    summary = run_job(JobConfig(input=str(inputs), output=str(output), params=no_subject, **TRIVIAL))
+    assert summary.counts == {"skipped": 1}
+    (row,) = manifest(output).to_pylist()
+    assert (row["status"], row["error_kind"]) == ("skipped", "no-clear-subject")
+    assert row["output_uri"] == str(output / "images" / "meadow.jpg")
+    assert Image.open(row["output_uri"]).size == Image.open(EXAMPLES[0]).size

@@ -92,8 +92,26 @@ def test_finish_renders_encodes_and_keeps_the_photos_size_and_exif():
     assert (done.height, done.width) == photo.pixels.shape[:2]
     result = np.asarray(Image.open(io.BytesIO(done.encoded)))
     assert result.shape == photo.pixels.shape and not np.array_equal(result, photo.pixels)
-    assert set(done.intermediates) == {"background", "mask", "depth16", "alpha"}
+    assert set(done.intermediates) == {"background", "saliency", "subject", "depth16", "alpha"}
     assert set(done.seconds) == {"decode", "effect", "encode"} and done.left_alone == ""
+
+
+def test_intermediates_show_the_models_map_and_the_whole_subject_apart():
+    """saliency is what the model found; subject, that mask extended to the whole object."""
+    data = (EXAMPLES / "motorcycle_left.jpg").read_bytes()
+    models = SceneModels("trivial-saliency", "trivial-depth", device="cpu")
+    maps = models.predict([prepare(data, "m.jpg", 200)])[0]
+    done = finish(data, "m.jpg", maps.saliency, maps.depth, effect_params("default"), intermediates=True)
+
+    def gray(name: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(done.intermediates[name]))).astype(np.float32) / 255
+
+    saliency, subject = gray("saliency"), gray("subject")
+    assert saliency.shape == subject.shape == (done.height, done.width)
+    found = np.asarray(Image.fromarray(maps.saliency).resize((done.width, done.height), Image.Resampling.BILINEAR))
+    assert np.abs(saliency - found).mean() < 0.02  # the model's own ellipse
+    assert (subject > 0.5).mean() > (saliency > 0.5).mean() + 0.1  # extended beyond it to the whole motorcycle
+    assert done.rendering.saliency is not None and not np.array_equal(done.rendering.fg, done.rendering.saliency)
 
 
 def test_a_soft_background_is_left_alone_with_its_reason():

@@ -75,7 +75,8 @@ def write_finished_job(inputs: Storage, output: Storage) -> list[dict]:
     intermediates = Storage(f"{output.uri}/intermediates", output.storage_options)
     ramp = np.linspace(0, 65535, 800 * 600).reshape(600, 800).astype(np.uint16)
     for name, values in {
-        "mask": np.full((600, 800), 255, np.uint8),
+        "saliency": np.full((600, 800), 200, np.uint8),
+        "subject": np.full((600, 800), 255, np.uint8),
         "depth16": ramp,
         "alpha": np.full((600, 800), 128, np.uint8),
         "background": np.full((600, 800, 3), 70, np.uint8),
@@ -157,7 +158,8 @@ def test_page_rows_say_what_happened_to_each_photo(local_job):
         assert row["before"] and row["after"] and row["before"] != row["after"]
     assert rows["a/ok-0.jpg"]["output"] == "../images/a/ok-0.jpg"
     assert rows["100% odd #1?.jpg"]["output"] == "../images/100%25%20odd%20%231%3F.jpg"
-    assert [i[0] for i in rows["a/ok-0.jpg"]["intermediates"]] == ["mask", "depth16", "alpha", "background"]
+    shown = ["saliency", "subject", "depth16", "alpha", "background"]  # the model's map first, then the subject's
+    assert [i[0] for i in rows["a/ok-0.jpg"]["intermediates"]] == shown
     assert rows["a/ok-1.jpg"]["intermediates"] == []
     # Left alone in an older part: the reason was in `error`; its output has no output_uri there.
     soft = rows[LEFT_ALONE]
@@ -213,13 +215,13 @@ def test_header_counts_throughput_and_stage_times(local_job):
 def test_rerun_makes_only_missing_thumbnails_and_drops_stale_ones(local_job):
     inputs, output, _ = local_job
     first = build_review(output.uri)
-    assert (first.thumbs_made, first.thumbs_kept) == (17, 0)  # 7 before, 6 after, 4 intermediates
+    assert (first.thumbs_made, first.thumbs_kept) == (18, 0)  # 7 before, 6 after, 5 intermediates
     page = Path(output.uri) / "review" / "index.html"
     rows_js = re.search(r'<script src="(rows\.js\?v=\w+)">', page.read_text())
     assert rows_js
 
     again = build_review(output.uri)
-    assert (again.thumbs_made, again.thumbs_kept, again.stale_removed) == (0, 17, 0)
+    assert (again.thumbs_made, again.thumbs_kept, again.stale_removed) == (0, 18, 0)
 
     thumbs = Path(output.uri) / "review" / "thumbs"
     victim = sorted(thumbs.glob("*.after.jpg"))[0]
@@ -238,7 +240,7 @@ def test_rerun_makes_only_missing_thumbnails_and_drops_stale_ones(local_job):
     changed = build_review(output.uri)
     assert (changed.thumbs_made, changed.stale_removed) == (2, 2)
     assert rows_js.group(1) not in page.read_text()  # a new name for the new rows: no stale cache
-    assert len(list(thumbs.glob("*.jpg"))) == 17
+    assert len(list(thumbs.glob("*.jpg"))) == 18
 
 
 def test_thumbnail_is_upright_small_and_eight_bit():
@@ -284,7 +286,7 @@ def test_output_copied_elsewhere(local_job, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(output.uri, copy)
     summary = build_review(str(copy))
-    assert (summary.thumbs_made, summary.thumbs_failed) == (17, 0)
+    assert (summary.thumbs_made, summary.thumbs_failed) == (18, 0)
     rows = {r["path"]: r for r in rows_of(Storage(f"{copy}/review"))}
     assert rows["a/ok-0.jpg"]["output"] == "../images/a/ok-0.jpg" and rows["a/ok-0.jpg"]["after"]
     assert rows[BROKEN]["after"] is None
@@ -293,8 +295,11 @@ def test_output_copied_elsewhere(local_job, tmp_path):
 def test_cli(local_job, capsys):
     _, output, latest = local_job
     assert main(["review", output.uri, "--workers", "2"]) == 0
-    out = capsys.readouterr().out
-    assert f"review: {output.uri}/review/index.html ({len(latest)} photos; thumbnails: 17 made" in out
+    out, err = capsys.readouterr()
+    # What is to be done, then what was done: two lines, in order, on one stream (none glued to the other).
+    to_make, made = out.splitlines()
+    assert to_make == f"{len(latest)} photos, 18 thumbnails to make (0 kept)" and err == ""
+    assert made.startswith(f"review: {output.uri}/review/index.html ({len(latest)} photos; thumbnails: 18 made")
 
 
 def test_cli_on_an_output_without_manifest_says_so(tmp_path, capsys):
@@ -308,7 +313,7 @@ def test_s3(s3_bucket):
     inputs, output = Storage(f"{s3_bucket}/photos"), Storage(f"{s3_bucket}/edited")
     latest = write_finished_job(inputs, output)
     summary = build_review(output.uri, workers=4)
-    assert (summary.thumbs_made, summary.thumbs_failed) == (17, 0)
+    assert (summary.thumbs_made, summary.thumbs_failed) == (18, 0)
     review = Storage(f"{output.uri}/review")
     assert review.read_bytes("index.html").startswith(b"<!doctype html>")
     rows = rows_of(review)

@@ -142,6 +142,80 @@ def test_s3_skips_folder_placeholders_and_stays_under_prefix(s3_bucket):
     assert [f.relpath for f in got] == ["sub/a.jpg"]
 
 
+# ----------------------------------------------------------------------- symbolic links
+
+
+def test_a_linked_photo_is_listed_at_the_links_path_with_the_fingerprint_of_its_file(tmp_path):
+    t = _local_tree(tmp_path)
+    t.put("archive/2023/beach.jpg", b"the photo")
+    os.makedirs(os.path.join(t.uri, "favourites"))
+    os.symlink("../archive/2023/beach.jpg", os.path.join(t.uri, "favourites", "best.jpg"))
+    store = Storage(t.uri)
+    listed = {f.relpath: f for f in store.list_files(IMAGES)}
+    assert set(listed) == {"archive/2023/beach.jpg", "favourites/best.jpg"}
+    link, photo = listed["favourites/best.jpg"], listed["archive/2023/beach.jpg"]
+    assert (link.size, link.fingerprint, link.broken) == (photo.size, photo.fingerprint, "")
+    assert store.stat("favourites/best.jpg") == link  # a rerun's fingerprint is the file's, not the link's
+    assert store.read_bytes("favourites/best.jpg") == b"the photo"
+
+
+def test_a_dangling_link_and_a_loop_of_links_are_listed_as_broken(tmp_path):
+    t = _local_tree(tmp_path)
+    os.symlink("../gone/missing.jpg", os.path.join(t.uri, "dangling.jpg"))
+    os.symlink("loop-b.jpg", os.path.join(t.uri, "loop-a.jpg"))
+    os.symlink("loop-a.jpg", os.path.join(t.uri, "loop-b.jpg"))
+    listed = {f.relpath: f.broken for f in Storage(t.uri).list_files(IMAGES)}
+    assert listed == {
+        "dangling.jpg": "dangling symbolic link -> ../gone/missing.jpg",
+        "loop-a.jpg": "symbolic link loop -> loop-b.jpg (it never reaches a file)",
+        "loop-b.jpg": "symbolic link loop -> loop-a.jpg (it never reaches a file)",
+    }
+
+
+def test_each_linked_folder_is_listed_once_and_a_loop_is_named_once(tmp_path, caplog):
+    t = _local_tree(tmp_path)
+    t.put("archive/a.jpg", b"1")
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "b.jpg").write_bytes(b"2")
+    (elsewhere / "sub" / "c.jpg").write_bytes(b"3")
+    root = t.uri
+    os.symlink("archive", os.path.join(root, "albums"))  # a folder under the root: listed at its own path
+    os.symlink(str(elsewhere), os.path.join(root, "linked"))  # outside: followed, once
+    os.symlink(str(elsewhere), os.path.join(root, "linked-again"))  # the same folder again
+    os.symlink(str(elsewhere / "sub"), os.path.join(root, "a-sub"))  # a folder the first link also reaches
+    os.symlink("..", os.path.join(root, "archive", "up"))  # a loop back to the root
+    os.symlink(root, str(elsewhere / "back"))  # a loop through the linked folder
+    with caplog.at_level("WARNING", logger="pipeline.storage"):
+        listed = [f.relpath for f in Storage(root).list_files(IMAGES)]
+    assert sorted(listed) == ["a-sub/c.jpg", "archive/a.jpg", "linked/b.jpg"]
+    loops = [r.getMessage() for r in caplog.records if "loop" in r.getMessage()]
+    assert loops == [
+        f"symbolic link loop: {root}/archive/up -> .. leads back into a folder it is in; not followed",
+        f"symbolic link loop: {root}/linked/back -> {root} leads back into a folder it is in; not followed",
+    ]
+
+
+def test_a_link_into_an_excluded_folder_is_not_followed(tmp_path, caplog):
+    t = _local_tree(tmp_path)
+    t.put("a.jpg", b"1")
+    output = tmp_path / "out"
+    (output / "images").mkdir(parents=True)
+    (output / "images" / "a.jpg").write_bytes(b"2")
+    os.symlink(str(output), os.path.join(t.uri, "results"))
+    os.symlink(str(output / "images"), os.path.join(t.uri, "edited"))
+    with caplog.at_level("WARNING", logger="pipeline.storage"):
+        listed = [f.relpath for f in Storage(t.uri).list_files(IMAGES, excluded=[str(output)])]
+    assert listed == ["a.jpg"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{t.uri}/{name} leads into {output}, which is left out of the listing; not followed"
+        for name in ("edited", "results")
+    ]
+    assert [f.relpath for f in Storage(t.uri).list_files(IMAGES)] == ["a.jpg", "edited/a.jpg"]  # images: once
+    holding_the_root = Storage(t.uri).list_files(IMAGES, excluded=[str(tmp_path)])  # excludes nothing
+    assert [f.relpath for f in holding_the_root] == ["a.jpg", "edited/a.jpg"]
+
+
 # ------------------------------------------------------------------------ fingerprints
 
 

@@ -11,12 +11,19 @@ from ..errors import BadInputError, DreamfocusError
 from ..params import load_yaml_config
 
 SUBCOMMANDS = ("render", "models", "run", "status", "review")
+# What `dreamfocus --help` opens with: what the command does, for the person running it.
+DESCRIPTION = (
+    "Make the subject of an everyday, everything-in-focus photo stand out against a soft, painterly "
+    "background, found by a salient-object model and a depth model: one photo (render), or a whole "
+    "library on a laptop, a Ray cluster or cloud GPUs, resumable at any point (run, then status and review)."
+)
+EPILOG = "`dreamfocus COMMAND --help` lists a command's options."
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(prog="dreamfocus", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dreamfocus", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     subparsers = {}
     for name in SUBCOMMANDS:
         module = importlib.import_module(f"{__name__}.{name}")

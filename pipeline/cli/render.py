@@ -28,7 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--mask", help="salient-object mask: an 8- or 16-bit image, any size")
     parser.add_argument("--depth", help="depth (nearer is larger): .npy, 16-bit PNG or float TIFF, any size")
     parser.add_argument(
-        "--save-intermediates", metavar="DIR", help="also write background, mask, depth (16-bit) and alpha PNGs here"
+        "--save-intermediates",
+        metavar="DIR",
+        help="also write PNGs of the steps here: background, saliency (the salient-object mask: the model's, "
+        "or --mask), subject (the mask kept crisp: saliency extended to the whole object), depth16, alpha",
     )
     add_effect_options(parser)
     add_config_fields(parser, "output", "models", format=None)  # the format: from the output's name

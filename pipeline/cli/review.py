@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from ..review import build_review
 
@@ -28,12 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    # What is to be done, then what was done: each its own line, in that order, on one stream
+    # (flushed, so it shows before the thumbnails are made even when stdout is a pipe or a log).
     summary = build_review(
         args.output,
         args.storage_options,
         inputs_uri=args.input,
         workers=args.workers,
-        progress=lambda line: print(line, file=sys.stderr),
+        progress=lambda line: print(line, flush=True),
     )
     for line in summary.lines():
         print(line)

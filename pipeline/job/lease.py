@@ -4,7 +4,8 @@ A second run on the same OUTPUT finds a live lease and refuses at once, naming t
 holds it, so two runs never process the same photos twice. A killed run stops renewing; its
 lease expires after TTL_SECONDS and the next run takes it over. The lease is created with an
 exclusive create (a hard link locally, a conditional put on S3), so of two runs starting at
-once exactly one wins.
+once exactly one wins. A lease file that cannot be read (torn, foreign) is no job's lease: it is
+named in one warning and set aside in manifest/damaged/.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from ..errors import OutputBusyError
-from ..manifest import MANIFEST_DIR
+from ..manifest import DAMAGED_DIR, MANIFEST_DIR, damage_of, set_aside
 from ..storage import Storage
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,24 @@ class LeaseRecord:
     pid: int
     started_at: str
     expires_at: float  # seconds since the epoch
+
+    @classmethod
+    def parse(cls, data: bytes) -> LeaseRecord:
+        """The record of a lease file's bytes; ValueError where they hold none."""
+        record = json.loads(data)  # a ValueError where the bytes are no JSON text
+        fields: dict[str, type | tuple[type, ...]] = {
+            "run_id": str,
+            "host": str,
+            "pid": int,
+            "started_at": str,
+            "expires_at": (int, float),
+        }
+        if not isinstance(record, dict) or set(record) != set(fields):
+            raise ValueError(f"not a lease record: {data[:60]!r}")
+        wrong = [name for name, kind in fields.items() if not isinstance(record[name], kind)]
+        if wrong:
+            raise ValueError(f"not a lease record: {', '.join(wrong)} of the wrong type")
+        return cls(**record)
 
     def describe(self) -> str:
         return f"run {self.run_id} (host {self.host}, pid {self.pid}, since {self.started_at})"
@@ -66,17 +85,22 @@ class Lease:
         return json.dumps(asdict(self._record())).encode()
 
     def current(self) -> LeaseRecord | None:
-        """The lease in OUTPUT now (None when there is none or it cannot be read)."""
+        """The lease in OUTPUT now (None when there is none, or when the file holds no lease:
+        then it is set aside in manifest/damaged/)."""
         try:
-            return LeaseRecord(**json.loads(self.output.read_bytes(LEASE_FILE)))
+            data = self.output.read_bytes(LEASE_FILE)
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError) as exc:  # a torn or foreign file: treated as expired
-            log.warning("%s is unreadable (%s); taking it over", self.output.uri_of(LEASE_FILE), exc)
-            return LeaseRecord("unknown", "unknown", 0, "unknown", 0.0)
+        try:
+            return LeaseRecord.parse(data)
+        except ValueError as exc:  # a torn or foreign file
+            target = f"{MANIFEST_DIR}/{DAMAGED_DIR}/{os.path.basename(LEASE_FILE)}"
+            set_aside(self.output, LEASE_FILE, target, data, damage_of(exc), "taken as no job's lease")
+            return None
 
     def check(self) -> None:
-        """Without writing anything: OutputBusyError where another live job holds the lease."""
+        """OutputBusyError where another live job holds the lease. Writes nothing, except to set
+        a damaged lease file aside."""
         held = self.current()
         if held is not None and held.run_id != self.run_id:
             self._refuse_if_live(held)

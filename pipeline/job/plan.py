@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import posixpath
 from collections import deque
@@ -13,13 +14,15 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import BadInputError, DreamfocusError, PairedFileSkipped
+from ..errors import BadInputError, BrokenLinkError, DreamfocusError, PairedFileSkipped
 from ..manifest import FAILED, MANIFEST_DIR, OK, SKIPPED, FolderResume, ResumeIndex, listing_status
 from ..models import DEPTH, SALIENCY, default_model
 from ..params import EffectParams
 from ..photo_io import OUTPUT_EXTENSIONS, PHOTO_EXTENSIONS
 from ..raw_io import is_raw
 from ..storage import LISTING_PREFETCH, SourceFile, Storage, is_inside, safe_relpath
+
+log = logging.getLogger(__name__)
 
 IMAGES_DIR, INTERMEDIATES_DIR = "images", "intermediates"
 RENDER_BACKENDS = ("auto", "numpy", "torch")
@@ -208,19 +211,22 @@ def make_plan(
     `prefetch` folders ahead of the one being planned. Whatever `prefetch` is, the plan is the same.
     """
     job_hash = config.job_hash()
-    resume = ResumeIndex.load(Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options))
+    manifest = Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options)
+    resume = ResumeIndex.load(manifest, set_aside_damaged=not config.dry_run)  # a dry run writes nothing
     images = Storage(f"{output.uri}/{IMAGES_DIR}", config.storage_options)
     ahead: deque[tuple[str, list[SourceFile], FolderResume, Future[set[str]] | None]] = deque()
     with ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="dreamfocus-outputs") as pool:
-        for folder, files in inputs.list_folders(None, prefetch):
+        # A folder link into OUTPUT is not followed: each run would take the last one's outputs in.
+        excluded = [output.uri] if output.is_local else []
+        for folder, files in inputs.list_folders(None, prefetch, excluded):
             settled = resume.folder(folder)
             # "Is its output there?" matters only where a photo is done: one listing per such folder.
             outputs = pool.submit(images.names_in, folder) if settled.any_ok and not config.force else None
             ahead.append((folder, files, settled, outputs))
             if len(ahead) > prefetch:
-                yield from _plan_folder(*ahead.popleft(), config, job_hash)
+                yield from _plan_folder(*ahead.popleft(), config, job_hash, inputs)
         while ahead:
-            yield from _plan_folder(*ahead.popleft(), config, job_hash)
+            yield from _plan_folder(*ahead.popleft(), config, job_hash, inputs)
 
 
 def _plan_folder(
@@ -230,17 +236,25 @@ def _plan_folder(
     outputs: Future[set[str]] | None,
     config: JobConfig,
     job_hash: str,
+    inputs: Storage,
 ) -> Iterator[PlanItem | OtherFile | str]:
     """The plan of one folder's files (pairs and output names are decided within a folder)."""
-    photos = []
+    photos, broken = [], []
     for source in files:
-        if os.path.splitext(source.relpath)[1].lower() in PHOTO_EXTENSIONS:
+        is_photo = os.path.splitext(source.relpath)[1].lower() in PHOTO_EXTENSIONS
+        if is_photo and source.broken:  # its own failed row, and no half of a pair
+            broken.append(source)
+        elif is_photo:
             photos.append(source)
         else:
+            if source.broken:
+                log.warning("%s: %s", inputs.uri_of(source.relpath), source.broken)
             yield OtherFile(source)
     existing = outputs.result() if outputs is not None else set()
     partners = pair_partners(photos)
     claimed: set[str] = set()  # outputs given out in this folder: x.jpg and x.png must not share one
+    for source in broken:
+        yield _planned(source, config, settled, job_hash, existing, claimed)
     for source in photos:
         partner = partners.get(source.relpath)
         if partner is not None and is_raw(source.relpath) != config.prefer_raw:
@@ -293,6 +307,8 @@ def _planned(
     """A photo to process and why, or the reason it is skipped."""
     error = None
     try:
+        if source.broken:  # no output of its own: it claims no name
+            raise BrokenLinkError(f"{source.relpath}: {source.broken}")
         target = output_relpath(source.relpath, config.format)
         if target.lower() in claimed:  # the listing is sorted: the same file wins each run
             target = output_relpath(source.relpath, config.format, keep_extension=True)
