@@ -498,6 +498,7 @@ def test_s3_manifest_commits_failing_lose_nothing(local_ray, faulty_s3, s3_serve
 # ------------------------------------------------------------------------------ photos changed while read
 
 
+@pytest.mark.slow
 def test_photos_replaced_or_deleted_while_read_are_recorded_as_read(local_ray, faulty_s3, s3_server, bucket):
     import boto3
 
