@@ -94,6 +94,28 @@ class OutputError(DreamfocusError):
     retried_by_rerun = True
 
 
+class ReadError(DreamfocusError):
+    """An input that could not be read for reasons not its own (storage errors that outlived
+    the retries): a plain rerun reads it again."""
+
+    kind = "read-error"
+    retried_by_rerun = True
+
+
+class SourceChangedError(DreamfocusError):
+    """An input replaced while the run read it, again and again: a plain rerun tries again."""
+
+    kind = "changed-while-read"
+    retried_by_rerun = True
+
+
+class SourceVanishedError(DreamfocusError):
+    """An input deleted after the listing found it: nothing to do, so it is left alone."""
+
+    kind = "deleted-while-read"
+    leaves_alone = True
+
+
 class OutputBusyError(DreamfocusError):
     """Another job holds OUTPUT (its lease is live): two jobs never write one OUTPUT."""
 
@@ -120,6 +142,9 @@ KINDS: tuple[type[DreamfocusError], ...] = (
     PairedFileSkipped,
     WeightsUnavailableError,
     OutputError,
+    ReadError,
+    SourceChangedError,
+    SourceVanishedError,
     OutputBusyError,
     OutOfMemoryError,
 )

@@ -44,6 +44,7 @@ RENAMED = {"job_hash": "params_hash"}
 REPLACES = b"dreamfocus.replaces"  # a compacted part's metadata: the parts it replaces
 COMPACT_MIN_PARTS = 64  # a run or `status` finding this many parts merges them into one
 PART_READERS = 16  # parts read at once
+RETRY_COMMIT_SECONDS = 5.0  # after a failed commit, the next try waits this long (or a commit interval)
 MAX_PART_GROWTH = 16  # a group commit's part holds at most this many times rows_per_part
 
 SCHEMA = pa.schema(
@@ -71,6 +72,8 @@ SCHEMA = pa.schema(
         ("interp_stop", pa.float32()),
         ("render_path", pa.string()),  # numpy (effect.py on the CPU) or torch:<device> (the device path)
         *[(f"seconds_{stage}", pa.float32()) for stage in STAGES],
+        ("storage_retries", pa.int32()),  # transient storage errors retried reading and writing this photo
+        ("source_changed", pa.bool_()),  # replaced after the listing: the row names the version read
         ("attempt", pa.int32()),
         ("run_id", pa.string()),
         ("started_at", pa.timestamp("ms", tz="UTC")),  # when reading the photo began
@@ -130,6 +133,8 @@ class ManifestWriter:
         self.parts = 0
         self.first_pending = 0.0  # when the oldest uncommitted row arrived
         self.error: BaseException | None = None  # of the committing thread, raised to the driver
+        self.failed_commits = 0  # commits that failed while the run went on; their rows went with a later one
+        self.retry_at = 0.0  # after a failed commit, no new try before this
         self._lock = threading.Lock()  # the pending rows
         self._writing = threading.Lock()  # one part at a time, numbered in order
         self._wake = threading.Condition(self._lock)
@@ -154,6 +159,8 @@ class ManifestWriter:
         self.flush_if_due()
 
     def _due(self) -> bool:
+        if self.clock() < self.retry_at:
+            return False
         return self.pending >= self.rows_per_part or (
             self.pending > 0 and self.clock() - self.first_pending >= self.seconds_per_part
         )
@@ -177,19 +184,29 @@ class ManifestWriter:
 
     @contextlib.contextmanager
     def committing(self) -> Iterator[ManifestWriter]:
-        """Parts written by a thread beside the caller; on leaving, the rest is committed."""
+        """Parts written by a thread beside the caller; on leaving, the rest is committed.
+
+        Where the caller stops on an error of its own, a last commit that fails too is logged:
+        what stopped the run is what it raises."""
         self._stopping = False
         self._committer = threading.Thread(target=self._commit_when_due, name="dreamfocus-manifest", daemon=True)
         self._committer.start()
+        stopped = True
         try:
             yield self
+            stopped = False
         finally:
             with self._lock:
                 self._stopping = True
                 self._wake.notify()
             self._committer.join()
             self._committer = None
-            self.flush()
+            try:
+                self.flush()
+            except OutputError as exc:
+                if not stopped:
+                    raise
+                log.error("%d rows not committed, a rerun redoes their photos: %s", self.pending, exc)
 
     def _commit_when_due(self) -> None:
         while True:
@@ -200,6 +217,10 @@ class ManifestWriter:
                     return
             try:
                 self._commit()
+            except OutputError as exc:  # storage errors past every retry, a full disk: the rows wait
+                self.failed_commits += 1
+                self.retry_at = self.clock() + min(self.seconds_per_part, RETRY_COMMIT_SECONDS)
+                log.warning("manifest commit failed, %d rows kept for the next one: %s", self.pending, exc)
             except Exception as exc:  # noqa: BLE001 - raised in the driver's next add or flush
                 self.error = exc
                 return

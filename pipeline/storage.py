@@ -21,6 +21,7 @@ import random
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import OutputError, UnsafeNameError
+from pipeline.errors import OutputError, ReadError, SourceChangedError, SourceVanishedError, UnsafeNameError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,11 +120,20 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+# Transient errors retried in this process so far, by operation ("read", "write", "list", ...):
+# a run's summary says how many it met, so recovered faults are seen, not only lost ones.
+RETRIED: Counter[str] = Counter()
+
+
+def retried_total() -> int:
+    return sum(RETRIED.values())
+
+
 def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2, what: str = "storage operation") -> T:
     """Call fn(); on a transient error wait base_delay * 2**n (with jitter) and try again.
 
     Permanent errors (missing file, permission, ...) are raised at once; after `attempts`
-    tries the last error is raised.
+    tries the last error is raised. Each retry is counted in RETRIED under what's first word.
     """
     for attempt in range(1, attempts + 1):
         try:
@@ -131,6 +141,7 @@ def retry(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.2, wh
         except Exception as exc:
             if attempt >= attempts or not is_transient(exc):
                 raise
+            RETRIED[what.split(" ", 1)[0]] += 1
             delay = base_delay * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
             log.warning(
                 "%s failed (%s: %s); retry %d/%d in %.2fs", what, type(exc).__name__, exc, attempt, attempts - 1, delay
@@ -392,7 +403,34 @@ class Storage:
         return SourceFile(relpath, int(info.get("size") or 0), _fingerprint(info))
 
     def read_bytes(self, relpath: str) -> bytes:
-        return retry(lambda: self.fs.cat_file(self._path(relpath)), what=f"read {self.uri_of(relpath)}")
+        """The file's bytes. ReadError where transient errors outlived the retries (a plain rerun
+        tries again); missing files and refused permissions raise as they are."""
+        try:
+            return retry(lambda: self.fs.cat_file(self._path(relpath)), what=f"read {self.uri_of(relpath)}")
+        except Exception as exc:
+            if is_transient(exc):
+                raise ReadError(f"cannot read {self.uri_of(relpath)}: {type(exc).__name__}: {exc}") from exc
+            raise
+
+    def read_version(self, source: SourceFile, attempts: int = 3) -> tuple[bytes, SourceFile]:
+        """The bytes of the file the listing found, and the SourceFile they are the bytes of.
+
+        A file replaced since it was listed (or while it is read) is read again until a read
+        begins and ends with the same fingerprint, so a row never names one version of a photo
+        while its output is made from another. SourceVanishedError for a file deleted since the
+        listing; SourceChangedError for one that kept changing for `attempts` reads.
+        """
+        expected = source
+        for _ in range(attempts):
+            try:
+                data = self.read_bytes(source.relpath)
+                now = self.stat(source.relpath)
+            except FileNotFoundError:
+                raise SourceVanishedError(f"{source.relpath}: deleted since the listing found it") from None
+            if now.fingerprint == expected.fingerprint:
+                return data, now
+            expected = now  # replaced: the version there now, if it holds still while read
+        raise SourceChangedError(f"{source.relpath}: replaced again while being read, {attempts} times")
 
     def exists(self, relpath: str) -> bool:
         path = self._path(relpath)
@@ -438,7 +476,9 @@ class Storage:
             if self.is_local:
                 return self._create_local(path, data)
             if "s3" in protocols:
-                self.fs.pipe_file(path, data, mode="create")
+                # Retried: a put whose answer was lost and that did land answers the retry with
+                # FileExistsError, which the caller tells apart by reading what is there.
+                retry(lambda: self.fs.pipe_file(path, data, mode="create"), what=f"create {self.uri_of(relpath)}")
                 return True
         except FileExistsError:  # s3fs raises it for a failed precondition
             return False

@@ -12,6 +12,7 @@ one line, having started nothing) and travel to the model actors through Ray's o
 
 from __future__ import annotations
 
+import array
 import collections
 import contextlib
 import functools
@@ -22,11 +23,13 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from ..errors import OutputError
+from ..errors import RETRIED_KINDS, OutputError, SourceVanishedError
 from ..manifest import (
     FAILED,
     MANIFEST_DIR,
@@ -35,11 +38,12 @@ from ..manifest import (
     ManifestWriter,
     OtherFilesWriter,
     compact_manifest,
+    key_of,
     manifest_rows,
     new_run_id,
 )
 from ..models import DEPTH, SALIENCY
-from ..storage import Storage
+from ..storage import Storage, retried_total
 from .console import Progress, without_native_noise
 from .lease import RENEW_SECONDS, Lease
 from .plan import IMAGES_DIR, JobConfig, OtherFile, PlanItem, check_locations, make_plan, render_backend_for
@@ -54,6 +58,7 @@ log = logging.getLogger(__name__)
 GROUP_SIZE = 16
 PLAN_CHUNK = 2000  # plan rows per object put into Ray's object store as the listing proceeds
 MAX_FAILING_WRITES = 8
+MAX_DATASET_RESTARTS = 3  # starts of the dataset again, for the photos left, after the cluster lost a part
 
 
 @dataclass
@@ -66,6 +71,7 @@ class JobSummary:
     processing_seconds: float  # from the first photo's start to the last row
     output: str
     others: dict[str, int]  # files that are no photos (videos, sidecars, documents): extension -> files
+    faults: list[str] = field(default_factory=list)  # what went wrong beside the photos, one line each
 
     def lines(self) -> list[str]:
         done = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())) or "nothing to do"
@@ -74,6 +80,7 @@ class JobSummary:
         return [
             f"run {self.run_id}: {self.planned} to process: {done} in {self.seconds:.1f} s "
             f"({self.processing_seconds:.1f} s processing)",
+            *self.faults,
             *([f"left alone: {kept}"] if kept else []),
             *(
                 [f"not photos, not processed: {others} (`dreamfocus status {self.output} --other-files` lists them)"]
@@ -96,6 +103,7 @@ def run_job(config: JobConfig) -> JobSummary:
     config.commit_every photos and at least every config.commit_seconds.
     """
     started = time.perf_counter()
+    retried_here = retried_total()  # the driver's own: listing, manifest, lease
     inputs, output = check_locations(config)
     run_id = new_run_id()
     manifest = Storage(f"{output.uri}/{MANIFEST_DIR}", config.storage_options)
@@ -138,6 +146,7 @@ def run_job(config: JobConfig) -> JobSummary:
             chunk_refs.append(_put_tasks(config, chunk))
 
         counts: dict[str, int] = {}
+        seen = RunFaults()
         processing_started = ended = time.perf_counter()
         if lease is not None and (chunk_refs or refused):
             lease.acquire()  # of runs planned at once, one goes on; nothing was written before
@@ -152,9 +161,9 @@ def run_job(config: JobConfig) -> JobSummary:
                 console = held.enter_context(without_native_noise())  # Ray is up: its lines from now on
             progress = Progress(planned, console)
             ticker.follow(writer, progress)
-            tally = RowTally(writer, progress, output.uri)
+            tally = RowTally(writer, progress, output.uri, seen)
             counts = tally.counts
-            rows = _execute(config, inputs, chunk_refs, run_id, models) if chunk_refs and models else iter(())
+            rows = _rows(config, inputs, chunk_refs, run_id, models, seen) if chunk_refs and models else iter(())
             try:
                 with writer.committing():  # parts are written beside this loop
                     for table in itertools.chain(_refused_rows(refused, inputs, config, run_id), rows):
@@ -166,22 +175,27 @@ def run_job(config: JobConfig) -> JobSummary:
                 if hasattr(rows, "close"):
                     rows.close()  # stops the dataset's workers now when the loop ended early
             ended = time.perf_counter()
+            seen.failed_commits = writer.failed_commits
         if other_files is not None and (others or output.exists(OTHER_FILES)):
             other_files.close(output)  # replaces the last run's listing
-    return JobSummary(run_id, planned, counts, skipped, ended - started, ended - processing_started, output.uri, others)
+    seen.driver_retries = retried_total() - retried_here
+    return JobSummary(
+        run_id, planned, counts, skipped, ended - started, ended - processing_started, output.uri, others, seen.lines()
+    )
 
 
 class RowTally:
     """The driver's part in a row's life: commit the manifest rows the workers made, count them
     for the progress line and the summary, and stop a job whose every write fails."""
 
-    def __init__(self, writer: ManifestWriter, progress: Progress, output_uri: str) -> None:
-        self.writer, self.progress, self.output_uri = writer, progress, output_uri
+    def __init__(self, writer: ManifestWriter, progress: Progress, output_uri: str, seen: RunFaults) -> None:
+        self.writer, self.progress, self.output_uri, self.seen = writer, progress, output_uri, seen
         self.counts: dict[str, int] = {}
         self.failing_writes = 0
 
     def add(self, rows: pa.Table) -> None:
         self.writer.add_table(rows)
+        self.seen.add(rows)
         for status, n in collections.Counter(rows.column("status").to_pylist()).items():
             self.counts[status] = self.counts.get(status, 0) + n
             self.progress.add(status, n)
@@ -193,6 +207,62 @@ class RowTally:
                 raise OutputError(
                     f"{self.output_uri}: {self.failing_writes} writes in a row failed, stopping (last: {error})"
                 )
+
+
+@dataclass
+class RunFaults:
+    """What went wrong beside the photos during a run, and what became of it: the run's summary
+    says so in one line each, so a fault the job survived is seen, not only the ones it lost."""
+
+    photo_retries: int = 0  # transient storage errors met reading and writing photos (workers)
+    driver_retries: int = 0  # ... listing, committing the manifest, renewing the lease (driver)
+    failed_commits: int = 0  # manifest commits that failed while the run went on
+    replaced: int = 0  # photos replaced after the listing: the version read is the one recorded
+    # kind -> photos a plain rerun retries
+    not_their_own: collections.Counter[str] = field(default_factory=collections.Counter)
+    vanished: int = 0  # photos deleted after the listing
+    model_restarts: int = 0  # model actors restarted mid-run
+    lost_nodes: list[str] = field(default_factory=list)
+    restarts: list[str] = field(default_factory=list)  # why the dataset was started again
+
+    def add(self, rows: pa.Table) -> None:
+        """The manifest rows of a group of photos."""
+        self.photo_retries += int(pc.sum(rows.column("storage_retries")).as_py() or 0)
+        self.replaced += int(pc.sum(pc.fill_null(rows.column("source_changed"), False).cast(pa.int32())).as_py() or 0)
+        for kind in rows.column("error_kind").to_pylist():
+            if kind in RETRIED_KINDS:
+                self.not_their_own[kind] += 1
+            elif kind == SourceVanishedError.kind:
+                self.vanished += 1
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.photo_retries or self.driver_retries:
+            out.append(
+                f"storage: {_many(self.photo_retries + self.driver_retries, 'transient error')} "
+                f"(throttling, 5xx, dropped connections) retried: {self.photo_retries} reading or writing photos, "
+                f"{self.driver_retries} listing or committing the manifest"
+            )
+        if self.failed_commits:
+            out.append(f"manifest: {_many(self.failed_commits, 'commit')} failed; their rows went with a later one")
+        if self.replaced:
+            replaced = _many(self.replaced, "photo")
+            out.append(f"{replaced} replaced after the listing: the version read is the one recorded")
+        if self.vanished:
+            out.append(f"{_many(self.vanished, 'photo')} deleted after the listing: left alone")
+        if self.model_restarts:
+            out.append(f"model actors: {_many(self.model_restarts, 'restart')} mid-run; their batches were redone")
+        out += [f"dataset started again: {why}" for why in self.restarts]
+        if self.lost_nodes:
+            out.append(f"nodes lost mid-run: {', '.join(self.lost_nodes)}; their work was redone on the others")
+        if self.not_their_own:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.not_their_own.items()))
+            out.append(f"failed for reasons not their own: {kinds}; a plain rerun retries them")
+        return out
+
+
+def _many(n: int, thing: str) -> str:
+    return f"{n} {thing}" if n == 1 else f"{n} {thing}s"
 
 
 class Ticker:
@@ -303,6 +373,54 @@ def model_layout(config: JobConfig, cluster_gpus: float) -> ModelLayout:
     )
 
 
+def _rows(
+    config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel], seen: RunFaults
+) -> Iterator[pa.Table]:
+    """The dataset's rows; where the dataset fails (a model actor killed for good, a node lost
+    with what it held: every photo's own failure is its row, so what stops the dataset is the
+    cluster), it starts again for the photos that have no row yet, up to MAX_DATASET_RESTARTS."""
+    import ray
+
+    nodes_before, since_ms = _alive_nodes(), time.time() * 1000
+    done = array.array("q")  # 64-bit keys of the relpaths with a row (8 bytes a photo), for a restart
+    try:
+        for restart in range(MAX_DATASET_RESTARTS + 1):
+            try:
+                for rows in _execute(config, inputs, chunk_refs, run_id, models):
+                    done.extend(int(key_of(relpath)) for relpath in rows.column("relpath").to_pylist())
+                    yield rows
+                return
+            except ray.exceptions.RayError as exc:
+                if restart == MAX_DATASET_RESTARTS:
+                    raise
+                settled = np.frombuffer(done, dtype=np.int64).copy()  # a view would pin `done`
+                chunk_refs = [ray.put(_without(ray.get(ref), settled)) for ref in chunk_refs]
+                left = sum(ray.get(ref).num_rows for ref in chunk_refs)
+                log.warning("the dataset stopped (%s); starting it again for the %d photos left", exc, left)
+                seen.restarts.append(f"{_lost_what(exc)} ({type(exc).__name__}): {left} photos left")
+    finally:
+        seen.model_restarts = _model_actor_restarts(since_ms)
+        seen.lost_nodes = sorted(nodes_before - _alive_nodes())
+
+
+def _without(table: pa.Table, done: np.ndarray) -> pa.Table:
+    keys = np.array([key_of(relpath) for relpath in table.column("relpath").to_pylist()], dtype=np.int64)
+    return table.filter(pa.array(~np.isin(keys, done)))
+
+
+def _lost_what(exc: BaseException) -> str:
+    """What a dataset's failure says was lost, in a few words."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.NodeDiedError):
+        return "a node was lost"
+    if isinstance(exc, ray.exceptions.ActorDiedError):
+        return "a model actor was lost" if "ModelStage" in str(exc) else "an actor was lost"
+    if isinstance(exc, ray.exceptions.ObjectLostError):
+        return "data held by a lost node or worker"
+    return "a worker was lost"
+
+
 def _execute(
     config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel]
 ) -> Iterator[pa.Table]:
@@ -358,6 +476,24 @@ def _execute(
 
     # No prefetch: with one, Ray Data holds each finished group back until the next is done too.
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)  # type: ignore[misc]
+
+
+def _alive_nodes() -> set[str]:
+    """The cluster's live nodes, as "<address> (<node id>)"."""
+    import ray
+
+    return {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n in ray.nodes() if n["Alive"]}
+
+
+def _model_actor_restarts(since_ms: float) -> int:
+    """Restarts of this run's model actors (Ray restarts one that died: killed, out of memory)."""
+    from ray._private import state  # the actor table; ray.util.state needs the dashboard
+
+    return sum(
+        int(a.get("NumRestarts") or 0)
+        for a in state.actors().values()
+        if "ModelStage" in a.get("ActorClassName", "") and (a.get("StartTime") or 0) >= since_ms
+    )
 
 
 def _refused_rows(items: list[PlanItem], inputs: Storage, config: JobConfig, run_id: str) -> Iterator[pa.Table]:

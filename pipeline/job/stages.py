@@ -45,7 +45,7 @@ from ..manifest import FAILED, OK, SKIPPED, manifest_rows
 from ..models import model_class
 from ..params import EffectParams
 from ..photo import INTERMEDIATE_NAMES, NUMPY_PATH, Finished, SceneMaps, SceneModels, finish, prepare
-from ..storage import Storage
+from ..storage import SourceFile, Storage, retried_total
 from .plan import IMAGES_DIR, INTERMEDIATES_DIR, JobConfig
 from .weights import Shipment
 
@@ -91,11 +91,25 @@ def read_photos(
     batch["seconds_read"] = np.zeros(n, np.float32)
     batch["seconds_decode"] = np.zeros(n, np.float32)
     batch["started_at"] = np.empty(n, dtype="datetime64[ms]")
+    listed = "source_fingerprint" in batch  # what the listing found, which the read holds to
+    if listed:
+        writable(batch, "source_fingerprint", "source_size")
+    # For the run's summary: transient storage errors met, photos replaced since the listing.
+    batch["storage_retries"] = np.zeros(n, np.int32)
+    batch["source_changed"] = np.zeros(n, bool)
     for i, relpath in enumerate(batch["relpath"]):
         batch["started_at"][i] = np.datetime64(datetime.now(UTC).replace(tzinfo=None), "ms")
+        retried = retried_total()
         t0 = _now()
         try:
-            data = inputs.read_bytes(relpath)
+            if listed:
+                fingerprint = batch["source_fingerprint"][i]
+                data, source = inputs.read_version(SourceFile(relpath, int(batch["source_size"][i]), fingerprint))
+                # the version read, should it have been replaced since the listing
+                batch["source_changed"][i] = source.fingerprint != fingerprint
+                batch["source_size"][i], batch["source_fingerprint"][i] = source.size, source.fingerprint
+            else:  # no listing to hold the read to (benchmarks, one-off batches)
+                data = inputs.read_bytes(relpath)
             t1 = _now()
             if model_copy:
                 batch["model_copy"][i] = pack(prepare(data, relpath, max_megapixels))
@@ -103,12 +117,19 @@ def read_photos(
             batch["seconds_read"][i], batch["seconds_decode"][i] = t1 - t0, _now() - t1
         except Exception as exc:  # noqa: BLE001 - any failure becomes this photo's row
             fail(batch, i, exc)
+        batch["storage_retries"][i] = retried_total() - retried
     return batch
 
 
 def read_stage(table: pa.Table, **kwargs) -> pa.Table:
     """read_photos as a Ray Data stage."""
-    return arrow_stage(table, functools.partial(read_photos, **kwargs), reads=("relpath",))
+    listing = ("source_fingerprint", "source_size")
+    return arrow_stage(
+        table,
+        functools.partial(read_photos, **kwargs),
+        reads=("relpath", *listing),
+        updates=(*UPDATED, *listing),
+    )
 
 
 class ModelStage:
@@ -302,7 +323,7 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
     intermediates = Storage(f"{config.output.rstrip('/')}/{INTERMEDIATES_DIR}", config.storage_options)
     writable(batch, *UPDATED)
     n = len(batch["relpath"])
-    for column, dtype in (*RENDER_NUMBERS.items(), ("seconds_write", np.float32)):
+    for column, dtype in (*RENDER_NUMBERS.items(), ("seconds_write", np.float32), ("storage_retries", np.int32)):
         batch[column] = np.array(batch[column], dtype) if column in batch else np.zeros(n, dtype)
     batch["output_uri"] = np.array([""] * n, dtype=object)
     batch["render_path"] = np.array(batch.get("render_path", [""] * n), dtype=object)
@@ -312,6 +333,7 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
         if batch["status"][i] != OK and not on_device:
             continue
         relpath = batch["relpath"][i]
+        retried = retried_total()
         try:
             if on_device:
                 data = encoded[i]
@@ -348,19 +370,29 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
             batch["output_uri"][i] = images.uri_of(target)
         except Exception as exc:  # noqa: BLE001 - any failure becomes this photo's row
             fail(batch, i, exc)
+        batch["storage_retries"][i] += retried_total() - retried
     return batch
 
 
 def finish_stage(table: pa.Table, config: JobConfig, run_id: str, source_root: str) -> pa.Table:
     """finish_photos as a Ray Data stage, ending in the photos' manifest rows: the workers build
     them, the driver only commits them."""
-    device_columns = tuple(c for c in DEVICE_COLUMNS if c in table.column_names)
+    device_columns = tuple(c for c in (*DEVICE_COLUMNS, "storage_retries") if c in table.column_names)
     finished = arrow_stage(
         table,
         functools.partial(finish_photos, config=config),
         drops=(*HEAVY, "encoded", *(f"png_{name}" for name in INTERMEDIATE_NAMES)),
-        reads=("relpath", "output_relpath", *UPDATED, "data", "saliency", "depth", "depth_model", *device_columns),
-        updates=(*UPDATED, *RENDER_NUMBERS, "render_path"),
+        reads=(
+            "relpath",
+            "output_relpath",
+            *UPDATED,
+            "data",
+            "saliency",
+            "depth",
+            "depth_model",
+            *device_columns,
+        ),
+        updates=(*UPDATED, *RENDER_NUMBERS, "render_path", "storage_retries"),
     )
     return manifest_rows(
         finished, source_root=source_root, preset=config.params.preset, job_hash=config.job_hash(), run_id=run_id
