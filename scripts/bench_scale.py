@@ -167,7 +167,7 @@ def manifest_phase(root: str, options: dict, group_size: int, chunk: int = 100_0
     import pyarrow as pa
 
     from pipeline.job.console import Progress
-    from pipeline.job.driver import RowTally
+    from pipeline.job.driver import RowTally, RunFaults
     from pipeline.job.plan import MANIFEST_DIR, PlanItem, check_locations, make_plan
     from pipeline.manifest import ManifestWriter, manifest_rows, new_run_id
     from pipeline.storage import Storage
@@ -178,7 +178,7 @@ def manifest_phase(root: str, options: dict, group_size: int, chunk: int = 100_0
     run_id, job_hash = new_run_id(), config.job_hash()
     manifest = Storage(f"{output.uri}/{MANIFEST_DIR}", options)
     writer = ManifestWriter(manifest, run_id, config.commit_every, config.commit_seconds)
-    tally = RowTally(writer, Progress(0, io.StringIO()), output.uri)
+    tally = RowTally(writer, Progress(0, io.StringIO()), output.uri, RunFaults())
     made = committed = 0.0
     rows = 0
 
