@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -216,10 +217,14 @@ def finish_on_device(
     max_megapixels: float = 200.0,
     intermediates: bool = False,
     depth_measured: bool = True,
+    batch_bytes: int | None = None,
 ) -> list[Finished | str]:
     """Each photo decoded, run through the models (or given ``maps``: saliency, depth), rendered
     and encoded on ``device``: its Finished, or the reason it goes to the CPU path instead.
     depth_measured: False when depth is the weight-free ground prior (see effect.render).
+
+    The photos go to the device in batches of at most ``batch_bytes`` decoded pixel bytes
+    (default: what the device's free memory holds, see device_budget), in their order.
 
     Finished.seconds holds the photo's share of the batch's decode, saliency, depth, effect and encode;
     Finished.rendering carries the numbers, and the maps only with ``intermediates``.
@@ -232,9 +237,40 @@ def finish_on_device(
         results.append(found if isinstance(found, str) else "")
         if isinstance(found, JpegHeader):
             headers[i] = found
-    if not headers:
-        return results
+    budget = device_budget(dev, params, batch_bytes)
+    for group in device_batches({i: decoded_bytes(h) for i, h in headers.items()}, budget.batch_bytes):
+        _finish_group(
+            datas,
+            {i: headers[i] for i in group},
+            results,
+            params,
+            dev,
+            budget,
+            models,
+            maps,
+            fmt,
+            quality,
+            intermediates,
+            depth_measured,
+        )
+    return results
 
+
+def _finish_group(
+    datas: Sequence[bytes],
+    headers: dict[int, JpegHeader],
+    results: list[Finished | str],
+    params: EffectParams,
+    dev: torch.device,
+    budget: DeviceBudget,
+    models: SceneModels | None,
+    maps: Sequence[tuple[np.ndarray, np.ndarray]] | None,
+    fmt: str,
+    quality: int,
+    intermediates: bool,
+    depth_measured: bool,
+) -> None:
+    """finish_on_device for one device batch (photos ``headers``): its results set in place."""
     with torch.inference_mode():
         clock = _Clock(dev)
         photos: dict[int, torch.Tensor] = {}
@@ -245,7 +281,7 @@ def finish_on_device(
                 photos[i] = upright(decoded, headers[i].orientation)
         clock.mark("decode")
         if not photos:
-            return results
+            return
         live = list(photos)
         if maps is not None:
             saliency = [torch.from_numpy(np.ascontiguousarray(maps[i][0], np.float32)).to(dev) for i in live]
@@ -264,7 +300,7 @@ def finish_on_device(
             by_size.setdefault((height, width), []).append(k)
         rendered: dict[int, tuple[effect_torch.TorchRendering, int]] = {}
         for (height, width), same_size in by_size.items():
-            per_call = max(1, int(_effect_pixels(params) // (height * width)))
+            per_call = max(1, int(budget.effect_pixels // (height * width)))
             for start in range(0, len(same_size), per_call):
                 members = same_size[start : start + per_call]
                 done = effect_torch.render(
@@ -306,7 +342,67 @@ def finish_on_device(
             intermediate_pngs(rendering, height, width) if intermediates else {},
             dict(seconds),
         )
-    return results
+
+
+# ------------------------------------------------------------------------- memory budget
+
+# A device batch holds each photo decoded, turned upright and rendered (3 bytes a pixel each)
+# until its encode; a share of the free memory is left for the models' and the encoder's work.
+HELD_PER_DECODED_BYTE = 3
+USABLE_SHARE = 0.8
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """How much of a batch the device takes at once."""
+
+    batch_bytes: int  # decoded pixel bytes of one device batch (a larger photo goes alone)
+    effect_pixels: float  # photo pixels per effect_torch.render call
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Bytes the device can still hand out (free, plus what torch's allocator holds unused);
+    None where no limit is known (the CPU: the host's memory, as for the CPU path)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
+def device_budget(device: torch.device, params: EffectParams, batch_bytes: int | None = None) -> DeviceBudget:
+    """``batch_bytes`` where given, else half the usable free memory for the batch's photos and
+    half for one effect call, so photos of any size (24 MP, 50 MP) and any mix of sizes fit."""
+    free = free_device_memory(device)
+    if free is None:
+        return DeviceBudget(batch_bytes or sys.maxsize, _effect_pixels(params))
+    half = USABLE_SHARE * free / 2
+    return DeviceBudget(
+        batch_bytes or int(half / HELD_PER_DECODED_BYTE),
+        min(_effect_pixels(params), half / _effect_bytes_per_pixel(params)),
+    )
+
+
+def decoded_bytes(header: JpegHeader) -> int:
+    """Bytes of the photo decoded to 8-bit RGB (gray JPEGs too are decoded to RGB)."""
+    return header.width * header.height * 3
+
+
+def device_batches(sizes: dict[int, int], budget: int) -> list[list[int]]:
+    """The photos (index -> decoded bytes) in order, cut into batches of at most ``budget``
+    bytes; a photo over the budget makes a batch of its own."""
+    batches: list[list[int]] = []
+    held = budget  # so the first photo opens a batch
+    for i, size in sizes.items():
+        if held + size > budget:
+            batches.append([])
+            held = 0
+        batches[-1].append(i)
+        held += size
+    return batches
+
+
+def _effect_bytes_per_pixel(params: EffectParams) -> float:
+    return 12 if params.work_size else 200  # see _effect_pixels
 
 
 def _effect_pixels(params: EffectParams) -> float:

@@ -198,3 +198,63 @@ def test_a_batch_too_large_for_one_effect_call_goes_in_parts(monkeypatch):
     for a, b in zip(whole, parts):
         assert not isinstance(a, str) and not isinstance(b, str)
         assert np.array_equal(pixels(a.encoded), pixels(b.encoded))
+
+
+def test_a_mixed_batch_is_split_to_fit_a_declared_device_memory(monkeypatch):
+    """A device that declares 12 MB free, of which the decoded photos may hold 1.6 MB: photos of
+    mixed sizes go in device batches that fit, in their order, with the pictures of one photo
+    at a time; the same photos as one batch run out of the declared memory."""
+    rng = np.random.default_rng(0)
+    sizes = [(300, 400), (300, 400), (600, 800), (150, 200), (300, 400)]  # height, width
+    datas = [jpeg(Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))) for h, w in sizes]
+    maps = [scene_maps(h, w) for h, w in sizes]
+    declared = 12_000_000
+    monkeypatch.setattr(device_render, "free_device_memory", lambda device: declared)
+    budget = device_render.device_budget(torch.device("cpu"), PRESETS["seed"])
+    assert budget.batch_bytes == int(0.8 * declared / 2 / 3)
+
+    decoded_batches, effect_pixels = [], []
+    original_decode, original_render = device_render.decode_jpegs, device_render.effect_torch.render
+
+    def decode_within_memory(batch, device):
+        held = sum(w * h * 3 for h, w in (sizes[datas.index(d)] for d in batch))
+        if held > budget.batch_bytes:
+            raise torch.OutOfMemoryError(f"{held} bytes decoded at once")
+        decoded_batches.append([datas.index(d) for d in batch])
+        return original_decode(batch, device)
+
+    def render_counted(photos, *args):
+        effect_pixels.append(photos.shape[0] * photos.shape[-1] * photos.shape[-2])
+        return original_render(photos, *args)
+
+    monkeypatch.setattr(device_render, "decode_jpegs", decode_within_memory)
+    monkeypatch.setattr(device_render.effect_torch, "render", render_counted)
+    split = device_render.finish_on_device(datas, PRESETS["seed"], "cpu", maps=maps)
+
+    assert decoded_batches == [[0, 1], [2, 3], [4]]  # 0.72 MB, 1.53 MB, 0.36 MB of 1.6 MB
+    assert all(pixels_in <= max(budget.effect_pixels, 600 * 800) for pixels_in in effect_pixels)
+    for (h, w), done in zip(sizes, split):
+        assert not isinstance(done, str), done
+        assert pixels(done.encoded).shape == (h, w, 3)
+    one_by_one = [device_render.finish_on_device([d], PRESETS["seed"], "cpu", maps=[m])[0] for d, m in zip(datas, maps)]
+    for a, b in zip(split, one_by_one):
+        assert not isinstance(a, str) and not isinstance(b, str)
+        assert np.array_equal(pixels(a.encoded), pixels(b.encoded))
+    with pytest.raises(torch.OutOfMemoryError):
+        device_render.finish_on_device(datas, PRESETS["seed"], "cpu", maps=maps, batch_bytes=10**12)
+
+
+def test_device_batches_are_cut_by_bytes_in_order():
+    assert device_render.device_batches({0: 4, 1: 4, 2: 9, 3: 1, 5: 2}, budget=8) == [[0, 1], [2], [3, 5]]
+    assert device_render.device_batches({}, budget=8) == []
+
+
+def test_device_batch_bytes_reaches_the_model_actor_and_is_checked(tmp_path):
+    from pipeline.errors import BadInputError
+    from pipeline.job.plan import JobConfig
+    from pipeline.job.stages import DeviceRendering
+
+    config = JobConfig(input=str(tmp_path), output=str(tmp_path / "out"), device_batch_bytes=2_000_000_000)
+    assert DeviceRendering.of(config).batch_bytes == 2_000_000_000
+    with pytest.raises(BadInputError, match="device-batch-bytes must be >= 1"):
+        JobConfig(input=str(tmp_path), output=str(tmp_path / "out"), device_batch_bytes=0)

@@ -109,6 +109,13 @@ class JobConfig:
     )
     commit_seconds: float = _option(30.0, "and at least every S seconds while photos finish", "job", metavar="S")
     model_batch_size: int | None = _option(None, "photos per model call (default: 16 on a GPU, 4 on CPUs)", "job")
+    device_batch_bytes: int | None = _option(
+        None,
+        "decoded pixel bytes (width x height x 3) per batch on the device with the torch render backend; "
+        "larger batches go in parts (default: from the device's free memory)",
+        "job",
+        metavar="BYTES",
+    )
     model_actors: int | None = _option(
         None, "model actors, each holding both models (default: one per GPU, else 1)", "job"
     )
@@ -131,7 +138,7 @@ class JobConfig:
             problems.append(f"unknown output format {self.format!r}; choose {', '.join(OUTPUT_EXTENSIONS)}")
         if not 1 <= self.quality <= 100:
             problems.append("quality must be within 1..100")
-        for name in ("limit", "model_batch_size", "model_actors", "commit_every", "cpu_workers"):
+        for name in ("limit", "model_batch_size", "device_batch_bytes", "model_actors", "commit_every", "cpu_workers"):
             value = getattr(self, name)
             if value is not None and value < (0 if name == "limit" else 1):
                 problems.append(f"{name.replace('_', '-')} must be >= {0 if name == 'limit' else 1}")

@@ -206,6 +206,7 @@ class ModelStage:
                 max_megapixels=how.max_megapixels,
                 intermediates=how.intermediates,
                 depth_measured=self.models.depth.measures_depth,
+                batch_bytes=how.batch_bytes,
             )
 
         results: list[Finished | str]
@@ -310,10 +311,18 @@ class DeviceRendering:
     quality: int
     max_megapixels: float
     intermediates: bool
+    batch_bytes: int | None = None  # decoded pixel bytes per device batch (None: from free memory)
 
     @classmethod
     def of(cls, config: JobConfig) -> DeviceRendering:
-        return cls(config.params, config.format, config.quality, config.max_megapixels, config.save_intermediates)
+        return cls(
+            config.params,
+            config.format,
+            config.quality,
+            config.max_megapixels,
+            config.save_intermediates,
+            config.device_batch_bytes,
+        )
 
 
 def finish_photos(batch: dict, config: JobConfig) -> dict:
