@@ -330,6 +330,7 @@ def _execute(
             layout.batch_size,
             ship(models),
             DeviceRendering.of(config) if on_device else None,
+            config.runtime,
         ),
         batch_size=layout.batch_size,
         batch_format="pyarrow",

@@ -36,6 +36,7 @@ there than torch's default layout), hence onnxruntime on the CPU. The two agree 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -66,18 +67,41 @@ log = logging.getLogger(__name__)
 
 GRAPH_VERSION = 2  # of convert_graph(): bump to re-derive cached graphs
 RUNTIME_ENV = "DREAMFOCUS_ISNET_RUNTIME"
-RUNTIMES = {"torch": "torch", "onnx": "onnxruntime", "onnxruntime": "onnxruntime"}
+# Every runtime by its name, and the short names that also say it.
+RUNTIMES = ("onnxruntime", "openvino", "torch")
+ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino"}
+# The CPU's choice where none is asked for: the fastest first (scripts/bench_runtimes.py).
+CPU_PREFERENCE = ("openvino", "onnxruntime")
+RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "torch": "torch"}
+
+
+def runtime_available(runtime: str) -> bool:
+    """Whether the package that ``runtime`` needs is installed here."""
+    return importlib.util.find_spec(RUNTIME_PACKAGES[runtime]) is not None
 
 
 def choose_runtime(device: str, requested: str | None = None) -> str:
-    """ "torch" or "onnxruntime": ``requested``, else $DREAMFOCUS_ISNET_RUNTIME, else torch on a
-    GPU and onnxruntime on the CPU (the faster there, see the module's notes)."""
-    choice = (requested or os.environ.get(RUNTIME_ENV) or "").strip().lower()
-    if not choice:
-        return "onnxruntime" if device == "cpu" else "torch"
+    """The runtime IS-Net runs in: ``requested`` (a name of RUNTIMES, an alias, or "auto"), else
+    $DREAMFOCUS_ISNET_RUNTIME, else torch on a GPU and on the CPU the fastest installed one
+    (CPU_PREFERENCE). A runtime asked for that is unknown or not installed is a BadInputError."""
+    asked = (requested or "").strip().lower()
+    where = "runtime"
+    if asked in ("", "auto"):
+        asked, where = (os.environ.get(RUNTIME_ENV) or "").strip().lower(), RUNTIME_ENV
+    if asked in ("", "auto"):
+        if device != "cpu":
+            return "torch"
+        return next((r for r in CPU_PREFERENCE if runtime_available(r)), "onnxruntime")
+    choice = ALIASES.get(asked, asked)
     if choice not in RUNTIMES:
-        raise BadInputError(f"{RUNTIME_ENV}={choice!r}: expected torch or onnx")
-    return RUNTIMES[choice]
+        raise BadInputError(f"{where} {asked!r}: expected auto, {', '.join(RUNTIMES)} (or {', '.join(ALIASES)})")
+    if not runtime_available(choice):
+        raise BadInputError(
+            f"{where} {asked!r}: the {RUNTIME_PACKAGES[choice]} package is not installed here; install it "
+            f"(`make setup` does) or choose another runtime: "
+            f"{', '.join(r for r in RUNTIMES if r != choice and runtime_available(r))}"
+        )
+    return choice
 
 
 @register
@@ -113,8 +137,11 @@ class ISNet(MapModel):
         path = Path(resolve_weights(type(self), weights))
         self.weights_path, self.weights = path, str(path)
         self._digest = weights_digest(path)
-        if choose_runtime(self.device, runtime) == "torch":
+        chosen = choose_runtime(self.device, runtime)
+        if chosen == "torch":
             self._open_torch(onnx_network(path))
+        elif chosen == "openvino":
+            self._open_openvino(path)
         else:
             self._open_onnxruntime(path)
 
@@ -133,6 +160,10 @@ class ISNet(MapModel):
     @property
     def accepts_tensors(self) -> bool:
         return self.runtime == "torch"
+
+    @classmethod
+    def runtime_for(cls, device: str, requested: str | None) -> str | None:
+        return choose_runtime(device, requested)
 
     # ----------------------------------------------------------------------------- weights
 
@@ -323,6 +354,25 @@ class ISNet(MapModel):
         self._batchable = cuda and not isinstance(inp.shape[0], int)
         self.runtime = "onnxruntime"
 
+    def _open_openvino(self, weights_path: Path) -> None:
+        """The fp32 graph compiled by OpenVINO for this CPU at a fixed 1 x 3 x size x size: one
+        photo at a time, as with onnxruntime on the CPU. Compiled graphs are cached beside the
+        weights, so a later start compiles nothing."""
+        import openvino as ov
+
+        if self.device != "cpu":
+            log.warning("OpenVINO runs %s on the CPU here, not on %s", self.name, self.device)
+            self.device = "cpu"
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(writable_cache_dir() / "openvino")})
+        model = core.read_model(str(derived_model(weights_path, self._digest, "fp32")))
+        model.reshape([1, 3, self.size, self.size])
+        compiled = core.compile_model(
+            model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": 1}
+        )
+        self._request = compiled.create_infer_request()
+        self.runtime = "openvino"
+
     # ----------------------------------------------------------------------------- inference
 
     def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
@@ -331,6 +381,8 @@ class ISNet(MapModel):
             import torch
 
             outs = list(self._forward(torch.from_numpy(np.stack(inputs))).cpu().numpy())
+        elif self.runtime == "openvino":
+            outs = [self._run_openvino(x) for x in inputs]
         else:
             outs = self._run_onnxruntime(inputs)
         return [unsquash(o, p) for o, p in zip(outs, photos)]
@@ -346,9 +398,7 @@ class ISNet(MapModel):
         return [resize_map(m, *p.shape[:2]) for m, p in zip(maps, photos)]
 
     def _preprocess(self, photo: np.ndarray) -> np.ndarray:
-        x = squash(photo, self.size).astype(np.float32)
-        x = (x - 128.0) * (1.0 / 256.0)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        return model_input(photo, self.size)
 
     def _forward(self, batch):
         """N x 1024 x 1024 saliency (float32, 0..1, on the device) of a normalised batch."""
@@ -367,9 +417,20 @@ class ISNet(MapModel):
                 self._batchable = False
         return [self._run_session(x[None])[0] for x in inputs]
 
+    def _run_openvino(self, x: np.ndarray) -> np.ndarray:
+        out = self._request.infer({0: x[None]})[0]
+        return np.clip(out[0, 0].astype(np.float32), 0.0, 1.0)
+
     def _run_session(self, x: np.ndarray) -> np.ndarray:
         out = self._session.run([self._output], {self._input: x})[0]
         return np.clip(out[:, 0].astype(np.float32), 0.0, 1.0)
+
+
+def model_input(photo: np.ndarray, size: int = ISNet.size) -> np.ndarray:
+    """An HxWx3 uint8 RGB photo as IS-Net takes it: squashed to size x size, (x - 128) / 256, CHW."""
+    x = squash(photo, size).astype(np.float32)
+    x = (x - 128.0) * (1.0 / 256.0)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def _offset(member) -> int:
