@@ -6,7 +6,9 @@ from that graph's (IoU of the masks at 0.5, worst photo), on the examples and on
 
 Runtimes whose package is missing here (openvino, nncf) are left out with a line saying so. The
 int8 graphs are made once into --workdir (onnxruntime.quantization: dynamic, and static QDQ
-calibrated on the examples; NNCF for OpenVINO, calibrated on the same photos); the generated
+calibrated on the examples and their mirror images; NNCF for OpenVINO, on the same photos, every convolution
+in int8), or into the cache (`--runtime openvino-int8`: NNCF, the full-resolution convolutions
+left in fp32, see pipeline/models/isnet.py); the generated
 scenes (tests/scenes.py) are photos none of them was calibrated on. The machine may be shared:
 every round runs each runtime on each photo in turn, so load from elsewhere hits all alike, and
 the ratios are of sums over the same photos in the same rounds. A runtime qualifies where its
@@ -33,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from scenes import scene  # noqa: E402
 
 from pipeline.models.base import cpu_threads  # noqa: E402
-from pipeline.models.isnet import ISNet, derived_model, model_input  # noqa: E402
+from pipeline.models.isnet import ISNet, calibration_inputs, derived_model, model_input  # noqa: E402
 from pipeline.models.weights import resolve_weights, weights_digest  # noqa: E402
 
 QUALIFYING_IOU = 0.98
@@ -134,6 +136,12 @@ def torch_model() -> Run:
     return lambda x: model._forward(torch.from_numpy(x)).numpy()[0]
 
 
+def dreamfocus_openvino(runtime: str) -> Run:
+    """IS-Net as dreamfocus runs it with --runtime openvino or openvino-int8."""
+    model = ISNet(device="cpu", runtime=runtime, batch_size=1)
+    return lambda x: model._run_openvino(x[0])
+
+
 def candidates(graph: Path, calibration: list[np.ndarray], workdir: Path) -> dict[str, Callable[[], Run]]:
     """Name -> how to build it (built only when asked for and its packages are here)."""
     made = {
@@ -145,10 +153,11 @@ def candidates(graph: Path, calibration: list[np.ndarray], workdir: Path) -> dic
         "onnxruntime fp32 parallel": lambda: ort_session(graph, parallel=True),
         "onnxruntime int8 dynamic": lambda: ort_session(quantized_ort(graph, calibration, workdir, static=False)),
         "onnxruntime int8 static QDQ": lambda: ort_session(quantized_ort(graph, calibration, workdir, static=True)),
-        "openvino fp32": lambda: openvino_model(graph),
+        "openvino fp32 (--runtime openvino)": lambda: dreamfocus_openvino("openvino"),
         "openvino fp32 throughput hint": lambda: openvino_model(graph, hint="THROUGHPUT"),
         "openvino int8 static QDQ": lambda: openvino_model(quantized_ort(graph, calibration, workdir, static=True)),
-        "openvino int8 NNCF": lambda: openvino_model(quantized_openvino(graph, calibration, workdir)),
+        "openvino int8 NNCF, every conv": lambda: openvino_model(quantized_openvino(graph, calibration, workdir)),
+        "openvino int8 (--runtime openvino-int8)": lambda: dreamfocus_openvino("openvino-int8"),
         "torch fp32 channels-last": torch_model,
     }
     return made
@@ -175,7 +184,7 @@ def main() -> None:
     }
     scenes = {f"scene {seed}": scene(seed) for seed in range(args.scenes)}
     photos = {name: model_input(photo)[None] for name, photo in {**examples, **scenes}.items()}
-    calibration = [photos[name] for name in examples]
+    calibration = calibration_inputs()  # what --runtime openvino-int8 is calibrated on
 
     runs: dict[str, Run] = {}
     for name, build in candidates(graph, calibration, args.workdir).items():
@@ -207,7 +216,7 @@ def main() -> None:
         f"\nIS-Net, {len(examples)} examples + {len(scenes)} generated scenes, {args.rounds} rounds, "
         f"{cpu_threads()} threads; ratio: sum of times over the sum of the baseline's, same photos, same rounds"
     )
-    print(f"{'runtime':34s} {'ms/photo':>9s} {'ratio':>6s} {'IoU ex':>7s} {'IoU sc':>7s}  verdict")
+    print(f"{'runtime':42s} {'ms/photo':>9s} {'ratio':>6s} {'IoU ex':>7s} {'IoU sc':>7s}  verdict")
     base_total = sum(seconds[baseline])
     for name in runs:
         ious = {p: iou(maps[baseline][p], maps[name][p]) for p in photos}
@@ -215,7 +224,7 @@ def main() -> None:
         worst_scenes = min((ious[p] for p in scenes), default=1.0)
         verdict = "qualifies" if min(worst_examples, worst_scenes) >= QUALIFYING_IOU else "masks differ"
         print(
-            f"{name:34s} {1000 * statistics.median(seconds[name]):9.0f} {sum(seconds[name]) / base_total:6.2f} "
+            f"{name:42s} {1000 * statistics.median(seconds[name]):9.0f} {sum(seconds[name]) / base_total:6.2f} "
             f"{worst_examples:7.4f} {worst_scenes:7.4f}  {verdict}"
         )
         if verdict != "qualifies":

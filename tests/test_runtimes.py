@@ -32,23 +32,29 @@ def installed(monkeypatch):
     monkeypatch.delenv(RUNTIME_ENV, raising=False)
 
     def only(names: set[str]) -> None:
-        monkeypatch.setattr(isnet_module, "runtime_available", lambda runtime: runtime in names)
+        def missing(runtime: str) -> list[str]:
+            return [] if runtime in names else list(isnet_module.RUNTIME_PACKAGES[runtime])
+
+        monkeypatch.setattr(isnet_module, "missing_packages", missing)
 
     return only
 
 
 def test_auto_is_torch_on_a_gpu_and_the_fastest_installed_on_the_cpu(installed):
-    installed({"onnxruntime", "openvino", "torch"})
-    assert choose_runtime("cpu") == choose_runtime("cpu", "auto") == "openvino"
+    installed({"onnxruntime", "openvino", "openvino-int8", "torch"})
+    assert choose_runtime("cpu") == choose_runtime("cpu", "auto") == "openvino-int8"
     assert choose_runtime("cuda") == choose_runtime("cuda:1") == "torch"
+    installed({"onnxruntime", "openvino", "torch"})  # no NNCF to make the int8 graph
+    assert choose_runtime("cpu") == "openvino"
     installed({"onnxruntime", "torch"})
     assert choose_runtime("cpu") == "onnxruntime"
 
 
 def test_a_runtime_asked_for_wins_by_name_or_alias(installed, monkeypatch):
-    installed({"onnxruntime", "openvino", "torch"})
+    installed({"onnxruntime", "openvino", "openvino-int8", "torch"})
     assert choose_runtime("cpu", "ORT") == choose_runtime("cpu", "onnx") == "onnxruntime"
     assert choose_runtime("cpu", "ov") == "openvino"
+    assert choose_runtime("cpu", "int8") == "openvino-int8"
     assert choose_runtime("cpu", "torch") == "torch"
     monkeypatch.setenv(RUNTIME_ENV, "onnx")
     assert choose_runtime("cpu") == "onnxruntime"
@@ -59,7 +65,10 @@ def test_an_unknown_or_missing_runtime_is_a_clear_error(installed, monkeypatch):
     installed({"onnxruntime", "torch"})
     with pytest.raises(BadInputError, match=r"the openvino package is not installed here.*onnxruntime, torch"):
         choose_runtime("cpu", "openvino")
-    with pytest.raises(BadInputError, match=r"runtime 'tensorflow': expected auto, onnxruntime, openvino, torch"):
+    with pytest.raises(BadInputError, match=r"the openvino and nncf packages are not installed here; install them"):
+        choose_runtime("cpu", "int8")
+    expected = r"'tensorflow': expected auto, onnxruntime, openvino, openvino-int8, torch "
+    with pytest.raises(BadInputError, match=expected):
         choose_runtime("cpu", "tensorflow")
     monkeypatch.setenv(RUNTIME_ENV, "tensorflow")
     with pytest.raises(BadInputError, match=RUNTIME_ENV):
@@ -142,12 +151,16 @@ def reference():
 
 
 @pytest.mark.slow
-def test_openvino_masks_agree_with_onnxruntimes(reference, capsys):
-    pytest.importorskip("openvino")
-    model = create_model("isnet-general-use", device="cpu", runtime="openvino", batch_size=1)
-    assert model.describe() == f"isnet-general-use {ISNet.sha256[:12]} (openvino, cpu)"
-    photos = {p.name: cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in EXAMPLES[:2]}
-    photos.update({f"scene {seed}": scene(seed, 480, 640) for seed in range(2)})
+@pytest.mark.parametrize("runtime", ["openvino", "openvino-int8"])
+def test_openvino_masks_agree_with_onnxruntimes_on_generated_scenes_and_examples(reference, runtime):
+    """Generated scenes: photos the int8 graph was not calibrated on. The first use of
+    openvino-int8 makes its graph (a minute or two), then it is cached."""
+    if not isnet_module.runtime_available(runtime):
+        pytest.skip(f"{runtime} needs {', '.join(isnet_module.RUNTIME_PACKAGES[runtime])}")
+    model = create_model("isnet-general-use", device="cpu", runtime=runtime, batch_size=1)
+    assert model.describe() == f"isnet-general-use {ISNet.sha256[:12]} ({runtime}, cpu)"
+    photos = {f"scene {seed}": scene(seed, 480, 640) for seed in (11, 12, 13)}
+    photos.update({p.name: cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in EXAMPLES[:2]})
     for name, photo in photos.items():
         a, b = reference.predict([photo])[0], model.predict([photo])[0]
         assert b.shape == photo.shape[:2] and b.dtype == np.float32

@@ -16,8 +16,8 @@ Resize policy: every photo is squashed to 1024x1024 (no padding, as the model wa
 and the 1024x1024 output is stretched back to the photo's own size; no pixel of one photo ever
 meets another's.
 
-Runtimes (``DREAMFOCUS_ISNET_RUNTIME=torch|onnx`` forces one; else torch on a GPU, onnxruntime
-on the CPU):
+Runtimes (``--runtime`` of `run` and `render`, else ``DREAMFOCUS_ISNET_RUNTIME``, names one;
+else torch on a GPU and on the CPU the first installed of openvino-int8, openvino, onnxruntime):
 
 - torch: the network (``rsu.ISNetNetwork``) with the ONNX file's initialisers loaded by the
   module names the export gave its nodes (see :func:`onnx_state_dict`); on a GPU with fp16
@@ -28,10 +28,16 @@ on the CPU):
   float Casts dropped, the 11 unused side outputs pruned, batch dimension dynamic), cached next
   to the weights as ``*.fp32.v<N>.onnx``. It matches the shipped graph within 8e-4 (masks
   differ on < 0.01% of pixels). One photo at a time: on the CPU a batch is no faster per photo.
+- openvino: that fp32 graph compiled by OpenVINO for this CPU, at a fixed input shape.
+- openvino-int8: the same graph quantized by NNCF (``quantized_model``, made once, cached as
+  ``*.int8.v<N>.xml``): int8 convolutions but for the full-resolution ones, calibrated on the
+  example photos.
 
-On a 2-core CPU (scripts/bench_models.py --runtimes) onnxruntime took 1.8 s per photo (3.6
-CPU-seconds) and torch 2.2 s (4.3 CPU-seconds; fp32, channels-last, which is several times faster
-there than torch's default layout), hence onnxruntime on the CPU. The two agree within 1e-5.
+scripts/bench_runtimes.py times them side by side, with each one's masks against the fp32
+onnxruntime graph's (IoU at 0.5); a runtime is offered only where every example and generated
+scene agrees at IoU >= 0.98. Earlier, on a 2-core CPU (scripts/bench_models.py --runtimes),
+onnxruntime took 1.8 s per photo and torch 2.2 s (fp32, channels-last), hence torch is never the
+CPU's choice.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from ..errors import BadInputError, WeightsUnavailableError
@@ -68,16 +75,35 @@ log = logging.getLogger(__name__)
 GRAPH_VERSION = 2  # of convert_graph(): bump to re-derive cached graphs
 RUNTIME_ENV = "DREAMFOCUS_ISNET_RUNTIME"
 # Every runtime by its name, and the short names that also say it.
-RUNTIMES = ("onnxruntime", "openvino", "torch")
-ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino"}
+RUNTIMES = ("onnxruntime", "openvino", "openvino-int8", "torch")
+ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino", "int8": "openvino-int8"}
 # The CPU's choice where none is asked for: the fastest first (scripts/bench_runtimes.py).
-CPU_PREFERENCE = ("openvino", "onnxruntime")
-RUNTIME_PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "torch": "torch"}
+CPU_PREFERENCE = ("openvino-int8", "openvino", "onnxruntime")
+# The packages each runtime needs (NNCF makes the int8 graph).
+RUNTIME_PACKAGES = {
+    "onnxruntime": ("onnxruntime",),
+    "openvino": ("openvino",),
+    "openvino-int8": ("openvino", "nncf"),
+    "torch": ("torch",),
+}
+INT8_VERSION = 1  # of quantized_model(): bump to re-make cached int8 graphs
+# Convolutions the int8 graph keeps in fp32: the full-resolution ones (the first, stage 1 and
+# its decoder, the side output). All in int8 the graph is about twice as fast again, but the thin
+# lattice of examples/rocket.jpg then loses 3% of its mask (IoU 0.967 against fp32); with these
+# kept, every example and generated scene agrees at IoU >= 0.98 (scripts/bench_runtimes.py).
+FP32_SCOPES = ("/conv_in/", "/stage1/", "/stage1d/", "/side1/")
+# Photos the int8 graph's activation ranges are measured on (links to examples/): real photos,
+# since generated ones give ranges that cost real photos up to 26% of their mask.
+CALIBRATION = Path(__file__).parent / "calibration"
+
+
+def missing_packages(runtime: str) -> list[str]:
+    """The packages that ``runtime`` needs and that are not installed here."""
+    return [package for package in RUNTIME_PACKAGES[runtime] if importlib.util.find_spec(package) is None]
 
 
 def runtime_available(runtime: str) -> bool:
-    """Whether the package that ``runtime`` needs is installed here."""
-    return importlib.util.find_spec(RUNTIME_PACKAGES[runtime]) is not None
+    return not missing_packages(runtime)
 
 
 def choose_runtime(device: str, requested: str | None = None) -> str:
@@ -95,10 +121,12 @@ def choose_runtime(device: str, requested: str | None = None) -> str:
     choice = ALIASES.get(asked, asked)
     if choice not in RUNTIMES:
         raise BadInputError(f"{where} {asked!r}: expected auto, {', '.join(RUNTIMES)} (or {', '.join(ALIASES)})")
-    if not runtime_available(choice):
+    missing = missing_packages(choice)
+    if missing:
         raise BadInputError(
-            f"{where} {asked!r}: the {RUNTIME_PACKAGES[choice]} package is not installed here; install it "
-            f"(`make setup` does) or choose another runtime: "
+            f"{where} {asked!r}: the {' and '.join(missing)} package{'s' * (len(missing) > 1)} "
+            f"{'are' if len(missing) > 1 else 'is'} not installed here; install "
+            f"{'them' if len(missing) > 1 else 'it'} (`make setup` does) or choose another runtime: "
             f"{', '.join(r for r in RUNTIMES if r != choice and runtime_available(r))}"
         )
     return choice
@@ -140,8 +168,8 @@ class ISNet(MapModel):
         chosen = choose_runtime(self.device, runtime)
         if chosen == "torch":
             self._open_torch(onnx_network(path))
-        elif chosen == "openvino":
-            self._open_openvino(path)
+        elif chosen.startswith("openvino"):
+            self._open_openvino(path, int8=chosen == "openvino-int8")
         else:
             self._open_onnxruntime(path)
 
@@ -173,7 +201,23 @@ class ISNet(MapModel):
         path = cls.local_weights()
         if path is None:
             return []
-        return [path] + sorted(cache_dir().glob(f"isnet-{weights_digest(path)[:16]}.*.onnx"))
+        derived = cache_dir().glob(f"isnet-{weights_digest(path)[:16]}.*")
+        return [path] + sorted(p for p in derived if p.suffix in (".onnx", ".xml", ".bin"))
+
+    @classmethod
+    def fetch(cls, source: str | None = None) -> Path | None:
+        """The weights in the cache, and the graphs the CPU runtimes run made from them now (the
+        int8 one takes a minute or two), so that no job waits for them later."""
+        path = super().fetch(source)
+        if path is not None:
+            digest = weights_digest(path)
+            fp32 = derived_model(path, digest, "fp32")
+            if fp32 != path and runtime_available("openvino-int8"):
+                try:
+                    quantized_model(fp32, digest, cls.size)
+                except Exception as exc:  # noqa: BLE001 - the weights are fine; the runtime retries at its start
+                    log.warning("could not make IS-Net's int8 graph now (%s)", exc)
+        return path
 
     @classmethod
     def how_to_fetch(cls) -> str:
@@ -354,10 +398,11 @@ class ISNet(MapModel):
         self._batchable = cuda and not isinstance(inp.shape[0], int)
         self.runtime = "onnxruntime"
 
-    def _open_openvino(self, weights_path: Path) -> None:
-        """The fp32 graph compiled by OpenVINO for this CPU at a fixed 1 x 3 x size x size: one
-        photo at a time, as with onnxruntime on the CPU. Compiled graphs are cached beside the
-        weights, so a later start compiles nothing."""
+    def _open_openvino(self, weights_path: Path, int8: bool = False) -> None:
+        """The fp32 graph (or with ``int8`` the quantized one, see quantized_model) compiled by
+        OpenVINO for this CPU at a fixed 1 x 3 x size x size: one photo at a time, as with
+        onnxruntime on the CPU. Compiled graphs are cached beside the weights, so a later start
+        compiles nothing."""
         import openvino as ov
 
         if self.device != "cpu":
@@ -365,13 +410,14 @@ class ISNet(MapModel):
             self.device = "cpu"
         core = ov.Core()
         core.set_property({"CACHE_DIR": str(writable_cache_dir() / "openvino")})
-        model = core.read_model(str(derived_model(weights_path, self._digest, "fp32")))
+        fp32 = derived_model(weights_path, self._digest, "fp32")
+        model = core.read_model(str(quantized_model(fp32, self._digest, self.size) if int8 else fp32))
         model.reshape([1, 3, self.size, self.size])
         compiled = core.compile_model(
             model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": 1}
         )
         self._request = compiled.create_infer_request()
-        self.runtime = "openvino"
+        self.runtime = "openvino-int8" if int8 else "openvino"
 
     # ----------------------------------------------------------------------------- inference
 
@@ -381,7 +427,7 @@ class ISNet(MapModel):
             import torch
 
             outs = list(self._forward(torch.from_numpy(np.stack(inputs))).cpu().numpy())
-        elif self.runtime == "openvino":
+        elif self.runtime.startswith("openvino"):
             outs = [self._run_openvino(x) for x in inputs]
         else:
             outs = self._run_onnxruntime(inputs)
@@ -546,6 +592,57 @@ def derived_model(src: Path, digest: str, variant: str) -> Path:
     except Exception as exc:  # noqa: BLE001
         log.warning("could not derive a %s graph from %s (%s); running it as shipped", variant, src, exc)
         return src
+
+
+def calibration_inputs(size: int = ISNet.size) -> list[np.ndarray]:
+    """The calibration photos as IS-Net takes them (1 x 3 x size x size), each also mirrored."""
+    photos = []
+    for path in sorted(CALIBRATION.glob("*.jpg")):
+        image = cv2.imread(str(path))
+        if image is None:
+            raise WeightsUnavailableError(f"{path}: cannot be read, so the int8 graph cannot be made")
+        photos.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    if not photos:
+        raise WeightsUnavailableError(f"no calibration photos in {CALIBRATION}: the int8 graph cannot be made")
+    return [model_input(p, size)[None] for photo in photos for p in (photo, np.ascontiguousarray(photo[:, ::-1]))]
+
+
+def quantized_model(fp32: Path, digest: str, size: int = ISNet.size) -> Path:
+    """The OpenVINO int8 graph of the fp32 graph at ``fp32`` (its .xml; the .bin beside it), made
+    with NNCF once (a minute or two on a laptop's CPU) and cached by the weights' digest:
+    convolutions int8 (weights per channel, activations calibrated on CALIBRATION), those of
+    FP32_SCOPES left in fp32."""
+    dest = writable_cache_dir() / f"isnet-{digest[:16]}.int8.v{INT8_VERSION}.xml"
+    if dest.is_file() and dest.with_suffix(".bin").is_file():
+        return dest
+    import nncf
+    import openvino as ov
+
+    log.warning("making IS-Net's int8 graph for OpenVINO, once (a minute or two on a laptop)")
+    model = ov.Core().read_model(str(fp32))
+    model.reshape([1, 3, size, size])
+    kept = [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Convolution" and op.get_friendly_name().startswith(FP32_SCOPES)
+    ]
+    inputs = calibration_inputs(size)
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset(inputs),
+        subset_size=len(inputs),
+        preset=nncf.QuantizationPreset.MIXED,
+        ignored_scope=nncf.IgnoredScope(names=kept),
+    )
+    # Both files written aside, then the .bin moved before the .xml: an .xml is never without its .bin.
+    work = Path(tempfile.mkdtemp(prefix="int8-", suffix=".partial", dir=dest.parent))
+    try:
+        ov.save_model(quantized, str(work / dest.name), compress_to_fp16=False)
+        os.replace(work / dest.with_suffix(".bin").name, dest.with_suffix(".bin"))
+        os.replace(work / dest.name, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
 
 
 def convert_graph(model, to_fp32: bool = True) -> None:
