@@ -32,9 +32,10 @@ class MapModel(ABC):
     ``pipeline.models`` (the registry) under their ``name``.
 
     Every instance says what runs: ``name``, ``task``, ``version`` (a weights digest, or what the
-    built-in model is), ``runtime`` ("torch", "onnxruntime" or "numpy") and ``device`` (where it
-    actually runs: "cpu", "cuda", "cuda:1", ...). Models that run torch also have a device path,
-    ``predict_tensors`` (``accepts_tensors`` says whether a model has it).
+    built-in model is), ``runtime`` ("torch", "onnxruntime", "openvino", "openvino-int8" or
+    "numpy") and ``device`` (where it actually runs: "cpu", "cuda", "cuda:1", ...). Models that run
+    torch also have a device path, ``predict_tensors`` (``accepts_tensors`` says whether a model
+    has it).
 
     Weights: ``weights`` (a path or URI, else None) goes through the one resolver,
     ``pipeline.models.weights.resolve_weights``; the class attributes and hooks below say where a

@@ -619,6 +619,7 @@ def quantized_model(fp32: Path, digest: str, size: int = ISNet.size) -> Path:
     import openvino as ov
 
     log.warning("making IS-Net's int8 graph for OpenVINO, once (a minute or two on a laptop)")
+    nncf.set_log_level(logging.WARNING)  # not a line per convolution kept in fp32
     model = ov.Core().read_model(str(fp32))
     model.reshape([1, 3, size, size])
     kept = [
