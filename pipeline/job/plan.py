@@ -77,8 +77,8 @@ class JobConfig:
     )
     runtime: str = _option(
         "auto",
-        "what runs the salient-object model: auto (torch on a GPU; on the CPU the fastest installed, openvino, "
-        "else onnxruntime), onnxruntime, openvino or torch",
+        "what runs the salient-object model: auto (torch on a GPU; on the CPU openvino-int8 where OpenVINO "
+        "and NNCF are installed, else onnxruntime), onnxruntime, openvino, openvino-int8 or torch",
         "models",
     )
     render_backend: str = _option(

@@ -17,7 +17,8 @@ and the 1024x1024 output is stretched back to the photo's own size; no pixel of 
 meets another's.
 
 Runtimes (``--runtime`` of `run` and `render`, else ``DREAMFOCUS_ISNET_RUNTIME``, names one;
-else torch on a GPU and on the CPU the first installed of openvino-int8, openvino, onnxruntime):
+else torch on a GPU and on the CPU openvino-int8 where OpenVINO and NNCF are installed, else
+onnxruntime):
 
 - torch: the network (``rsu.ISNetNetwork``) with the ONNX file's initialisers loaded by the
   module names the export gave its nodes (see :func:`onnx_state_dict`); on a GPU with fp16
@@ -35,9 +36,13 @@ else torch on a GPU and on the CPU the first installed of openvino-int8, openvin
 
 scripts/bench_runtimes.py times them side by side, with each one's masks against the fp32
 onnxruntime graph's (IoU at 0.5); a runtime is offered only where every example and generated
-scene agrees at IoU >= 0.98. Earlier, on a 2-core CPU (scripts/bench_models.py --runtimes),
-onnxruntime took 1.8 s per photo and torch 2.2 s (fp32, channels-last), hence torch is never the
-CPU's choice.
+scene agrees at IoU >= 0.98. On a shared 2-core CPU (--rounds 1 --scenes 3), against fp32
+onnxruntime: openvino-int8 0.75 of its time (worst IoU 0.983, rocket.jpg); every convolution in
+int8 0.57 (rocket.jpg 0.975: refused); onnxruntime's own static int8 0.62 (0.935: refused), its
+dynamic int8 6.4 (ConvInteger); no onnxruntime optimisation level or thread setting beat its
+defaults; OpenVINO fp32 between 0.81 and 1.4 in runs on a busy machine. Earlier, on a 2-core
+CPU (scripts/bench_models.py --runtimes), onnxruntime took 1.8 s per photo and torch 2.2 s (fp32,
+channels-last), hence torch is never the CPU's choice.
 """
 
 from __future__ import annotations
@@ -78,7 +83,8 @@ RUNTIME_ENV = "DREAMFOCUS_ISNET_RUNTIME"
 RUNTIMES = ("onnxruntime", "openvino", "openvino-int8", "torch")
 ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino", "int8": "openvino-int8"}
 # The CPU's choice where none is asked for: the fastest first (scripts/bench_runtimes.py).
-CPU_PREFERENCE = ("openvino-int8", "openvino", "onnxruntime")
+# OpenVINO fp32 is not among them: on a busy machine it took 0.8 to 1.4 times onnxruntime's time.
+CPU_PREFERENCE = ("openvino-int8", "onnxruntime")
 # The packages each runtime needs (NNCF makes the int8 graph).
 RUNTIME_PACKAGES = {
     "onnxruntime": ("onnxruntime",),
@@ -413,9 +419,9 @@ class ISNet(MapModel):
         fp32 = derived_model(weights_path, self._digest, "fp32")
         model = core.read_model(str(quantized_model(fp32, self._digest, self.size) if int8 else fp32))
         model.reshape([1, 3, self.size, self.size])
-        compiled = core.compile_model(
-            model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": 1}
-        )
+        # Threads not pinned to cores: the job's CPU tasks (and anything else) share these cores.
+        settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": 1}
+        compiled = core.compile_model(model, "CPU", {**settings, "ENABLE_CPU_PINNING": False})
         self._request = compiled.create_infer_request()
         self.runtime = "openvino-int8" if int8 else "openvino"
 
