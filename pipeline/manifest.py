@@ -65,6 +65,8 @@ SCHEMA = pa.schema(
         ("saliency_version", pa.string()),
         ("depth_model", pa.string()),
         ("depth_version", pa.string()),
+        ("saliency_runtime", pa.string()),  # what ran each model: onnxruntime, openvino, torch, numpy
+        ("depth_runtime", pa.string()),
         ("preset", pa.string()),
         ("job_hash", pa.string()),  # what decides the output: effect parameters, models, format, quality
         ("fg_fraction", pa.float32()),

@@ -74,10 +74,12 @@ class SceneModels:
         depth_weights: str | None = None,
         device: str | None = None,
         batch_size: int = 4,
+        runtime: str | None = None,
     ) -> None:
         self._choice = {SALIENCY: (saliency, saliency_weights), DEPTH: (depth, depth_weights)}
         self.device = device
         self.batch_size = batch_size
+        self.runtime = runtime  # the salient-object model's (see models.create_model)
         self.seconds: dict[str, float] = {}  # each model's time on the last batch
 
     @classmethod
@@ -89,7 +91,8 @@ class SceneModels:
 
     def _load(self, task: str) -> MapModel:
         name, weights = self._choice[task]
-        return load_model(task, name, weights, self.device, self.batch_size)
+        runtime = self.runtime if task == SALIENCY else None
+        return load_model(task, name, weights, self.device, self.batch_size, runtime=runtime)
 
     @functools.cached_property
     def saliency(self) -> MapModel:

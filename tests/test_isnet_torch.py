@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.errors import BadInputError, WeightsUnavailableError
+from pipeline.errors import WeightsUnavailableError
 from pipeline.models import SALIENCY, create_model, load_model
 from pipeline.models.isnet import (
     RUNTIME_ENV,
     ISNet,
-    choose_runtime,
     load_onnx_weights,
     onnx_state_dict,
 )
@@ -117,23 +116,6 @@ def test_mismatched_network_is_refused(exported):
     _, path = exported
     with pytest.raises(WeightsUnavailableError, match="does not match IS-Net"):
         load_onnx_weights(ISNetNetwork(), path)  # the full network: other shapes
-
-
-# ------------------------------------------------------------------------------- runtime choice
-
-
-def test_runtime_choice(monkeypatch):
-    monkeypatch.delenv(RUNTIME_ENV, raising=False)
-    assert choose_runtime("cpu") == "onnxruntime"
-    assert choose_runtime("cuda") == choose_runtime("cuda:1") == "torch"
-    monkeypatch.setenv(RUNTIME_ENV, "torch")
-    assert choose_runtime("cpu") == "torch"
-    monkeypatch.setenv(RUNTIME_ENV, "onnx")
-    assert choose_runtime("cuda") == "onnxruntime"
-    assert choose_runtime("cuda", requested="torch") == "torch"
-    monkeypatch.setenv(RUNTIME_ENV, "tensorflow")
-    with pytest.raises(BadInputError, match=RUNTIME_ENV):
-        choose_runtime("cpu")
 
 
 # ----------------------------------------------------------------------------- the device path

@@ -142,7 +142,7 @@ def _models(args: argparse.Namespace, device: str) -> SceneModels:
     weights = (args.saliency_weights, args.depth_weights)
     if args.weights_from:  # the models and weights a library job would run, from that copy
         names, weights = _from_copy(args)
-    return SceneModels(*names, *weights, device, batch_size=1)
+    return SceneModels(*names, *weights, device, batch_size=1, runtime=args.runtime)
 
 
 def _maps(

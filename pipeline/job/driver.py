@@ -1,7 +1,7 @@
 """The driver: starts Ray (or joins a cluster), streams the plan into a Ray Data dataset of
 small photo groups, wires the stages, commits manifest rows as they arrive, and sums up.
 
-    plan (listing + manifest)  -> groups of GROUP_SIZE photos
+    plan (listing + manifest)  -> groups of GROUP_SIZE photos (one model batch on CPUs alone)
     -> read_stage (CPU tasks) -> ModelStage (one actor per GPU, both models) -> finish_stage (CPU tasks)
     -> manifest rows, committed in atomically written Parquet parts
 
@@ -442,7 +442,11 @@ def _execute(
 
     # The plan arrives in large chunks (cheap to hold); streaming repartition cuts them into
     # groups without a shuffle, so reading fans out over the cluster's CPUs.
-    ds = ray.data.from_arrow_refs(chunk_refs).repartition(target_num_rows_per_block=GROUP_SIZE)
+    # On CPUs alone the model takes seconds a photo: groups of one model batch, so the first
+    # results come after one batch and the CPU stages of a group run while the model works on
+    # the next one.
+    group = GROUP_SIZE if layout.gpus_per_actor else layout.batch_size
+    ds = ray.data.from_arrow_refs(chunk_refs).repartition(target_num_rows_per_block=group)
     # With the torch render backend the model actor decodes: the read tasks only read bytes.
     on_device = render_backend_for(config.render_backend, layout.device) == "torch"
     read = functools.partial(
@@ -452,7 +456,7 @@ def _execute(
         max_megapixels=config.max_megapixels,
         model_copy=not on_device,
     )
-    ds = ds.map_batches(read, batch_size=GROUP_SIZE, batch_format="pyarrow", num_cpus=1)
+    ds = ds.map_batches(read, batch_size=group, batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(
         ModelStage,
         fn_constructor_args=(
@@ -464,6 +468,7 @@ def _execute(
             layout.batch_size,
             ship(models),
             DeviceRendering.of(config) if on_device else None,
+            config.runtime,
         ),
         batch_size=layout.batch_size,
         batch_format="pyarrow",

@@ -79,6 +79,12 @@ class JobConfig:
         "cpu or cuda: where the models and the torch render backend run (default: cuda where there is a GPU)",
         "models",
     )
+    runtime: str = _option(
+        "auto",
+        "what runs the salient-object model: auto (torch on a GPU; on the CPU openvino-int8 where OpenVINO "
+        "and NNCF are installed, else onnxruntime), onnxruntime, openvino, openvino-int8 or torch",
+        "models",
+    )
     render_backend: str = _option(
         "auto",
         "where decode, effect and encode run: numpy (CPU processes, OpenCV), torch (on --device, each photo kept "

@@ -150,11 +150,14 @@ class ModelStage:
         batch_size: int,
         shipped: dict[str, Shipment] | None = None,
         rendering: DeviceRendering | None = None,
+        runtime: str | None = None,
     ) -> None:
         weights = {"saliency": saliency_weights, "depth": depth_weights}
         for task, shipment in (shipped or {}).items():
             weights[task] = str(shipment.local_path())
-        self.models = SceneModels(saliency, depth, weights["saliency"], weights["depth"], device, batch_size).load()
+        self.models = SceneModels(
+            saliency, depth, weights["saliency"], weights["depth"], device, batch_size, runtime
+        ).load()
         self.rendering = rendering
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -254,6 +257,7 @@ class ModelStage:
         for task, model in (("saliency", self.models.saliency), ("depth", self.models.depth)):
             batch[f"{task}_model"] = np.array([model.name] * n, dtype=object)
             batch[f"{task}_version"] = np.array([model.version] * n, dtype=object)
+            batch[f"{task}_runtime"] = np.array([model.runtime] * n, dtype=object)
 
     def _maps(self, batch: dict, live: list[int], copies: list[np.ndarray]) -> None:
         """Both models on the model copies of rows ``live``: their saliency and depth columns,

@@ -11,7 +11,7 @@ import importlib
 import logging
 
 from ..errors import BadInputError, WeightsUnavailableError
-from .base import DEPTH, SALIENCY, MapModel
+from .base import DEPTH, SALIENCY, MapModel, default_device
 
 # name -> module in this package that defines and registers it
 _MODULES: dict[str, str] = {
@@ -66,10 +66,15 @@ def default_models() -> list[str]:
     return [DEFAULTS[task] for task in TASKS]
 
 
-def create_model(name: str, task: str | None = None, **kwargs) -> MapModel:
+def create_model(name: str, task: str | None = None, runtime: str | None = None, **kwargs) -> MapModel:
+    """Model ``name`` built with ``kwargs``; ``runtime`` (None or "auto": the model's own choice)
+    is checked first: one the model has not, or whose package is not installed, is a BadInputError."""
     cls = model_class(name)
     if task is not None and cls.task != task:
         raise BadInputError(f"model {name!r} is a {cls.task} model, not a {task} model")
+    chosen = cls.runtime_for(kwargs.get("device") or default_device(), runtime)
+    if chosen is not None:
+        kwargs["runtime"] = chosen
     return cls(**kwargs)
 
 
@@ -84,6 +89,7 @@ def load_model(
     device: str | None = None,
     batch_size: int = 4,
     fallback: bool = True,
+    runtime: str | None = None,
 ) -> MapModel:
     """The model for ``task`` (``name``, else the task's default), loaded once, ready to predict.
 
@@ -92,11 +98,11 @@ def load_model(
     depth model's weights cannot be had and ``fallback`` is true, a warning is logged (once per
     model name and process) and the weight-free ground prior is returned instead;
     ``model.describe()`` always says which model, weights, runtime and device actually run.
-    Saliency models never fall back.
+    Saliency models never fall back. ``runtime``: see ``create_model``.
     """
     name = name or default_model(task)
     try:
-        return create_model(name, task, weights=weights, device=device, batch_size=batch_size)
+        return create_model(name, task, runtime, weights=weights, device=device, batch_size=batch_size)
     except WeightsUnavailableError as exc:
         if not fallback or task != DEPTH or name == FALLBACK_DEPTH:
             raise

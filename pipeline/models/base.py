@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from ..effect import resize_map
-from ..errors import WeightsUnavailableError
+from ..errors import BadInputError, WeightsUnavailableError
 from . import weights as _weights
 
 if TYPE_CHECKING:
@@ -32,9 +32,10 @@ class MapModel(ABC):
     ``pipeline.models`` (the registry) under their ``name``.
 
     Every instance says what runs: ``name``, ``task``, ``version`` (a weights digest, or what the
-    built-in model is), ``runtime`` ("torch", "onnxruntime" or "numpy") and ``device`` (where it
-    actually runs: "cpu", "cuda", "cuda:1", ...). Models that run torch also have a device path,
-    ``predict_tensors`` (``accepts_tensors`` says whether a model has it).
+    built-in model is), ``runtime`` ("torch", "onnxruntime", "openvino", "openvino-int8" or
+    "numpy") and ``device`` (where it actually runs: "cpu", "cuda", "cuda:1", ...). Models that run
+    torch also have a device path, ``predict_tensors`` (``accepts_tensors`` says whether a model
+    has it).
 
     Weights: ``weights`` (a path or URI, else None) goes through the one resolver,
     ``pipeline.models.weights.resolve_weights``; the class attributes and hooks below say where a
@@ -75,6 +76,15 @@ class MapModel(ABC):
     def accepts_tensors(self) -> bool:
         """Whether this model has the device path, ``predict_tensors`` (models that run torch)."""
         return False
+
+    @classmethod
+    def runtime_for(cls, device: str, requested: str | None) -> str | None:
+        """The runtime ``requested`` for this model on ``device`` (None or "auto": the model's own
+        choice, said as None); a BadInputError where the model cannot run in it. Models with one
+        runtime take no request."""
+        if (requested or "auto").strip().lower() == "auto":
+            return None
+        raise BadInputError(f"runtime {requested!r}: {cls.name} has no choice of runtime (only isnet-general-use has)")
 
     def describe(self) -> str:
         """One line saying what runs, e.g. ``isnet-general-use b6e8497ba978 (torch, cuda)``."""

@@ -16,8 +16,9 @@ Resize policy: every photo is squashed to 1024x1024 (no padding, as the model wa
 and the 1024x1024 output is stretched back to the photo's own size; no pixel of one photo ever
 meets another's.
 
-Runtimes (``DREAMFOCUS_ISNET_RUNTIME=torch|onnx`` forces one; else torch on a GPU, onnxruntime
-on the CPU):
+Runtimes (``--runtime`` of `run` and `render`, else ``DREAMFOCUS_ISNET_RUNTIME``, names one;
+else torch on a GPU and on the CPU openvino-int8 where OpenVINO and NNCF are installed, else
+onnxruntime):
 
 - torch: the network (``rsu.ISNetNetwork``) with the ONNX file's initialisers loaded by the
   module names the export gave its nodes (see :func:`onnx_state_dict`); on a GPU with fp16
@@ -28,20 +29,32 @@ on the CPU):
   float Casts dropped, the 11 unused side outputs pruned, batch dimension dynamic), cached next
   to the weights as ``*.fp32.v<N>.onnx``. It matches the shipped graph within 8e-4 (masks
   differ on < 0.01% of pixels). One photo at a time: on the CPU a batch is no faster per photo.
+- openvino: that fp32 graph compiled by OpenVINO for this CPU, at a fixed input shape.
+- openvino-int8: the same graph quantized by NNCF (``quantized_model``, made once, cached as
+  ``*.int8.v<N>.xml``): int8 convolutions but for the full-resolution ones, calibrated on the
+  example photos.
 
-On a 2-core CPU (scripts/bench_models.py --runtimes) onnxruntime took 1.8 s per photo (3.6
-CPU-seconds) and torch 2.2 s (4.3 CPU-seconds; fp32, channels-last, which is several times faster
-there than torch's default layout), hence onnxruntime on the CPU. The two agree within 1e-5.
+scripts/bench_runtimes.py times them side by side, with each one's masks against the fp32
+onnxruntime graph's (IoU at 0.5); a runtime is offered only where every example and generated
+scene agrees at IoU >= 0.98. On a shared 2-core CPU (--rounds 1 --scenes 3), against fp32
+onnxruntime: openvino-int8 0.75 of its time (worst IoU 0.983, rocket.jpg); every convolution in
+int8 0.57 (rocket.jpg 0.975: refused); onnxruntime's own static int8 0.62 (0.935: refused), its
+dynamic int8 6.4 (ConvInteger); no onnxruntime optimisation level or thread setting beat its
+defaults; OpenVINO fp32 between 0.81 and 1.4 in runs on a busy machine. Earlier, on a 2-core
+CPU (scripts/bench_models.py --runtimes), onnxruntime took 1.8 s per photo and torch 2.2 s (fp32,
+channels-last), hence torch is never the CPU's choice.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from ..errors import BadInputError, WeightsUnavailableError
@@ -66,18 +79,63 @@ log = logging.getLogger(__name__)
 
 GRAPH_VERSION = 2  # of convert_graph(): bump to re-derive cached graphs
 RUNTIME_ENV = "DREAMFOCUS_ISNET_RUNTIME"
-RUNTIMES = {"torch": "torch", "onnx": "onnxruntime", "onnxruntime": "onnxruntime"}
+# Every runtime by its name, and the short names that also say it.
+RUNTIMES = ("onnxruntime", "openvino", "openvino-int8", "torch")
+ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino", "int8": "openvino-int8"}
+# The CPU's choice where none is asked for: the fastest first (scripts/bench_runtimes.py).
+# OpenVINO fp32 is not among them: on a busy machine it took 0.8 to 1.4 times onnxruntime's time.
+CPU_PREFERENCE = ("openvino-int8", "onnxruntime")
+# The packages each runtime needs (NNCF makes the int8 graph).
+RUNTIME_PACKAGES = {
+    "onnxruntime": ("onnxruntime",),
+    "openvino": ("openvino",),
+    "openvino-int8": ("openvino", "nncf"),
+    "torch": ("torch",),
+}
+INT8_VERSION = 1  # of quantized_model(): bump to re-make cached int8 graphs
+# Convolutions the int8 graph keeps in fp32: the full-resolution ones (the first, stage 1 and
+# its decoder, the side output). All in int8 the graph is about twice as fast again, but the thin
+# lattice of examples/rocket.jpg then loses 3% of its mask (IoU 0.967 against fp32); with these
+# kept, every example and generated scene agrees at IoU >= 0.98 (scripts/bench_runtimes.py).
+FP32_SCOPES = ("/conv_in/", "/stage1/", "/stage1d/", "/side1/")
+# Photos the int8 graph's activation ranges are measured on (links to examples/): real photos,
+# since generated ones give ranges that cost real photos up to 26% of their mask.
+CALIBRATION = Path(__file__).parent / "calibration"
+
+
+def missing_packages(runtime: str) -> list[str]:
+    """The packages that ``runtime`` needs and that are not installed here."""
+    return [package for package in RUNTIME_PACKAGES[runtime] if importlib.util.find_spec(package) is None]
+
+
+def runtime_available(runtime: str) -> bool:
+    return not missing_packages(runtime)
 
 
 def choose_runtime(device: str, requested: str | None = None) -> str:
-    """ "torch" or "onnxruntime": ``requested``, else $DREAMFOCUS_ISNET_RUNTIME, else torch on a
-    GPU and onnxruntime on the CPU (the faster there, see the module's notes)."""
-    choice = (requested or os.environ.get(RUNTIME_ENV) or "").strip().lower()
-    if not choice:
-        return "onnxruntime" if device == "cpu" else "torch"
+    """The runtime IS-Net runs in: ``requested`` (a name of RUNTIMES, an alias, or "auto"), else
+    $DREAMFOCUS_ISNET_RUNTIME, else torch on a GPU and on the CPU the fastest installed one
+    (CPU_PREFERENCE). A runtime asked for that is unknown or not installed is a BadInputError."""
+    asked = (requested or "").strip().lower()
+    where = "runtime"
+    if asked in ("", "auto"):
+        asked, where = (os.environ.get(RUNTIME_ENV) or "").strip().lower(), RUNTIME_ENV
+    if asked in ("", "auto"):
+        if device != "cpu":
+            return "torch"
+        return next((r for r in CPU_PREFERENCE if runtime_available(r)), "onnxruntime")
+    choice = ALIASES.get(asked, asked)
     if choice not in RUNTIMES:
-        raise BadInputError(f"{RUNTIME_ENV}={choice!r}: expected torch or onnx")
-    return RUNTIMES[choice]
+        raise BadInputError(f"{where} {asked!r}: expected auto, {', '.join(RUNTIMES)} (or {', '.join(ALIASES)})")
+    missing = missing_packages(choice)
+    if missing:
+        raise BadInputError(
+            f"{where} {asked!r}: the {' and '.join(missing)} package{'s' * (len(missing) > 1)} "
+            f"{'are' if len(missing) > 1 else 'is'} not installed here; install "
+            f"{'them' if len(missing) > 1 else 'it'} (`make setup` does) or choose another runtime: "
+            f"{', '.join(r for r in RUNTIMES if r != choice and runtime_available(r))}"
+        )
+    return choice
 
 
 @register
@@ -113,8 +171,11 @@ class ISNet(MapModel):
         path = Path(resolve_weights(type(self), weights))
         self.weights_path, self.weights = path, str(path)
         self._digest = weights_digest(path)
-        if choose_runtime(self.device, runtime) == "torch":
+        chosen = choose_runtime(self.device, runtime)
+        if chosen == "torch":
             self._open_torch(onnx_network(path))
+        elif chosen.startswith("openvino"):
+            self._open_openvino(path, int8=chosen == "openvino-int8")
         else:
             self._open_onnxruntime(path)
 
@@ -134,6 +195,10 @@ class ISNet(MapModel):
     def accepts_tensors(self) -> bool:
         return self.runtime == "torch"
 
+    @classmethod
+    def runtime_for(cls, device: str, requested: str | None) -> str | None:
+        return choose_runtime(device, requested)
+
     # ----------------------------------------------------------------------------- weights
 
     @classmethod
@@ -142,7 +207,23 @@ class ISNet(MapModel):
         path = cls.local_weights()
         if path is None:
             return []
-        return [path] + sorted(cache_dir().glob(f"isnet-{weights_digest(path)[:16]}.*.onnx"))
+        derived = cache_dir().glob(f"isnet-{weights_digest(path)[:16]}.*")
+        return [path] + sorted(p for p in derived if p.suffix in (".onnx", ".xml", ".bin"))
+
+    @classmethod
+    def fetch(cls, source: str | None = None) -> Path | None:
+        """The weights in the cache, and the graphs the CPU runtimes run made from them now (the
+        int8 one takes a minute or two), so that no job waits for them later."""
+        path = super().fetch(source)
+        if path is not None:
+            digest = weights_digest(path)
+            fp32 = derived_model(path, digest, "fp32")
+            if fp32 != path and runtime_available("openvino-int8"):
+                try:
+                    quantized_model(fp32, digest, cls.size)
+                except Exception as exc:  # noqa: BLE001 - the weights are fine; the runtime retries at its start
+                    log.warning("could not make IS-Net's int8 graph now (%s)", exc)
+        return path
 
     @classmethod
     def how_to_fetch(cls) -> str:
@@ -323,6 +404,27 @@ class ISNet(MapModel):
         self._batchable = cuda and not isinstance(inp.shape[0], int)
         self.runtime = "onnxruntime"
 
+    def _open_openvino(self, weights_path: Path, int8: bool = False) -> None:
+        """The fp32 graph (or with ``int8`` the quantized one, see quantized_model) compiled by
+        OpenVINO for this CPU at a fixed 1 x 3 x size x size: one photo at a time, as with
+        onnxruntime on the CPU. Compiled graphs are cached beside the weights, so a later start
+        compiles nothing."""
+        import openvino as ov
+
+        if self.device != "cpu":
+            log.warning("OpenVINO runs %s on the CPU here, not on %s", self.name, self.device)
+            self.device = "cpu"
+        core = ov.Core()
+        core.set_property({"CACHE_DIR": str(writable_cache_dir() / "openvino")})
+        fp32 = derived_model(weights_path, self._digest, "fp32")
+        model = core.read_model(str(quantized_model(fp32, self._digest, self.size) if int8 else fp32))
+        model.reshape([1, 3, self.size, self.size])
+        # Threads not pinned to cores: the job's CPU tasks (and anything else) share these cores.
+        settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": 1}
+        compiled = core.compile_model(model, "CPU", {**settings, "ENABLE_CPU_PINNING": False})
+        self._request = compiled.create_infer_request()
+        self.runtime = "openvino-int8" if int8 else "openvino"
+
     # ----------------------------------------------------------------------------- inference
 
     def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
@@ -331,6 +433,8 @@ class ISNet(MapModel):
             import torch
 
             outs = list(self._forward(torch.from_numpy(np.stack(inputs))).cpu().numpy())
+        elif self.runtime.startswith("openvino"):
+            outs = [self._run_openvino(x) for x in inputs]
         else:
             outs = self._run_onnxruntime(inputs)
         return [unsquash(o, p) for o, p in zip(outs, photos)]
@@ -346,9 +450,7 @@ class ISNet(MapModel):
         return [resize_map(m, *p.shape[:2]) for m, p in zip(maps, photos)]
 
     def _preprocess(self, photo: np.ndarray) -> np.ndarray:
-        x = squash(photo, self.size).astype(np.float32)
-        x = (x - 128.0) * (1.0 / 256.0)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        return model_input(photo, self.size)
 
     def _forward(self, batch):
         """N x 1024 x 1024 saliency (float32, 0..1, on the device) of a normalised batch."""
@@ -367,9 +469,20 @@ class ISNet(MapModel):
                 self._batchable = False
         return [self._run_session(x[None])[0] for x in inputs]
 
+    def _run_openvino(self, x: np.ndarray) -> np.ndarray:
+        out = self._request.infer({0: x[None]})[0]
+        return np.clip(out[0, 0].astype(np.float32), 0.0, 1.0)
+
     def _run_session(self, x: np.ndarray) -> np.ndarray:
         out = self._session.run([self._output], {self._input: x})[0]
         return np.clip(out[:, 0].astype(np.float32), 0.0, 1.0)
+
+
+def model_input(photo: np.ndarray, size: int = ISNet.size) -> np.ndarray:
+    """An HxWx3 uint8 RGB photo as IS-Net takes it: squashed to size x size, (x - 128) / 256, CHW."""
+    x = squash(photo, size).astype(np.float32)
+    x = (x - 128.0) * (1.0 / 256.0)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def _offset(member) -> int:
@@ -485,6 +598,58 @@ def derived_model(src: Path, digest: str, variant: str) -> Path:
     except Exception as exc:  # noqa: BLE001
         log.warning("could not derive a %s graph from %s (%s); running it as shipped", variant, src, exc)
         return src
+
+
+def calibration_inputs(size: int = ISNet.size) -> list[np.ndarray]:
+    """The calibration photos as IS-Net takes them (1 x 3 x size x size), each also mirrored."""
+    photos = []
+    for path in sorted(CALIBRATION.glob("*.jpg")):
+        image = cv2.imread(str(path))
+        if image is None:
+            raise WeightsUnavailableError(f"{path}: cannot be read, so the int8 graph cannot be made")
+        photos.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    if not photos:
+        raise WeightsUnavailableError(f"no calibration photos in {CALIBRATION}: the int8 graph cannot be made")
+    return [model_input(p, size)[None] for photo in photos for p in (photo, np.ascontiguousarray(photo[:, ::-1]))]
+
+
+def quantized_model(fp32: Path, digest: str, size: int = ISNet.size) -> Path:
+    """The OpenVINO int8 graph of the fp32 graph at ``fp32`` (its .xml; the .bin beside it), made
+    with NNCF once (a minute or two on a laptop's CPU) and cached by the weights' digest:
+    convolutions int8 (weights per channel, activations calibrated on CALIBRATION), those of
+    FP32_SCOPES left in fp32."""
+    dest = writable_cache_dir() / f"isnet-{digest[:16]}.int8.v{INT8_VERSION}.xml"
+    if dest.is_file() and dest.with_suffix(".bin").is_file():
+        return dest
+    import nncf
+    import openvino as ov
+
+    log.warning("making IS-Net's int8 graph for OpenVINO, once (a minute or two on a laptop)")
+    nncf.set_log_level(logging.WARNING)  # not a line per convolution kept in fp32
+    model = ov.Core().read_model(str(fp32))
+    model.reshape([1, 3, size, size])
+    kept = [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Convolution" and op.get_friendly_name().startswith(FP32_SCOPES)
+    ]
+    inputs = calibration_inputs(size)
+    quantized = nncf.quantize(
+        model,
+        nncf.Dataset(inputs),
+        subset_size=len(inputs),
+        preset=nncf.QuantizationPreset.MIXED,
+        ignored_scope=nncf.IgnoredScope(names=kept),
+    )
+    # Both files written aside, then the .bin moved before the .xml: an .xml is never without its .bin.
+    work = Path(tempfile.mkdtemp(prefix="int8-", suffix=".partial", dir=dest.parent))
+    try:
+        ov.save_model(quantized, str(work / dest.name), compress_to_fp16=False)
+        os.replace(work / dest.with_suffix(".bin").name, dest.with_suffix(".bin"))
+        os.replace(work / dest.name, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
 
 
 def convert_graph(model, to_fp32: bool = True) -> None:

@@ -1,0 +1,235 @@
+"""IS-Net in every CPU runtime and setting at hand, side by side: ms per photo, the ratio to the
+fp32 onnxruntime graph that dreamfocus ran on the CPU so far, and how far each one's masks are
+from that graph's (IoU of the masks at 0.5, worst photo), on the examples and on generated scenes.
+
+    python scripts/bench_runtimes.py [--rounds 2] [--scenes 4] [--only NAME ...] [--workdir DIR]
+
+Runtimes whose package is missing here (openvino, nncf) are left out with a line saying so. The
+int8 graphs are made once into --workdir (onnxruntime.quantization: dynamic, and static QDQ
+calibrated on the examples and their mirror images; NNCF for OpenVINO, on the same photos, every convolution
+in int8), or into the cache (`--runtime openvino-int8`: NNCF, the full-resolution convolutions
+left in fp32, see pipeline/models/isnet.py); the generated
+scenes (tests/scenes.py) are photos none of them was calibrated on. The machine may be shared:
+every round runs each runtime on each photo in turn, so load from elsewhere hits all alike, and
+the ratios are of sums over the same photos in the same rounds. A runtime qualifies where its
+worst IoU is at least 0.98.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from scenes import scene  # noqa: E402
+
+from pipeline.models.base import cpu_threads  # noqa: E402
+from pipeline.models.isnet import ISNet, calibration_inputs, derived_model, model_input  # noqa: E402
+from pipeline.models.weights import resolve_weights, weights_digest  # noqa: E402
+
+QUALIFYING_IOU = 0.98
+Run = Callable[[np.ndarray], np.ndarray]  # 1 x 3 x 1024 x 1024 input -> 1024 x 1024 map
+
+
+def ort_session(path: Path, level: str = "all", threads: int | None = None, parallel: bool = False) -> Run:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = {
+        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[level]
+    opts.intra_op_num_threads = threads or cpu_threads()
+    opts.inter_op_num_threads = 2 if parallel else 1
+    opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})[0][0, 0]
+
+
+def openvino_model(model_or_path, threads: int | None = None, hint: str = "LATENCY") -> Run:
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
+    model.reshape([1, 3, ISNet.size, ISNet.size])
+    compiled = core.compile_model(
+        model, "CPU", {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads or cpu_threads(), "NUM_STREAMS": 1}
+    )
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})[0][0, 0]
+
+
+def quantized_ort(graph: Path, calibration: list[np.ndarray], workdir: Path, static: bool) -> Path:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    dest = workdir / f"isnet.ort-int8-{'static' if static else 'dynamic'}.onnx"
+    if dest.is_file():
+        return dest
+    prepared = workdir / "isnet.preprocessed.onnx"
+    if not prepared.is_file():
+        quant_pre_process(str(graph), str(prepared))
+    if not static:
+        quantize_dynamic(str(prepared), str(dest), weight_type=QuantType.QInt8)
+        return dest
+
+    class Photos(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.pending = iter(calibration)
+
+        def get_next(self):
+            x = next(self.pending, None)
+            return None if x is None else {"input": x}
+
+    quantize_static(
+        str(prepared),
+        str(dest),
+        Photos(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+    return dest
+
+
+def quantized_openvino(graph: Path, calibration: list[np.ndarray], workdir: Path) -> Path:
+    import nncf
+    import openvino as ov
+
+    dest = workdir / "isnet.ov-int8.xml"
+    if not dest.is_file():
+        model = ov.Core().read_model(str(graph))
+        model.reshape([1, 3, ISNet.size, ISNet.size])
+        quantized = nncf.quantize(
+            model, nncf.Dataset(calibration), subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED
+        )
+        ov.save_model(quantized, str(dest))
+    return dest
+
+
+def torch_model() -> Run:
+    model = ISNet(device="cpu", runtime="torch", batch_size=1)
+    import torch
+
+    return lambda x: model._forward(torch.from_numpy(x)).numpy()[0]
+
+
+def dreamfocus_openvino(runtime: str) -> Run:
+    """IS-Net as dreamfocus runs it with --runtime openvino or openvino-int8."""
+    model = ISNet(device="cpu", runtime=runtime, batch_size=1)
+    return lambda x: model._run_openvino(x[0])
+
+
+def candidates(graph: Path, calibration: list[np.ndarray], workdir: Path) -> dict[str, Callable[[], Run]]:
+    """Name -> how to build it (built only when asked for and its packages are here)."""
+    made = {
+        "onnxruntime fp32 (baseline)": lambda: ort_session(graph),
+        "onnxruntime fp32 opt=basic": lambda: ort_session(graph, "basic"),
+        "onnxruntime fp32 opt=extended": lambda: ort_session(graph, "extended"),
+        "onnxruntime fp32 opt=disabled": lambda: ort_session(graph, "disabled"),
+        "onnxruntime fp32 1 thread": lambda: ort_session(graph, threads=1),
+        "onnxruntime fp32 parallel": lambda: ort_session(graph, parallel=True),
+        "onnxruntime int8 dynamic": lambda: ort_session(quantized_ort(graph, calibration, workdir, static=False)),
+        "onnxruntime int8 static QDQ": lambda: ort_session(quantized_ort(graph, calibration, workdir, static=True)),
+        "openvino fp32 (--runtime openvino)": lambda: dreamfocus_openvino("openvino"),
+        "openvino fp32 throughput hint": lambda: openvino_model(graph, hint="THROUGHPUT"),
+        "openvino int8 static QDQ": lambda: openvino_model(quantized_ort(graph, calibration, workdir, static=True)),
+        "openvino int8 NNCF, every conv": lambda: openvino_model(quantized_openvino(graph, calibration, workdir)),
+        "openvino int8 (--runtime openvino-int8)": lambda: dreamfocus_openvino("openvino-int8"),
+        "torch fp32 channels-last": torch_model,
+    }
+    return made
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    fa, fb = a >= 0.5, b >= 0.5
+    return float((fa & fb).sum() / max(1, (fa | fb).sum()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--scenes", type=int, default=4, help="generated scenes beside the examples")
+    parser.add_argument("--only", nargs="*", help="runtimes whose name contains one of these (the baseline always)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "dreamfocus-bench-runtimes")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    weights = Path(resolve_weights(ISNet, None))
+    graph = derived_model(weights, weights_digest(weights), "fp32")
+    examples = {
+        p.name: cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in sorted(ROOT.glob("examples/*.jpg"))
+    }
+    scenes = {f"scene {seed}": scene(seed) for seed in range(args.scenes)}
+    photos = {name: model_input(photo)[None] for name, photo in {**examples, **scenes}.items()}
+    calibration = calibration_inputs()  # what --runtime openvino-int8 is calibrated on
+
+    runs: dict[str, Run] = {}
+    for name, build in candidates(graph, calibration, args.workdir).items():
+        if args.only and "baseline" not in name and not any(word in name for word in args.only):
+            continue
+        started = time.perf_counter()
+        try:
+            runs[name] = build()
+        except ImportError as exc:
+            print(f"{name}: left out ({exc})")
+            continue
+        print(f"{name}: ready in {time.perf_counter() - started:.1f} s", flush=True)
+
+    baseline = next(iter(runs))
+    maps: dict[str, dict[str, np.ndarray]] = {name: {} for name in runs}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run(photos[next(iter(photos))])  # warm-up
+    for round_ in range(args.rounds):
+        for photo_name, x in photos.items():
+            for name, run in runs.items():
+                started = time.perf_counter()
+                out = run(x)
+                seconds[name].append(time.perf_counter() - started)
+                maps[name][photo_name] = out
+        print(f"round {round_ + 1} of {args.rounds} done", flush=True)
+
+    print(
+        f"\nIS-Net, {len(examples)} examples + {len(scenes)} generated scenes, {args.rounds} rounds, "
+        f"{cpu_threads()} threads; ratio: sum of times over the sum of the baseline's, same photos, same rounds"
+    )
+    print(f"{'runtime':42s} {'ms/photo':>9s} {'ratio':>6s} {'IoU ex':>7s} {'IoU sc':>7s}  verdict")
+    base_total = sum(seconds[baseline])
+    for name in runs:
+        ious = {p: iou(maps[baseline][p], maps[name][p]) for p in photos}
+        worst_examples = min(ious[p] for p in examples)
+        worst_scenes = min((ious[p] for p in scenes), default=1.0)
+        verdict = "qualifies" if min(worst_examples, worst_scenes) >= QUALIFYING_IOU else "masks differ"
+        print(
+            f"{name:42s} {1000 * statistics.median(seconds[name]):9.0f} {sum(seconds[name]) / base_total:6.2f} "
+            f"{worst_examples:7.4f} {worst_scenes:7.4f}  {verdict}"
+        )
+        if verdict != "qualifies":
+            print("    " + ", ".join(f"{p} {v:.4f}" for p, v in ious.items() if v < QUALIFYING_IOU))
+
+
+if __name__ == "__main__":
+    main()
