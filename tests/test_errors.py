@@ -9,11 +9,12 @@ from pipeline import errors
 from pipeline.manifest import RETRIED_KINDS
 
 
-def test_every_kind_is_distinct_and_only_non_images_and_pair_halves_are_left_alone():
+def test_every_kind_is_distinct_and_only_non_images_pair_halves_and_vanished_inputs_are_left_alone():
     kinds = [cls.kind for cls in errors.KINDS]
     assert len(kinds) == len(set(kinds))
-    assert [cls.kind for cls in errors.KINDS if cls.leaves_alone] == ["not-an-image", "raw-jpeg-pair"]
-    assert RETRIED_KINDS == {"write-error", "out-of-memory"}
+    left_alone = [cls.kind for cls in errors.KINDS if cls.leaves_alone]
+    assert left_alone == ["not-an-image", "raw-jpeg-pair", "deleted-while-read"]
+    assert RETRIED_KINDS == {"write-error", "out-of-memory", "read-error", "changed-while-read"}
     assert errors.LISTING_KINDS == {"raw-jpeg-pair"}
 
 

@@ -34,7 +34,6 @@ from typing import Any
 
 from ..errors import BadInputError, WeightsUnavailableError
 from ..models import DEPTH, FALLBACK_DEPTH, SALIENCY, model_class, warn_depth_fallback
-from ..models.base import default_device
 from ..models.weights import (
     cache_dir,
     fetch_to_cache,
@@ -93,9 +92,7 @@ def resolve_models(config: Any) -> dict[str, JobModel]:
     """
     copy = WeightsCopy(config.weights_from, config.storage_options) if getattr(config, "weights_from", None) else None
     # A runtime that is unknown, or not installed here, is said now rather than by a model actor.
-    model_class(config.saliency_model).runtime_for(
-        getattr(config, "device", None) or default_device(), getattr(config, "runtime", None)
-    )
+    model_class(config.saliency_model).runtime_for(getattr(config, "device", None), getattr(config, "runtime", None))
     saliency = _resolve(SALIENCY, config.saliency_model, config.saliency_weights, copy)
     try:
         depth = _resolve(DEPTH, config.depth_model, config.depth_weights, copy)

@@ -11,7 +11,7 @@ import importlib
 import logging
 
 from ..errors import BadInputError, WeightsUnavailableError
-from .base import DEPTH, SALIENCY, MapModel, default_device
+from .base import DEPTH, SALIENCY, MapModel
 
 # name -> module in this package that defines and registers it
 _MODULES: dict[str, str] = {
@@ -72,7 +72,7 @@ def create_model(name: str, task: str | None = None, runtime: str | None = None,
     cls = model_class(name)
     if task is not None and cls.task != task:
         raise BadInputError(f"model {name!r} is a {cls.task} model, not a {task} model")
-    chosen = cls.runtime_for(kwargs.get("device") or default_device(), runtime)
+    chosen = cls.runtime_for(kwargs.get("device"), runtime)  # the default device only where it matters
     if chosen is not None:
         kwargs["runtime"] = chosen
     return cls(**kwargs)

@@ -78,10 +78,10 @@ class MapModel(ABC):
         return False
 
     @classmethod
-    def runtime_for(cls, device: str, requested: str | None) -> str | None:
-        """The runtime ``requested`` for this model on ``device`` (None or "auto": the model's own
-        choice, said as None); a BadInputError where the model cannot run in it. Models with one
-        runtime take no request."""
+    def runtime_for(cls, device: str | None, requested: str | None) -> str | None:
+        """The runtime ``requested`` for this model on ``device`` (None: the default device; None
+        or "auto" requested: the model's own choice, said as None); a BadInputError where the
+        model cannot run in it. Models with one runtime take no request."""
         if (requested or "auto").strip().lower() == "auto":
             return None
         raise BadInputError(f"runtime {requested!r}: {cls.name} has no choice of runtime (only isnet-general-use has)")

@@ -59,7 +59,7 @@ import numpy as np
 
 from ..errors import BadInputError, WeightsUnavailableError
 from . import npm, register
-from .base import SALIENCY, MapModel, cpu_threads, squash, unsquash
+from .base import SALIENCY, MapModel, cpu_threads, default_device, squash, unsquash
 from .weights import (
     ARCHIVE_SUFFIXES,
     cache_dir,
@@ -196,8 +196,8 @@ class ISNet(MapModel):
         return self.runtime == "torch"
 
     @classmethod
-    def runtime_for(cls, device: str, requested: str | None) -> str | None:
-        return choose_runtime(device, requested)
+    def runtime_for(cls, device: str | None, requested: str | None) -> str | None:
+        return choose_runtime(device or default_device(), requested)
 
     # ----------------------------------------------------------------------------- weights
 
