@@ -143,6 +143,15 @@ def output_name(relpath: str) -> str:
     return os.path.splitext(relpath)[0] + ".jpg"
 
 
+def assert_storage_line(line: str, photos: int, listing: int) -> None:
+    """The summary's storage line: so many transient errors retried on photos, so many on the rest."""
+    pattern = (
+        rf"storage: {photos + listing} transient errors .* retried: {photos} reading or writing photos, "
+        rf"{listing} listing .*"
+    )
+    assert re.fullmatch(pattern, line), line
+
+
 def assert_clean(outcome: Outcome, reruns: int) -> None:
     assert (outcome.rows_lost, outcome.rows_twice, outcome.reruns) == (0, 0, reruns), outcome
 
@@ -450,9 +459,7 @@ def test_s3_reads_throttled_and_failing_lose_nothing(local_ray, faulty_s3, s3_se
     assert row["error"].startswith(f"cannot read {bucket}/in/p03.jpg: ")
     assert "reduce your request rate" in row["error"]
     storage_line, rerun_line = first.faults
-    assert re.fullmatch(
-        r"storage: 5 transient errors .* retried: 5 reading or writing photos, 0 listing .*", storage_line
-    )
+    assert_storage_line(storage_line, photos=5, listing=0)
     assert rerun_line == "failed for reasons not their own: 1 read-error; a plain rerun retries them"
     assert_clean(settle("s3-read", config, photos), reruns=1)
 
@@ -467,9 +474,7 @@ def test_s3_writes_failing_and_answers_lost_lose_nothing(local_ray, faulty_s3, s
     assert lost.taken == 1 and faulty_s3.seen[f"PUT /{bucket.removeprefix('s3://')}/out/images/p02.jpg"] == 2
     assert first.counts == {"ok": 6}
     [storage_line] = first.faults
-    assert re.fullmatch(
-        r"storage: 3 transient errors .* retried: 3 reading or writing photos, 0 listing .*", storage_line
-    )
+    assert_storage_line(storage_line, photos=3, listing=0)
     assert_clean(settle("s3-write", config, photos), reruns=0)
 
 
@@ -488,9 +493,7 @@ def test_s3_manifest_commits_failing_lose_nothing(local_ray, faulty_s3, s3_serve
     assert lost.taken == 1 and throttled.taken >= 25
     assert first.counts == {"ok": 8}
     storage_line, commit_line = first.faults
-    assert re.fullmatch(
-        r"storage: 5 transient errors .* retried: 0 reading or writing photos, 5 listing .*", storage_line
-    )
+    assert_storage_line(storage_line, photos=0, listing=5)
     assert commit_line == "manifest: 1 commit failed; their rows went with a later one"
     assert_clean(settle("s3-commit", config, photos), reruns=0)
 

@@ -38,7 +38,6 @@ from ..manifest import (
     OtherFilesWriter,
     compact_manifest,
     key_of,
-    manifest_rows,
     new_run_id,
 )
 from ..models import DEPTH, SALIENCY
@@ -46,7 +45,7 @@ from ..storage import Storage, retried_total
 from .console import Progress, without_native_noise
 from .lease import RENEW_SECONDS, Lease
 from .plan import IMAGES_DIR, JobConfig, OtherFile, PlanItem, check_locations, make_plan, render_backend_for
-from .stages import DeviceRendering, ModelStage, finish_stage, read_stage
+from .stages import DeviceRendering, ModelStage, finish_stage, job_manifest_rows, read_stage
 from .weights import JobModel, resolve_models, ship
 
 log = logging.getLogger(__name__)
@@ -520,10 +519,4 @@ def _refused_rows(items: list[PlanItem], inputs: Storage, config: JobConfig, run
                     "reason": str(item.error) if leaves_alone else "",
                 }
             )
-        yield manifest_rows(
-            pa.Table.from_pylist(rows),
-            source_root=inputs.uri,
-            preset=config.params.preset,
-            job_hash=config.job_hash(),
-            run_id=run_id,
-        )
+        yield job_manifest_rows(pa.Table.from_pylist(rows), config, run_id, inputs.uri)

@@ -407,6 +407,12 @@ def finish_stage(table: pa.Table, config: JobConfig, run_id: str, source_root: s
         ),
         updates=(*UPDATED, *RENDER_NUMBERS, "render_path", "storage_retries"),
     )
+    return job_manifest_rows(finished, config, run_id, source_root)
+
+
+def job_manifest_rows(rows: pa.Table, config: JobConfig, run_id: str, source_root: str) -> pa.Table:
+    """manifest_rows of this job's photos: its preset and job hash, this run (for the finishing
+    tasks' rows and the driver's rows of photos the listing decided alike)."""
     return manifest_rows(
-        finished, source_root=source_root, preset=config.params.preset, job_hash=config.job_hash(), run_id=run_id
+        rows, source_root=source_root, preset=config.params.preset, job_hash=config.job_hash(), run_id=run_id
     )
