@@ -1,9 +1,13 @@
-"""How rows travel between the job's stages.
+"""How rows travel between the job's stages, and the columns a row gains on the way.
 
 Ray Data hands stages Arrow tables. A stage is written as a function of a dict of numpy arrays
 (the columns it reads) that returns the dict with its results; arrow_stage runs it and passes
 every other column through untouched, zero-copy. Arrays (the model copy, the maps) travel as
 .npy bytes in binary columns, read in place from the Arrow buffers.
+
+Every column a row gains after the listing is declared once, in COLUMNS, with its type; a stage
+adds the ones it writes with `add_columns`. Those that belong in the manifest are also in
+manifest.SCHEMA; the others (bytes, arrays, the device path's results) end at the finish stage.
 """
 
 from __future__ import annotations
@@ -15,6 +19,62 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from .photo import INTERMEDIATE_NAMES
+
+# The columns of a row in flight, beyond the listing's (relpath, source_size, source_fingerprint,
+# output_relpath, attempt), with their type: str and bytes columns start empty, numbers at 0.
+COLUMNS: dict[str, type] = {
+    # the photo's fate so far: manifest.OK, or FAILED / SKIPPED with its kind and words
+    "status": str,
+    "error_kind": str,
+    "error": str,
+    "reason": str,
+    # read_stage
+    "data": bytes,  # the photo's file, until it is written (or the device path encoded it)
+    "model_copy": bytes,  # .npy of the photo at the models' size (the CPU path)
+    "started_at": np.datetime64,
+    "seconds_read": np.float32,
+    "seconds_decode": np.float32,
+    "storage_retries": np.int32,  # transient storage errors met reading and writing it
+    "source_changed": np.bool_,  # replaced since the listing: the version read is the one recorded
+    # ModelStage
+    "saliency": bytes,  # .npy maps at the model copy's size, quantised (pack_saliency, pack_depth)
+    "depth": bytes,
+    "depth_measured": np.bool_,  # False where depth is the weight-free ground prior
+    "seconds_saliency": np.float32,
+    "seconds_depth": np.float32,
+    "saliency_model": str,
+    "saliency_version": str,
+    "saliency_runtime": str,
+    "depth_model": str,
+    "depth_version": str,
+    "depth_runtime": str,
+    # the rendering, by the model actor (the device path) or the finish stage (the CPU path)
+    "encoded": bytes,  # the device path's result, for the finish stage to write
+    "render_path": str,
+    "width": np.int32,
+    "height": np.int32,
+    "fg_fraction": np.float32,
+    "interp_start": np.float32,
+    "interp_stop": np.float32,
+    "seconds_effect": np.float32,
+    "seconds_encode": np.float32,
+    **{f"png_{name}": bytes for name in INTERMEDIATE_NAMES},  # the device path's intermediates
+    # finish_stage
+    "seconds_write": np.float32,
+    "output_uri": str,
+}
+RENDERED = (
+    "render_path",
+    "width",
+    "height",
+    "fg_fraction",
+    "interp_start",
+    "interp_stop",
+    "seconds_effect",
+    "seconds_encode",
+)
+INTERMEDIATE_COLUMNS = tuple(f"png_{name}" for name in INTERMEDIATE_NAMES)
 ROW_STATE = ("status", "error_kind", "error", "reason")
 UPDATED = (*ROW_STATE, "seconds_decode")  # columns a stage may change in place
 ARRAYS = ("model_copy", "saliency", "depth")  # arrays travelling as .npy bytes
@@ -113,6 +173,30 @@ def column_values(table: pa.Table, name: str) -> np.ndarray:
             values[row] = data.slice(int(start), int(end - start))
             row += 1
     return values
+
+
+def add_columns(batch: dict, n: int, *names: str) -> dict:
+    """New columns of n rows, each of its type in COLUMNS: empty strings or bytes, zeros."""
+    for name in names:
+        kind = COLUMNS[name]
+        if kind is str or kind is bytes:
+            batch[name] = np.array([kind()] * n, dtype=object)
+        elif kind is np.datetime64:
+            batch[name] = np.empty(n, dtype="datetime64[ms]")
+        else:
+            batch[name] = np.zeros(n, kind)
+    return batch
+
+
+def keep_or_add_columns(batch: dict, n: int, *names: str) -> dict:
+    """Writable copies of the columns an earlier stage set (of their type), the others added."""
+    for name in names:
+        if name in batch:
+            kind = COLUMNS[name]
+            batch[name] = np.array(batch[name], dtype=object if kind in (str, bytes) else kind)
+        else:
+            add_columns(batch, n, name)
+    return batch
 
 
 def writable(batch: dict, *columns: str) -> dict:

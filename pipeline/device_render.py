@@ -1,7 +1,7 @@
 """Photos from bytes to bytes on a torch device: the GPU render path.
 
     takes(data)             -> the JPEG's header facts, or why the device path cannot take it
-    finish_on_device(...)   -> per photo: photo.Finished, or why it goes to the CPU path
+    render_on_device(...)   -> per photo: photo.Finished, or why it goes to the CPU path
 
 A batch is decoded on the device (nvJPEG through torchvision.io.decode_jpeg on CUDA), turned
 upright there (EXIF orientation), shrunk there to the models' copy, run through both models,
@@ -9,7 +9,7 @@ rendered by effect_torch and encoded there (encode_jpeg); only its bytes and a f
 back. Metadata never visits the device: the EXIF block (orientation reset) and the sRGB profile
 are spliced into the encoded JPEG on the host, as photo_io.encode_photo writes them.
 
-What the device path does not take as it is goes to the CPU path (photo.finish), one photo at a
+What the device path does not take as it is goes to the CPU path (photo.render_on_host), one photo at a
 time: anything but an 8-bit RGB or gray JPEG (PNG, HEIC, WebP, TIFF, CMYK), an ICC profile other
 than sRGB, a photo over the megapixel limit (the CPU path says so in its own words), and what
 the device decoder refuses.
@@ -36,15 +36,18 @@ from PIL import Image, ImageCms
 from . import effect_torch
 from .effect import Rendering
 from .params import EffectParams
-from .photo import MODEL_INPUT_SIZE, Finished, SceneModels, intermediate_pngs, left_alone_reason
+from .photo import (
+    MODEL_INPUT_SIZE,
+    Finished,
+    RenderSettings,
+    SceneMaps,
+    SceneModels,
+    intermediate_pngs,
+    left_alone_reason,
+)
 from .photo_io import _SRGB_ICC, _is_srgb, _reset_orientation, encode_photo
 
 _ORIENTATION = 0x0112
-
-
-def render_path(device: str | torch.device) -> str:
-    """The render_path a manifest row records for the device path, e.g. "torch:cuda"."""
-    return f"torch:{torch.device(device).type}"
 
 
 @dataclass(frozen=True)
@@ -206,71 +209,50 @@ class _Clock:
         return out
 
 
-def finish_on_device(
+def render_on_device(
     datas: Sequence[bytes],
-    params: EffectParams,
+    settings: RenderSettings,
     device: str | torch.device,
     models: SceneModels | None = None,
-    maps: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-    fmt: str = "jpeg",
-    quality: int = 92,
-    max_megapixels: float = 200.0,
-    intermediates: bool = False,
-    depth_measured: bool = True,
-    batch_bytes: int | None = None,
+    maps: Sequence[SceneMaps] | None = None,
 ) -> list[Finished | str]:
-    """Each photo decoded, run through the models (or given ``maps``: saliency, depth), rendered
+    """The device path: each photo decoded, run through ``models`` (or given ``maps``), rendered
     and encoded on ``device``: its Finished, or the reason it goes to the CPU path instead.
-    depth_measured: False when depth is the weight-free ground prior (see effect.render).
 
-    The photos go to the device in batches of at most ``batch_bytes`` decoded pixel bytes
-    (default: what the device's free memory holds, see device_budget), in their order.
+    The photos go to the device in batches of at most ``settings.device_batch_bytes`` decoded
+    pixel bytes (default: what the device's free memory holds, see device_budget), in their order.
 
     Finished.seconds holds the photo's share of the batch's decode, saliency, depth, effect and encode;
-    Finished.rendering carries the numbers, and the maps only with ``intermediates``.
+    Finished.rendering carries the numbers, and the maps only with ``settings.intermediates``.
     """
+    if (models is None) == (maps is None):
+        raise ValueError("give models or maps")
     dev = torch.device(device)
     results: list[Finished | str] = []
     headers: dict[int, JpegHeader] = {}
     for i, data in enumerate(datas):
-        found = takes(data, max_megapixels)
+        found = takes(data, settings.max_megapixels)
         results.append(found if isinstance(found, str) else "")
         if isinstance(found, JpegHeader):
             headers[i] = found
-    budget = device_budget(dev, params, batch_bytes)
+    budget = device_budget(dev, settings.params, settings.device_batch_bytes)
     for group in device_batches({i: decoded_bytes(h) for i, h in headers.items()}, budget.batch_bytes):
-        _finish_group(
-            datas,
-            {i: headers[i] for i in group},
-            results,
-            params,
-            dev,
-            budget,
-            models,
-            maps,
-            fmt,
-            quality,
-            intermediates,
-            depth_measured,
-        )
+        _render_group(datas, {i: headers[i] for i in group}, results, settings, dev, budget, models, maps)
     return results
 
 
-def _finish_group(
+def _render_group(
     datas: Sequence[bytes],
     headers: dict[int, JpegHeader],
     results: list[Finished | str],
-    params: EffectParams,
+    settings: RenderSettings,
     dev: torch.device,
     budget: DeviceBudget,
     models: SceneModels | None,
-    maps: Sequence[tuple[np.ndarray, np.ndarray]] | None,
-    fmt: str,
-    quality: int,
-    intermediates: bool,
-    depth_measured: bool,
+    maps: Sequence[SceneMaps] | None,
 ) -> None:
-    """finish_on_device for one device batch (photos ``headers``): its results set in place."""
+    """render_on_device for one device batch (photos ``headers``): its results set in place."""
+    params = settings.params
     with torch.inference_mode():
         clock = _Clock(dev)
         photos: dict[int, torch.Tensor] = {}
@@ -284,12 +266,14 @@ def _finish_group(
             return
         live = list(photos)
         if maps is not None:
-            saliency = [torch.from_numpy(np.ascontiguousarray(maps[i][0], np.float32)).to(dev) for i in live]
-            depth = [torch.from_numpy(np.ascontiguousarray(maps[i][1], np.float32)).to(dev) for i in live]
+            saliency = [torch.from_numpy(np.ascontiguousarray(maps[i].saliency, np.float32)).to(dev) for i in live]
+            depth = [torch.from_numpy(np.ascontiguousarray(maps[i].depth, np.float32)).to(dev) for i in live]
+            depth_measured = all(maps[i].depth_measured for i in live)
             clock.mark("saliency")
             clock.mark("depth")
         else:
-            assert models is not None, "give models or maps"
+            assert models is not None
+            depth_measured = models.depth.measures_depth
             copies = [model_copy(photos[i]) for i in live]
             clock.mark("decode")  # the model copy, as in the CPU path's reading
             saliency, depth = models.predict_on_device(copies, mark=clock.mark)
@@ -316,11 +300,12 @@ def _finish_group(
         clock.mark("effect")
 
         images = [rendered[i][0].image[rendered[i][1]] for i in live]
-        if fmt == "jpeg":
-            encoded = [with_metadata(e, headers[i].exif) for i, e in zip(live, encode_jpegs(images, quality))]
+        if settings.format == "jpeg":
+            jpegs = encode_jpegs(images, settings.quality)
+            encoded = [with_metadata(e, headers[i].exif) for i, e in zip(live, jpegs)]
         else:
             encoded = [
-                encode_photo(image.permute(1, 2, 0).cpu().numpy(), fmt, quality, headers[i].exif)
+                encode_photo(image.permute(1, 2, 0).cpu().numpy(), settings.format, settings.quality, headers[i].exif)
                 for i, image in zip(live, images)
             ]
         clock.mark("encode")
@@ -330,7 +315,7 @@ def _finish_group(
     for i, blob in zip(live, encoded):
         batch, j = rendered[i]
         height, width = images[live.index(i)].shape[-2:]
-        rendering = batch.host(j, with_image=False) if intermediates else numbers[i]
+        rendering = batch.host(j, with_image=False) if settings.intermediates else numbers[i]
         kind, reason = left_alone_reason(rendering, params)
         results[i] = Finished(
             blob,
@@ -339,7 +324,7 @@ def _finish_group(
             height,
             kind,
             reason,
-            intermediate_pngs(rendering, height, width) if intermediates else {},
+            intermediate_pngs(rendering, height, width) if settings.intermediates else {},
             dict(seconds),
         )
 

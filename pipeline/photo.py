@@ -1,9 +1,10 @@
 """One photo end to end, without Ray: what `dreamfocus render` does, and what the library
 job's stages do for each photo of a group.
 
-    prepare(bytes)                   -> the model copy (reduced, upright, sRGB)
-    SceneModels.predict(copies)      -> saliency and depth maps, both models on one batch
-    finish(bytes, saliency, depth)   -> the encoded result, why it was left alone, intermediates
+    prepare(bytes)                      -> the model copy (reduced, upright, sRGB)
+    SceneModels.predict(copies)         -> SceneMaps: saliency and depth, both models on one batch
+    render_on_host(bytes, maps, settings) -> Finished: the encoded result, why it was left alone,
+                                           intermediates (the CPU path; device_render.py is the other)
 
 Nothing here knows about columns, stages or the manifest.
 """
@@ -34,9 +35,6 @@ MODEL_INPUT_SIZE = 1024
 BACKGROUND_ALREADY_SOFT = "background-already-soft"
 NO_CLEAR_SUBJECT = "no-clear-subject"
 
-# The render_path of a photo rendered by effect.py on the host (the device path says "torch:<device>").
-NUMPY_PATH = "numpy"
-
 
 def model_copy(pixels: np.ndarray) -> np.ndarray:
     """A copy with the long side at most MODEL_INPUT_SIZE: full-resolution pixels stay with the
@@ -60,6 +58,19 @@ def prepare(data: bytes, source: str, max_megapixels: float) -> np.ndarray:
 class SceneMaps:
     saliency: np.ndarray  # float32 0..1 at the model copy's size
     depth: np.ndarray  # float32 relative inverse depth (larger is nearer) at the same size
+    depth_measured: bool = True  # False when depth is the weight-free ground prior (see effect.render)
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """How a photo is rendered and written, whichever path renders it."""
+
+    params: EffectParams = field(default_factory=EffectParams)
+    format: str = "jpeg"
+    quality: int = 92
+    max_megapixels: float = 200.0
+    intermediates: bool = False  # also the PNGs of the steps (INTERMEDIATE_NAMES)
+    device_batch_bytes: int | None = None  # decoded pixel bytes per device batch (None: from free memory)
 
 
 class SceneModels:
@@ -116,8 +127,9 @@ class SceneModels:
         """Saliency, then depth (which may use the saliency maps), for every photo of the batch;
         maps given are used as they are, and their model is not even loaded. ``self.seconds``
         holds each model's time for the batch."""
+        given_depth = depth
         self.seconds = {"saliency": 0.0, "depth": 0.0}
-        if saliency is None and depth is None and self.saliency.accepts_tensors and self.depth.accepts_tensors:
+        if saliency is None and depth is None and self.on_device:
             saliency, depth = self._predict_on_device(copies)
         started = time.perf_counter()
         if saliency is None:
@@ -127,7 +139,14 @@ class SceneModels:
         if depth is None:
             depth = self.depth.predict(copies, saliency=saliency)
             self.seconds["depth"] = time.perf_counter() - started
-        return [SceneMaps(s, d) for s, d in zip(saliency, depth)]
+        measured = self.depth.measures_depth if given_depth is None else True
+        return [SceneMaps(s, d, measured) for s, d in zip(saliency, depth)]
+
+    @property
+    def on_device(self) -> bool:
+        """Whether both models run on tensors on their device (torch models): then a batch
+        crosses to the device once, and the device render path keeps their maps there."""
+        return self.saliency.accepts_tensors and self.depth.accepts_tensors
 
     def _predict_on_device(self, copies: Sequence[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray]]:
         import torch
@@ -150,7 +169,7 @@ class SceneModels:
         """Both models on model copies already on a torch device (H x W x 3 uint8 tensors); the
         maps stay there. Models without a device path get the copies on the host, and their maps
         go back to the device. ``mark(task)`` is called as each model's work is queued."""
-        if self.saliency.accepts_tensors and self.depth.accepts_tensors:
+        if self.on_device:
             saliency = self.saliency.predict_tensors(copies)
             mark("saliency")
             depth = self.depth.predict_tensors(copies, saliency=saliency)
@@ -187,31 +206,18 @@ class Finished:
     seconds: dict[str, float] = field(default_factory=dict)  # decode, effect, encode
 
 
-def finish(
-    data: bytes,
-    source: str,
-    saliency: np.ndarray,
-    depth: np.ndarray,
-    params: EffectParams,
-    fmt: str = "jpeg",
-    quality: int = 92,
-    max_megapixels: float = 200.0,
-    intermediates: bool = False,
-    depth_measured: bool = True,
-) -> Finished:
-    """Decode at full resolution (a camera RAW demosaiced, at 16 bits until encoded), apply the
-    effect, encode (EXIF kept, orientation applied).
-
-    depth_measured: False when depth is the weight-free ground prior (see effect.render)."""
+def render_on_host(data: bytes, source: str, maps: SceneMaps, settings: RenderSettings) -> Finished:
+    """The CPU path: decode at full resolution (a camera RAW demosaiced, at 16 bits until
+    encoded), apply the effect (effect.py), encode (EXIF kept, orientation applied)."""
     t0 = time.perf_counter()
-    photo = decode_photo(data, source, max_megapixels)
+    photo = decode_photo(data, source, settings.max_megapixels)
     t1 = time.perf_counter()
-    result = render(photo.pixels, saliency, depth, params, depth_measured)
+    result = render(photo.pixels, maps.saliency, maps.depth, settings.params, maps.depth_measured)
     t2 = time.perf_counter()
-    encoded = encode_photo(result.image, fmt, quality, photo.exif)
+    encoded = encode_photo(result.image, settings.format, settings.quality, photo.exif)
     t3 = time.perf_counter()
     height, width = photo.pixels.shape[:2]
-    kind, reason = left_alone_reason(result, params)
+    kind, reason = left_alone_reason(result, settings.params)
     return Finished(
         encoded,
         result,
@@ -219,7 +225,7 @@ def finish(
         height,
         kind,
         reason,
-        intermediate_pngs(result, height, width) if intermediates else {},
+        intermediate_pngs(result, height, width) if settings.intermediates else {},
         {"decode": t1 - t0, "effect": t2 - t1, "encode": t3 - t2},
     )
 

@@ -30,7 +30,14 @@ from typing import TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.errors import OutputError, ReadError, SourceChangedError, SourceVanishedError, UnsafeNameError
+from pipeline.errors import (
+    BadInputError,
+    OutputError,
+    ReadError,
+    SourceChangedError,
+    SourceVanishedError,
+    UnsafeNameError,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -275,6 +282,20 @@ class _FolderLinks:
             log.info("%s -> %s: a folder under the root, listed at its own path only", link, destination)
             return False
         return True
+
+
+def read_file(uri: str, storage_options: dict | None = None) -> bytes:
+    """One file's bytes by its path or URI (transient errors retried), or a BadInputError that
+    says why not: for files a user names one by one, not a library's."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    try:
+        return retry(lambda: fs.cat_file(path), what=f"read {uri}")
+    except FileNotFoundError:
+        raise BadInputError(f"{uri}: file not found") from None
+    except IsADirectoryError:
+        raise BadInputError(f"{uri}: is a directory, not a file") from None
+    except PermissionError:
+        raise BadInputError(f"{uri}: permission denied") from None
 
 
 class Storage:

@@ -76,9 +76,9 @@ HEIF_STUBBED = _allow_missing_heif()  # at import: worker processes import this 
 from pipeline.batches import pack_depth, pack_saliency, unpack_map
 from pipeline.job.driver import GROUP_SIZE, model_layout  # no Ray until run_job
 from pipeline.job.plan import JobConfig
-from pipeline.job.stages import DeviceRendering, ModelStage, finish_photos, read_photos
+from pipeline.job.stages import ModelStage, read_photos, render_and_write
 from pipeline.models import create_model
-from pipeline.photo import MODEL_INPUT_SIZE, SceneModels
+from pipeline.photo import MODEL_INPUT_SIZE, RenderSettings, SceneModels
 from pipeline.storage import Storage
 
 TARGET_MODELS = "150 photos/s (both models, one H100)"
@@ -335,7 +335,7 @@ def finish_group(batch: dict, config: JobConfig, stand_ins: tuple[str, ...]) -> 
     )
     if stand_ins:  # random weights give meaningless maps; the effect gets a plausible scene
         replace_maps(batch, stand_ins)
-    batch = finish_photos(batch, config)
+    batch = render_and_write(batch, config)
     for heavy in ("data", "saliency", "depth"):
         batch.pop(heavy, None)
     return batch
@@ -392,13 +392,13 @@ class BenchModelStage(ModelStage):
         models: Models,
         device: str,
         batch_size: int,
-        rendering: DeviceRendering | None = None,
+        on_device: RenderSettings | None = None,
         stand_ins: tuple[str, ...] = (),
     ) -> None:
         self.models = StandInScene.from_models(models.saliency, models.depth)
         self.models.stand_ins = stand_ins
         self.models.batch_size = batch_size
-        self.rendering = rendering
+        self.on_device = on_device
 
 
 @dataclass
@@ -516,7 +516,7 @@ def run_device_end_to_end(
         return read_photos(batch, str(input_dir), {}, config.max_megapixels, model_copy=False)
 
     def write(batch: dict) -> dict:
-        batch = finish_photos(batch, config)
+        batch = render_and_write(batch, config)
         for heavy in ("data", "encoded", "saliency", "depth"):
             batch.pop(heavy, None)
         return batch
@@ -760,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in args.render_backends:
         print("\n3. end to end with the GPU render path (torch render backend), without Ray", flush=True)
         config = JobConfig(input=str(library), output=str(args.workdir), render_backend="torch")
-        stage = BenchModelStage(models, device, layout.batch_size, DeviceRendering.of(config), stand_ins)
+        stage = BenchModelStage(models, device, layout.batch_size, config.render_settings(), stand_ins)
         print(f"  model stage: {'; '.join(stage.models.describe())}, batch {layout.batch_size}", flush=True)
         if stand_ins:
             print(f"  the effect gets the trivial models' {' and '.join(stand_ins)} maps (random weights)")

@@ -142,7 +142,7 @@ def seconds_per_photo(inputs: Path, scratch: Path, count: int = 40) -> float:
     """The per-photo work alone: the job's own stage functions in this process, one photo at a
     time, no Ray, no other process competing for the core."""
     from pipeline.job import JobConfig
-    from pipeline.job.stages import ModelStage, finish_photos, read_photos
+    from pipeline.job.stages import ModelStage, read_photos, render_and_write
 
     config = JobConfig(
         input=str(inputs), output=str(scratch), saliency_model="trivial-saliency", depth_model="trivial-depth"
@@ -153,7 +153,7 @@ def seconds_per_photo(inputs: Path, scratch: Path, count: int = 40) -> float:
     for relpath in photos:
         batch = {"relpath": np.array([relpath], dtype=object), "output_relpath": np.array([relpath], dtype=object)}
         batch = read_photos(batch, str(inputs), {}, config.max_megapixels)
-        batch = finish_photos(models.predict(batch), config)
+        batch = render_and_write(models.predict(batch), config)
         assert batch["status"][0] == "ok", batch["error"][0]
     return (time.perf_counter() - started) / len(photos)
 

@@ -10,7 +10,7 @@ preview of the given long side, as cameras store one. The JPEG is the same pictu
   without one, LibRaw's half-size image), the JPEG's DCT-scaled decode.
 - full picture: `decode_photo`, what the finish stage decodes: the DNG demosaiced at 16 bits.
 - effect: `effect.render` on the decoded picture (16 bits for the DNG, 8 for the JPEG).
-- finish: `photo.finish` whole (decode, the effect, encode to JPEG) with model-size maps.
+- finish: `photo.render_on_host` whole (decode, the effect, encode to JPEG) with model-size maps.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from raw_files import dng_bytes  # noqa: E402
 
 from pipeline.effect import render  # noqa: E402
 from pipeline.params import effect_params  # noqa: E402
-from pipeline.photo import finish, prepare  # noqa: E402
+from pipeline.photo import RenderSettings, SceneMaps, prepare, render_on_host  # noqa: E402
 from pipeline.photo_io import decode_photo  # noqa: E402
 
 
@@ -86,6 +86,7 @@ def main() -> None:
     cv2.ellipse(maps, (512, 341), (170, 228), 0, 0, 360, 1.0, -1)
     depth = np.maximum(np.repeat(np.linspace(0, 1, 683, dtype=np.float32)[:, None], 1024, axis=1), maps * 0.9)
     params = effect_params("default")
+    settings, scene = RenderSettings(params), SceneMaps(maps, depth)
     cases = (("DNG", dng, "x.dng"), ("DNG, no preview", dng_bare, "x.dng"), ("JPEG", jpeg, "x.jpg"))
     print(f"{'':16s} {'model copy':>11s} {'full picture':>13s} {'effect':>8s} {'finish':>8s}")
     for label, data, name in cases:
@@ -93,7 +94,7 @@ def main() -> None:
         full = cpu_seconds(lambda d=data, n=name: decode_photo(d, n), args.repeat)
         pixels = decode_photo(data, name).pixels
         effect = cpu_seconds(lambda p=pixels: render(p, maps, depth, params), args.repeat)
-        done = cpu_seconds(lambda d=data, n=name: finish(d, n, maps, depth, params), args.repeat)
+        done = cpu_seconds(lambda d=data, n=name: render_on_host(d, n, scene, settings), args.repeat)
         shape = prepare(data, name, 200.0).shape
         print(
             f"{label:16s} {copy:10.3f}s {full:12.3f}s {effect:7.2f}s {done:7.2f}s   "

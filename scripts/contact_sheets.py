@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.effect import Rendering
 from pipeline.models import DEPTH, SALIENCY, default_model, model_class
 from pipeline.params import PRESETS, effect_params
-from pipeline.photo import Finished, SceneMaps, SceneModels, finish, prepare
+from pipeline.photo import Finished, RenderSettings, SceneMaps, SceneModels, prepare, render_on_host
 from pipeline.photo_io import IMAGE_EXTENSIONS, decode_photo
 
 CAPTION_HEIGHT = 44
@@ -125,15 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         data = path.read_bytes()
         key = f"{path.stem}.{args.saliency_model}.{args.depth_model}"
         maps = cached_maps(models, data, str(path), args.maps_cache, key, args.max_megapixels)
-        done = finish(
-            data,
-            str(path),
-            maps.saliency,
-            maps.depth,
-            params,
-            max_megapixels=args.max_megapixels,
-            depth_measured=model_class(args.depth_model).measures_depth,
-        )
+        maps.depth_measured = model_class(args.depth_model).measures_depth  # cached maps do not say
+        done = render_on_host(data, str(path), maps, RenderSettings(params, max_megapixels=args.max_megapixels))
         photo = decode_photo(data, str(path), args.max_megapixels).pixels
         canvas = cv2.cvtColor(sheet(photo, done, path.name, args.width), cv2.COLOR_RGB2BGR)
         flags = [cv2.IMWRITE_JPEG_QUALITY, args.quality] if args.format == "jpeg" else []

@@ -15,11 +15,23 @@ from PIL import Image, ImageCms, ImageOps
 
 from pipeline import device_render
 from pipeline.params import PRESETS
-from pipeline.photo import NO_CLEAR_SUBJECT, finish
+from pipeline.photo import NO_CLEAR_SUBJECT, RenderSettings, SceneMaps, render_on_host
 from pipeline.photo_io import decode_photo
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
+
+
+def on_host(data, maps, params, depth_measured=True):
+    """The CPU path's result for (saliency, depth) maps."""
+    return render_on_host(data, "coffee.jpg", SceneMaps(*maps, depth_measured), RenderSettings(params))
+
+
+def on_device(datas, params, maps, depth_measured=True, batch_bytes=None):
+    """The device path's results, on the CPU, for (saliency, depth) maps."""
+    settings = RenderSettings(params, device_batch_bytes=batch_bytes)
+    chosen = [SceneMaps(*m, depth_measured) for m in maps]
+    return device_render.render_on_device(datas, settings, "cpu", maps=chosen)
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -56,8 +68,8 @@ def test_device_path_gives_the_cpu_paths_picture_and_metadata(preset, orientatio
     data = jpeg(Image.open(EXAMPLES / "coffee.jpg"), exif=exif_with_orientation(orientation))
     upright = decode_photo(data, "coffee.jpg").pixels
     maps = scene_maps(*upright.shape[:2])
-    reference = finish(data, "coffee.jpg", *maps, PRESETS[preset])
-    (got,) = device_render.finish_on_device([data], PRESETS[preset], "cpu", maps=[maps])
+    reference = on_host(data, maps, PRESETS[preset])
+    (got,) = on_device([data], PRESETS[preset], [maps])
     assert not isinstance(got, str), got
     assert (got.width, got.height) == (reference.width, reference.height) == (upright.shape[1], upright.shape[0])
     assert psnr(pixels(got.encoded), pixels(reference.encoded)) >= 40  # two JPEG encodes of ~equal pictures
@@ -75,8 +87,8 @@ def test_a_photo_with_no_clear_subject_is_left_as_it_is_on_both_paths():
     photo = decode_photo(data, "coffee.jpg").pixels
     fg, depth = scene_maps(*photo.shape[:2])
     maps = (fg * np.float32(0.6), depth)  # a large mask the model is unsure of
-    reference = finish(data, "coffee.jpg", *maps, PRESETS["default"])
-    (got,) = device_render.finish_on_device([data], PRESETS["default"], "cpu", maps=[maps])
+    reference = on_host(data, maps, PRESETS["default"])
+    (got,) = on_device([data], PRESETS["default"], [maps])
     assert not isinstance(got, str), got
     assert reference.left_alone == got.left_alone == NO_CLEAR_SUBJECT
     assert got.reason == reference.reason and "min_subject_confidence" in got.reason
@@ -94,13 +106,11 @@ def test_depth_measured_reaches_the_device_path(depth_measured):
     fg[:, : fg.shape[1] // 2] = 0  # the right half of the subject only
     fractions = {}
     for measured in (True, False):
-        reference = finish(data, "coffee.jpg", fg, depth, PRESETS["default"], depth_measured=measured)
+        reference = on_host(data, (fg, depth), PRESETS["default"], depth_measured=measured)
         fractions[measured] = reference.rendering.fg_fraction
         if measured != depth_measured:
             continue
-        (got,) = device_render.finish_on_device(
-            [data], PRESETS["default"], "cpu", maps=[(fg, depth)], depth_measured=measured
-        )
+        (got,) = on_device([data], PRESETS["default"], [(fg, depth)], depth_measured=measured)
         assert not isinstance(got, str), got
         assert got.rendering.fg_fraction == pytest.approx(reference.rendering.fg_fraction, abs=1e-6)
         assert got.rendering.start == pytest.approx(reference.rendering.start, abs=1e-5)
@@ -145,7 +155,7 @@ def png() -> bytes:
 def test_what_the_device_path_cannot_take_goes_to_the_cpu_path(make, reason):
     good = (EXAMPLES / "chelsea.jpg").read_bytes()
     maps = scene_maps(300, 451)
-    got = device_render.finish_on_device([make(), good], PRESETS["default"], "cpu", maps=[maps, maps])
+    got = on_device([make(), good], PRESETS["default"], [maps, maps])
     assert isinstance(got[0], str) and reason in got[0]
     assert not isinstance(got[1], str)  # the other photo of the batch goes on
 
@@ -188,12 +198,12 @@ def test_a_batch_too_large_for_one_effect_call_goes_in_parts(monkeypatch):
     datas = [(EXAMPLES / name).read_bytes() for name in ("chelsea.jpg", "coffee.jpg", "chelsea.jpg")]
     sizes = [decode_photo(d, "x").pixels.shape[:2] for d in datas]
     maps = [scene_maps(*size) for size in sizes]
-    whole = device_render.finish_on_device(datas, PRESETS["seed"], "cpu", maps=maps)
+    whole = on_device(datas, PRESETS["seed"], maps)
     calls = []
     original = device_render.effect_torch.render
     monkeypatch.setattr(device_render, "_effect_pixels", lambda params: 1.0)  # one photo per call
     monkeypatch.setattr(device_render.effect_torch, "render", lambda *a: calls.append(a[0].shape[0]) or original(*a))
-    parts = device_render.finish_on_device(datas, PRESETS["seed"], "cpu", maps=maps)
+    parts = on_device(datas, PRESETS["seed"], maps)
     assert calls == [1, 1, 1]
     for a, b in zip(whole, parts):
         assert not isinstance(a, str) and not isinstance(b, str)
@@ -229,19 +239,19 @@ def test_a_mixed_batch_is_split_to_fit_a_declared_device_memory(monkeypatch):
 
     monkeypatch.setattr(device_render, "decode_jpegs", decode_within_memory)
     monkeypatch.setattr(device_render.effect_torch, "render", render_counted)
-    split = device_render.finish_on_device(datas, PRESETS["seed"], "cpu", maps=maps)
+    split = on_device(datas, PRESETS["seed"], maps)
 
     assert decoded_batches == [[0, 1], [2, 3], [4]]  # 0.72 MB, 1.53 MB, 0.36 MB of 1.6 MB
     assert all(pixels_in <= max(budget.effect_pixels, 600 * 800) for pixels_in in effect_pixels)
     for (h, w), done in zip(sizes, split):
         assert not isinstance(done, str), done
         assert pixels(done.encoded).shape == (h, w, 3)
-    one_by_one = [device_render.finish_on_device([d], PRESETS["seed"], "cpu", maps=[m])[0] for d, m in zip(datas, maps)]
+    one_by_one = [on_device([d], PRESETS["seed"], [m])[0] for d, m in zip(datas, maps)]
     for a, b in zip(split, one_by_one):
         assert not isinstance(a, str) and not isinstance(b, str)
         assert np.array_equal(pixels(a.encoded), pixels(b.encoded))
     with pytest.raises(torch.OutOfMemoryError):
-        device_render.finish_on_device(datas, PRESETS["seed"], "cpu", maps=maps, batch_bytes=10**12)
+        on_device(datas, PRESETS["seed"], maps, batch_bytes=10**12)
 
 
 def test_device_batches_are_cut_by_bytes_in_order():
@@ -252,9 +262,8 @@ def test_device_batches_are_cut_by_bytes_in_order():
 def test_device_batch_bytes_reaches_the_model_actor_and_is_checked(tmp_path):
     from pipeline.errors import BadInputError
     from pipeline.job.plan import JobConfig
-    from pipeline.job.stages import DeviceRendering
 
     config = JobConfig(input=str(tmp_path), output=str(tmp_path / "out"), device_batch_bytes=2_000_000_000)
-    assert DeviceRendering.of(config).batch_bytes == 2_000_000_000
+    assert config.render_settings().device_batch_bytes == 2_000_000_000
     with pytest.raises(BadInputError, match="device-batch-bytes must be >= 1"):
         JobConfig(input=str(tmp_path), output=str(tmp_path / "out"), device_batch_bytes=0)

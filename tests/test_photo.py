@@ -19,10 +19,12 @@ from pipeline.photo import (
     BACKGROUND_ALREADY_SOFT,
     MODEL_INPUT_SIZE,
     NO_CLEAR_SUBJECT,
+    RenderSettings,
+    SceneMaps,
     SceneModels,
-    finish,
     model_copy,
     prepare,
+    render_on_host,
 )
 from pipeline.photo_io import decode_photo, encode_photo
 
@@ -87,7 +89,7 @@ def test_finish_renders_encodes_and_keeps_the_photos_size_and_exif():
     data = (EXAMPLES / "motorcycle_left.jpg").read_bytes()
     models = SceneModels("trivial-saliency", "trivial-depth", device="cpu")
     maps = models.predict([prepare(data, "m.jpg", 200)])[0]
-    done = finish(data, "m.jpg", maps.saliency, maps.depth, effect_params("default"), "png", intermediates=True)
+    done = render_on_host(data, "m.jpg", maps, RenderSettings(effect_params("default"), "png", intermediates=True))
     photo = decode_photo(data, "m.jpg")
     assert (done.height, done.width) == photo.pixels.shape[:2]
     result = np.asarray(Image.open(io.BytesIO(done.encoded)))
@@ -101,7 +103,7 @@ def test_intermediates_show_the_models_map_and_the_whole_subject_apart():
     data = (EXAMPLES / "motorcycle_left.jpg").read_bytes()
     models = SceneModels("trivial-saliency", "trivial-depth", device="cpu")
     maps = models.predict([prepare(data, "m.jpg", 200)])[0]
-    done = finish(data, "m.jpg", maps.saliency, maps.depth, effect_params("default"), intermediates=True)
+    done = render_on_host(data, "m.jpg", maps, RenderSettings(effect_params("default"), intermediates=True))
 
     def gray(name: str) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(done.intermediates[name]))).astype(np.float32) / 255
@@ -121,7 +123,12 @@ def test_a_soft_background_is_left_alone_with_its_reason():
     saliency = np.zeros((240, 320), np.float32)
     saliency[60:180, 100:220] = 1
     depth = np.tile(np.linspace(0, 1, 240, dtype=np.float32)[:, None], (1, 320))
-    done = finish(encode_photo(pixels, "png"), "soft.png", saliency, depth, effect_params("default"), "png")
+    done = render_on_host(
+        encode_photo(pixels, "png"),
+        "soft.png",
+        SceneMaps(saliency, depth),
+        RenderSettings(effect_params("default"), "png"),
+    )
     assert done.left_alone == BACKGROUND_ALREADY_SOFT and "already soft" in done.reason
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(done.encoded))), pixels)
 
@@ -142,6 +149,11 @@ def test_no_clear_subject_is_left_alone_with_its_reason():
     pixels = textured(240, 320, 7)
     saliency = np.zeros((240, 320), np.float32)
     depth = np.tile(np.linspace(0, 1, 240, dtype=np.float32)[:, None], (1, 320))
-    done = finish(encode_photo(pixels, "png"), "meadow.png", saliency, depth, effect_params("default"), "png")
+    done = render_on_host(
+        encode_photo(pixels, "png"),
+        "meadow.png",
+        SceneMaps(saliency, depth),
+        RenderSettings(effect_params("default"), "png"),
+    )
     assert done.left_alone == NO_CLEAR_SUBJECT and "no clear subject" in done.reason and "0.00%" in done.reason
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(done.encoded))), pixels)

@@ -14,7 +14,7 @@ from pipeline import raw_io
 from pipeline.effect import composite, luminance, painterly_background, render
 from pipeline.errors import CorruptImageError, EmptyFileError, TooManyPixelsError, UnsupportedCameraError
 from pipeline.params import effect_params
-from pipeline.photo import finish, prepare
+from pipeline.photo import RenderSettings, SceneMaps, prepare, render_on_host
 from pipeline.photo_io import PHOTO_EXTENSIONS, decode_photo, encode_photo
 
 SCENE = scene(120, 180)
@@ -98,7 +98,7 @@ def test_without_a_usable_preview_the_model_copy_is_the_half_size_image(preview)
 def test_result_carries_the_raws_exif_date_camera_lens_and_gps():
     data = dng_bytes(stored(SCENE, 6), orientation=6)
     flat = np.zeros((60, 90), np.float32)
-    done = finish(data, "x.dng", flat, flat, effect_params("default"))
+    done = render_on_host(data, "x.dng", SceneMaps(flat, flat), RenderSettings(effect_params("default")))
     with Image.open(io.BytesIO(done.encoded)) as out:
         assert out.format == "JPEG" and out.size == (180, 120)
         exif = out.getexif()
@@ -111,8 +111,10 @@ def test_result_carries_the_raws_exif_date_camera_lens_and_gps():
 
 
 def test_raw_without_metadata_gives_a_result_without_exif_trouble():
-    done = finish(dng_bytes(SCENE, metadata=False), "x.dng", np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float32),
-                  effect_params("default"))  # fmt: skip
+    flat = np.zeros((4, 4), np.float32)
+    done = render_on_host(
+        dng_bytes(SCENE, metadata=False), "x.dng", SceneMaps(flat, flat), RenderSettings(effect_params("default"))
+    )
     with Image.open(io.BytesIO(done.encoded)) as out:
         exif = out.getexif()
     assert exif.get(0x010F) == CAMERA[0] and 0x9003 not in exif.get_ifd(0x8769)

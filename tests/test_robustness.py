@@ -37,7 +37,7 @@ from pipeline.cli import main, parse_args
 from pipeline.errors import BadInputError, OutputError
 from pipeline.job import JobConfig, JobSummary, driver, run_job
 from pipeline.job.plan import make_plan, output_relpath
-from pipeline.job.stages import ModelStage, finish_photos, read_photos
+from pipeline.job.stages import ModelStage, read_photos, render_and_write
 from pipeline.manifest import latest_rows, manifest_rows, read_manifest
 from pipeline.models import DEPTH, SALIENCY, load_model
 from pipeline.storage import Storage, safe_relpath
@@ -563,7 +563,7 @@ def test_a_photo_whose_write_keeps_failing_fails_alone(tmp_path, monkeypatch):
     }
     batch = read_photos(batch, str(inputs), {}, config.max_megapixels)
     batch = ModelStage(config.saliency_model, config.depth_model, None, None, "cpu", 4).predict(batch)
-    batch = finish_photos(batch, config)
+    batch = render_and_write(batch, config)
 
     assert list(batch["status"]) == ["ok", "failed", "ok"], list(batch["error"])
     assert batch["error_kind"][1] == "write-error"
@@ -576,7 +576,7 @@ def test_a_photo_whose_write_keeps_failing_fails_alone(tmp_path, monkeypatch):
 
 
 def fake_execution(kinds: list[str]):
-    """Instead of Ray Data: rows as finish_photos would end them, kinds[i] for the i-th photo."""
+    """Instead of Ray Data: rows as render_and_write would end them, kinds[i] for the i-th photo."""
 
     def execute(config, inputs, chunk_refs, run_id, models):
         relpaths = pa.concat_tables(ray.get(chunk_refs)).column("relpath").to_pylist()

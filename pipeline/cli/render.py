@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
-import fsspec
 import numpy as np
 
+from ..backend import NUMPY_PATH, device_results, model_device, render_backend_for, torch_path
 from ..errors import BadInputError
-from ..job.plan import render_backend_for
-from ..models.base import default_device
-from ..photo import NUMPY_PATH, Finished, SceneModels, finish, prepare
+from ..photo import Finished, RenderSettings, SceneMaps, SceneModels, prepare, render_on_host
 from ..photo_io import OUTPUT_EXTENSIONS, read_depth, read_mask
-from ..storage import Storage
+from ..storage import Storage, read_file
 from .options import add_config_fields, add_config_option, add_effect_options, params_from_args
 
 
@@ -39,18 +37,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def read_input(path: str) -> bytes:
-    try:
-        with fsspec.open(path, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise BadInputError(f"{path}: is a directory, not a file") from None
-    except PermissionError:
-        raise BadInputError(f"{path}: permission denied") from None
-
-
 def output_format(output: str, fmt: str | None) -> str:
     if fmt:
         return fmt
@@ -65,54 +51,37 @@ def output_format(output: str, fmt: str | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    params = params_from_args(args)
-    fmt = output_format(args.output, args.format)
-    data = read_input(args.photo)
-    saliency = read_mask(read_input(args.mask), args.mask) if args.mask else None
-    depth = read_depth(read_input(args.depth), args.depth) if args.depth else None
-    device = args.device or default_device()
+    settings = RenderSettings(
+        params_from_args(args),
+        output_format(args.output, args.format),
+        args.quality,
+        args.max_megapixels,
+        intermediates=bool(args.save_intermediates),
+    )
+    data = read_file(args.photo)
+    saliency = read_mask(read_file(args.mask), args.mask) if args.mask else None
+    depth = read_depth(read_file(args.depth), args.depth) if args.depth else None
+    device = model_device(args.device)
     models: SceneModels | None = None
+    maps: SceneMaps | None = None  # found on the host: the CPU path, should it be taken, needs no others
     done: Finished | None = None
     path = NUMPY_PATH
 
     if render_backend_for(args.render_backend, device) == "torch":
-        from ..device_render import finish_on_device, render_path
-
         if saliency is None and depth is None:  # the models run on the device too
             models = _models(args, device)
-            given: dict = {"models": models}
+            found = device_results([data], settings, device, models=models)[0]
         else:
-            saliency, depth, models = _maps(args, data, device, saliency, depth)
-            given = {"maps": [(saliency, depth)]}
-        found = finish_on_device(
-            [data],
-            params,
-            device,
-            fmt=fmt,
-            quality=args.quality,
-            max_megapixels=args.max_megapixels,
-            intermediates=bool(args.save_intermediates),
-            depth_measured=_depth_measured(args, models),
-            **given,
-        )[0]
+            maps, models = _maps(args, data, device, saliency, depth)
+            found = device_results([data], settings, device, maps=[maps])[0]
         if isinstance(found, str):
             path = f"{NUMPY_PATH} ({found})"
         else:
-            done, path = found, render_path(device)
+            done, path = found, torch_path(device)
     if done is None:
-        saliency, depth, models = _maps(args, data, device, saliency, depth, models)
-        done = finish(
-            data,
-            args.photo,
-            saliency,
-            depth,
-            params,
-            fmt,
-            args.quality,
-            args.max_megapixels,
-            intermediates=bool(args.save_intermediates),
-            depth_measured=_depth_measured(args, models),
-        )
+        if maps is None:
+            maps, models = _maps(args, data, device, saliency, depth, models)
+        done = render_on_host(data, args.photo, maps, settings)
     folder, name = os.path.split(os.path.abspath(args.output))
     Storage(folder).write_atomic(name, done.encoded)
     if args.save_intermediates:
@@ -125,16 +94,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.output}: {done.reason}")
     used = f" models: {', '.join(models.describe())};" if models is not None else ""
     print(
-        f"{args.output}: {done.width}x{done.height}, preset {params.preset}, render path {path};{used} "
+        f"{args.output}: {done.width}x{done.height}, preset {settings.params.preset}, render path {path};{used} "
         f"crisp in front of depth {done.rendering.start:.3f}, background behind {done.rendering.stop:.3f}"
     )
     return 0
-
-
-def _depth_measured(args: argparse.Namespace, models: SceneModels | None) -> bool:
-    """Whether the depth map is a measurement (a file given, or a depth model's) rather than the
-    weight-free ground prior (see effect.render)."""
-    return args.depth is not None or models is None or models.depth.measures_depth
 
 
 def _models(args: argparse.Namespace, device: str) -> SceneModels:
@@ -152,17 +115,17 @@ def _maps(
     saliency: np.ndarray | None,
     depth: np.ndarray | None,
     models: SceneModels | None = None,
-) -> tuple[np.ndarray, np.ndarray, SceneModels | None]:
+) -> tuple[SceneMaps, SceneModels | None]:
     """Both maps on the host: those given, the others from the models on the photo's model copy."""
     if saliency is not None and depth is not None:
-        return saliency, depth, models
+        return SceneMaps(saliency, depth), models
     models = models or _models(args, device)
     maps = models.predict(
         [prepare(data, args.photo, args.max_megapixels)],
         saliency=None if saliency is None else [saliency],
         depth=None if depth is None else [depth],
     )[0]
-    return maps.saliency, maps.depth, models
+    return maps, models
 
 
 def _from_copy(args: argparse.Namespace) -> tuple[tuple[str, str], tuple[str | None, str | None]]:

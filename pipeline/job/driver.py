@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from ..backend import render_backend_for
 from ..errors import RETRIED_KINDS, OutputError, SourceVanishedError
 from ..manifest import (
     FAILED,
@@ -44,8 +45,8 @@ from ..models import DEPTH, SALIENCY
 from ..storage import Storage, retried_total
 from .console import Progress, without_native_noise
 from .lease import RENEW_SECONDS, Lease
-from .plan import IMAGES_DIR, JobConfig, OtherFile, PlanItem, check_locations, make_plan, render_backend_for
-from .stages import DeviceRendering, ModelStage, finish_stage, job_manifest_rows, read_stage
+from .plan import IMAGES_DIR, JobConfig, OtherFile, PlanItem, check_locations, make_plan
+from .stages import ModelStage, finish_stage, job_manifest_rows, read_stage
 from .weights import JobModel, resolve_models, ship
 
 log = logging.getLogger(__name__)
@@ -466,7 +467,7 @@ def _execute(
             layout.device,
             layout.batch_size,
             ship(models),
-            DeviceRendering.of(config) if on_device else None,
+            config.render_settings() if on_device else None,
             config.runtime,
         ),
         batch_size=layout.batch_size,

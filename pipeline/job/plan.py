@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..backend import RENDER_BACKENDS
 from ..errors import BadInputError, BrokenLinkError, DreamfocusError, PairedFileSkipped
 from ..manifest import FAILED, MANIFEST_DIR, OK, SKIPPED, FolderResume, ResumeIndex, listing_status
 from ..models import DEPTH, SALIENCY, default_model
 from ..params import EffectParams
+from ..photo import RenderSettings
 from ..photo_io import OUTPUT_EXTENSIONS, PHOTO_EXTENSIONS
 from ..raw_io import is_raw
 from ..storage import LISTING_PREFETCH, SourceFile, Storage, is_inside, safe_relpath
@@ -25,15 +27,6 @@ from ..storage import LISTING_PREFETCH, SourceFile, Storage, is_inside, safe_rel
 log = logging.getLogger(__name__)
 
 IMAGES_DIR, INTERMEDIATES_DIR = "images", "intermediates"
-RENDER_BACKENDS = ("auto", "numpy", "torch")
-
-
-def render_backend_for(choice: str, device: str) -> str:
-    """The render backend that runs: "numpy" or "torch"; auto picks torch on a GPU only (on CPUs
-    the NumPy/OpenCV effect is the quicker of the two)."""
-    if choice == "auto":
-        return "torch" if device.startswith("cuda") else "numpy"
-    return choice
 
 
 def _option(default, help: str, group: str, **argparse):
@@ -156,6 +149,17 @@ class JobConfig:
             problems.append("gpus-per-actor must be >= 0")
         if problems:
             raise BadInputError("; ".join(problems))
+
+    def render_settings(self) -> RenderSettings:
+        """How this job's photos are rendered and written, on whichever path."""
+        return RenderSettings(
+            self.params,
+            self.format,
+            self.quality,
+            self.max_megapixels,
+            self.save_intermediates,
+            self.device_batch_bytes,
+        )
 
     def job_hash(self) -> str:
         """What decides how an output looks: effect parameters, models and encoding."""

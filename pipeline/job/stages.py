@@ -20,19 +20,22 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 
+from ..backend import NUMPY_PATH, device_results, release_device_cache, torch_path
 from ..batches import (
     HEAVY,
+    INTERMEDIATE_COLUMNS,
+    RENDERED,
     ROW_STATE,
     UPDATED,
+    add_columns,
     arrow_stage,
+    keep_or_add_columns,
     pack,
     pack_depth,
     pack_saliency,
@@ -42,9 +45,7 @@ from ..batches import (
 )
 from ..errors import DreamfocusError, classify, error_kind
 from ..manifest import FAILED, OK, SKIPPED, manifest_rows
-from ..models import model_class
-from ..params import EffectParams
-from ..photo import INTERMEDIATE_NAMES, NUMPY_PATH, Finished, SceneMaps, SceneModels, finish, prepare
+from ..photo import INTERMEDIATE_NAMES, Finished, RenderSettings, SceneMaps, SceneModels, prepare, render_on_host
 from ..storage import SourceFile, Storage, retried_total
 from .plan import IMAGES_DIR, INTERMEDIATES_DIR, JobConfig
 from .weights import Shipment
@@ -82,21 +83,13 @@ def read_photos(
     """Read the bytes, decode a reduced copy for the models (unless the model actor decodes)."""
     inputs = Storage(input_uri, storage_options)
     n = len(batch["relpath"])
-    batch["status"] = np.array([OK] * n, dtype=object)
-    batch["error_kind"] = np.array([""] * n, dtype=object)
-    batch["error"] = np.array([""] * n, dtype=object)
-    batch["reason"] = np.array([""] * n, dtype=object)
-    batch["data"] = np.array([b""] * n, dtype=object)
-    batch["model_copy"] = np.array([b""] * n, dtype=object)
-    batch["seconds_read"] = np.zeros(n, np.float32)
-    batch["seconds_decode"] = np.zeros(n, np.float32)
-    batch["started_at"] = np.empty(n, dtype="datetime64[ms]")
+    add_columns(batch, n, *ROW_STATE, "data", "model_copy", "started_at", "seconds_read", "seconds_decode")
+    batch["status"][:] = OK
     listed = "source_fingerprint" in batch  # what the listing found, which the read holds to
     if listed:
         writable(batch, "source_fingerprint", "source_size")
     # For the run's summary: transient storage errors met, photos replaced since the listing.
-    batch["storage_retries"] = np.zeros(n, np.int32)
-    batch["source_changed"] = np.zeros(n, bool)
+    add_columns(batch, n, "storage_retries", "source_changed")
     for i, relpath in enumerate(batch["relpath"]):
         batch["started_at"][i] = np.datetime64(datetime.now(UTC).replace(tzinfo=None), "ms")
         retried = retried_total()
@@ -149,7 +142,7 @@ class ModelStage:
         device: str | None,
         batch_size: int,
         shipped: dict[str, Shipment] | None = None,
-        rendering: DeviceRendering | None = None,
+        on_device: RenderSettings | None = None,
         runtime: str | None = None,
     ) -> None:
         weights = {"saliency": saliency_weights, "depth": depth_weights}
@@ -158,11 +151,11 @@ class ModelStage:
         self.models = SceneModels(
             saliency, depth, weights["saliency"], weights["depth"], device, batch_size, runtime
         ).load()
-        self.rendering = rendering
+        self.on_device = on_device  # the torch render backend's settings: the actor renders
 
     def __call__(self, table: pa.Table) -> pa.Table:
         # The model copy is not needed after the models: it does not travel on to the CPU stage.
-        if self.rendering is not None:  # "data" is updated: emptied where it is needed no more
+        if self.on_device is not None:  # "data" is updated: emptied where it is needed no more
             return arrow_stage(
                 table, self.render, ("relpath", *UPDATED, "data"), drops=("model_copy",), updates=(*UPDATED, "data")
             )
@@ -173,91 +166,43 @@ class ModelStage:
         writable(batch, *ROW_STATE)
         n = len(batch["relpath"])
         live = [i for i in range(n) if batch["status"][i] == OK]
-        batch["saliency"], batch["depth"] = np.array([b""] * n, dtype=object), np.array([b""] * n, dtype=object)
-        for task in MODEL_TASKS:
-            batch[f"seconds_{task}"] = np.zeros(n, np.float32)
+        add_columns(batch, n, *MODEL_COLUMNS)
         self._maps(batch, live, [unpack(batch["model_copy"][i]) for i in live])
         self._model_names(batch)
         return batch
 
     def render(self, batch: dict) -> dict:
         """The torch render backend: the photos still ok decoded, rendered and encoded on the
-        device (device_render); those it cannot take get their maps for the CPU path instead."""
-        from ..device_render import finish_on_device, render_path
-
-        assert self.rendering is not None
-        how = self.rendering
+        device; those it cannot take get their maps for the CPU path (the finish stage) instead."""
+        settings = self.on_device
+        assert settings is not None
         writable(batch, *UPDATED, "data")  # a shallow copy: the bytes themselves are not copied
         n = len(batch["relpath"])
         live = [i for i in range(n) if batch["status"][i] == OK]
-        for column in ("encoded", "saliency", "depth"):
-            batch[column] = np.array([b""] * n, dtype=object)
-        for column, dtype in (*RENDER_NUMBERS.items(), *((f"seconds_{task}", np.float32) for task in MODEL_TASKS)):
-            batch[column] = np.zeros(n, dtype)
-        batch["render_path"] = np.array([""] * n, dtype=object)
-        for name in INTERMEDIATE_NAMES if how.intermediates else ():
-            batch[f"png_{name}"] = np.array([b""] * n, dtype=object)
-
-        def on_device(rows: list[int]) -> list[Finished | str]:
-            return finish_on_device(
-                [batch["data"][i] for i in rows],
-                how.params,
-                self.models.device or "cpu",
-                models=self.models,
-                fmt=how.format,
-                quality=how.quality,
-                max_megapixels=how.max_megapixels,
-                intermediates=how.intermediates,
-                depth_measured=self.models.depth.measures_depth,
-                batch_bytes=how.batch_bytes,
-            )
-
-        results: list[Finished | str]
-        try:
-            results = on_device(live)
-        except Exception:  # noqa: BLE001 - one by one, so a photo that breaks the batch goes alone
-            log.warning("device path failed on a batch of %d; retrying one by one", len(live), exc_info=True)
-            _release_gpu_cache()
-            results = []
-            for i in live:
-                try:
-                    results.extend(on_device([i]))
-                except Exception as exc:  # noqa: BLE001 - the CPU path is still open to it
-                    results.append(f"the device path failed ({type(exc).__name__}: {exc})")
+        add_columns(batch, n, *MODEL_COLUMNS, "encoded", *RENDERED)
+        if settings.intermediates:
+            add_columns(batch, n, *INTERMEDIATE_COLUMNS)
+        device = self.models.device or "cpu"
+        results = device_results([batch["data"][i] for i in live], settings, device, models=self.models)
         on_cpu, copies = [], []
-        where = render_path(self.models.device or "cpu")
         for i, done in zip(live, results):
             if isinstance(done, str):
                 log.info("%s: CPU path (%s)", batch["relpath"][i], done)
                 try:
-                    copies.append(prepare(batch["data"][i], batch["relpath"][i], how.max_megapixels))
+                    copies.append(prepare(batch["data"][i], batch["relpath"][i], settings.max_megapixels))
                     on_cpu.append(i)
                 except Exception as exc:  # noqa: BLE001 - any failure becomes this photo's row
                     fail(batch, i, exc)
                 continue
-            batch["encoded"][i], batch["render_path"][i] = done.encoded, where
+            record_rendering(batch, i, done, torch_path(device))
+            batch["encoded"][i] = done.encoded
             batch["data"][i] = b""  # written as encoded: the photo's bytes travel no further
-            batch["width"][i], batch["height"][i] = done.width, done.height
-            batch["fg_fraction"][i] = done.rendering.fg_fraction
-            batch["interp_start"][i], batch["interp_stop"][i] = done.rendering.start, done.rendering.stop
-            batch["seconds_decode"][i] += done.seconds["decode"]
-            for step in (*MODEL_TASKS, "effect", "encode"):
-                batch[f"seconds_{step}"][i] = done.seconds[step]
             for name, png in done.intermediates.items():
                 batch[f"png_{name}"][i] = png
-            if done.left_alone:  # written unchanged by the finishing task, so the output stays complete
-                leave_alone(batch, i, done.left_alone, done.reason)
         if on_cpu:
             self._maps(batch, on_cpu, copies)
         self._model_names(batch)
         return batch
-
-    def _model_names(self, batch: dict) -> None:
-        n = len(batch["relpath"])
-        for task, model in (("saliency", self.models.saliency), ("depth", self.models.depth)):
-            batch[f"{task}_model"] = np.array([model.name] * n, dtype=object)
-            batch[f"{task}_version"] = np.array([model.version] * n, dtype=object)
-            batch[f"{task}_runtime"] = np.array([model.runtime] * n, dtype=object)
 
     def _maps(self, batch: dict, live: list[int], copies: list[np.ndarray]) -> None:
         """Both models on the model copies of rows ``live``: their saliency and depth columns,
@@ -269,7 +214,7 @@ class ModelStage:
             seconds = self.models.seconds
         except Exception:  # noqa: BLE001 - retry one by one, so one bad photo fails alone
             log.warning("models failed on a batch of %d; retrying one by one", len(live), exc_info=True)
-            _release_gpu_cache()
+            release_device_cache()
             maps = []
             for k, i in enumerate(live):
                 try:
@@ -278,68 +223,57 @@ class ModelStage:
                 except Exception as exc:  # noqa: BLE001
                     fail(batch, i, exc)
                     maps.append(None)
+        depth_measured = self.models.depth.measures_depth
         for i, found in zip(live, maps):
             if found is not None:
                 batch["saliency"][i], batch["depth"][i] = pack_saliency(found.saliency), pack_depth(found.depth)
+                batch["depth_measured"][i] = depth_measured
         for task in MODEL_TASKS:
             batch[f"seconds_{task}"][live] = seconds[task] / max(1, len(live))
 
-
-def _release_gpu_cache() -> None:
-    """After a CUDA out-of-memory, give cached blocks back before the smaller retries."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# What a photo's rendering tells the manifest; set by whichever stage renders it.
-RENDER_NUMBERS = {
-    "width": np.int32,
-    "height": np.int32,
-    "fg_fraction": np.float32,
-    "interp_start": np.float32,
-    "interp_stop": np.float32,
-    "seconds_effect": np.float32,
-    "seconds_encode": np.float32,
-}
-# Columns the model actor adds with the torch render backend, for the finishing task to write.
-DEVICE_COLUMNS = ("encoded", "render_path", *RENDER_NUMBERS, *(f"png_{name}" for name in INTERMEDIATE_NAMES))
+    def _model_names(self, batch: dict) -> None:
+        for task, model in (("saliency", self.models.saliency), ("depth", self.models.depth)):
+            batch[f"{task}_model"][:] = model.name
+            batch[f"{task}_version"][:] = model.version
+            batch[f"{task}_runtime"][:] = model.runtime
 
 
-@dataclass(frozen=True)
-class DeviceRendering:
-    """What the model actor needs to render on its device (the torch render backend)."""
-
-    params: EffectParams
-    format: str
-    quality: int
-    max_megapixels: float
-    intermediates: bool
-    batch_bytes: int | None = None  # decoded pixel bytes per device batch (None: from free memory)
-
-    @classmethod
-    def of(cls, config: JobConfig) -> DeviceRendering:
-        return cls(
-            config.params,
-            config.format,
-            config.quality,
-            config.max_megapixels,
-            config.save_intermediates,
-            config.device_batch_bytes,
-        )
+# The columns the model actor sets on every photo of a batch.
+MODEL_COLUMNS = (
+    "saliency",
+    "depth",
+    "depth_measured",
+    *(f"seconds_{task}" for task in MODEL_TASKS),
+    *(f"{task}_{what}" for task in MODEL_TASKS for what in ("model", "version", "runtime")),
+)
 
 
-def finish_photos(batch: dict, config: JobConfig) -> dict:
+def record_rendering(batch: dict, i: int, done: Finished, render_path: str) -> None:
+    """What a photo's rendering tells its row, whichever path rendered it (the bytes and the
+    intermediates go their own way: written by the finish stage, or carried to it)."""
+    batch["render_path"][i] = render_path
+    batch["width"][i], batch["height"][i] = done.width, done.height
+    batch["fg_fraction"][i] = done.rendering.fg_fraction
+    batch["interp_start"][i], batch["interp_stop"][i] = done.rendering.start, done.rendering.stop
+    for step, spent in done.seconds.items():
+        if step == "decode":  # the model copy's decode came first, in the read stage
+            batch["seconds_decode"][i] += spent
+        else:
+            batch[f"seconds_{step}"][i] = spent
+    if done.left_alone:  # written unchanged by the finish stage, so the library's output stays complete
+        leave_alone(batch, i, done.left_alone, done.reason)
+
+
+def render_and_write(batch: dict, config: JobConfig) -> dict:
     """Write what the device path encoded; decode at full resolution, apply the effect and encode
     the others (the CPU path), then write them. Every write is atomic."""
     images = Storage(f"{config.output.rstrip('/')}/{IMAGES_DIR}", config.storage_options)
     intermediates = Storage(f"{config.output.rstrip('/')}/{INTERMEDIATES_DIR}", config.storage_options)
+    settings = config.render_settings()
     writable(batch, *UPDATED)
     n = len(batch["relpath"])
-    for column, dtype in (*RENDER_NUMBERS.items(), ("seconds_write", np.float32), ("storage_retries", np.int32)):
-        batch[column] = np.array(batch[column], dtype) if column in batch else np.zeros(n, dtype)
-    batch["output_uri"] = np.array([""] * n, dtype=object)
-    batch["render_path"] = np.array(batch.get("render_path", [""] * n), dtype=object)
+    keep_or_add_columns(batch, n, *RENDERED, "storage_retries")
+    add_columns(batch, n, "seconds_write", "output_uri")
     encoded = batch.get("encoded", [b""] * n)
     for i in range(n):
         on_device = len(encoded[i]) > 0  # rendered by the model actor, left alone or not
@@ -352,27 +286,12 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
                 data = encoded[i]
                 pngs = {name: batch[f"png_{name}"][i] for name in INTERMEDIATE_NAMES if f"png_{name}" in batch}
             else:
-                done = finish(
-                    batch["data"][i],
-                    relpath,
-                    unpack_map(batch["saliency"][i]),
-                    unpack_map(batch["depth"][i]),
-                    config.params,
-                    config.format,
-                    config.quality,
-                    config.max_megapixels,
-                    config.save_intermediates,
-                    depth_measured=model_class(batch["depth_model"][i]).measures_depth,
+                maps = SceneMaps(
+                    unpack_map(batch["saliency"][i]), unpack_map(batch["depth"][i]), bool(batch["depth_measured"][i])
                 )
+                done = render_on_host(batch["data"][i], relpath, maps, settings)
                 data, pngs = done.encoded, done.intermediates
-                batch["seconds_decode"][i] += done.seconds["decode"]
-                batch["seconds_effect"][i], batch["seconds_encode"][i] = done.seconds["effect"], done.seconds["encode"]
-                batch["height"][i], batch["width"][i] = done.height, done.width
-                batch["fg_fraction"][i] = done.rendering.fg_fraction
-                batch["interp_start"][i], batch["interp_stop"][i] = done.rendering.start, done.rendering.stop
-                batch["render_path"][i] = NUMPY_PATH
-                if done.left_alone:  # written unchanged, so the library's output stays complete
-                    leave_alone(batch, i, done.left_alone, done.reason)
+                record_rendering(batch, i, done, NUMPY_PATH)
             t0 = _now()
             target = batch["output_relpath"][i]
             images.write_atomic(target, data)
@@ -388,24 +307,17 @@ def finish_photos(batch: dict, config: JobConfig) -> dict:
 
 
 def finish_stage(table: pa.Table, config: JobConfig, run_id: str, source_root: str) -> pa.Table:
-    """finish_photos as a Ray Data stage, ending in the photos' manifest rows: the workers build
-    them, the driver only commits them."""
-    device_columns = tuple(c for c in (*DEVICE_COLUMNS, "storage_retries") if c in table.column_names)
+    """render_and_write as a Ray Data stage, ending in the photos' manifest rows: the workers
+    build them, the driver only commits them."""
+    carried = tuple(
+        c for c in ("encoded", *RENDERED, *INTERMEDIATE_COLUMNS, "storage_retries") if c in table.column_names
+    )
     finished = arrow_stage(
         table,
-        functools.partial(finish_photos, config=config),
-        drops=(*HEAVY, "encoded", *(f"png_{name}" for name in INTERMEDIATE_NAMES)),
-        reads=(
-            "relpath",
-            "output_relpath",
-            *UPDATED,
-            "data",
-            "saliency",
-            "depth",
-            "depth_model",
-            *device_columns,
-        ),
-        updates=(*UPDATED, *RENDER_NUMBERS, "render_path", "storage_retries"),
+        functools.partial(render_and_write, config=config),
+        drops=(*HEAVY, "encoded", "depth_measured", *INTERMEDIATE_COLUMNS),
+        reads=("relpath", "output_relpath", *UPDATED, "data", "saliency", "depth", "depth_measured", *carried),
+        updates=(*UPDATED, *RENDERED, "storage_retries"),
     )
     return job_manifest_rows(finished, config, run_id, source_root)
 
