@@ -1,4 +1,5 @@
-"""Storage: the only place that touches files, for local paths and any fsspec URI.
+"""Storage: the photos, the outputs and the manifest, in local folders or at any fsspec URI
+(model weights have a cache of their own: models/weights.py).
 
 A `Storage` is rooted at a folder (``/photos``, ``s3://bucket/photos``, ``gs://...``,
 ``memory://...``). Inputs are listed as `SourceFile` rows with a path relative to that root
