@@ -399,7 +399,7 @@ def test_task_workers_killed_mid_task_are_retried(killed_run):
 class OutOfMemoryModel:
     """Fails every call with more than one photo, and the photo whose pixels are `poison` always."""
 
-    name, version, runtime, accepts_tensors = "oom-test", "1", "numpy", False
+    name, version, runtime, accepts_tensors, measures_depth = "oom-test", "1", "numpy", False, True
 
     def __init__(self, error: BaseException, poison: int) -> None:
         self.error, self.poison, self.calls = error, poison, []
