@@ -106,19 +106,20 @@ def load_model(
     except WeightsUnavailableError as exc:
         if not fallback:
             raise
-        return create_model(depth_fallback(task, name, exc), DEPTH, device=device, batch_size=batch_size)
+        instead = depth_fallback(task, name, exc, warn=name not in _warned_fallback)
+        _warned_fallback.add(name)
+        return create_model(instead, DEPTH, device=device, batch_size=batch_size)
 
 
-def depth_fallback(task: str, name: str, exc: WeightsUnavailableError, named: bool = False) -> str:
+def depth_fallback(task: str, name: str, exc: WeightsUnavailableError, named: bool = False, warn: bool = True) -> str:
     """The model that runs instead of ``name``, whose weights cannot be had (``exc`` says why):
-    the ground prior for a depth model, after one warning per model name and process, the one
-    decision of it for a loaded model and for a job's driver. ``exc`` is raised again for a
-    saliency model, for the ground prior itself, and where the weights were ``named`` explicitly
-    and cannot be used (they are not silently replaced by another model)."""
+    the ground prior for a depth model, with one warning (where ``warn``). The one decision of it,
+    for a model that loads and for a job's driver. ``exc`` is raised again for a saliency model,
+    for the ground prior itself, and where the weights were ``named`` explicitly and cannot be
+    used (they are not silently replaced by another model)."""
     if named or task != DEPTH or name == FALLBACK_DEPTH:
         raise exc
-    if name not in _warned_fallback:
-        _warned_fallback.add(name)
+    if warn:
         log = logging.getLogger(__name__)
         log.info("%s", exc)  # the how-to is in `dreamfocus models list`, and here in full with -v
         why = str(exc).split(";")[0]
