@@ -21,9 +21,10 @@ import pytest
 
 import pipeline.models as models
 from pipeline.errors import WeightsUnavailableError
-from pipeline.job.weights import JobModel, Shipment, describe, resolve_models
+from pipeline.job.weights import Shipment, resolve_models
 from pipeline.models import DEPTH, SALIENCY
 from pipeline.models.isnet import ISNet
+from pipeline.models.weights import JobModel, describe
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
@@ -130,7 +131,7 @@ def test_a_run_without_weights_fails_in_one_line_before_ray_starts(tmp_path):
 
 
 def test_resolved_weights_are_checked_and_described(fake_isnet, empty_cache, caplog):
-    with caplog.at_level(logging.WARNING, logger="pipeline.job.weights"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
         resolved = resolve_models(config())
     isnet = resolved[SALIENCY]
     assert isnet.name == "isnet-general-use" and isnet.path == empty_cache / ISNet.cache_name
@@ -228,7 +229,7 @@ def test_weights_from_a_folder_without_depth_falls_back_and_without_a_listing_sa
     assert code == 0 and (copy / "isnet-general-use" / ISNet.cache_name).read_bytes() == fake_isnet
     assert "warning" in capsys.readouterr().err  # depth could not be fetched (no hub)
     monkeypatch.setenv("DREAMFOCUS_CACHE", str(tmp_path / "fresh"))
-    with caplog.at_level(logging.WARNING, logger="pipeline.job.weights"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.models"):
         resolved = resolve_models(config(weights_from=str(copy)))
     assert resolved[SALIENCY].digest == ISNet.sha256 and resolved[DEPTH] == JobModel(DEPTH, "ground-prior")
     assert any("lists no weights for depth-anything-v2-small" in r.getMessage() for r in caplog.records)

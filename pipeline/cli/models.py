@@ -103,7 +103,7 @@ def fetch_models(names: list[str], source: str | None, missing_ok: bool = False,
         if path is not None:
             fetched[cls.name] = path
     if to and fetched:
-        from ..job.weights import export_weights
+        from ..models.weights import export_weights
 
         where = export_weights(fetched, to)
         print(f"copied {', '.join(fetched)} to {where} (listed with their sha256s in {where}/weights.json)")

@@ -129,19 +129,11 @@ def _maps(
 
 
 def _from_copy(args: argparse.Namespace) -> tuple[tuple[str, str], tuple[str | None, str | None]]:
-    from ..job.plan import JobConfig
-    from ..job.weights import resolve_models
     from ..models import DEPTH, SALIENCY
+    from ..models.weights import WeightsCopy, job_models
 
-    config = JobConfig(
-        input="",
-        output="",
-        saliency_model=args.saliency_model,
-        depth_model=args.depth_model,
-        saliency_weights=args.saliency_weights,
-        depth_weights=args.depth_weights,
-        weights_from=args.weights_from,
+    resolved = job_models(
+        args.saliency_model, args.depth_model, args.saliency_weights, args.depth_weights, WeightsCopy(args.weights_from)
     )
-    resolved = resolve_models(config)
     paths = tuple(None if resolved[t].path is None else str(resolved[t].path) for t in (SALIENCY, DEPTH))
     return (resolved[SALIENCY].name, resolved[DEPTH].name), (paths[0], paths[1])

@@ -1,9 +1,11 @@
-"""Model weights for a library job: resolved and checked by the driver before Ray starts, then
-shipped to the model actors through Ray's object store.
+"""Model weights for a library job: found and checked by the driver before Ray starts (in
+``pipeline.models.weights``, the one place weights are looked up), then shipped to the model
+actors through Ray's object store.
 
     resolve_models(config)     (driver, before Ray)  each task's model and its checked weights
-                                                     files; a depth model without weights
-                                                     becomes the ground prior here, once
+                                                     files (models.weights.job_models); a depth
+                                                     model without weights becomes the ground
+                                                     prior there, once
     ship(models)               (driver, Ray up)      each weights file put in the object store
     Shipment.local_path()      (model actor)         the weights on the actor's node: the
                                                      driver's own files on the driver's node,
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -32,15 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import BadInputError, WeightsUnavailableError
-from ..models import DEPTH, FALLBACK_DEPTH, SALIENCY, model_class, warn_depth_fallback
+from ..errors import WeightsUnavailableError
+from ..models import model_class
 from ..models.weights import (
-    cache_dir,
-    fetch_to_cache,
-    fetch_weights,
+    JobModel,
+    WeightsCopy,
+    job_models,
     replaced_atomically,
-    resolve_weights,
-    uri_key,
     weights_digest,
     writable_cache_dir,
 )
@@ -51,212 +50,14 @@ SHIPPED_DIR = "shipped"
 _MAPPED = 1 << 20  # files at least this large go to the object store memory-mapped (no copy in the driver)
 
 
-@dataclass(frozen=True)
-class WeightsFile:
-    relpath: str  # the file's name (a file model) or its path inside the weights folder
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class JobModel:
-    """The model that will run for a task, and the weights the driver checked for it."""
-
-    task: str
-    name: str  # the model that runs: the ground prior when the depth model's weights are missing
-    path: Path | None = None  # the weights on the driver: a file or a folder; None: no weights
-    files: tuple[WeightsFile, ...] = ()
-    digest: str = ""  # a file's sha256, or that of a folder's listing (names, sizes, sha256s)
-    folder: bool = False  # the weights are a folder (the model loads the folder, not a file)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
-
-
 def resolve_models(config: Any) -> dict[str, JobModel]:
-    """Each task's model with its weights found (cache, the configured path or URI, the model's
-    environment variable, its registry or hub) and checked, before any Ray start-up.
-
-    With ``config.weights_from`` (a copy that ``dreamfocus models fetch --to`` wrote), the
-    weights come from that copy only, checked against its sha256s (and the model's own, where it
-    has one); weights named for one model still win.
-
-    A saliency model without weights raises WeightsUnavailableError in one line that says how to
-    supply them. A depth model without weights (none named explicitly) becomes the ground prior,
-    with one warning.
-    """
+    """The job's models (``config``: a JobConfig) with their weights checked, before any Ray
+    start-up: ``models.weights.job_models`` with the config's models, weights and copy
+    (``config.weights_from``)."""
     copy = WeightsCopy(config.weights_from, config.storage_options) if getattr(config, "weights_from", None) else None
     # A runtime that is unknown, or not installed here, is said now rather than by a model actor.
     model_class(config.saliency_model).runtime_for(getattr(config, "device", None), getattr(config, "runtime", None))
-    saliency = _resolve(SALIENCY, config.saliency_model, config.saliency_weights, copy)
-    try:
-        depth = _resolve(DEPTH, config.depth_model, config.depth_weights, copy)
-    except WeightsUnavailableError as exc:
-        if config.depth_weights or config.depth_model == FALLBACK_DEPTH:
-            raise  # weights named explicitly that cannot be used: not silently something else
-        warn_depth_fallback(log, config.depth_model, exc)
-        depth = JobModel(DEPTH, FALLBACK_DEPTH)
-    return {SALIENCY: saliency, DEPTH: depth}
-
-
-def _resolve(task: str, name: str, weights: str | None, copy: WeightsCopy | None = None) -> JobModel:
-    cls = model_class(name)
-    if cls.task != task:
-        raise BadInputError(f"model {name!r} is a {cls.task} model, not a {task} model")
-    if not cls.needs_weights:
-        return JobModel(task, name)
-    t0 = time.perf_counter()
-    try:
-        where = copy.fetch(cls) if copy is not None and not weights else resolve_weights(cls, weights)
-    except WeightsUnavailableError as missing:
-        # Weights named by the user or in the copy named, or a corrupt file in the cache: said as is.
-        if weights or copy is not None or cls.local_weights() is not None:
-            raise WeightsUnavailableError(_one_line(str(missing))) from missing
-        try:  # nothing at hand: the registry or hub the weights are published on, into the cache
-            where = _fetch(cls)
-        except WeightsUnavailableError as exc:
-            raise WeightsUnavailableError(
-                _one_line(
-                    f"no weights for {name} in {cache_dir()}, and {_lower_first(str(exc))} "
-                    f"(here: --{task}-weights PATH_OR_URI)"
-                )
-            ) from exc
-    if not isinstance(where, Path):  # a hub id: copied into the cache once, so it can be shipped
-        where = _fetch(cls)
-    model = describe(task, name, where)
-    log.info(
-        "%s: weights checked in %.2f s (%.1f MB, %s, sha256 %s)",
-        name,
-        time.perf_counter() - t0,
-        model.nbytes / 1e6,
-        where,
-        model.digest[:12],
-    )
-    return model
-
-
-def _fetch(cls) -> Path:
-    path = fetch_weights(cls)
-    if path is None:  # pragma: no cover - only models without weights have none
-        raise WeightsUnavailableError(f"no weights for {cls.name}; {cls.how_to_fetch()}")
-    return path
-
-
-def _lower_first(text: str) -> str:
-    return text[:1].lower() + text[1:]
-
-
-def describe(task: str, name: str, path: Path) -> JobModel:
-    """A JobModel for the weights at ``path`` (a file, or a folder of files), with their hashes."""
-    if path.is_file():
-        digest = weights_digest(path)
-        return JobModel(task, name, path, (WeightsFile(path.name, path.stat().st_size, digest),), digest)
-    files = tuple(
-        WeightsFile(p.relative_to(path).as_posix(), p.stat().st_size, weights_digest(p))
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
-    if not files:
-        raise WeightsUnavailableError(f"{path}: no weights files for {name}")
-    listing = json.dumps([(f.relpath, f.size, f.sha256) for f in files]).encode()
-    return JobModel(task, name, path, files, hashlib.sha256(listing).hexdigest(), folder=True)
-
-
-# ------------------------------------------------------------------- a copy for offline clusters
-
-INDEX = "weights.json"
-
-
-def _fs(uri: str, storage_options: dict | None):
-    import fsspec
-
-    try:
-        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    except (ImportError, ValueError) as exc:
-        raise WeightsUnavailableError(f"cannot open {uri}: {exc}") from exc
-
-
-def export_weights(paths: dict[str, Path], uri: str, storage_options: dict | None = None) -> str:
-    """Models' weights (name -> the checked local file or folder) copied to ``uri`` (a folder or
-    bucket) as ``<uri>/<name>/<file>``, with ``<uri>/weights.json`` listing every file's size and
-    sha256, written last. Models already listed there and not given here stay listed."""
-    fs, root = _fs(uri, storage_options)
-    root = root.rstrip("/")
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    try:
-        index = json.loads(fs.cat_file(f"{root}/{INDEX}"))
-    except FileNotFoundError:
-        index = {}
-    listed = index.setdefault("models", {})
-    for name, path in paths.items():
-        model = describe("", name, path)
-        for f in model.files:
-            target = f"{root}/{name}/{f.relpath}"
-            if local:
-                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(path / f.relpath if model.folder else path), target)
-        listed[name] = {
-            "folder": model.folder,
-            "digest": model.digest,
-            "files": [{"relpath": f.relpath, "size": f.size, "sha256": f.sha256} for f in model.files],
-        }
-    if local:
-        fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(f"{root}/{INDEX}", json.dumps(index, indent=1, sort_keys=True).encode())
-    return uri.rstrip("/")
-
-
-class WeightsCopy:
-    """A folder or bucket that ``export_weights`` (``dreamfocus models fetch --to``) wrote: each
-    model's files are copied into the driver's cache and checked against the sha256s listed."""
-
-    def __init__(self, uri: str, storage_options: dict | None = None) -> None:
-        self.uri = uri.rstrip("/")
-        self.storage_options = storage_options
-        fs, root = _fs(self.uri, storage_options)
-        try:
-            self.models: dict[str, dict] = json.loads(fs.cat_file(f"{root.rstrip('/')}/{INDEX}"))["models"]
-        except FileNotFoundError as exc:
-            raise WeightsUnavailableError(
-                f"{self.uri} holds no {INDEX}: write a copy there with `dreamfocus models fetch --to {self.uri}`"
-            ) from exc
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WeightsUnavailableError(f"{self.uri}/{INDEX} is not a weights listing: {exc}") from exc
-        except Exception as exc:  # noqa: BLE001 - any fsspec backend error means: not available
-            raise WeightsUnavailableError(f"cannot read {self.uri}/{INDEX}: {type(exc).__name__}: {exc}") from exc
-
-    def fetch(self, cls) -> Path:
-        """``cls``'s weights from the copy, in the driver's cache, checked; their local path."""
-        entry = self.models.get(cls.name)
-        if entry is None:
-            raise WeightsUnavailableError(f"{self.uri}/{INDEX} lists no weights for {cls.name}")
-        try:
-            files = [WeightsFile(str(f["relpath"]), int(f["size"]), str(f["sha256"])) for f in entry["files"]]
-            folder = bool(entry["folder"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WeightsUnavailableError(f"{self.uri}/{INDEX}: bad entry for {cls.name}: {exc}") from exc
-        for f in files:
-            parts = Path(f.relpath).parts
-            if not parts or Path(f.relpath).is_absolute() or ".." in parts:
-                raise WeightsUnavailableError(f"{self.uri}/{INDEX}: unsafe file name {f.relpath!r} for {cls.name}")
-        if not files or (folder is False and len(files) != 1):
-            raise WeightsUnavailableError(f"{self.uri}/{INDEX}: no weights files listed for {cls.name}")
-        if cls.sha256 is not None and not folder and files[0].sha256 != cls.sha256:
-            raise WeightsUnavailableError(
-                f"{self.uri}/{INDEX} lists other weights for {cls.name}: sha256 {files[0].sha256}, "
-                f"expected {cls.sha256}"
-            )
-        base = f"from-{uri_key(self.uri)}/{cls.name}"
-        for f in files:
-            fetch_to_cache(f"{self.uri}/{cls.name}/{f.relpath}", f"{base}/{f.relpath}", f.sha256, self.storage_options)
-        path = cache_dir() / base if folder else cache_dir() / base / files[0].relpath
-        cls.check_weights(path)
-        return path
+    return job_models(config.saliency_model, config.depth_model, config.saliency_weights, config.depth_weights, copy)
 
 
 # ------------------------------------------------------------------------------ shipping

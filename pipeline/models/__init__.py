@@ -104,23 +104,32 @@ def load_model(
     try:
         return create_model(name, task, runtime, weights=weights, device=device, batch_size=batch_size)
     except WeightsUnavailableError as exc:
-        if not fallback or task != DEPTH or name == FALLBACK_DEPTH:
+        if not fallback:
             raise
-        if name not in _warned_fallback:
-            _warned_fallback.add(name)
-            warn_depth_fallback(logging.getLogger(__name__), name, exc)
-        return create_model(FALLBACK_DEPTH, DEPTH, device=device, batch_size=batch_size)
+        instead = depth_fallback(task, name, exc, warn=name not in _warned_fallback)
+        _warned_fallback.add(name)
+        return create_model(instead, DEPTH, device=device, batch_size=batch_size)
 
 
-def warn_depth_fallback(log: logging.Logger, name: str, exc: WeightsUnavailableError) -> None:
-    """The one warning line of a depth model that falls back to the ground prior: why, without
-    the how-to (that is in `dreamfocus models list`, and logged here in full with -v)."""
-    log.info("%s", exc)
-    why = str(exc).split(";")[0]
-    why = why if name in why else f"no weights for {name} ({why})"
-    log.warning(
-        "%s: using %s depth instead (`dreamfocus models list` says how to supply the weights)", why, FALLBACK_DEPTH
-    )
+def depth_fallback(task: str, name: str, exc: WeightsUnavailableError, named: bool = False, warn: bool = True) -> str:
+    """The model that runs instead of ``name``, whose weights cannot be had (``exc`` says why):
+    the ground prior for a depth model, with one warning (where ``warn``). The one decision of it,
+    for a model that loads and for a job's driver. ``exc`` is raised again for a saliency model,
+    for the ground prior itself, and where the weights were ``named`` explicitly and cannot be
+    used (they are not silently replaced by another model)."""
+    if named or task != DEPTH or name == FALLBACK_DEPTH:
+        raise exc
+    if warn:
+        log = logging.getLogger(__name__)
+        log.info("%s", exc)  # the how-to is in `dreamfocus models list`, and here in full with -v
+        why = str(exc).split(";")[0]
+        why = why if name in why else f"no weights for {name} ({why})"
+        log.warning(
+            "%s: using %s depth instead (`dreamfocus models list` says how to supply the weights)",
+            why,
+            FALLBACK_DEPTH,
+        )
+    return FALLBACK_DEPTH
 
 
 __all__ = [
@@ -132,9 +141,9 @@ __all__ = [
     "create_model",
     "default_model",
     "default_models",
+    "depth_fallback",
     "load_model",
     "model_class",
     "model_names",
     "register",
-    "warn_depth_fallback",
 ]

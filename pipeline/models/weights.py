@@ -1,14 +1,16 @@
-"""Model weights: where they are cached, how they are fetched, and how they are checked.
+"""Model weights: where they are cached, how they are found, fetched and checked.
 
-Every model finds its weights through :func:`resolve_weights` (when it loads) and fills its
-cache entry through :func:`fetch_weights` (``dreamfocus models fetch``); the model class says,
+Every lookup of weights goes through :func:`resolve_weights`, in one order: a model as it loads,
+``dreamfocus models fetch`` (``fetch=True``: into the model's cache entry) and a job's driver,
+whose :func:`job_model` / :func:`job_models` give each task's model with its checked files (and
+the depth fallback, ``pipeline.models.depth_fallback``) before Ray starts. The model class says,
 through the attributes and hooks of ``MapModel``, what its weights are and how they are copied.
 
 Weights never live in the repository. They are fetched once into :func:`cache_dir` from any
-fsspec URI (a local path, ``file://``, ``s3://``, ``gs://``, ``https://``, ``memory://``, ...)
-or, for IS-Net, from the npm registry over HTTPS (``npm.py``). Every file lands under its final name
-in one ``os.replace`` from a ``.partial`` sibling, so a killed fetch never leaves a half-written
-file that later looks complete.
+fsspec URI (a local path, ``file://``, ``s3://``, ``gs://``, ``https://``, ``memory://``, ...),
+from a copy that ``models fetch --to`` wrote (:class:`WeightsCopy`), or, for IS-Net, from the npm
+registry over HTTPS (``npm.py``). Every file lands under its final name in one ``os.replace`` from
+a ``.partial`` sibling, so a killed fetch never leaves a half-written file that later looks complete.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 import uuid
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 from urllib.parse import urlparse
 
-from ..errors import WeightsUnavailableError
+from ..errors import BadInputError, WeightsUnavailableError
 
 if TYPE_CHECKING:
     from .base import MapModel
@@ -42,63 +46,66 @@ ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 # ------------------------------------------------------------------------------ the resolver
 
 
-def resolve_weights(model: type[MapModel], weights: str | None = None) -> Path | str:
-    """Where ``model``'s weights are, for loading: a local file or folder, or a hub id.
+@overload
+def resolve_weights(
+    model: type[MapModel], weights: str | None = None, copy: WeightsCopy | None = None, fetch: Literal[False] = False
+) -> Path | str: ...
+@overload
+def resolve_weights(
+    model: type[MapModel], weights: str | None = None, copy: WeightsCopy | None = None, *, fetch: Literal[True]
+) -> Path | None: ...
+def resolve_weights(
+    model: type[MapModel], weights: str | None = None, copy: WeightsCopy | None = None, fetch: bool = False
+) -> Path | str | None:
+    """Where ``model``'s weights are: a local file or folder, or (to load them) a hub id.
 
-    In this order:
+    In this order, the one every lookup follows:
 
     1. ``weights``, a path or URI: a local file or folder is used where it is (archives are
        extracted into the cache); anything remote is copied once into the cache under a name
-       derived from the URI.
-    2. The model's own cache entry (checked against the model's sha256 where it knows it).
-    3. The model's environment variable (``model.weights_env``), a path or URI: copied once into
+       derived from the URI. With ``fetch`` they replace the model's cache entry instead, unless
+       it holds the weights of the model's known sha256 already.
+    2. ``copy`` (``--weights-from``): the model's files from that copy, checked.
+    3. The model's own cache entry, checked against the model's sha256 where it knows it: a
+       corrupt one is an error (with ``fetch``: it is fetched again).
+    4. The model's environment variable (``model.weights_env``), a path or URI: copied once into
        the model's cache entry, which then serves every later load; for a model without a cache
        entry it is used like ``weights``.
-    4. ``model.hub_weights()``: a hub id the model's library can load (cached there or
-       reachable), or WeightsUnavailableError saying how to supply the weights.
+    5. Where the weights are published: with ``fetch``, the registry or hub, into the model's
+       cache entry (``model.fetch_from_registry()``); else ``model.hub_weights()``, a hub id the
+       model's library can load (cached there or reachable). Or WeightsUnavailableError saying
+       how to supply the weights.
+
+    With ``fetch`` the weights end up in the model's cache entry: their path (None for a model
+    without weights).
     """
-    if weights:
-        return _supplied(model, str(weights))
-    cached = model.local_weights()
-    if cached is not None:
-        if model.sha256 is not None and weights_digest(cached) != model.sha256:
-            raise WeightsUnavailableError(
-                f"{cached} is corrupt: sha256 {weights_digest(cached)}, expected {model.sha256}; "
-                f"delete it and run `dreamfocus models fetch {model.name}`"
-            )
-        return cached
-    env = os.environ.get(model.weights_env) if model.weights_env else None
-    if env:
-        return model.fill_cache(env) if model.cache_name else _supplied(model, env)
-    return model.hub_weights()
-
-
-def fetch_weights(model: type[MapModel], source: str | None = None) -> Path | None:
-    """``model``'s weights in its cache entry; their path (None for models without weights).
-
-    Weights that the cache already holds and that match the model's known sha256 are kept.
-    Otherwise, in this order: ``source`` (replacing what the cache held), what the cache holds,
-    the model's environment variable, the registry or hub the weights are published on
-    (``model.fetch_from_registry()``).
-    """
-    if not model.needs_weights:
+    if fetch and not model.needs_weights:
         return None
-    if model.cache_name is None:
+    if fetch and model.cache_name is None:
         raise WeightsUnavailableError(model.how_to_fetch())
+    if weights and not fetch:
+        return _supplied(model, str(weights))
+    if copy is not None and not weights:
+        return copy.fetch(model)
     cached = model.local_weights()
     if cached is not None and model.sha256 is not None:
         if weights_digest(cached) == model.sha256:
             return cached
+        if not fetch:
+            raise WeightsUnavailableError(
+                f"{cached} is corrupt: sha256 {weights_digest(cached)}, expected {model.sha256}; "
+                f"delete it and run `dreamfocus models fetch {model.name}`"
+            )
         log.warning("cached %s fails its checksum; fetching it again", cached)
         cached = None
-    if source:
-        return model.fill_cache(source)
+    if weights:  # only with fetch: they fill the cache entry
+        return model.fill_cache(str(weights))
     if cached is not None:
         return cached
     env = os.environ.get(model.weights_env) if model.weights_env else None
     if env:
-        return model.fill_cache(env)
-    return model.fetch_from_registry()
+        return model.fill_cache(env) if model.cache_name else _supplied(model, env)
+    return model.fetch_from_registry() if fetch else model.hub_weights()
 
 
 def _supplied(model: type[MapModel], uri: str) -> Path:
@@ -128,6 +135,214 @@ def replace_cache_entry(model: type[MapModel], source: str) -> Path:
 
 def is_archive(uri: str) -> bool:
     return uri.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+# ------------------------------------------------------------------ a job's models, checked
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    relpath: str  # the file's name (a file model) or its path inside the weights folder
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class JobModel:
+    """The model that will run for a task, and the weights the driver checked for it."""
+
+    task: str
+    name: str  # the model that runs: the ground prior when the depth model's weights are missing
+    path: Path | None = None  # the weights on the driver: a file or a folder; None: no weights
+    files: tuple[WeightsFile, ...] = ()
+    digest: str = ""  # a file's sha256, or that of a folder's listing (names, sizes, sha256s)
+    folder: bool = False  # the weights are a folder (the model loads the folder, not a file)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def job_models(
+    saliency_model: str | None = None,
+    depth_model: str | None = None,
+    saliency_weights: str | None = None,
+    depth_weights: str | None = None,
+    copy: WeightsCopy | None = None,
+) -> dict[str, JobModel]:
+    """Each task's model with its weights found (:func:`resolve_weights`, then the registry or hub
+    they are published on) and checked, without loading either model: task -> JobModel.
+
+    With ``copy`` (one that ``dreamfocus models fetch --to`` wrote), the weights come from that
+    copy only; weights named for one model still win. A saliency model without weights raises
+    WeightsUnavailableError in one line that says how to supply them. A depth model without
+    weights (none named explicitly) becomes the ground prior (``pipeline.models.depth_fallback``).
+    A model not named is the task's default.
+    """
+    from . import DEPTH, SALIENCY, default_model, depth_fallback
+
+    saliency = job_model(SALIENCY, saliency_model or default_model(SALIENCY), saliency_weights, copy)
+    depth_model = depth_model or default_model(DEPTH)
+    try:
+        depth = job_model(DEPTH, depth_model, depth_weights, copy)
+    except WeightsUnavailableError as exc:
+        depth = JobModel(DEPTH, depth_fallback(DEPTH, depth_model, exc, named=bool(depth_weights)))
+    return {SALIENCY: saliency, DEPTH: depth}
+
+
+def job_model(task: str, name: str, weights: str | None = None, copy: WeightsCopy | None = None) -> JobModel:
+    """Model ``name`` for ``task`` with its weights as local files in the cache, checked: where
+    :func:`resolve_weights` finds none at hand, or only a hub id, they are fetched from where they
+    are published, so that the files can be shipped."""
+    from . import model_class
+
+    cls = model_class(name)
+    if cls.task != task:
+        raise BadInputError(f"model {name!r} is a {cls.task} model, not a {task} model")
+    if not cls.needs_weights:
+        return JobModel(task, name)
+    t0 = time.perf_counter()
+    try:
+        where = resolve_weights(cls, weights, copy)
+    except WeightsUnavailableError as missing:
+        # Weights named by the user or in the copy named, or a corrupt file in the cache: said as is.
+        if weights or copy is not None or cls.local_weights() is not None:
+            raise WeightsUnavailableError(_one_line(str(missing))) from missing
+        try:  # nothing at hand: the registry or hub the weights are published on, into the cache
+            where = _fetched(cls)
+        except WeightsUnavailableError as exc:
+            raise WeightsUnavailableError(
+                _one_line(
+                    f"no weights for {name} in {cache_dir()}, and {_lower_first(str(exc))} "
+                    f"(here: --{task}-weights PATH_OR_URI)"
+                )
+            ) from exc
+    if not isinstance(where, Path):  # a hub id: copied into the cache once, so it can be shipped
+        where = _fetched(cls)
+    model = describe(task, name, where)
+    log.info(
+        "%s: weights checked in %.2f s (%.1f MB, %s, sha256 %s)",
+        name,
+        time.perf_counter() - t0,
+        model.nbytes / 1e6,
+        where,
+        model.digest[:12],
+    )
+    return model
+
+
+def _fetched(cls: type[MapModel]) -> Path:
+    path = resolve_weights(cls, fetch=True)
+    if path is None:  # pragma: no cover - only models without weights have none
+        raise WeightsUnavailableError(f"no weights for {cls.name}; {cls.how_to_fetch()}")
+    return path
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+def describe(task: str, name: str, path: Path) -> JobModel:
+    """A JobModel for the weights at ``path`` (a file, or a folder of files), with their hashes."""
+    if path.is_file():
+        digest = weights_digest(path)
+        return JobModel(task, name, path, (WeightsFile(path.name, path.stat().st_size, digest),), digest)
+    files = tuple(
+        WeightsFile(p.relative_to(path).as_posix(), p.stat().st_size, weights_digest(p))
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise WeightsUnavailableError(f"{path}: no weights files for {name}")
+    listing = json.dumps([(f.relpath, f.size, f.sha256) for f in files]).encode()
+    return JobModel(task, name, path, files, hashlib.sha256(listing).hexdigest(), folder=True)
+
+
+# ------------------------------------------------------------------- a copy for offline clusters
+
+INDEX = "weights.json"
+
+
+def export_weights(paths: dict[str, Path], uri: str, storage_options: dict | None = None) -> str:
+    """Models' weights (name -> the checked local file or folder) copied to ``uri`` (a folder or
+    bucket) as ``<uri>/<name>/<file>``, with ``<uri>/weights.json`` listing every file's size and
+    sha256, written last. Models already listed there and not given here stay listed."""
+    fs, root = filesystem(uri, storage_options)
+    root = root.rstrip("/")
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    try:
+        index = json.loads(fs.cat_file(f"{root}/{INDEX}"))
+    except FileNotFoundError:
+        index = {}
+    listed = index.setdefault("models", {})
+    for name, path in paths.items():
+        model = describe("", name, path)
+        for f in model.files:
+            target = f"{root}/{name}/{f.relpath}"
+            if local:
+                fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(path / f.relpath if model.folder else path), target)
+        listed[name] = {
+            "folder": model.folder,
+            "digest": model.digest,
+            "files": [{"relpath": f.relpath, "size": f.size, "sha256": f.sha256} for f in model.files],
+        }
+    if local:
+        fs.makedirs(root, exist_ok=True)
+    fs.pipe_file(f"{root}/{INDEX}", json.dumps(index, indent=1, sort_keys=True).encode())
+    return uri.rstrip("/")
+
+
+class WeightsCopy:
+    """A folder or bucket that ``export_weights`` (``dreamfocus models fetch --to``) wrote: each
+    model's files are copied into the driver's cache and checked against the sha256s listed."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.storage_options = storage_options
+        fs, root = filesystem(self.uri, storage_options)
+        try:
+            self.models: dict[str, dict] = json.loads(fs.cat_file(f"{root.rstrip('/')}/{INDEX}"))["models"]
+        except FileNotFoundError as exc:
+            raise WeightsUnavailableError(
+                f"{self.uri} holds no {INDEX}: write a copy there with `dreamfocus models fetch --to {self.uri}`"
+            ) from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsUnavailableError(f"{self.uri}/{INDEX} is not a weights listing: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - any fsspec backend error means: not available
+            raise WeightsUnavailableError(f"cannot read {self.uri}/{INDEX}: {type(exc).__name__}: {exc}") from exc
+
+    def fetch(self, cls: type[MapModel]) -> Path:
+        """``cls``'s weights from the copy, in the driver's cache, checked; their local path."""
+        entry = self.models.get(cls.name)
+        if entry is None:
+            raise WeightsUnavailableError(f"{self.uri}/{INDEX} lists no weights for {cls.name}")
+        try:
+            files = [WeightsFile(str(f["relpath"]), int(f["size"]), str(f["sha256"])) for f in entry["files"]]
+            folder = bool(entry["folder"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsUnavailableError(f"{self.uri}/{INDEX}: bad entry for {cls.name}: {exc}") from exc
+        for f in files:
+            parts = Path(f.relpath).parts
+            if not parts or Path(f.relpath).is_absolute() or ".." in parts:
+                raise WeightsUnavailableError(f"{self.uri}/{INDEX}: unsafe file name {f.relpath!r} for {cls.name}")
+        if not files or (folder is False and len(files) != 1):
+            raise WeightsUnavailableError(f"{self.uri}/{INDEX}: no weights files listed for {cls.name}")
+        if cls.sha256 is not None and not folder and files[0].sha256 != cls.sha256:
+            raise WeightsUnavailableError(
+                f"{self.uri}/{INDEX} lists other weights for {cls.name}: sha256 {files[0].sha256}, "
+                f"expected {cls.sha256}"
+            )
+        base = f"from-{uri_key(self.uri)}/{cls.name}"
+        for f in files:
+            fetch_to_cache(f"{self.uri}/{cls.name}/{f.relpath}", f"{base}/{f.relpath}", f.sha256, self.storage_options)
+        path = cache_dir() / base if folder else cache_dir() / base / files[0].relpath
+        cls.check_weights(path)
+        return path
 
 
 # ------------------------------------------------------------------------------ the cache
@@ -181,7 +396,9 @@ def local_path(uri: str) -> Path | None:
     return Path(uri).expanduser()
 
 
-def _filesystem(uri: str, storage_options: dict | None = None):
+def filesystem(uri: str, storage_options: dict | None = None):
+    """The fsspec file system and path of a weights source or copy (WeightsUnavailableError
+    where ``uri`` names no file system this machine can open)."""
     import fsspec
 
     try:
@@ -230,7 +447,7 @@ def fetch_to_cache(uri: str, name: str, sha256: str | None = None, storage_optio
         if sha256 is None or sha256_file(final) == sha256.lower():
             return final
         log.warning("cached %s fails its checksum; fetching it again", final)
-    fs, path = _filesystem(uri, storage_options)
+    fs, path = filesystem(uri, storage_options)
     try:
         if not fs.isfile(path):
             raise FileNotFoundError(path)
@@ -260,7 +477,7 @@ def fetch_dir_to_cache(
         return final
     if final.exists():  # an incomplete folder from elsewhere: start afresh
         shutil.rmtree(final)
-    fs, path = _filesystem(uri, storage_options)
+    fs, path = filesystem(uri, storage_options)
     try:
         with replaced_atomically(final) as tmp:
             tmp.mkdir(parents=True)
