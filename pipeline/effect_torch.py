@@ -8,9 +8,11 @@ and the CPU path; this one keeps a photo on a GPU from decode to encode.
 Shapes: photos N x 3 x H x W uint8 (RGB), maps N x h x w float32, per-photo scalars N. One batch
 holds photos of one size (their maps share a size too). The decisions on the working-size maps
 that need OpenCV's watershed and connected components (a clear subject, the whole subject:
-effect.subject_strength, effect.extend_subject) are effect.py's own, taken on host copies of
-those small maps, one copy per batch; everything at full resolution stays on the device, and
-the other decisions (flat depth, a soft background) are tensors taken with torch.where.
+effect.no_clear_subject, effect.whole_subject) are effect.py's own, taken on host copies of
+those small maps, one copy per batch; everything at full resolution stays on the device. The
+working size and the parameters scaled to it (effect.working_size), the decision to leave a
+photo alone (effect.leaves_alone, on tensors here) and the Rendering a photo comes back as
+(effect.Rendering.of) are effect.py's too; what is decided per pixel is taken with torch.where.
 
 Arithmetic follows OpenCV's where effect.py uses it (bilinear with pixel centres at
 half-integers, BORDER_REFLECT box filters, the fixed-point RGB to gray), so results agree to
