@@ -35,6 +35,7 @@ from PIL import Image, ImageCms
 
 from . import effect_torch
 from .effect import Rendering
+from .models.tensors import resize_map
 from .params import EffectParams
 from .photo import (
     MODEL_INPUT_SIZE,
@@ -45,7 +46,7 @@ from .photo import (
     intermediate_pngs,
     left_alone_reason,
 )
-from .photo_io import _SRGB_ICC, _is_srgb, _reset_orientation, encode_photo
+from .photo_io import SRGB_ICC, encode_photo, is_srgb, reset_orientation
 
 _ORIENTATION = 0x0112
 
@@ -73,14 +74,14 @@ def takes(data: bytes, max_megapixels: float) -> JpegHeader | str:
         if im.mode not in ("RGB", "L"):
             return f"{im.mode} JPEG"
         icc = im.info.get("icc_profile")
-        if icc and not _is_srgb(ImageCms.ImageCmsProfile(io.BytesIO(icc))):
+        if icc and not is_srgb(ImageCms.ImageCmsProfile(io.BytesIO(icc))):
             return "ICC profile other than sRGB"
         raw = im.info.get("exif")
         orientation = int(im.getexif().get(_ORIENTATION, 1)) if raw else 1
     except Exception as exc:  # noqa: BLE001 - the CPU path names the problem in its own words
         return f"unreadable header ({type(exc).__name__})"
     return JpegHeader(
-        width, height, orientation if 1 <= orientation <= 8 else 1, _reset_orientation(raw) if raw else None
+        width, height, orientation if 1 <= orientation <= 8 else 1, reset_orientation(raw) if raw else None
     )
 
 
@@ -159,7 +160,7 @@ def with_metadata(jpeg: bytes, exif: bytes | None) -> bytes:
     segments = []
     if exif and len(exif) + 2 <= 0xFFFF:
         segments.append(b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif)
-    icc = b"ICC_PROFILE\x00\x01\x01" + _SRGB_ICC  # one chunk: the sRGB profile is small
+    icc = b"ICC_PROFILE\x00\x01\x01" + SRGB_ICC  # one chunk: the sRGB profile is small
     segments.append(b"\xff\xe2" + struct.pack(">H", len(icc) + 2) + icc)
     return jpeg[:at] + b"".join(segments) + jpeg[at:]
 
@@ -401,43 +402,9 @@ def _stack_maps(maps: list[torch.Tensor]) -> torch.Tensor:
     """One N x h x w tensor of maps; maps of photos of one size share a size, but maps given from
     files may not: those are brought to the first one's size (bilinear, as the effect would)."""
     h, w = maps[0].shape[-2:]
-    return torch.stack([m if m.shape[-2:] == (h, w) else effect_torch.resize_map(m[None], h, w)[0] for m in maps])
+    return torch.stack([resize_map(m, h, w) for m in maps])
 
 
 def _numbers(rendered: dict[int, tuple[effect_torch.TorchRendering, int]], live: list[int]) -> dict[int, Rendering]:
     """The per-photo numbers of every rendering, brought to the host in one copy."""
-    rows = torch.stack(
-        [
-            torch.stack(
-                [
-                    batch.start[j].double(),
-                    batch.stop[j].double(),
-                    batch.fg_fraction[j].double(),
-                    batch.background_detail[j].double(),
-                    batch.left_alone[j].double(),
-                    batch.subject_confidence[j].double(),
-                    batch.no_subject[j].double(),
-                ]
-            )
-            for batch, j in (rendered[i] for i in live)
-        ]
-    ).cpu()
-    empty = np.empty((0, 0), np.float32)
-    out = {}
-    for i, (start, stop, fraction, detail, alone, confidence, no_subject) in zip(live, rows.tolist()):
-        out[i] = Rendering(
-            image=np.empty((0, 0, 3), np.uint8),
-            background=np.empty((0, 0, 3), np.uint8),
-            alpha=empty,
-            fg=empty,
-            depth=empty,
-            factor=rendered[i][0].factor,
-            start=start,
-            stop=stop,
-            fg_fraction=fraction,
-            background_detail=detail,
-            left_alone=bool(alone),
-            subject_confidence=confidence,
-            no_subject=bool(no_subject),
-        )
-    return out
+    return dict(zip(live, effect_torch.host_numbers([rendered[i] for i in live])))

@@ -11,11 +11,15 @@ optional directional gradient, composite. ``render`` composes them for a preset.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import cv2
 import numpy as np
 
 from .params import EffectParams
+
+# A per-photo flag: a bool here, an N bool tensor in effect_torch, which takes the same decisions.
+Flag = TypeVar("Flag")
 
 
 @dataclass
@@ -37,6 +41,58 @@ class Rendering:
     saliency: np.ndarray | None = None  # float32 the model's mask at working size (fg: extended from it)
     subject_confidence: float = float("nan")  # mean mask level over the model's foreground
     no_subject: bool = False  # True when left alone for want of a clear subject
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        factor: int,
+        start: float,
+        stop: float,
+        fg_fraction: float,
+        background_detail: float,
+        left_alone: float,
+        subject_confidence: float,
+        no_subject: float,
+        image: np.ndarray | None = None,
+        background: np.ndarray | None = None,
+        alpha: np.ndarray | None = None,
+        fg: np.ndarray | None = None,
+        depth: np.ndarray | None = None,
+        saliency: np.ndarray | None = None,
+    ) -> Rendering:
+        """A photo's rendering from its numbers and decisions, each a Python, numpy or 0-d torch
+        number (flags as bool or 0/1), and the maps it has: those not given are empty (the
+        numbers alone, as the device path brings them back)."""
+        empty = np.empty((0, 0), np.float32)
+        return cls(
+            image=np.empty((0, 0, 3), np.uint8) if image is None else image,
+            background=np.empty((0, 0, 3), np.uint8) if background is None else background,
+            alpha=empty if alpha is None else alpha,
+            fg=empty if fg is None else fg,
+            depth=empty if depth is None else depth,
+            factor=factor,
+            start=float(start),
+            stop=float(stop),
+            fg_fraction=float(fg_fraction),
+            background_detail=float(background_detail),
+            left_alone=bool(left_alone),
+            saliency=saliency,
+            subject_confidence=float(subject_confidence),
+            no_subject=bool(no_subject),
+        )
+
+
+# The numbers of a Rendering besides its factor, as `Rendering.of` takes them.
+RENDERING_NUMBERS = (
+    "start",
+    "stop",
+    "fg_fraction",
+    "background_detail",
+    "left_alone",
+    "subject_confidence",
+    "no_subject",
+)
 
 
 def resize_map(values: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -170,6 +226,29 @@ def composite(
         return blended
     out[...] = blended
     return out
+
+
+@dataclass(frozen=True)
+class WorkingSize:
+    """The size the effect works at, and the spatial parameters scaled to it."""
+
+    factor: int  # full size = working size * factor
+    height: int
+    width: int
+    kernel_size: int  # of the painterly background's opening
+    refine_radius: int  # of the guided filter (0: no refinement)
+
+
+def working_size(height: int, width: int, params: EffectParams) -> WorkingSize:
+    """The working size of a height x width photo (what `downscale` by its factor gives) and
+    the parameters' kernel size and refinement radius scaled to it: they are given for a
+    working image whose long side is params.work_size."""
+    factor = working_factor(height, width, params.work_size)
+    work_h, work_w = height // factor, width // factor
+    scale = max(work_h, work_w) / params.work_size if params.work_size else 1.0
+    return WorkingSize(
+        factor, work_h, work_w, max(1, round(params.kernel_size * scale)), round(params.refine_radius * scale)
+    )
 
 
 def working_factor(height: int, width: int, work_size: int) -> int:
@@ -342,6 +421,32 @@ def subject_strength(fg: np.ndarray, fg_threshold: float = 0.5) -> tuple[float, 
     return count / fg.size, float(fg[subject].mean())
 
 
+def no_clear_subject(saliency: np.ndarray, params: EffectParams) -> tuple[bool, float]:
+    """(whether the photo has no clear subject and is left alone, the mask's confidence): its
+    foreground is under params.min_subject_area of the photo, or the model is unsure of it."""
+    area, confidence = subject_strength(saliency, params.fg_threshold)
+    return area < params.min_subject_area or confidence < params.min_subject_confidence, confidence
+
+
+def whole_subject(
+    work_photo: np.ndarray, saliency: np.ndarray, depth: np.ndarray, depth_measured: bool, params: EffectParams
+) -> np.ndarray:
+    """The subject kept crisp, at working size: the mask extended to the whole object
+    (`extend_subject`) where params.extend_subject asks for it, else the mask itself."""
+    if not params.extend_subject:
+        return saliency
+    # A flat depth map (normalised to all 0) measured nothing that could tell the object apart.
+    measured = depth_measured and bool(depth.max() > 0)
+    return extend_subject(work_photo, saliency, depth, measured, params.fg_threshold)
+
+
+def leaves_alone(no_subject: Flag, detail: Flag | float, params: EffectParams) -> Flag:
+    """Whether the photo is left as it is: no clear subject, or a background already softer
+    than params.min_background_detail of the subject's detail (never where detail is nan: not
+    measured). Per photo, on bools and floats or on torch tensors alike."""
+    return no_subject | (detail < params.min_background_detail)  # type: ignore[operator]
+
+
 # Colour and texture bins of the subject model: L in 8 steps, a and b in 16, detail in 2.
 _TIE_SHAPE = (8, 16, 16, 2)
 
@@ -477,79 +582,49 @@ def render(
     measurement: the subject is then extended by colour and texture alone, generously.
     """
     height, width = photo.shape[:2]
-    factor = working_factor(height, width, params.work_size)
-    work_photo = downscale(photo, factor)
-    work_h, work_w = work_photo.shape[:2]
-    # Spatial parameters are given for a working image whose long side is work_size.
-    scale = max(work_h, work_w) / params.work_size if params.work_size else 1.0
-    kernel_size = max(1, round(params.kernel_size * scale))
-    refine_radius = round(params.refine_radius * scale)
-
-    saliency = np.clip(resize_map(fg, work_h, work_w), 0.0, 1.0)
-    depth_work = normalize_depth(resize_map(depth, work_h, work_w))
-    area, confidence = subject_strength(saliency, params.fg_threshold)
-    if area < params.min_subject_area or confidence < params.min_subject_confidence:
-        start, stop = depth_bounds(
-            saliency, depth_work, params.fg_threshold, params.start_percentile, params.stop_percentile
-        )
-        return Rendering(
-            image=photo,
-            background=work_photo,
-            alpha=np.ones_like(saliency),
-            fg=saliency,
-            depth=depth_work,
-            factor=factor,
-            start=start,
-            stop=stop,
-            fg_fraction=area,
-            background_detail=float("nan"),
-            left_alone=True,
-            saliency=saliency,
-            subject_confidence=confidence,
-            no_subject=True,
-        )
-    # A flat depth map (normalised to all 0) measured nothing that could tell the object apart.
-    depth_measured = depth_measured and bool(depth_work.max() > 0)
-    fg_work = (
-        extend_subject(work_photo, saliency, depth_work, depth_measured, params.fg_threshold)
-        if params.extend_subject
-        else saliency
-    )
+    size = working_size(height, width, params)
+    work_photo = downscale(photo, size.factor)
+    saliency = np.clip(resize_map(fg, size.height, size.width), 0.0, 1.0)
+    depth_work = normalize_depth(resize_map(depth, size.height, size.width))
+    no_subject, confidence = no_clear_subject(saliency, params)
+    fg_work = saliency if no_subject else whole_subject(work_photo, saliency, depth_work, depth_measured, params)
     start, stop = depth_bounds(
         fg_work, depth_work, params.fg_threshold, params.start_percentile, params.stop_percentile
     )
-    alpha = interpolation_alpha(fg_work, depth_work, start, stop)
-    background = painterly_background(work_photo, kernel_size, params.brightness_min, params.brightness_max)
-
-    if refine_radius > 0:
-        coef_a, coef_b = guided_filter_coefficients(luminance(work_photo), alpha, refine_radius, params.refine_eps)
-        alpha = np.clip(coef_a * luminance(work_photo) + coef_b, 0.0, 1.0)
+    if no_subject:  # the photo as it is, its working copy as background, alpha all 1
+        image, background, alpha, detail = photo, work_photo, np.ones_like(saliency), float("nan")
     else:
-        coef_a, coef_b = np.zeros_like(alpha), alpha
-
-    detail = (
-        background_detail(work_photo, saliency, params.fg_threshold, whole=fg_work)
-        if params.min_background_detail > 0
-        else float("nan")
-    )
-    left_alone = bool(detail < params.min_background_detail)  # False for nan
-    if left_alone:
-        image = photo
-    else:
-        floor = gradient_floor(height, width, params.gradient, params.gradient_strength)
-        image = compose_full_size(photo, background, coef_a, coef_b, factor, floor)
-    return Rendering(
+        alpha = interpolation_alpha(fg_work, depth_work, start, stop)
+        background = painterly_background(work_photo, size.kernel_size, params.brightness_min, params.brightness_max)
+        if size.refine_radius > 0:
+            guide = luminance(work_photo)
+            coef_a, coef_b = guided_filter_coefficients(guide, alpha, size.refine_radius, params.refine_eps)
+            alpha = np.clip(coef_a * guide + coef_b, 0.0, 1.0)
+        else:
+            coef_a, coef_b = np.zeros_like(alpha), alpha
+        detail = (
+            background_detail(work_photo, saliency, params.fg_threshold, whole=fg_work)
+            if params.min_background_detail > 0
+            else float("nan")
+        )
+        if leaves_alone(False, detail, params):
+            image = photo
+        else:
+            floor = gradient_floor(height, width, params.gradient, params.gradient_strength)
+            image = compose_full_size(photo, background, coef_a, coef_b, size.factor, floor)
+    return Rendering.of(
+        factor=size.factor,
+        start=start,
+        stop=stop,
+        fg_fraction=float(np.count_nonzero(fg_work >= params.fg_threshold)) / fg_work.size,
+        background_detail=detail,
+        left_alone=leaves_alone(no_subject, detail, params),
+        subject_confidence=confidence,
+        no_subject=no_subject,
         image=image,
         background=background,
         alpha=alpha,
         fg=fg_work,
         depth=depth_work,
-        factor=factor,
-        start=start,
-        stop=stop,
-        fg_fraction=float(np.count_nonzero(fg_work >= params.fg_threshold)) / fg_work.size,
-        background_detail=detail,
-        left_alone=left_alone,
         saliency=saliency,
-        subject_confidence=confidence,
     )

@@ -8,9 +8,11 @@ and the CPU path; this one keeps a photo on a GPU from decode to encode.
 Shapes: photos N x 3 x H x W uint8 (RGB), maps N x h x w float32, per-photo scalars N. One batch
 holds photos of one size (their maps share a size too). The decisions on the working-size maps
 that need OpenCV's watershed and connected components (a clear subject, the whole subject:
-effect.subject_strength, effect.extend_subject) are effect.py's own, taken on host copies of
-those small maps, one copy per batch; everything at full resolution stays on the device, and
-the other decisions (flat depth, a soft background) are tensors taken with torch.where.
+effect.no_clear_subject, effect.whole_subject) are effect.py's own, taken on host copies of
+those small maps, one copy per batch; everything at full resolution stays on the device. The
+working size and the parameters scaled to it (effect.working_size), the decision to leave a
+photo alone (effect.leaves_alone, on tensors here) and the Rendering a photo comes back as
+(effect.Rendering.of) are effect.py's too; what is decided per pixel is taken with torch.where.
 
 Arithmetic follows OpenCV's where effect.py uses it (bilinear with pixel centres at
 half-integers, BORDER_REFLECT box filters, the fixed-point RGB to gray), so results agree to
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -29,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from . import effect
-from .effect import Rendering, gradient_floor, working_factor
-from .models.tensors import resize_area
+from .effect import RENDERING_NUMBERS, Rendering, gradient_floor, leaves_alone, working_size
+from .models.tensors import resize_map
 from .params import EffectParams
 
 # float32 constants as effect.py's numpy arithmetic has them (a Python float holding the float32 value)
@@ -58,38 +60,34 @@ class TorchRendering:
     subject_confidence: torch.Tensor  # N float32
     no_subject: torch.Tensor  # N bool
 
+    def numbers(self, i: int) -> torch.Tensor:
+        """Photo i's numbers (effect.RENDERING_NUMBERS) as one float64 tensor on the device."""
+        return torch.stack([getattr(self, name)[i].double() for name in RENDERING_NUMBERS])
+
     def host(self, i: int, with_image: bool = True) -> Rendering:
         """Photo i as effect.Rendering, in host memory (waits for the device)."""
 
         def hwc(x: torch.Tensor) -> np.ndarray:
             return x.permute(1, 2, 0).contiguous().cpu().numpy()
 
-        return Rendering(
+        return replace(
+            host_numbers([(self, i)])[0],
             image=hwc(self.image[i]) if with_image else np.empty((0, 0, 3), np.uint8),
             background=hwc(self.background[i]),
             alpha=self.alpha[i].cpu().numpy(),
             fg=self.fg[i].cpu().numpy(),
             depth=self.depth[i].cpu().numpy(),
-            factor=self.factor,
-            start=float(self.start[i]),
-            stop=float(self.stop[i]),
-            fg_fraction=float(self.fg_fraction[i]),
-            background_detail=float(self.background_detail[i]),
-            left_alone=bool(self.left_alone[i]),
             saliency=self.saliency[i].cpu().numpy(),
-            subject_confidence=float(self.subject_confidence[i]),
-            no_subject=bool(self.no_subject[i]),
         )
 
 
-def resize_map(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """N x h x w float32 maps resized to height x width (bilinear; area when shrinking a lot)."""
-    values = values.to(torch.float32)
-    if tuple(values.shape[-2:]) == (height, width):
-        return values
-    if values.shape[-2] > 2 * height and values.shape[-1] > 2 * width:
-        return resize_area(values, height, width)
-    return F.interpolate(values[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+def host_numbers(photos: Sequence[tuple[TorchRendering, int]]) -> list[Rendering]:
+    """The numbers of each (batch, index) photo as an effect.Rendering without maps, brought to
+    the host in one copy."""
+    rows = torch.stack([batch.numbers(i) for batch, i in photos]).cpu().tolist()
+    return [
+        Rendering.of(factor=batch.factor, **dict(zip(RENDERING_NUMBERS, row))) for (batch, _), row in zip(photos, rows)
+    ]
 
 
 def normalize_depth(depth: torch.Tensor) -> torch.Tensor:
@@ -416,16 +414,14 @@ def subject_decisions(
     no_subject, confidence, whole = [], [], []
     for i in range(n):
         saliency = np.clip(effect.resize_map(host[i, :map_size].reshape(fg.shape[-2:]), work_h, work_w), 0.0, 1.0)
-        area, sure = effect.subject_strength(saliency, params.fg_threshold)
-        alone = area < params.min_subject_area or sure < params.min_subject_confidence
+        alone, sure = effect.no_clear_subject(saliency, params)
         no_subject.append(alone)
         confidence.append(sure)
         if params.extend_subject and not alone:
             depth_i = host[i, map_size : 2 * map_size].reshape(depth.shape[-2:])
             depth_work = effect.normalize_depth(effect.resize_map(depth_i, work_h, work_w))
             photo = host[i, 2 * map_size :].reshape(work_h, work_w, 3).astype(np.uint8)
-            measured = bool(depth_measured[i]) and bool(depth_work.max() > 0)  # flat depth measured nothing
-            saliency = effect.extend_subject(photo, saliency, depth_work, measured, params.fg_threshold)
+            saliency = effect.whole_subject(photo, saliency, depth_work, bool(depth_measured[i]), params)
         whole.append(saliency)
     return (
         torch.tensor(no_subject, dtype=torch.bool, device=device),
@@ -449,27 +445,23 @@ def render(
     height, width = photos.shape[-2:]
     n = photos.shape[0]
     measured = [depth_measured] * n if isinstance(depth_measured, bool) else list(depth_measured)
-    factor = working_factor(height, width, params.work_size)
-    work_photo = downscale(photos, factor)
-    work_h, work_w = work_photo.shape[-2:]
-    scale = max(work_h, work_w) / params.work_size if params.work_size else 1.0
-    kernel_size = max(1, round(params.kernel_size * scale))
-    refine_radius = round(params.refine_radius * scale)
+    size = working_size(height, width, params)
+    work_photo = downscale(photos, size.factor)
 
     fg, depth = fg.to(photos.device), depth.to(photos.device)
-    saliency = resize_map(fg, work_h, work_w).clamp_(0.0, 1.0)
-    depth_work = normalize_depth(resize_map(depth, work_h, work_w))
+    saliency = resize_map(fg, size.height, size.width).clamp_(0.0, 1.0)
+    depth_work = normalize_depth(resize_map(depth, size.height, size.width))
     no_subject, confidence, whole = subject_decisions(work_photo, fg, depth, params, measured)
     fg_work = saliency if whole is None else whole
     start, stop = depth_bounds(
         fg_work, depth_work, params.fg_threshold, params.start_percentile, params.stop_percentile
     )
     alpha = interpolation_alpha(fg_work, depth_work, start, stop)
-    background = painterly_background(work_photo, kernel_size, params.brightness_min, params.brightness_max)
+    background = painterly_background(work_photo, size.kernel_size, params.brightness_min, params.brightness_max)
 
-    if refine_radius > 0:
+    if size.refine_radius > 0:
         guide = luminance(work_photo)
-        coef_a, coef_b = guided_filter_coefficients(guide, alpha, refine_radius, params.refine_eps)
+        coef_a, coef_b = guided_filter_coefficients(guide, alpha, size.refine_radius, params.refine_eps)
         alpha = (coef_a * guide + coef_b).clamp_(0.0, 1.0)
     else:
         coef_a, coef_b = torch.zeros_like(alpha), alpha
@@ -482,9 +474,9 @@ def render(
     )
     # No clear subject: the photo as it is, its working copy as background, alpha all 1 (as effect.render).
     detail = torch.where(no_subject, nan, detail)
-    left_alone = no_subject | (detail < params.min_background_detail)  # False for nan
+    left_alone = leaves_alone(no_subject, detail, params)
     floor = _gradient_floor(height, width, params.gradient, params.gradient_strength, photos.device)
-    composed = compose_full_size(photos, background, coef_a, coef_b, factor, floor)
+    composed = compose_full_size(photos, background, coef_a, coef_b, size.factor, floor)
     image = torch.where(left_alone[:, None, None, None], photos, composed)
     unset = no_subject[:, None, None]
     return TorchRendering(
@@ -493,10 +485,10 @@ def render(
         alpha=torch.where(unset, 1.0, alpha),
         fg=fg_work,
         depth=depth_work,
-        factor=factor,
+        factor=size.factor,
         start=start,
         stop=stop,
-        fg_fraction=(fg_work >= params.fg_threshold).sum(dim=(1, 2)).float() / (work_h * work_w),
+        fg_fraction=(fg_work >= params.fg_threshold).sum(dim=(1, 2)).float() / (size.height * size.width),
         background_detail=detail,
         left_alone=left_alone,
         saliency=saliency,

@@ -48,7 +48,7 @@ PHOTO_EXTENSIONS = IMAGE_EXTENSIONS | raw_io.RAW_EXTENSIONS
 OUTPUT_EXTENSIONS = {"jpeg": ".jpg", "png": ".png", "webp": ".webp"}
 
 _SRGB = ImageCms.createProfile("sRGB")
-_SRGB_ICC = ImageCms.ImageCmsProfile(_SRGB).tobytes()
+SRGB_ICC = ImageCms.ImageCmsProfile(_SRGB).tobytes()
 _ORIENTATION = 0x0112
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -138,7 +138,7 @@ def _open(
     return im, exif
 
 
-def _reset_orientation(raw: bytes) -> bytes | None:
+def reset_orientation(raw: bytes) -> bytes | None:
     """The EXIF block with Orientation set to 1 in place, every other byte kept (maker notes
     hold absolute offsets, which rewriting the block with Pillow could break); None if unparsable."""
     body = raw[6:] if raw.startswith(b"Exif\x00\x00") else raw
@@ -169,7 +169,8 @@ def _float_to_8bit(values: np.ndarray) -> np.ndarray:
     return np.clip(values * scale + 0.5, 0, 255).astype(np.uint8)
 
 
-def _is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
+def is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
+    """Whether an ICC profile is an sRGB one, by its description (False when that is unreadable)."""
     try:
         return "srgb" in ImageCms.getProfileDescription(profile).lower()
     except ImageCms.PyCMSError:
@@ -203,7 +204,7 @@ def _to_srgb(im: Image.Image) -> np.ndarray:
     if icc:
         try:
             profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-            if not _is_srgb(profile):
+            if not is_srgb(profile):
                 im = _to_srgb_profile(im, profile)
         except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
             pass  # a broken or mismatched profile: the pixels are still usable as they are
@@ -233,7 +234,7 @@ def decode_photo(data: bytes, source: str, max_megapixels: float = 200.0, draft_
         pixels = _to_srgb(im)
     except Exception as exc:
         raise UnsupportedImageError(f"{source}: unsupported image ({im.mode} pixels: {_one_line(exc)})") from exc
-    return Photo(pixels=pixels, exif=_reset_orientation(raw_exif) if raw_exif else None, format=im.format or "unknown")
+    return Photo(pixels=pixels, exif=reset_orientation(raw_exif) if raw_exif else None, format=im.format or "unknown")
 
 
 def encode_photo(pixels: np.ndarray, fmt: str = "jpeg", quality: int = 92, exif: bytes | None = None) -> bytes:
@@ -248,7 +249,7 @@ def encode_photo(pixels: np.ndarray, fmt: str = "jpeg", quality: int = 92, exif:
         raise ValueError(f"expected HxWx3 uint8 or uint16 pixels, got {pixels.dtype} {pixels.shape}")
     if pixels.dtype == np.uint16:
         pixels = cv2.convertScaleAbs(pixels, alpha=1 / 257)  # round(v / 257): 65535 -> 255, 128 -> 0, 129 -> 1
-    options: dict = {"icc_profile": _SRGB_ICC}
+    options: dict = {"icc_profile": SRGB_ICC}
     if exif:
         options["exif"] = exif
     if key in ("jpeg", "webp"):

@@ -101,7 +101,7 @@ def resize_area(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def resize_interpolate(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
-    """A float CxHxW or HxW tensor resized with ``mode`` 'bilinear' or 'bicubic'."""
+    """A float ...xHxW tensor resized with ``mode`` 'bilinear' or 'bicubic'."""
     batch = x.reshape(1, -1, *x.shape[-2:])
     out = F.interpolate(batch, size=(height, width), mode=mode, align_corners=False)
     return out.reshape(*x.shape[:-2], height, width)
@@ -136,12 +136,13 @@ def resize_photo(photo: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def resize_map(values: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """An HxW float32 map at height x width, as ``pipeline.effect.resize_map`` resizes it
-    (bilinear; area when shrinking more than twofold both ways)."""
+    """An HxW float32 map (or an NxHxW batch of them) at height x width, as
+    ``pipeline.effect.resize_map`` resizes one (bilinear; area when shrinking more than twofold
+    both ways)."""
     values = values.to(torch.float32)
-    if tuple(values.shape) == (height, width):
+    if tuple(values.shape[-2:]) == (height, width):
         return values
-    if values.shape[0] > 2 * height and values.shape[1] > 2 * width:
+    if values.shape[-2] > 2 * height and values.shape[-1] > 2 * width:
         return resize_area(values, height, width)
     return resize_interpolate(values, height, width, "bilinear")
 
