@@ -95,8 +95,9 @@ def load_model(
 
     ``weights``: a path or URI overriding where the weights come from. ``device``: "cpu",
     "cuda", "cuda:1", ... (default: the first GPU when torch sees one, else the CPU). When a
-    depth model's weights cannot be had and ``fallback`` is true, a warning is logged (once per
-    model name and process) and the weight-free ground prior is returned instead;
+    depth model's weights cannot be had (none named: weights named that cannot be used are an
+    error, as in a job) and ``fallback`` is true, a warning is logged (once per model name and
+    process) and the weight-free ground prior is returned instead;
     ``model.describe()`` always says which model, weights, runtime and device actually run.
     Saliency models never fall back. ``runtime``: see ``create_model``.
     """
@@ -106,7 +107,7 @@ def load_model(
     except WeightsUnavailableError as exc:
         if not fallback:
             raise
-        instead = depth_fallback(task, name, exc, warn=name not in _warned_fallback)
+        instead = depth_fallback(task, name, exc, named=weights is not None, warn=name not in _warned_fallback)
         _warned_fallback.add(name)
         return create_model(instead, DEPTH, device=device, batch_size=batch_size)
 
