@@ -373,6 +373,12 @@ def test_load_model_falls_back_to_ground_prior_once(cache, caplog):
         load_model(SALIENCY, weights=str(cache / "nothing.onnx"))
 
 
+def test_depth_weights_named_that_cannot_be_used_are_an_error_not_the_ground_prior(cache, tmp_path):
+    """The same rule as a job's (tests/test_job_weights.py): only weights that are nowhere fall back."""
+    with pytest.raises(WeightsUnavailableError):
+        load_model(DEPTH, weights=str(tmp_path / "nowhere"))
+
+
 # -------------------------------------------------------------------------- weight-free models
 
 
