@@ -304,12 +304,16 @@ def real_isnet() -> Path:
     return path
 
 
-def copy_cache(weights: Path, cache: Path) -> Path:
+def copy_cache(weights: Path, cache: Path, with_graphs: bool = False) -> Path:
+    """A cache holding ``weights``; ``with_graphs``: also the IS-Net graphs already made from
+    them beside it (`models fetch` would otherwise spend a minute making the int8 graph again)."""
     cache.mkdir(parents=True)
-    try:
-        os.link(weights, cache / weights.name)  # same file system: no 88 MB copy
-    except OSError:
-        shutil.copy(weights, cache / weights.name)
+    graphs = [p for p in weights.parent.glob("isnet-*.*") if p.suffix in (".onnx", ".xml", ".bin") and p != weights]
+    for path in [weights, *(graphs if with_graphs else [])]:
+        try:
+            os.link(path, cache / path.name)  # same file system: no copy
+        except OSError:
+            shutil.copy(path, cache / path.name)
     return cache
 
 
@@ -445,7 +449,7 @@ def test_render_takes_the_weights_from_a_copy(tmp_path, monkeypatch, capsys):
     empty one: the real IS-Net runs from the copy."""
     from pipeline.cli import main
 
-    copy_cache(real_isnet(), tmp_path / "cache")
+    copy_cache(real_isnet(), tmp_path / "cache", with_graphs=True)
     for key, value in offline_env(tmp_path / "cache").items():
         if key not in ("PYTHONPATH", "PATH"):
             monkeypatch.setenv(key, value)
