@@ -1,0 +1,125 @@
+"""The plan on its way into the running dataset while the listing goes on (Ray side).
+
+    driver's planning thread --add(chunk refs)--> PlanFeed (an actor) --take--> PlanDatasource's
+                                                                               read tasks, one at a time
+
+Ray Data fixes a dataset's read tasks when it starts, and the blocks a read task yields leave it
+merged up to Ray Data's target block size (128 MiB): one read task streaming the whole plan
+would hand it on at its end. So the source is `pulls` read tasks run one after another, each
+one block of what was planned since the last: the first takes what is there at once, the next
+ones wait for a chunk's worth of rows or `seconds` with at least one row, and after
+STEADY_PULLS both grow by GROWTH a pull, so the pulls outlast any listing (128 pulls: some
+20 million photos, or a listing of about an hour and a half; past that, the last pull takes
+the rest at the listing's end). Pulls left when the plan is done give nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+from collections.abc import Iterator
+
+import pyarrow as pa
+import ray
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+PULLS = 128
+STEADY_PULLS = 16
+GROWTH = 1.06
+
+
+def patience(pull: int, rows: int, seconds: float) -> tuple[float, float]:
+    """The rows, and the seconds with at least one row, that the pull-th read task waits for."""
+    if pull == 0:  # the dataset's start: the first photos go at once
+        return 1, 0.0
+    grow = GROWTH ** max(0, pull - STEADY_PULLS)
+    return rows * grow, seconds * grow
+
+
+class PlanFeed:
+    """One run of the dataset's share of the plan: chunk refs added by the driver as the listing
+    goes, taken by the read tasks. A read task run again (Ray retries a task whose worker died)
+    gets the chunks its first run took."""
+
+    def __init__(self) -> None:
+        self._queued: list = []  # [ObjectRef of a chunk table]
+        self._rows = 0
+        self._added = 0
+        self._chunks: int | None = None  # how many chunks there are, once the plan is done
+        self._given: dict[int, list] = {}
+        self._changed = asyncio.Condition()
+
+    async def add(self, refs: list, rows: int) -> None:
+        async with self._changed:
+            self._queued += refs
+            self._rows += rows
+            self._added += len(refs)
+            self._changed.notify_all()
+
+    async def end(self, chunks: int) -> None:
+        """The plan is done: `chunks` chunks in all (counted, as calls may arrive out of order)."""
+        async with self._changed:
+            self._chunks = chunks
+            self._changed.notify_all()
+
+    def _ended(self) -> bool:
+        return self._chunks is not None and self._added >= self._chunks
+
+    async def take(self, pull: int, last: bool, rows: float, seconds: float) -> list:
+        """The chunks queued once `rows` rows are, or `seconds` have passed with one, or the
+        plan is done (the last pull: once it is done); [] only where the plan is done."""
+        if pull in self._given:
+            return self._given[pull]
+        deadline = asyncio.get_running_loop().time() + seconds
+        async with self._changed:
+            while not self._ended() and (last or self._rows < rows):
+                left = deadline - asyncio.get_running_loop().time()
+                if self._queued and not last and left <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._changed.wait(), None if last or not self._queued else left)
+                except TimeoutError:
+                    pass
+            taken, self._queued, self._rows = self._queued, [], 0
+        self._given[pull] = taken
+        return taken
+
+
+def new_feed():
+    """A PlanFeed actor; it reserves no CPU (it waits, mostly)."""
+    return ray.remote(PlanFeed).options(num_cpus=0, max_restarts=0).remote()
+
+
+def _pull(feed, pull: int, last: bool, rows: float, seconds: float) -> Iterator[pa.Table]:
+    refs = ray.get(feed.take.remote(pull, last, rows, seconds))
+    if refs:
+        yield pa.concat_tables(ray.get(refs))
+
+
+class PlanDatasource(Datasource):
+    """The photos to process, as the driver's planning thread adds their chunks to `feed`."""
+
+    def __init__(self, feed, chunk_rows: int, seconds: float, pulls: int = PULLS) -> None:
+        self.feed, self.chunk_rows, self.seconds, self.pulls = feed, chunk_rows, seconds, pulls
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def _read(self, pull: int) -> functools.partial:
+        return functools.partial(
+            _pull, self.feed, pull, pull == self.pulls - 1, *patience(pull, self.chunk_rows, self.seconds)
+        )
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        unknown = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        return [ReadTask(self._read(pull), unknown) for pull in range(self.pulls)]
+
+    def tables(self) -> Iterator[pa.Table]:
+        """The pulls' blocks in the driver, until the plan is done (without Ray Data)."""
+        for pull in itertools.count():
+            tables = list(self._read(pull)())
+            if not tables:
+                return
+            yield from tables
