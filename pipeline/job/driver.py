@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 # out as groups are done; not fewer, as each group costs Ray Data about 80 ms of scheduling.
 GROUP_SIZE = 16
 PLAN_CHUNK = 2000  # plan rows per object put into Ray's object store as the listing proceeds
+STOP_SECONDS = 10.0  # the planning thread's time to stop where the run ends early
 FLUSH_SECONDS = 0.5  # ... or fewer, this long after the chunk's first photo: the first photos go at once
 MAX_FAILING_WRITES = 8
 MAX_DATASET_RESTARTS = 3  # starts of the dataset again, for the photos left, after the cluster lost a part
@@ -356,8 +357,8 @@ class Planner:
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        for thread in self._threads:
-            thread.join()
+        for thread in self._threads:  # done already, but where the run stopped early
+            thread.join(timeout=STOP_SECONDS)  # a listing call that hangs does not hold the run's end
         if self._feed is not None:
             import ray
 
@@ -463,7 +464,7 @@ class Planner:
         ref = ray.put(table)
         self.chunk_refs.append((ref, table.num_rows))
         if self._feed is not None:
-            self._feed.add.remote([ref], table.num_rows)
+            self._feed.add.remote([ref], [table.num_rows])
             self._fed += 1
 
     def ray_started(self) -> None:
@@ -500,7 +501,7 @@ class Planner:
                 self.chunk_refs = [(ray.put(table), table.num_rows) for table in tables if table.num_rows]
             self._feed, self._fed = new_feed(), len(self.chunk_refs)
             if self.chunk_refs:
-                self._feed.add.remote([ref for ref, _ in self.chunk_refs], self.rows_left())
+                self._feed.add.remote([ref for ref, _ in self.chunk_refs], [rows for _, rows in self.chunk_refs])
             if self._done:
                 self._feed.end.remote(self._fed)
             return PlanDatasource(self._feed, PLAN_CHUNK, FLUSH_SECONDS)
@@ -640,6 +641,8 @@ def _execute(
     """The photos' manifest rows, a group's table at a time, as the dataset finishes them."""
     import ray
 
+    from .feed import plan_groups
+
     ctx = ray.data.DataContext.get_current()
     ctx.verbose_stats_logs = False
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
@@ -653,15 +656,15 @@ def _execute(
             cluster_gpus,
         )
 
-    # The plan arrives in blocks of chunks as it is made (feed.py: read tasks one at a time,
-    # holding no CPU); streaming repartition cuts them into groups without a shuffle, so reading
-    # fans out over the cluster's CPUs.
+    # The plan arrives in blocks of chunks as it is made (feed.py: read tasks one at a time);
+    # a streaming repartition cuts them into groups without a shuffle, so reading fans out
+    # over the cluster's CPUs. While the listing goes on, only whole groups of model batches
+    # come: a batch waits for no photo that is yet to be planned.
     # On CPUs alone the model takes seconds a photo: groups of one model batch, so the first
     # results come after one batch and the CPU stages of a group run while the model works on
     # the next one.
     group = GROUP_SIZE if layout.gpus_per_actor else layout.batch_size
-    ds = ray.data.read_datasource(source, concurrency=1, num_cpus=0, override_num_blocks=source.pulls)
-    ds = ds.repartition(target_num_rows_per_block=group)
+    ds = plan_groups(source.in_groups_of(group * -(-layout.batch_size // group)), group)
     # With the torch render backend the model actor decodes: the read tasks only read bytes.
     on_device = render_backend_for(config.render_backend, layout.device) == "torch"
     read = functools.partial(

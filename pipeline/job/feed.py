@@ -7,7 +7,7 @@ Ray Data fixes a dataset's read tasks when it starts, and the blocks a read task
 merged up to Ray Data's target block size (128 MiB): one read task streaming the whole plan
 would hand it on at its end. So the source is `pulls` read tasks run one after another, each
 one block of what was planned since the last: the first takes what is there at once, the next
-ones wait for a chunk's worth of rows or `seconds` with at least one row, and after
+ones wait for a chunk's worth of rows or `seconds` with at least one group, and after
 STEADY_PULLS both grow by GROWTH a pull, so the pulls outlast any listing (128 pulls: some
 20 million photos, or a listing of about an hour and a half; past that, the last pull takes
 the rest at the listing's end). Pulls left when the plan is done give nothing.
@@ -22,7 +22,9 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 import ray
-from ray.data import Datasource, ReadTask
+from ray.data import Dataset, Datasource, ReadTask
+from ray.data._internal.logical.interfaces import LogicalPlan
+from ray.data._internal.logical.operators import StreamingRepartition
 from ray.data.block import BlockMetadata
 
 PULLS = 128
@@ -31,7 +33,7 @@ GROWTH = 1.06
 
 
 def patience(pull: int, rows: int, seconds: float) -> tuple[float, float]:
-    """The rows, and the seconds with at least one row, that the pull-th read task waits for."""
+    """The rows, and the seconds with at least one group, that the pull-th read task waits for."""
     if pull == 0:  # the dataset's start: the first photos go at once
         return 1, 0.0
     grow = GROWTH ** max(0, pull - STEADY_PULLS)
@@ -40,21 +42,23 @@ def patience(pull: int, rows: int, seconds: float) -> tuple[float, float]:
 
 class PlanFeed:
     """One run of the dataset's share of the plan: chunk refs added by the driver as the listing
-    goes, taken by the read tasks. A read task run again (Ray retries a task whose worker died)
-    gets the chunks its first run took."""
+    goes, taken by the read tasks in slices of whole groups of `granule` rows, so that every
+    group the dataset is given is full and goes at once (the rest of a chunk waits for the next
+    pull, or the plan's end). A read task run again (Ray retries a task whose worker died) gets
+    the slices its first run took."""
 
     def __init__(self) -> None:
-        self._queued: list = []  # [ObjectRef of a chunk table]
+        self._queued: list[list] = []  # [ObjectRef of a chunk table, first row not taken, rows]
         self._rows = 0
         self._added = 0
         self._chunks: int | None = None  # how many chunks there are, once the plan is done
         self._given: dict[int, list] = {}
         self._changed = asyncio.Condition()
 
-    async def add(self, refs: list, rows: int) -> None:
+    async def add(self, refs: list, rows: list[int]) -> None:
         async with self._changed:
-            self._queued += refs
-            self._rows += rows
+            self._queued += [[ref, 0, n] for ref, n in zip(refs, rows)]
+            self._rows += sum(rows)
             self._added += len(refs)
             self._changed.notify_all()
 
@@ -67,23 +71,40 @@ class PlanFeed:
     def _ended(self) -> bool:
         return self._chunks is not None and self._added >= self._chunks
 
-    async def take(self, pull: int, last: bool, rows: float, seconds: float) -> list:
-        """The chunks queued once `rows` rows are, or `seconds` have passed with one, or the
-        plan is done (the last pull: once it is done); [] only where the plan is done."""
+    async def take(self, pull: int, last: bool, rows: float, seconds: float, granule: int) -> list:
+        """[(chunk ref, start, stop)] of whole groups once `rows` rows are queued, or `seconds`
+        have passed with a group, or the plan is done (the last pull: once it is done); [] only
+        where the plan is done and everything was taken."""
         if pull in self._given:
             return self._given[pull]
-        deadline = asyncio.get_running_loop().time() + seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
         async with self._changed:
-            while not self._ended() and (last or self._rows < rows):
-                left = deadline - asyncio.get_running_loop().time()
-                if self._queued and not last and left <= 0:
+            while not self._ended():
+                whole = self._rows - self._rows % granule
+                if not last and whole and (whole >= rows or loop.time() >= deadline):
                     break
+                timeout = None if last or not whole else deadline - loop.time()
                 try:
-                    await asyncio.wait_for(self._changed.wait(), None if last or not self._queued else left)
+                    await asyncio.wait_for(self._changed.wait(), timeout)
                 except TimeoutError:
                     pass
-            taken, self._queued, self._rows = self._queued, [], 0
+            taken = self._take(self._rows if self._ended() else self._rows - self._rows % granule)
         self._given[pull] = taken
+        return taken
+
+    def _take(self, rows: int) -> list:
+        taken = []
+        self._rows -= rows
+        while rows:
+            ref, start, stop = self._queued[0]
+            n = min(rows, stop - start)
+            taken.append((ref, start, start + n))
+            rows -= n
+            if start + n == stop:
+                self._queued.pop(0)
+            else:
+                self._queued[0][1] = start + n
         return taken
 
 
@@ -92,25 +113,29 @@ def new_feed():
     return ray.remote(PlanFeed).options(num_cpus=0, max_restarts=0).remote()
 
 
-def _pull(feed, pull: int, last: bool, rows: float, seconds: float) -> Iterator[pa.Table]:
-    refs = ray.get(feed.take.remote(pull, last, rows, seconds))
-    if refs:
-        yield pa.concat_tables(ray.get(refs))
+def _pull(feed, pull: int, last: bool, rows: float, seconds: float, granule: int) -> Iterator[pa.Table]:
+    slices = ray.get(feed.take.remote(pull, last, rows, seconds, granule))
+    if slices:
+        tables = ray.get([ref for ref, _, _ in slices])
+        yield pa.concat_tables([t.slice(start, stop - start) for t, (_, start, stop) in zip(tables, slices)])
 
 
 class PlanDatasource(Datasource):
     """The photos to process, as the driver's planning thread adds their chunks to `feed`."""
 
-    def __init__(self, feed, chunk_rows: int, seconds: float, pulls: int = PULLS) -> None:
-        self.feed, self.chunk_rows, self.seconds, self.pulls = feed, chunk_rows, seconds, pulls
+    def __init__(self, feed, chunk_rows: int, seconds: float, pulls: int = PULLS, granule: int = 1) -> None:
+        self.feed, self.chunk_rows, self.seconds, self.pulls, self.granule = feed, chunk_rows, seconds, pulls, granule
+
+    def in_groups_of(self, granule: int) -> PlanDatasource:
+        """This source, giving rows in whole groups of `granule` until the plan is done."""
+        return PlanDatasource(self.feed, self.chunk_rows, self.seconds, self.pulls, granule)
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
 
     def _read(self, pull: int) -> functools.partial:
-        return functools.partial(
-            _pull, self.feed, pull, pull == self.pulls - 1, *patience(pull, self.chunk_rows, self.seconds)
-        )
+        rows, seconds = patience(pull, self.chunk_rows, self.seconds)
+        return functools.partial(_pull, self.feed, pull, pull == self.pulls - 1, rows, seconds, self.granule)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
         unknown = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
@@ -123,3 +148,15 @@ class PlanDatasource(Datasource):
             if not tables:
                 return
             yield from tables
+
+
+def plan_groups(source: PlanDatasource, group: int) -> Dataset:
+    """The plan as a dataset of `group` rows a block. The streaming repartition that cuts the
+    pulls into groups reserves no CPU: it lasts as long as the listing, and Ray Data reserves
+    the CPUs of an operator that has not finished for it (on 2 CPUs, the finishing tasks would
+    wait for the listing's end). Built as Dataset.repartition builds it, CPUs aside."""
+    ds = ray.data.read_datasource(source, concurrency=1, num_cpus=0, override_num_blocks=source.pulls)
+    op = StreamingRepartition(
+        target_num_rows_per_block=group, input_dependencies=[ds._logical_plan.dag], ray_remote_args={"num_cpus": 0}
+    )
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
