@@ -392,7 +392,7 @@ def test_the_plan_streamed_records_what_the_plan_says(tmp_path, monkeypatch):
     assert sorted(rows) == sorted(items) and len(items) == len(names) + 3
     assert summary.planned == len(items) and summary.skipped == skipped == {} and summary.others == others
     assert summary.counts == {"ok": len(names), "failed": 2, "skipped": 1}
-    assert (rows["f03/p.dng"]["status"], rows["f03/p.dng"]["error_kind"]) == ("skipped", "paired-file")
+    assert (rows["f03/p.dng"]["status"], rows["f03/p.dng"]["error_kind"]) == ("skipped", "raw-jpeg-pair")
     assert (rows["f05/gone.jpg"]["status"], rows["f05/gone.jpg"]["error_kind"]) == ("failed", "broken-link")
     assert (rows["f07/broken.jpg"]["status"], rows["f07/broken.jpg"]["error_kind"]) == ("failed", "corrupt-image")
     assert all(rows[name]["status"] == "ok" for name in names)
