@@ -2,10 +2,12 @@
 from the command's start to the first manifest row's finish, with the time the photos' own
 stages took beside it (what is left is start-up: Python, Ray, the model actor, the weights).
 
-    python scripts/bench_startup.py [--photos 5] [--size 800] [--rounds 1] [-- RUN OPTIONS ...]
+    python scripts/bench_startup.py [--photos 5] [--size 800] [--rounds 1] [--others 0] [-- RUN OPTIONS ...]
 
-The photos are those of scripts/bench_vs_rembg.py (variants of examples/). Options after `--`
-go to `dreamfocus run` as they are (say `-- --runtime onnxruntime`).
+The photos are those of scripts/bench_vs_rembg.py (variants of examples/). `--others N` adds N
+files that are no photos (sidecars), 1,000 a folder in folders listed after the photos': a
+listing that goes on past the first photos, as a large library's does. Options after `--` go
+to `dreamfocus run` as they are (say `-- --runtime onnxruntime`).
 """
 
 from __future__ import annotations
@@ -34,10 +36,15 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=5)
     parser.add_argument("--size", type=int, default=800, help="long side of the photos, px")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--others", type=int, default=0, help="files that are no photos, listed after the photos")
     parser.add_argument("run_options", nargs="*", help="after --: options of `dreamfocus run`")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dreamfocus-startup-"))
     photos = make_photos(work / "photos", args.photos, args.size)
+    for i in range(args.others):
+        folder = photos / f"sidecars-{i // 1000:04d}"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{i:07d}.xmp").write_bytes(b"")
     output = work / "out"
     command = [sys.executable, "-m", "pipeline.cli", "run", str(photos), str(output), *args.run_options]
     print(" ".join(command))

@@ -7,7 +7,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +19,9 @@ import ray
 from PIL import Image
 
 from pipeline.errors import BadInputError
-from pipeline.job import JobConfig, run_job
+from pipeline.job import JobConfig, driver, run_job
 from pipeline.job.lease import LEASE_FILE
+from pipeline.job.plan import OtherFile, PlanItem, check_locations, make_plan
 from pipeline.manifest import COLUMNS, latest_rows, read_manifest
 from pipeline.params import effect_params
 from pipeline.storage import Storage
@@ -304,3 +307,131 @@ def test_a_photo_left_alone_names_the_unchanged_file_it_wrote(tmp_path):
     assert (row["status"], row["error_kind"]) == ("skipped", "no-clear-subject")
     assert row["output_uri"] == str(output / "images" / "meadow.jpg")
     assert Image.open(row["output_uri"]).size == Image.open(EXAMPLES[0]).size
+
+
+# ------------------------------------------------------------------------------ the plan streamed
+
+RUN_TIMEOUT = 300  # seconds a run may take on a slow, shared machine before the test fails
+FOLDERS = 20  # more than the 16 folders the plan lists ahead: the first ones are planned before the last is listed
+
+
+def folders_of_photos(root: Path, folders: int = FOLDERS) -> list[str]:
+    """Two small photos in each folder f00, f01, ...: the listing goes on a folder at a time, and
+    the first three folders hold more than a model batch on CPUs (4)."""
+    names = []
+    for f in range(folders):
+        (root / f"f{f:02d}").mkdir(parents=True)
+        for name in ("p.jpg", "q.jpg"):
+            noise = np.random.default_rng([f, len(names)]).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+            Image.fromarray(noise).save(root / f"f{f:02d}" / name)
+            names.append(f"f{f:02d}/{name}")
+    return names
+
+
+def listing_held_at(monkeypatch, inputs: Path, folder: str, then=None) -> threading.Event:
+    """The listing of INPUT/folder waits until the run has counted a row (the event), then does
+    `then` (say, fails); a run that counts no row while the listing goes on fails the test."""
+    counted = threading.Event()
+    listed, tallied = Storage._list_folder, driver.RowTally.add
+
+    def _list_folder(self, path):
+        if path.rstrip("/") == f"{inputs}/{folder}":
+            assert counted.wait(RUN_TIMEOUT), "no row was counted while the listing went on"
+            if then is not None:
+                then()
+        return listed(self, path)
+
+    def add(self, rows):
+        tallied(self, rows)
+        counted.set()
+
+    monkeypatch.setattr(Storage, "_list_folder", _list_folder)
+    monkeypatch.setattr(driver.RowTally, "add", add)
+    return counted
+
+
+def test_the_first_photos_are_done_while_the_listing_goes_on(tmp_path, monkeypatch, capfd):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    names = folders_of_photos(inputs)
+    listing_held_at(monkeypatch, inputs, f"f{FOLDERS - 1:02d}")
+    # commits by time: the first group's rows reach the manifest while the last folder waits
+    config = JobConfig(input=str(inputs), output=str(output), commit_seconds=0.01, **TRIVIAL)
+    summary = run_job(config)
+    assert summary.counts == {"ok": len(names)} and summary.planned == len(names)
+    assert sorted(r["relpath"] for r in manifest(output).to_pylist()) == names
+    assert len(list((output / "manifest").glob("part-*.parquet"))) >= 2  # one before the listing went on
+    err = capfd.readouterr().err
+    assert f"{len(names)}/{len(names)} photos · 0 failed" in err and "done" in err.splitlines()[-1], err
+
+
+def plan_of(config: JobConfig) -> tuple[list[str], Counter, Counter]:
+    """What the plan says of each input: the items to record (in order), the skipped, the others."""
+    items, skipped, others = [], Counter(), Counter()
+    for item in make_plan(config, *check_locations(config)):
+        if isinstance(item, PlanItem):
+            items.append(item.source.relpath)
+        elif isinstance(item, OtherFile):
+            others[item.extension] += 1
+        else:
+            skipped[item] += 1
+    return items, skipped, others
+
+
+def test_the_plan_streamed_records_what_the_plan_says(tmp_path, monkeypatch):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    names = folders_of_photos(inputs)
+    (inputs / "f03" / "p.dng").write_bytes(b"raw")  # the other half of f03/p.jpg: left alone
+    (inputs / "f05" / "gone.jpg").symlink_to("nowhere.jpg")  # a failed row the listing decides
+    (inputs / "f07" / "broken.jpg").write_bytes(EXAMPLES[0].read_bytes()[:3000])  # fails when read
+    (inputs / "f09" / "notes.txt").write_text("not a photo")
+    monkeypatch.setattr(driver, "PLAN_CHUNK", 2)  # many chunks, many pulls, rows the listing decides in between
+    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    items, skipped, others = plan_of(config)
+    summary = run_job(config)
+    rows = {r["relpath"]: r for r in manifest(output).to_pylist()}
+    assert sorted(rows) == sorted(items) and len(items) == len(names) + 3
+    assert summary.planned == len(items) and summary.skipped == skipped == {} and summary.others == others
+    assert summary.counts == {"ok": len(names), "failed": 2, "skipped": 1}
+    assert (rows["f03/p.dng"]["status"], rows["f03/p.dng"]["error_kind"]) == ("skipped", "raw-jpeg-pair")
+    assert (rows["f05/gone.jpg"]["status"], rows["f05/gone.jpg"]["error_kind"]) == ("failed", "broken-link")
+    assert (rows["f07/broken.jpg"]["status"], rows["f07/broken.jpg"]["error_kind"]) == ("failed", "corrupt-image")
+    assert all(rows[name]["status"] == "ok" for name in names)
+
+    # A rerun with new photos and --limit: the first of the plan's items are done, the rest over the limit.
+    for f in (2, 11, 17):
+        shutil.copy(inputs / "f00" / "p.jpg", inputs / f"f{f:02d}" / "new.jpg")
+    limited = JobConfig(input=str(inputs), output=str(output), limit=2, **TRIVIAL)
+    items, skipped, others = plan_of(limited)
+    assert items == ["f02/new.jpg", "f11/new.jpg", "f17/new.jpg"]
+    summary = run_job(limited)
+    assert summary.planned == 2 and summary.counts == {"ok": 2}
+    assert Counter(summary.skipped) == skipped + Counter({"over --limit": 1}) and summary.others == others
+    assert skipped == {
+        "done": len(names),
+        "failed before (use --retry-failed)": 2,
+        "skipped before (the other half of a RAW + JPEG pair)": 1,
+    }
+    new_rows = [r["relpath"] for r in manifest(output).to_pylist() if r["run_id"] == summary.run_id]
+    assert sorted(new_rows) == ["f02/new.jpg", "f11/new.jpg"]
+
+
+def test_a_listing_that_fails_mid_plan_stops_the_run_and_loses_nothing_done(tmp_path, monkeypatch):
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    names = folders_of_photos(inputs)
+
+    def fail() -> None:
+        raise PermissionError(13, "Permission denied", f"{inputs}/f{FOLDERS - 1:02d}")
+
+    listing_held_at(monkeypatch, inputs, f"f{FOLDERS - 1:02d}", then=fail)
+    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        run_job(config)
+    committed = manifest(output).to_pylist()
+    assert committed and all(r["status"] == "ok" and Path(r["output_uri"]).is_file() for r in committed)
+    assert len(committed) < len(names)  # the last folder was never listed
+    assert not (output / LEASE_FILE).exists()  # released
+
+    monkeypatch.undo()
+    again = run_job(config)
+    assert again.planned == len(names) - len(committed) and again.counts == {"ok": again.planned}
+    assert Counter(r["relpath"] for r in manifest(output).to_pylist()) == Counter(names)  # each photo once

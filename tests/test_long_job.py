@@ -53,6 +53,27 @@ def test_progress_line_reads_as_the_user_wants():
     assert progress_line(10, 10, 0, 0, 2.0).endswith("2.0 photos/s · done")
     assert progress_line(5, 10, 0, 0, 0.0).endswith("stalled")
     assert (duration(30), duration(90), duration(3 * 3600 + 300)) == ("under 1 min", "2 min", "3 h 05 min")
+    # While the listing goes on, the total is what it found so far: no time left, no "done".
+    listing = progress_line(1204, 20000, 3, 41, 7.9, listing=True)
+    assert listing == "1,204/20,000+ photos · 3 failed · 41 left alone · 7.9 photos/s · listing"
+    assert progress_line(10, 10, 0, 0, 2.0, listing=True).endswith("2.0 photos/s · listing")
+
+
+def test_progress_total_grows_with_the_plan():
+    clock, out = Clock(), io.StringIO()
+    progress = Progress(2, out, clock, listing=True)
+    progress.add("ok", 2)
+    clock.now += 60
+    progress.show()
+    progress.set_total(5, listing=True)
+    clock.now += 60
+    progress.show()
+    progress.set_total(7, listing=False)
+    progress.add("ok", 5)
+    progress.close()
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("2/2+ photos") and lines[0].endswith("listing")
+    assert lines[1].startswith("2/5+ photos") and lines[-1].startswith("7/7 photos") and lines[-1].endswith("done")
 
 
 def test_progress_rate_follows_the_last_minute_and_logs_every_few_seconds():

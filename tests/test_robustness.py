@@ -578,8 +578,8 @@ def test_a_photo_whose_write_keeps_failing_fails_alone(tmp_path, monkeypatch):
 def fake_execution(kinds: list[str]):
     """Instead of Ray Data: rows as render_and_write would end them, kinds[i] for the i-th photo."""
 
-    def execute(config, inputs, chunk_refs, run_id, models):
-        relpaths = pa.concat_tables(ray.get(chunk_refs)).column("relpath").to_pylist()
+    def execute(config, inputs, source, run_id, models):
+        relpaths = pa.concat_tables(list(source.tables())).column("relpath").to_pylist()
         for relpath, kind in zip(relpaths, kinds):
             failed = kind == "write-error"
             row = dict(

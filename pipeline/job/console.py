@@ -30,22 +30,36 @@ def duration(seconds: float) -> str:
     return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def progress_line(done: int, total: int, failed: int, left_alone: int, rate: float | None) -> str:
-    """e.g. `1,204/20,000 photos · 3 failed · 41 left alone · 7.9 photos/s · 39 min left`"""
-    parts = [f"{done:,}/{total:,} photos", f"{failed:,} failed", f"{left_alone:,} left alone"]
+def progress_line(
+    done: int, total: int, failed: int, left_alone: int, rate: float | None, listing: bool = False
+) -> str:
+    """e.g. `1,204/20,000 photos · 3 failed · 41 left alone · 7.9 photos/s · 39 min left`; while
+    the listing goes on the total is what it found so far: `1,204/20,000+ photos · ... · listing`"""
+    parts = [f"{done:,}/{total:,}{'+' if listing else ''} photos", f"{failed:,} failed", f"{left_alone:,} left alone"]
     if rate is None:
         parts.append("starting" if done == 0 else "measuring speed")
     else:
         parts.append(f"{rate:.1f} photos/s")
-        parts.append("done" if done >= total else f"{duration((total - done) / rate)} left" if rate > 0 else "stalled")
+        if listing:  # no time left until the total is known
+            parts.append("listing")
+        elif done >= total:
+            parts.append("done")
+        else:
+            parts.append(f"{duration((total - done) / rate)} left" if rate > 0 else "stalled")
     return " · ".join(parts)
 
 
 class Progress:
     """Counts rows as the driver commits them; show() draws or logs the line (call it often)."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        self.total = total
+    def __init__(
+        self,
+        total: int,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        listing: bool = False,
+    ) -> None:
+        self.total, self.listing = total, listing
         self.stream = stream or sys.stderr
         self.clock = clock
         self.done = self.failed = self.left_alone = 0
@@ -73,6 +87,11 @@ class Progress:
             self.left_alone += n * (status == SKIPPED)
             self.finished.append((self.clock(), self.done))
 
+    def set_total(self, total: int, listing: bool) -> None:
+        """The photos planned so far, and whether the listing goes on (the total grows with it)."""
+        with self._lock:
+            self.total, self.listing = total, listing
+
     def rate(self) -> float | None:
         """Photos per second since the last finish at least RATE_WINDOW_SECONDS ago (or the
         first one); None for the first MIN_RATE_SECONDS after the first photo is done."""
@@ -85,12 +104,12 @@ class Progress:
         return (self.done - done_then) / (now - since)
 
     def line(self) -> str:
-        return progress_line(self.done, self.total, self.failed, self.left_alone, self.rate())
+        return progress_line(self.done, self.total, self.failed, self.left_alone, self.rate(), self.listing)
 
     def _draw(self, line: str, to_log: bool) -> None:
         """Redraw the live line on a terminal; in a log, print it when `to_log`."""
         if self.live is not None:
-            self.live.update(self.task, completed=self.done, description=line, refresh=True)
+            self.live.update(self.task, completed=self.done, total=self.total, description=line, refresh=True)
         elif to_log:
             self.last_logged = self.clock()
             print(line, file=self.stream, flush=True)
@@ -104,7 +123,8 @@ class Progress:
         with self._lock:
             elapsed = self.clock() - self.started
             rate = self.done / elapsed if elapsed > 0 else None
-            self._draw(progress_line(self.done, self.total, self.failed, self.left_alone, rate), to_log=True)
+            line = progress_line(self.done, self.total, self.failed, self.left_alone, rate, self.listing)
+            self._draw(line, to_log=True)
         if self.live is not None:
             self.live.stop()
 

@@ -16,14 +16,14 @@ import array
 import collections
 import contextlib
 import functools
-import itertools
 import logging
 import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 # out as groups are done; not fewer, as each group costs Ray Data about 80 ms of scheduling.
 GROUP_SIZE = 16
 PLAN_CHUNK = 2000  # plan rows per object put into Ray's object store as the listing proceeds
+STOP_SECONDS = 10.0  # the planning thread's time to stop where the run ends early
+FLUSH_SECONDS = 0.5  # ... or fewer, this long after the chunk's first photo: the first photos go at once
 MAX_FAILING_WRITES = 8
 MAX_DATASET_RESTARTS = 3  # starts of the dataset again, for the photos left, after the cluster lost a part
 
@@ -91,14 +93,16 @@ class JobSummary:
 
 
 def run_job(config: JobConfig) -> JobSummary:
-    """Plan, then process what is left; returns counts.
+    """Plan and process what is left, at once; returns counts.
 
-    A run refuses at once where another job holds OUTPUT's lease (OutputBusyError), and takes
-    the lease itself once its plan has work, before anything is written or processed. The plan
-    streams: to-do items go to Ray's object store in chunks as the listing proceeds, so the
-    driver's memory does not grow with the library. Ray starts only if there is work, and only
-    once every model's weights are found and checked (WeightsUnavailableError, with nothing
-    started or written, where they cannot be had). Rows are committed every
+    A run refuses at once where another job holds OUTPUT's lease (OutputBusyError). The plan is
+    made on a thread (Planner) and streams into the dataset as the listing proceeds, so the
+    first photos are processed, and Ray and the model actors start, while the listing goes on,
+    and the driver's memory does not grow with the library. At the first photo to process,
+    every model's weights are found and checked (WeightsUnavailableError, with nothing started
+    or written, where they cannot be had), then the run takes OUTPUT's lease, before anything is
+    written or processed, and starts Ray; a run with no photo to process starts no Ray (and
+    takes the lease only for the rows its listing decides). Rows are committed every
     config.commit_every photos and at least every config.commit_seconds.
     """
     started = time.perf_counter()
@@ -110,76 +114,62 @@ def run_job(config: JobConfig) -> JobSummary:
     if lease is not None:
         lease.check()
     with contextlib.ExitStack() as held:
-        skipped: dict[str, int] = {}
-        others: dict[str, int] = {}
         other_files = None if config.dry_run else OtherFilesWriter()
-        planned, chunk, chunk_refs, refused = 0, [], [], []
-        models: dict[str, JobModel] | None = None
-        for item in make_plan(config, inputs, output):
-            if isinstance(item, str):
-                skipped[item] = skipped.get(item, 0) + 1
-            elif isinstance(item, OtherFile):
-                others[item.extension] = others.get(item.extension, 0) + 1
-                if other_files is not None:
-                    other_files.add(item.source.relpath, item.extension, item.source.size)
-            elif config.limit is not None and planned >= config.limit:
-                skipped["over --limit"] = skipped.get("over --limit", 0) + 1
-            elif config.dry_run:
-                planned += 1
-                if item.error:
-                    print(f"would record {item.source.relpath} as {item.error.kind}: {item.error}")
-                else:
-                    print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
-            elif item.error:
-                planned += 1
-                refused.append(item)
-            else:
-                planned += 1
-                if models is None:  # the first photo to process: the weights, before Ray starts
-                    models = resolve_models(config)
-                chunk.append(item)
-                if len(chunk) == PLAN_CHUNK:
-                    chunk_refs.append(_put_tasks(config, chunk))
-                    chunk = []
-        if chunk:
-            chunk_refs.append(_put_tasks(config, chunk))
-
+        planner = held.enter_context(Planner(config, inputs, output, run_id, other_files))
+        planner.photo_or_end.wait()  # what comes before the first photo to process needs no lease
         counts: dict[str, int] = {}
         seen = RunFaults()
+        models: dict[str, JobModel] | None = None
         processing_started = ended = time.perf_counter()
-        if lease is not None and (chunk_refs or refused):
+        if lease is not None and planner.planned:
+            if planner.photos:  # the weights, before Ray starts and before the lease
+                models = resolve_models(config)
             lease.acquire()  # of runs planned at once, one goes on; nothing was written before
             held.callback(lease.release)
             ticker = held.enter_context(Ticker(lease))
+            if models is not None:
+                _start_ray(config)
+                planner.ray_started()  # the chunks planned so far go to Ray's object store
             merged = compact_manifest(manifest)
             if merged:
                 log.info("merged %d manifest parts into one", merged)
             writer = ManifestWriter(manifest, run_id, config.commit_every, config.commit_seconds)
             console = sys.stderr
-            if chunk_refs and not logging.getLogger().isEnabledFor(logging.INFO):
+            if models is not None and not logging.getLogger().isEnabledFor(logging.INFO):
                 console = held.enter_context(without_native_noise())  # Ray is up: its lines from now on
-            progress = Progress(planned, console)
+            progress = Progress(planner.planned, console, listing=True)
+            planner.follow(progress)
             ticker.follow(writer, progress)
             tally = RowTally(writer, progress, output.uri, seen)
             counts = tally.counts
-            rows = _rows(config, inputs, chunk_refs, run_id, models, seen) if chunk_refs and models else iter(())
+            rows = _tables(config, inputs, planner, run_id, models, seen)
             try:
                 with writer.committing():  # parts are written beside this loop
-                    for table in itertools.chain(_refused_rows(refused, inputs, config, run_id), rows):
+                    for table in rows:
                         ticker.check()
+                        planner.check()
                         tally.add(table)
             finally:
                 ticker.follow(None, None)
+                planner.follow(None)
                 progress.close()
-                if hasattr(rows, "close"):
-                    rows.close()  # stops the dataset's workers now when the loop ended early
+                rows.close()  # stops the dataset's workers now when the loop ended early
             ended = time.perf_counter()
             seen.failed_commits = writer.failed_commits
-        if other_files is not None and (others or output.exists(OTHER_FILES)):
+        planner.finish()  # the plan's own error, if it had one, is the run's
+        if other_files is not None and (planner.others or output.exists(OTHER_FILES)):
             other_files.close(output)  # replaces the last run's listing
     seen.driver_retries = retried_total() - retried_here
     return JobSummary(
-        run_id, planned, counts, skipped, ended - started, ended - processing_started, output.uri, others, seen.lines()
+        run_id,
+        planner.planned,
+        counts,
+        planner.skipped,
+        ended - started,
+        ended - processing_started,
+        output.uri,
+        planner.others,
+        seen.lines(),
     )
 
 
@@ -310,21 +300,234 @@ class Ticker:
                 self.error = self.error or exc
 
 
-def _put_tasks(config: JobConfig, items: list[PlanItem]):
-    import ray
-
-    _start_ray(config)
-    return ray.put(
-        pa.table(
-            {
-                "relpath": [it.source.relpath for it in items],
-                "source_size": pa.array([it.source.size for it in items], pa.int64()),
-                "source_fingerprint": [it.source.fingerprint for it in items],
-                "output_relpath": [it.output_relpath for it in items],
-                "attempt": pa.array([it.attempt for it in items], pa.int32()),
-            }
-        )
+def _chunk_table(items: list[PlanItem]) -> pa.Table:
+    """The photos to process of a chunk of the plan, as the dataset's rows."""
+    return pa.table(
+        {
+            "relpath": [it.source.relpath for it in items],
+            "source_size": pa.array([it.source.size for it in items], pa.int64()),
+            "source_fingerprint": [it.source.fingerprint for it in items],
+            "output_relpath": [it.output_relpath for it in items],
+            "attempt": pa.array([it.attempt for it in items], pa.int32()),
+        }
     )
+
+
+class Planner:
+    """The plan, made on a thread beside the run: what is left alone is counted, the files that
+    are no photos listed, the rows the listing decides made (refused items, handed to the
+    driver's loop), and the photos to process sent on in chunks as the listing goes: PLAN_CHUNK
+    photos, or fewer once a chunk's first photo is FLUSH_SECONDS old, so the first photos move
+    at once. Until Ray is up, chunks wait here as Arrow tables; then they go to Ray's object
+    store (`chunk_refs`, kept for a restart of the dataset) and to the running dataset's feed
+    (feed.py). Only counts and the chunk being made are kept, never the whole plan."""
+
+    def __init__(
+        self, config: JobConfig, inputs: Storage, output: Storage, run_id: str, other_files: OtherFilesWriter | None
+    ) -> None:
+        self.config, self.inputs, self.output, self.run_id = config, inputs, output, run_id
+        self.other_files = other_files
+        self.skipped: dict[str, int] = {}
+        self.others: dict[str, int] = {}
+        self.planned = 0  # photos to process and rows the listing decides
+        self.photos = 0  # photos to process
+        self.error: BaseException | None = None
+        self.photo_or_end = threading.Event()  # the first photo to process is planned, or the plan is done
+        self.chunk_refs: list[tuple[Any, int]] = []  # (ObjectRef of a chunk table, its rows)
+        self._lock = threading.Lock()  # what follows, shared with the driver's loop and the flusher
+        self._done = False  # the plan is made (or failed) and every chunk flushed
+        self._chunk: list[PlanItem] = []
+        self._chunk_since = 0.0
+        self._refusing: list[PlanItem] = []
+        self._refused: collections.deque[pa.Table] = collections.deque()
+        self._unsent: list[pa.Table] = []  # chunks made before Ray is up
+        self._ray_up = False
+        self._feed: Any = None  # the running dataset's PlanFeed actor
+        self._fed = 0  # chunks added to it
+        self._progress: Progress | None = None
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._plan, name="dreamfocus-plan", daemon=True),
+            threading.Thread(target=self._flush_on_time, name="dreamfocus-plan-flush", daemon=True),
+        ]
+
+    def __enter__(self) -> Planner:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for thread in self._threads:  # done already, but where the run stopped early
+            thread.join(timeout=STOP_SECONDS)  # a listing call that hangs does not hold the run's end
+        if self._feed is not None:
+            import ray
+
+            ray.kill(self._feed)
+
+    def wait(self) -> None:
+        for thread in self._threads:
+            thread.join()
+
+    def finish(self) -> None:
+        """Wait for the plan's end; raise its error, if it had one."""
+        self.wait()
+        self.check()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def _plan(self) -> None:
+        try:
+            for item in make_plan(self.config, self.inputs, self.output):  # its listing threads end with it
+                if self._stop.is_set():
+                    break
+                self._take(item)
+        except BaseException as exc:  # noqa: BLE001 - raised in the driver's loop
+            self.error = exc
+        finally:
+            with self._lock:
+                self._flush()
+                self._done = True
+                if self._feed is not None:
+                    self._feed.end.remote(self._fed)
+                if self._progress is not None:
+                    self._progress.set_total(self.planned, listing=False)
+            self.photo_or_end.set()
+
+    def _take(self, item: PlanItem | OtherFile | str) -> None:
+        config = self.config
+        if isinstance(item, str):
+            self.skipped[item] = self.skipped.get(item, 0) + 1
+        elif isinstance(item, OtherFile):
+            self.others[item.extension] = self.others.get(item.extension, 0) + 1
+            if self.other_files is not None:
+                self.other_files.add(item.source.relpath, item.extension, item.source.size)
+        elif config.limit is not None and self.planned >= config.limit:
+            self.skipped["over --limit"] = self.skipped.get("over --limit", 0) + 1
+        elif config.dry_run:
+            self.planned += 1
+            if item.error:
+                print(f"would record {item.source.relpath} as {item.error.kind}: {item.error}")
+            else:
+                print(f"would process {item.source.relpath} -> {IMAGES_DIR}/{item.output_relpath} ({item.reason})")
+        else:
+            with self._lock:
+                self.planned += 1
+                if item.error:
+                    self._refusing.append(item)
+                    if len(self._refusing) >= PLAN_CHUNK:
+                        self._flush_refused()
+                else:
+                    self.photos += 1
+                    if not self._chunk:
+                        self._chunk_since = time.monotonic()
+                    self._chunk.append(item)
+                    if len(self._chunk) >= PLAN_CHUNK:
+                        self._flush_chunk()
+            if self.photos == 1 and not item.error:
+                self.photo_or_end.set()
+
+    def _flush_on_time(self) -> None:
+        """A chunk goes at most FLUSH_SECONDS after its first photo, even while the listing waits."""
+        while not self._stop.wait(FLUSH_SECONDS / 2) and not self._done:
+            with self._lock:
+                if self._chunk and time.monotonic() - self._chunk_since >= FLUSH_SECONDS:
+                    self._flush()
+                if self._progress is not None and not self._done:
+                    self._progress.set_total(self.planned, listing=True)
+
+    def _flush(self) -> None:
+        self._flush_chunk()
+        self._flush_refused()
+
+    def _flush_refused(self) -> None:
+        if self._refusing:
+            self._refused.extend(_refused_rows(self._refusing, self.inputs, self.config, self.run_id))
+            self._refusing = []
+
+    def _flush_chunk(self) -> None:
+        if self._chunk:
+            table, self._chunk = _chunk_table(self._chunk), []
+            if self._ray_up:
+                self._send(table)
+            else:
+                self._unsent.append(table)
+
+    def _send(self, table: pa.Table) -> None:
+        import ray
+
+        ref = ray.put(table)
+        self.chunk_refs.append((ref, table.num_rows))
+        if self._feed is not None:
+            self._feed.add.remote([ref], [table.num_rows])
+            self._fed += 1
+
+    def ray_started(self) -> None:
+        with self._lock:
+            self._ray_up = True
+            for table in self._unsent:
+                self._send(table)
+            self._unsent = []
+
+    def follow(self, progress: Progress | None) -> None:
+        """Raise `progress`'s total as the plan grows."""
+        with self._lock:
+            if progress is not None:
+                progress.set_total(self.planned, listing=not self._done)
+            self._progress = progress
+
+    def refused(self) -> Iterator[pa.Table]:
+        """The rows the listing decided since the last call."""
+        while self._refused:
+            yield self._refused.popleft()
+
+    def source(self, settled: np.ndarray | None = None):
+        """A source for a new run of the dataset: every chunk so far (less the photos whose keys
+        are `settled`, on a restart), then those planned from now on."""
+        import ray
+
+        from .feed import PlanDatasource, new_feed
+
+        with self._lock:
+            if self._feed is not None:
+                ray.kill(self._feed)
+            if settled is not None:
+                tables = (_without(ray.get(ref), settled) for ref, _ in self.chunk_refs)
+                self.chunk_refs = [(ray.put(table), table.num_rows) for table in tables if table.num_rows]
+            self._feed, self._fed = new_feed(), len(self.chunk_refs)
+            if self.chunk_refs:
+                self._feed.add.remote([ref for ref, _ in self.chunk_refs], [rows for _, rows in self.chunk_refs])
+            if self._done:
+                self._feed.end.remote(self._fed)
+            return PlanDatasource(self._feed, PLAN_CHUNK, FLUSH_SECONDS)
+
+    def rows_left(self) -> int:
+        """The photos of the chunks sent so far (less those settled at the last restart)."""
+        return sum(rows for _, rows in self.chunk_refs)
+
+
+def _tables(
+    config: JobConfig,
+    inputs: Storage,
+    planner: Planner,
+    run_id: str,
+    models: dict[str, JobModel] | None,
+    seen: RunFaults,
+) -> Generator[pa.Table, None, None]:
+    """The run's manifest rows: the dataset's as it finishes photos, with the rows the listing
+    decides in between, as the plan gives them."""
+    if models is not None:
+        for rows in _rows(config, inputs, planner, run_id, models, seen):
+            yield from planner.refused()
+            yield rows
+    planner.wait()  # done already: the dataset ends only once the plan is
+    yield from planner.refused()
 
 
 def _start_ray(config: JobConfig) -> None:
@@ -374,33 +577,45 @@ def model_layout(config: JobConfig, cluster_gpus: float) -> ModelLayout:
 
 
 def _rows(
-    config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel], seen: RunFaults
+    config: JobConfig, inputs: Storage, planner: Planner, run_id: str, models: dict[str, JobModel], seen: RunFaults
 ) -> Iterator[pa.Table]:
     """The dataset's rows; where the dataset fails (a model actor killed for good, a node lost
     with what it held: every photo's own failure is its row, so what stops the dataset is the
-    cluster), it starts again for the photos that have no row yet, up to MAX_DATASET_RESTARTS."""
+    cluster), it starts again for the photos that have no row yet, those planned since included,
+    up to MAX_DATASET_RESTARTS. It ends once the plan is done and every photo has its row."""
     import ray
 
     nodes_before, since_ms = _alive_nodes(), time.time() * 1000
     done = array.array("q")  # 64-bit keys of the relpaths with a row (8 bytes a photo), for a restart
+    source = planner.source()
     try:
         for restart in range(MAX_DATASET_RESTARTS + 1):
             try:
-                for rows in _execute(config, inputs, chunk_refs, run_id, models):
-                    done.extend(int(key_of(relpath)) for relpath in rows.column("relpath").to_pylist())
-                    yield rows
+                with contextlib.closing(_execute(config, inputs, source, run_id, models)) as execution:
+                    for rows in execution:
+                        done.extend(int(key_of(relpath)) for relpath in rows.column("relpath").to_pylist())
+                        yield rows
+                        if _all_in(planner, done):  # the pulls left would give nothing
+                            return
                 return
             except ray.exceptions.RayError as exc:
+                planner.check()  # a failed listing stops the run, not the dataset
                 if restart == MAX_DATASET_RESTARTS:
                     raise
-                settled = np.frombuffer(done, dtype=np.int64).copy()  # a view would pin `done`
-                chunk_refs = [ray.put(_without(ray.get(ref), settled)) for ref in chunk_refs]
-                left = sum(ray.get(ref).num_rows for ref in chunk_refs)
+                source = planner.source(np.frombuffer(done, dtype=np.int64).copy())  # a view would pin `done`
+                left = planner.rows_left()
                 log.warning("the dataset stopped (%s); starting it again for the %d photos left", exc, left)
                 seen.restarts.append(f"{_lost_what(exc)} ({type(exc).__name__}): {left} photos left")
     finally:
         seen.model_restarts = _model_actor_restarts(since_ms)
         seen.lost_nodes = sorted(nodes_before - _alive_nodes())
+
+
+def _all_in(planner: Planner, done: array.array) -> bool:
+    """Whether the plan is done and each of its photos has a row."""
+    if not planner.done or len(done) < planner.photos:
+        return False
+    return bool(np.unique(np.frombuffer(done, dtype=np.int64)).size >= planner.photos)
 
 
 def _without(table: pa.Table, done: np.ndarray) -> pa.Table:
@@ -422,10 +637,12 @@ def _lost_what(exc: BaseException) -> str:
 
 
 def _execute(
-    config: JobConfig, inputs: Storage, chunk_refs: list, run_id: str, models: dict[str, JobModel]
-) -> Iterator[pa.Table]:
+    config: JobConfig, inputs: Storage, source, run_id: str, models: dict[str, JobModel]
+) -> Generator[pa.Table, None, None]:
     """The photos' manifest rows, a group's table at a time, as the dataset finishes them."""
     import ray
+
+    from .feed import plan_groups
 
     ctx = ray.data.DataContext.get_current()
     ctx.verbose_stats_logs = False
@@ -440,13 +657,15 @@ def _execute(
             cluster_gpus,
         )
 
-    # The plan arrives in large chunks (cheap to hold); streaming repartition cuts them into
-    # groups without a shuffle, so reading fans out over the cluster's CPUs.
+    # The plan arrives in blocks of chunks as it is made (feed.py: read tasks one at a time);
+    # a streaming repartition cuts them into groups without a shuffle, so reading fans out
+    # over the cluster's CPUs. While the listing goes on, only whole groups of model batches
+    # come: a batch waits for no photo that is yet to be planned.
     # On CPUs alone the model takes seconds a photo: groups of one model batch, so the first
     # results come after one batch and the CPU stages of a group run while the model works on
     # the next one.
     group = GROUP_SIZE if layout.gpus_per_actor else layout.batch_size
-    ds = ray.data.from_arrow_refs(chunk_refs).repartition(target_num_rows_per_block=group)
+    ds = plan_groups(source.in_groups_of(group * -(-layout.batch_size // group)), group)
     # With the torch render backend the model actor decodes: the read tasks only read bytes.
     on_device = render_backend_for(config.render_backend, layout.device) == "torch"
     read = functools.partial(
