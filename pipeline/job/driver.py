@@ -678,17 +678,17 @@ def _execute(
     ds = ds.map_batches(read, batch_size=group, batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(
         ModelStage,
-        fn_constructor_args=(
-            models[SALIENCY].name,
-            models[DEPTH].name,  # the ground prior where the driver found no depth weights
-            None,  # the weights come with the shipment
-            None,
-            layout.device,
-            layout.batch_size,
-            ship(models),
-            config.render_settings() if on_device else None,
-            config.runtime,
-        ),
+        fn_constructor_kwargs={
+            "saliency": models[SALIENCY].name,
+            "depth": models[DEPTH].name,  # the ground prior where the driver found no depth weights
+            "saliency_weights": None,  # the weights come with the shipment
+            "depth_weights": None,
+            "device": layout.device,
+            "batch_size": layout.batch_size,
+            "shipped": ship(models),
+            "on_device": config.render_settings() if on_device else None,
+            "runtime": config.runtime,
+        },
         batch_size=layout.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=layout.actors),
