@@ -154,17 +154,21 @@ def test_rows_are_committed_every_n_and_every_so_many_seconds(tmp_path):
 def test_rows_added_while_a_ticker_commits_are_never_lost(tmp_path):
     store = Storage(str(tmp_path / "manifest"))
     writer = ManifestWriter(store, "r1", rows_per_part=10_000, seconds_per_part=0.0)
-    stop = threading.Event()
+    stop, added = threading.Event(), threading.Event()
 
-    def tick() -> None:
+    def tick() -> None:  # commits whenever rows came, while more keep coming
         while not stop.is_set():
+            added.wait()
+            added.clear()
             writer.flush_if_due()
 
     ticker = threading.Thread(target=tick)
     ticker.start()
     for i in range(500):
         writer.add(row(f"{i:04d}.jpg"))
+        added.set()
     stop.set()
+    added.set()
     ticker.join()
     writer.flush()
     relpaths = read_manifest(store).column("relpath").to_pylist()
