@@ -327,8 +327,8 @@ class Planner:
     ) -> None:
         self.config, self.inputs, self.output, self.run_id = config, inputs, output, run_id
         self.other_files = other_files
-        self.skipped: dict[str, int] = {}
-        self.others: dict[str, int] = {}
+        self.skipped: collections.Counter[str] = collections.Counter()  # reason -> photos left alone
+        self.others: collections.Counter[str] = collections.Counter()  # extension -> files that are no photos
         self.planned = 0  # photos to process and rows the listing decides
         self.photos = 0  # photos to process
         self.error: BaseException | None = None
@@ -403,13 +403,13 @@ class Planner:
     def _take(self, item: PlanItem | OtherFile | str) -> None:
         config = self.config
         if isinstance(item, str):
-            self.skipped[item] = self.skipped.get(item, 0) + 1
+            self.skipped[item] += 1
         elif isinstance(item, OtherFile):
-            self.others[item.extension] = self.others.get(item.extension, 0) + 1
+            self.others[item.extension] += 1
             if self.other_files is not None:
                 self.other_files.add(item.source.relpath, item.extension, item.source.size)
         elif config.limit is not None and self.planned >= config.limit:
-            self.skipped["over --limit"] = self.skipped.get("over --limit", 0) + 1
+            self.skipped["over --limit"] += 1
         elif config.dry_run:
             self.planned += 1
             if item.error:
