@@ -29,6 +29,7 @@ from pipeline.storage import Storage
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.jpg"))
 TRIVIAL = dict(saliency_model="trivial-saliency", depth_model="trivial-depth")
+RUNNERS = ("ray", "local")  # the job's main paths on both runners
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,9 +54,10 @@ def manifest(output) -> pa.Table:
     return read_manifest(Storage(f"{output}/manifest"))
 
 
-def test_local_end_to_end_then_resume(tmp_path, monkeypatch):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_local_end_to_end_then_resume(runner, tmp_path, monkeypatch):
     inputs, output = library(tmp_path / "in"), tmp_path / "out"
-    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    config = JobConfig(runner=runner, input=str(inputs), output=str(output), **TRIVIAL)
     summary = run_job(config)
     assert summary.counts == {"ok": len(EXAMPLES)}
 
@@ -108,11 +110,12 @@ def test_changed_photo_or_parameters_reprocess_exactly_what_changed(tmp_path):
     assert run_job(new_look).counts == {"ok": 1}
 
 
-def test_bad_photo_fails_alone_and_is_retried_on_request(tmp_path):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_bad_photo_fails_alone_and_is_retried_on_request(runner, tmp_path):
     inputs, output = library(tmp_path / "in"), tmp_path / "out"
     (inputs / "broken.jpg").write_bytes(EXAMPLES[0].read_bytes()[:3000])
     (inputs / "text.png").write_text("hello")
-    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    config = JobConfig(runner=runner, input=str(inputs), output=str(output), **TRIVIAL)
     summary = run_job(config)
     assert summary.counts == {"ok": len(EXAMPLES), "failed": 1, "skipped": 1}
     rows = {r["relpath"]: r for r in manifest(output).to_pylist()}
@@ -122,7 +125,7 @@ def test_bad_photo_fails_alone_and_is_retried_on_request(tmp_path):
     assert not (output / "images" / "broken.jpg").exists()
 
     assert run_job(config).planned == 0
-    retry = JobConfig(input=str(inputs), output=str(output), retry_failed=True, **TRIVIAL)
+    retry = JobConfig(runner=runner, input=str(inputs), output=str(output), retry_failed=True, **TRIVIAL)
     assert run_job(retry).counts == {"failed": 1}
 
 
@@ -152,14 +155,15 @@ def test_output_inside_input_is_refused(tmp_path):
             run_job(JobConfig(input=str(inputs), output=str(output), **TRIVIAL))
 
 
-def test_s3_end_to_end_and_resume(s3_bucket, tmp_path):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_s3_end_to_end_and_resume(runner, s3_bucket, tmp_path):
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
     bucket = s3_bucket.removeprefix("s3://")
     for photo in EXAMPLES:
         s3.put_object(Bucket=bucket, Key=f"photos/2024/{photo.name}", Body=photo.read_bytes())
-    config = JobConfig(input=f"{s3_bucket}/photos", output=f"{s3_bucket}/edited", **TRIVIAL)
+    config = JobConfig(runner=runner, input=f"{s3_bucket}/photos", output=f"{s3_bucket}/edited", **TRIVIAL)
     assert run_job(config).counts == {"ok": len(EXAMPLES)}
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="edited/")["Contents"]}
     assert {f"edited/images/2024/{p.stem}.jpg" for p in EXAMPLES} <= keys
@@ -183,7 +187,8 @@ def run_cli(*args: str, **kwargs) -> subprocess.Popen:
 N_KILLED = 80
 
 
-def test_killed_run_is_completed_by_rerunning(tmp_path):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_killed_run_is_completed_by_rerunning(runner, tmp_path):
     inputs, output = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     rng = np.random.default_rng(0)
@@ -202,6 +207,8 @@ def test_killed_run_is_completed_by_rerunning(tmp_path):
         "3",
         "--cpu-workers",
         "2",
+        "--runner",
+        runner,
     ]
     first = run_cli(*command)
     deadline = time.time() + 180
@@ -255,7 +262,8 @@ def test_a_failed_write_is_retried_by_a_plain_rerun(tmp_path):
     assert again.planned == 1 and again.counts == {"ok": 1}
 
 
-def test_linked_photos_and_folders_are_processed_once_and_a_dangling_link_is_a_failed_row(tmp_path, caplog):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_linked_photos_and_folders_are_processed_once_and_a_dangling_link_is_a_failed_row(runner, tmp_path, caplog):
     inputs, output, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
     (inputs / "archive").mkdir(parents=True)
     (inputs / "favourites").mkdir()
@@ -268,7 +276,7 @@ def test_linked_photos_and_folders_are_processed_once_and_a_dangling_link_is_a_f
     (inputs / "phone").symlink_to(elsewhere)  # a folder outside INPUT, reached by two links
     (inputs / "phone-again").symlink_to(elsewhere)
     (elsewhere / "loop").symlink_to(inputs)
-    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    config = JobConfig(runner=runner, input=str(inputs), output=str(output), **TRIVIAL)
     with caplog.at_level("WARNING"):
         summary = run_job(config)
     assert summary.counts == {"ok": 3, "failed": 1} and summary.others == {".mov": 1}
@@ -350,12 +358,13 @@ def listing_held_at(monkeypatch, inputs: Path, folder: str, then=None) -> thread
     return counted
 
 
-def test_the_first_photos_are_done_while_the_listing_goes_on(tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_the_first_photos_are_done_while_the_listing_goes_on(runner, tmp_path, monkeypatch, capfd):
     inputs, output = tmp_path / "in", tmp_path / "out"
     names = folders_of_photos(inputs)
     listing_held_at(monkeypatch, inputs, f"f{FOLDERS - 1:02d}")
     # commits by time: the first group's rows reach the manifest while the last folder waits
-    config = JobConfig(input=str(inputs), output=str(output), commit_seconds=0.01, **TRIVIAL)
+    config = JobConfig(runner=runner, input=str(inputs), output=str(output), commit_seconds=0.01, **TRIVIAL)
     summary = run_job(config)
     assert summary.counts == {"ok": len(names)} and summary.planned == len(names)
     assert sorted(r["relpath"] for r in manifest(output).to_pylist()) == names
@@ -377,7 +386,8 @@ def plan_of(config: JobConfig) -> tuple[list[str], Counter, Counter]:
     return items, skipped, others
 
 
-def test_the_plan_streamed_records_what_the_plan_says(tmp_path, monkeypatch):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_the_plan_streamed_records_what_the_plan_says(runner, tmp_path, monkeypatch):
     inputs, output = tmp_path / "in", tmp_path / "out"
     names = folders_of_photos(inputs)
     (inputs / "f03" / "p.dng").write_bytes(b"raw")  # the other half of f03/p.jpg: left alone
@@ -385,7 +395,7 @@ def test_the_plan_streamed_records_what_the_plan_says(tmp_path, monkeypatch):
     (inputs / "f07" / "broken.jpg").write_bytes(EXAMPLES[0].read_bytes()[:3000])  # fails when read
     (inputs / "f09" / "notes.txt").write_text("not a photo")
     monkeypatch.setattr(driver, "PLAN_CHUNK", 2)  # many chunks, many pulls, rows the listing decides in between
-    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    config = JobConfig(runner=runner, input=str(inputs), output=str(output), **TRIVIAL)
     items, skipped, others = plan_of(config)
     summary = run_job(config)
     rows = {r["relpath"]: r for r in manifest(output).to_pylist()}
@@ -400,7 +410,7 @@ def test_the_plan_streamed_records_what_the_plan_says(tmp_path, monkeypatch):
     # A rerun with new photos and --limit: the first of the plan's items are done, the rest over the limit.
     for f in (2, 11, 17):
         shutil.copy(inputs / "f00" / "p.jpg", inputs / f"f{f:02d}" / "new.jpg")
-    limited = JobConfig(input=str(inputs), output=str(output), limit=2, **TRIVIAL)
+    limited = JobConfig(runner=runner, input=str(inputs), output=str(output), limit=2, **TRIVIAL)
     items, skipped, others = plan_of(limited)
     assert items == ["f02/new.jpg", "f11/new.jpg", "f17/new.jpg"]
     summary = run_job(limited)
@@ -415,7 +425,8 @@ def test_the_plan_streamed_records_what_the_plan_says(tmp_path, monkeypatch):
     assert sorted(new_rows) == ["f02/new.jpg", "f11/new.jpg"]
 
 
-def test_a_listing_that_fails_mid_plan_stops_the_run_and_loses_nothing_done(tmp_path, monkeypatch):
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_a_listing_that_fails_mid_plan_stops_the_run_and_loses_nothing_done(runner, tmp_path, monkeypatch):
     inputs, output = tmp_path / "in", tmp_path / "out"
     names = folders_of_photos(inputs)
 
@@ -423,7 +434,7 @@ def test_a_listing_that_fails_mid_plan_stops_the_run_and_loses_nothing_done(tmp_
         raise PermissionError(13, "Permission denied", f"{inputs}/f{FOLDERS - 1:02d}")
 
     listing_held_at(monkeypatch, inputs, f"f{FOLDERS - 1:02d}", then=fail)
-    config = JobConfig(input=str(inputs), output=str(output), **TRIVIAL)
+    config = JobConfig(runner=runner, input=str(inputs), output=str(output), **TRIVIAL)
     with pytest.raises(PermissionError, match="Permission denied"):
         run_job(config)
     committed = manifest(output).to_pylist()

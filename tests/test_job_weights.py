@@ -416,13 +416,14 @@ def test_worker_nodes_with_empty_caches_get_the_weights_from_the_driver(tmp_path
 @pytest.mark.slow
 def test_a_local_run_loads_the_driver_weights_in_place(tmp_path, monkeypatch):
     """On the driver's own node the actors load the driver's checked file itself: no copy."""
+    RAY = ("--runner", "ray")  # the actors of a local Ray, not the local runner
     weights = real_isnet()
     driver_cache = copy_cache(weights, tmp_path / "cache")
     inputs, output = small_library(tmp_path / "in", 1), tmp_path / "out"
     env = dict(offline_env(driver_cache), RAY_USAGE_STATS_ENABLED="0", DREAMFOCUS_ISNET_RUNTIME="torch")
     env["PATH"] = str(Path(sys.executable).parent)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", str(inputs), str(output), "--cpu-workers", "2"],
+        [sys.executable, "-m", "pipeline.cli", "run", str(inputs), str(output), "--cpu-workers", "2", *RAY],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -21,7 +21,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,12 +42,14 @@ from ..manifest import (
     new_run_id,
 )
 from ..models import DEPTH, SALIENCY
+from ..models.base import cpu_threads
 from ..storage import Storage, retried_total
 from .console import Progress, without_native_noise
 from .lease import RENEW_SECONDS, Lease
+from .local import LocalFeed, run_stages
 from .plan import IMAGES_DIR, JobConfig, OtherFile, PlanItem, check_locations, make_plan
 from .stages import ModelStage, finish_stage, job_manifest_rows, read_stage
-from .weights import JobModel, resolve_models, ship
+from .weights import JobModel, Shipment, resolve_models, ship
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +129,18 @@ def run_job(config: JobConfig) -> JobSummary:
             lease.acquire()  # of runs planned at once, one goes on; nothing was written before
             held.callback(lease.release)
             ticker = held.enter_context(Ticker(lease))
-            if models is not None:
+            runner = None if models is None else runner_for(config)
+            if runner == "ray":
                 _start_ray(config)
                 planner.ray_started()  # the chunks planned so far go to Ray's object store
+            elif runner == "local":
+                planner.run_locally()
             merged = compact_manifest(manifest)
             if merged:
                 log.info("merged %d manifest parts into one", merged)
             writer = ManifestWriter(manifest, run_id, config.commit_every, config.commit_seconds)
             console = sys.stderr
-            if models is not None and not logging.getLogger().isEnabledFor(logging.INFO):
+            if runner == "ray" and not logging.getLogger().isEnabledFor(logging.INFO):
                 console = held.enter_context(without_native_noise())  # Ray is up: its lines from now on
             progress = Progress(planner.planned, console, listing=True)
             planner.follow(progress)
@@ -343,6 +348,7 @@ class Planner:
         self._unsent: list[pa.Table] = []  # chunks made before Ray is up
         self._ray_up = False
         self._feed: Any = None  # the running dataset's PlanFeed actor
+        self.local_feed: LocalFeed | None = None  # ... or the local runner's feed
         self._fed = 0  # chunks added to it
         self._progress: Progress | None = None
         self._stop = threading.Event()
@@ -394,6 +400,8 @@ class Planner:
             with self._lock:
                 self._flush()
                 self._done = True
+                if self.local_feed is not None:
+                    self.local_feed.end()
                 if self._feed is not None:
                     self._feed.end.remote(self._fed)
                 if self._progress is not None:
@@ -454,7 +462,9 @@ class Planner:
     def _flush_chunk(self) -> None:
         if self._chunk:
             table, self._chunk = _chunk_table(self._chunk), []
-            if self._ray_up:
+            if self.local_feed is not None:
+                self.local_feed.add(table)
+            elif self._ray_up:
                 self._send(table)
             else:
                 self._unsent.append(table)
@@ -474,6 +484,16 @@ class Planner:
             for table in self._unsent:
                 self._send(table)
             self._unsent = []
+
+    def run_locally(self) -> None:
+        """The chunks planned so far, and those to come, go to the local runner's feed."""
+        with self._lock:
+            self.local_feed = LocalFeed()
+            for table in self._unsent:
+                self.local_feed.add(table)
+            self._unsent = []
+            if self._done:
+                self.local_feed.end()
 
     def follow(self, progress: Progress | None) -> None:
         """Raise `progress`'s total as the plan grows."""
@@ -523,11 +543,33 @@ def _tables(
     """The run's manifest rows: the dataset's as it finishes photos, with the rows the listing
     decides in between, as the plan gives them."""
     if models is not None:
-        for rows in _rows(config, inputs, planner, run_id, models, seen):
+        if planner.local_feed is not None:
+            processed = _local_rows(config, inputs, planner.local_feed, run_id, models)
+        else:
+            processed = _rows(config, inputs, planner, run_id, models, seen)
+        for rows in processed:
             yield from planner.refused()
             yield rows
     planner.wait()  # done already: the dataset ends only once the plan is
     yield from planner.refused()
+
+
+def runner_for(config: JobConfig) -> str:
+    """local or ray: what config.runner says, or for auto, local for a job on this machine
+    without a GPU (the model is the work there, one instance on every core) where no Ray runs
+    or is named (RAY_ADDRESS) already, else ray."""
+    if config.runner != "auto":
+        return config.runner
+    ray = sys.modules.get("ray")
+    if config.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return "ray"
+    if (config.model_actors or 1) > 1 or config.gpus_per_actor:
+        return "ray"
+    if config.device is None:
+        import torch
+
+        return "ray" if torch.cuda.is_available() else "local"
+    return "local" if config.device == "cpu" else "ray"
 
 
 def _start_ray(config: JobConfig) -> None:
@@ -666,40 +708,75 @@ def _execute(
     # the next one.
     group = GROUP_SIZE if layout.gpus_per_actor else layout.batch_size
     ds = plan_groups(source.in_groups_of(group * -(-layout.batch_size // group)), group)
-    # With the torch render backend the model actor decodes: the read tasks only read bytes.
     on_device = render_backend_for(config.render_backend, layout.device) == "torch"
-    read = functools.partial(
-        read_stage,
-        input_uri=inputs.uri,
-        storage_options=config.storage_options,
-        max_megapixels=config.max_megapixels,
-        model_copy=not on_device,
-    )
-    ds = ds.map_batches(read, batch_size=group, batch_format="pyarrow", num_cpus=1)
+    ds = ds.map_batches(_read(config, inputs, on_device), batch_size=group, batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(
         ModelStage,
-        fn_constructor_kwargs={
-            "saliency": models[SALIENCY].name,
-            "depth": models[DEPTH].name,  # the ground prior where the driver found no depth weights
-            "saliency_weights": None,  # the weights come with the shipment
-            "depth_weights": None,
-            "device": layout.device,
-            "batch_size": layout.batch_size,
-            "shipped": ship(models),
-            "on_device": config.render_settings() if on_device else None,
-            "runtime": config.runtime,
-        },
+        fn_constructor_kwargs=_model_stage_kwargs(config, models, layout, on_device, ship(models)),
         batch_size=layout.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=layout.actors),
         num_gpus=layout.gpus_per_actor,
         num_cpus=config.cpus_per_actor,
     )
-    finish = functools.partial(finish_stage, config=config, run_id=run_id, source_root=inputs.uri)
-    ds = ds.map_batches(finish, batch_size=None, batch_format="pyarrow", num_cpus=1)
+    ds = ds.map_batches(_finish(config, inputs, run_id), batch_size=None, batch_format="pyarrow", num_cpus=1)
 
     # No prefetch: with one, Ray Data holds each finished group back until the next is done too.
     yield from ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)  # type: ignore[misc]
+
+
+def _local_rows(
+    config: JobConfig, inputs: Storage, feed: LocalFeed, run_id: str, models: dict[str, JobModel]
+) -> Iterator[pa.Table]:
+    """The photos' manifest rows, a group's table at a time, from the stages run in this process."""
+    layout = model_layout(config, 0 if (config.device or "cpu") == "cpu" else 1)
+    on_device = render_backend_for(config.render_backend, layout.device) == "torch"
+    kwargs = _model_stage_kwargs(config, models, layout, on_device)
+    yield from run_stages(
+        feed,
+        layout.batch_size,
+        _read(config, inputs, on_device),
+        functools.partial(ModelStage, **kwargs),
+        _finish(config, inputs, run_id),
+        config.cpu_workers or cpu_threads(),
+    )
+
+
+def _read(config: JobConfig, inputs: Storage, on_device: bool) -> Callable[[pa.Table], pa.Table]:
+    # With the torch render backend the models' stage decodes: the read stage only reads bytes.
+    return functools.partial(
+        read_stage,
+        input_uri=inputs.uri,
+        storage_options=config.storage_options,
+        max_megapixels=config.max_megapixels,
+        model_copy=not on_device,
+    )
+
+
+def _finish(config: JobConfig, inputs: Storage, run_id: str) -> Callable[[pa.Table], pa.Table]:
+    return functools.partial(finish_stage, config=config, run_id=run_id, source_root=inputs.uri)
+
+
+def _model_stage_kwargs(
+    config: JobConfig,
+    models: dict[str, JobModel],
+    layout: ModelLayout,
+    on_device: bool,
+    shipped: dict[str, Shipment] | None = None,
+) -> dict[str, Any]:
+    """ModelStage's arguments: the weights from the driver's files, or with the shipment."""
+    weights = {task: None if shipped or model.path is None else str(model.path) for task, model in models.items()}
+    return {
+        "saliency": models[SALIENCY].name,
+        "depth": models[DEPTH].name,  # the ground prior where the driver found no depth weights
+        "saliency_weights": weights[SALIENCY],
+        "depth_weights": weights[DEPTH],
+        "device": layout.device,
+        "batch_size": layout.batch_size,
+        "shipped": shipped,
+        "on_device": config.render_settings() if on_device else None,
+        "runtime": config.runtime,
+    }
 
 
 def _alive_nodes() -> set[str]:

@@ -27,6 +27,7 @@ from ..storage import LISTING_PREFETCH, SourceFile, Storage, is_inside, safe_rel
 log = logging.getLogger(__name__)
 
 IMAGES_DIR, INTERMEDIATES_DIR = "images", "intermediates"
+RUNNERS = ("auto", "local", "ray")
 
 
 def _option(default, help: str, group: str, **argparse):
@@ -54,6 +55,14 @@ class JobConfig:
     )
     address: str | None = _option(
         None, "Ray cluster: 'auto', host:port or ray://host:port (default: an embedded local Ray)", "locations"
+    )
+    runner: str = _option(
+        "auto",
+        "what runs the stages: local (threads in this process: no start-up, this machine only), ray "
+        "(Ray Data: worker processes, clusters, GPUs), auto (local for a job on this machine without a GPU, "
+        "else ray)",
+        "locations",
+        choices=RUNNERS,
     )
     # models
     saliency_model: str | None = _option(None, "salient-object model name (see `models list`)", "models")
@@ -145,6 +154,10 @@ class JobConfig:
             problems.append("commit-seconds must be > 0")
         if self.render_backend not in RENDER_BACKENDS:
             problems.append(f"unknown render backend {self.render_backend!r}; choose {', '.join(RENDER_BACKENDS)}")
+        if self.runner not in RUNNERS:
+            problems.append(f"unknown runner {self.runner!r}; choose {', '.join(RUNNERS)}")
+        elif self.runner == "local" and self.address:
+            problems.append("the local runner runs in this process: it takes no --address (use --runner ray)")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append("gpus-per-actor must be >= 0")
         if problems:
