@@ -135,7 +135,9 @@ class JobConfig:
     cpus_per_actor: float = _option(
         0.0, "CPUs reserved per model actor (default 0: actors share cores with the CPU stages)", "job"
     )
-    cpu_workers: int | None = _option(None, "CPUs of the embedded local Ray (default: all)", "job")
+    cpu_workers: int | None = _option(
+        None, "CPUs of the embedded local Ray, or the local runner's finishing threads (default: all)", "job"
+    )
 
     def __post_init__(self) -> None:
         self.saliency_model = self.saliency_model or default_model(SALIENCY)
