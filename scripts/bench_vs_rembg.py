@@ -4,7 +4,7 @@ half as long as `rembg p`, one process, one photo at a time, although it also ru
 effect; of 5 photos, no longer).
 
     python scripts/bench_vs_rembg.py [--rembg PATH] [--photos 36] [--size 800] [--rounds 1]
-                                     [--runtimes auto onnxruntime ...]
+                                     [--runtimes auto onnxruntime ...] [--runners local ray]
 
 rembg is not a dependency of dreamfocus: install it into a separate environment, e.g.
     python -m venv .rembg && .rembg/bin/pip install "rembg[cli]" onnxruntime
@@ -12,8 +12,8 @@ and pass --rembg .rembg/bin/rembg. It runs the very graph dreamfocus runs on the
 weights widened to fp32, see pipeline/models/isnet.py) through its `dis_custom` session, whose
 normalisation is IS-Net's. The photos are variants (crops, flips) of examples/, long side --size.
 Prints the wall time of each, start-up included, and their ratio (the machine may be noisy:
-rounds alternate the two). With --runtimes, dreamfocus runs once per IS-Net runtime each round
-(`dreamfocus run --runtime NAME`).
+rounds alternate the two). With --runtimes and --runners, dreamfocus runs once per IS-Net
+runtime and runner each round (`dreamfocus run --runtime NAME --runner local|ray`).
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--runtimes", nargs="+", default=["auto"], help="IS-Net runtimes for dreamfocus run")
+    parser.add_argument("--runners", nargs="+", default=["auto"], help="dreamfocus run --runner: auto, local, ray")
     args = parser.parse_args()
     if not args.rembg:
         raise SystemExit("rembg not found: install it into its own environment and pass --rembg (see --help)")
@@ -116,10 +117,11 @@ def main() -> None:
         rembg = timed(rembg_command, work / "out-rembg", args.photos, {**os.environ, "U2NET_HOME": str(graph.parent)})
         line = f"round {round_}: rembg p {rembg:.1f} s"
         for runtime in args.runtimes:
-            shutil.rmtree(work / "out-dreamfocus", ignore_errors=True)  # a rerun would skip what is done
-            command = [*dreamfocus_command, "--runtime", runtime]
-            seconds = timed(command, work / "out-dreamfocus" / "images", args.photos)
-            line += f", dreamfocus run --runtime {runtime} {seconds:.1f} s (ratio {seconds / rembg:.2f})"
+            for runner in args.runners:
+                shutil.rmtree(work / "out-dreamfocus", ignore_errors=True)  # a rerun would skip what is done
+                options = ["--runtime", runtime, "--runner", runner]
+                seconds = timed([*dreamfocus_command, *options], work / "out-dreamfocus" / "images", args.photos)
+                line += f", dreamfocus run {' '.join(options)} {seconds:.1f} s (ratio {seconds / rembg:.2f})"
         print(line, flush=True)
 
 
