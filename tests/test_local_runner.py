@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -11,7 +15,11 @@ import pytest
 from pipeline.errors import BadInputError
 from pipeline.job import JobConfig, driver
 from pipeline.job.local import LocalFeed, run_stages
+from pipeline.manifest import read_manifest
+from pipeline.models.base import GPU_DRIVERS
+from pipeline.storage import Storage
 
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.jpg"))
 WAIT = 20.0  # seconds a test waits for what must happen before it fails instead of hanging
 
 
@@ -149,3 +157,32 @@ def test_auto_joins_the_ray_named_in_the_environment(tmp_path, monkeypatch):
 def test_the_local_runner_takes_no_cluster_address(tmp_path):
     with pytest.raises(BadInputError, match="takes no --address"):
         JobConfig(input=str(tmp_path), output=str(tmp_path / "o"), runner="local", address="auto")
+
+
+@pytest.mark.skipif(any(map(os.path.exists, GPU_DRIVERS)), reason="a machine with a GPU driver runs on Ray")
+def test_a_job_on_a_laptop_starts_neither_ray_nor_torch(tmp_path):
+    """The fixed cost a small job waits on: no Ray to start, and no torch to import (seconds
+    each) where the models need neither."""
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for photo in EXAMPLES[:2]:
+        shutil.copy(photo, inputs / photo.name)
+    code = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "print('imported:', sorted(m for m in ('ray', 'torch') if m in sys.modules))\n"
+        "sys.exit(code)\n"
+    )
+    trivial = ("--saliency-model", "trivial-saliency", "--depth-model", "trivial-depth")
+    done = subprocess.run(
+        [sys.executable, "-c", code, "run", str(inputs), str(output), *trivial],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "imported: []" in done.stdout
+    rows = read_manifest(Storage(f"{output}/manifest")).to_pylist()
+    assert sorted((r["relpath"], r["status"]) for r in rows) == sorted((p.name, "ok") for p in EXAMPLES[:2])

@@ -42,7 +42,7 @@ from ..manifest import (
     new_run_id,
 )
 from ..models import DEPTH, SALIENCY
-from ..models.base import cpu_threads
+from ..models.base import cpu_threads, default_device
 from ..storage import Storage, retried_total
 from .console import Progress, without_native_noise
 from .lease import RENEW_SECONDS, Lease
@@ -565,11 +565,7 @@ def runner_for(config: JobConfig) -> str:
         return "ray"
     if (config.model_actors or 1) > 1 or config.gpus_per_actor:
         return "ray"
-    if config.device is None:
-        import torch
-
-        return "ray" if torch.cuda.is_available() else "local"
-    return "local" if config.device == "cpu" else "ray"
+    return "local" if (config.device or default_device()) == "cpu" else "ray"
 
 
 def _start_ray(config: JobConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -218,7 +219,15 @@ class MapModel(ABC):
         return resolve_weights(cls, source, fetch=True)
 
 
+GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")  # what CUDA and ROCm need on Linux
+
+
 def default_device() -> str:
+    """cuda where torch sees a GPU, else cpu. On a Linux machine with no GPU driver at all
+    (NVIDIA's or ROCm's), torch is not imported to ask: its import alone is seconds of a small
+    job's start-up on a laptop."""
+    if sys.platform == "darwin" or (sys.platform == "linux" and not any(map(os.path.exists, GPU_DRIVERS))):
+        return "cpu"
     try:
         import torch
 
