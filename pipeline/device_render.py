@@ -322,7 +322,7 @@ class _Decoded:
     headers: dict[int, JpegHeader]
     photos: dict[int, torch.Tensor]
     clock: _Clock
-    spans: list[Span]
+    steps: list[_Steps]  # read at the encode, so no stage waits for the device to read a clock
     ready: torch.cuda.Event | None  # on CUDA: the decode stream's work on the photos is queued before it
 
 
@@ -334,7 +334,7 @@ class _Rendered:
     live: list[int]  # the photos rendered, in order
     rendered: dict[int, tuple[effect_torch.TorchRendering, int]]  # photo -> (its effect call, index there)
     clock: _Clock
-    spans: list[Span]
+    steps: list[_Steps]
     ready: torch.cuda.Event | None
 
 
@@ -354,7 +354,7 @@ def _decode_batch(
         else:
             photos[i] = upright(decoded, headers[i].orientation)
     steps.mark("decode")
-    return _Decoded(headers, photos, clock, steps.spans(), _handed_over(dev))
+    return _Decoded(headers, photos, clock, [steps], _handed_over(dev))
 
 
 def _compute_batch(
@@ -372,7 +372,7 @@ def _compute_batch(
     steps = _Steps(decoded.clock)
     rendered: dict[int, tuple[effect_torch.TorchRendering, int]] = {}
     if not live:
-        return _Rendered(decoded.headers, live, rendered, decoded.clock, decoded.spans, None)
+        return _Rendered(decoded.headers, live, rendered, decoded.clock, decoded.steps, None)
     if maps is not None:
         saliency = [torch.from_numpy(np.ascontiguousarray(maps[i].saliency, np.float32)).to(dev) for i in live]
         depth = [torch.from_numpy(np.ascontiguousarray(maps[i].depth, np.float32)).to(dev) for i in live]
@@ -404,8 +404,7 @@ def _compute_batch(
             for j, k in enumerate(members):
                 rendered[live[k]] = (done, j)
     steps.mark("effect")
-    spans = decoded.spans + steps.spans()
-    return _Rendered(decoded.headers, live, rendered, decoded.clock, spans, _handed_over(dev))
+    return _Rendered(decoded.headers, live, rendered, decoded.clock, [*decoded.steps, steps], _handed_over(dev))
 
 
 def _encode_batch(
@@ -429,7 +428,7 @@ def _encode_batch(
             for i, image in zip(live, images)
         ]
     steps.mark("encode")
-    spans = BatchSpans(tuple(live), tuple(batch.spans + steps.spans()))
+    spans = BatchSpans(tuple(live), tuple(span for stage in (*batch.steps, steps) for span in stage.spans()))
     done.append(spans)
     seconds = {step: spent / len(live) for step, spent in spans.seconds().items()}
     numbers = _numbers(rendered, live)
