@@ -14,6 +14,11 @@ time: anything but an 8-bit RGB or gray JPEG (PNG, HEIC, WebP, TIFF, CMYK), an I
 than sRGB, a photo over the megapixel limit (the CPU path says so in its own words), and what
 the device decoder refuses.
 
+The batches of a call overlap (_overlapped): while one is in the models and the effect on the
+calling thread, the next is decoded on a thread of its own and the one before encoded on another,
+which also makes what the host needs of it (its numbers, the reason a photo was left alone, the
+intermediates). Each batch's steps are timed (BatchSpans, ``trace``), so the overlap can be seen.
+
 Without torchvision (this package does not require it) the codec steps run through Pillow on the
 host, so the rest of the path runs and is tested on any machine.
 """
@@ -283,7 +288,7 @@ def render_on_device(
 
     Finished.seconds holds the photo's share of its batch's decode, saliency, depth, effect and
     encode; Finished.rendering carries the numbers, and the maps only with ``settings.intermediates``.
-    ``trace``, where given, gets each batch's BatchSpans, in the batches' order.
+    ``trace``, where given, gets the BatchSpans of each batch with a photo rendered, in order.
     """
     if (models is None) == (maps is None):
         raise ValueError("give models or maps")
@@ -527,8 +532,15 @@ def _overlapped(
     """decode, compute and encode each batch in turn, three batches at once: batch k+1 decoded
     on a thread, batch k computed on this one (where the models are), batch k-1 encoded on
     another, queues of one between them. A batch is decoded once its bytes fit beside those
-    in flight (``in_flight_bytes``). On CUDA the two threads queue their work on streams of
-    their own. The first exception, on any side, stops the others and is raised here."""
+    in flight (``in_flight_bytes``). The first exception, on any side, stops the others and is
+    raised here; every wait gives way to it, so none hangs.
+
+    On CUDA each thread queues its work on a stream of its own. What one stage makes, the next
+    reads only after its stream waits on the maker's event, and with record_stream, so the
+    caching allocator (one for all streams) does not hand that memory to the maker's stream
+    while the reader still uses it (_take_over). Each codec is used by one thread only: the
+    decoder (nvJPEG) by the decode thread, the encoder by the encode thread.
+    """
     pipeline = _Pipeline()
     in_flight = _InFlight(in_flight_bytes, pipeline)
     decoded: queue.Queue = queue.Queue(maxsize=1)
