@@ -115,6 +115,7 @@ def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Ten
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # bytes are read-only; the decoder only reads them
         tensors = [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
+    _drain(device)
     try:
         return list(tvio.decode_jpeg(tensors, mode=tvio.ImageReadMode.RGB, device=device))
     except Exception:  # noqa: BLE001 - find the photo(s) the decoder refuses
@@ -154,7 +155,10 @@ def encode_jpegs(images: Sequence[torch.Tensor], quality: int) -> list[bytes]:
             Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy()).save(buffer, "JPEG", quality=quality)
             out.append(buffer.getvalue())
         return out
-    encoded = tvio.encode_jpeg([image.contiguous() for image in images], quality=quality)
+    contiguous = [image.contiguous() for image in images]
+    if contiguous:
+        _drain(contiguous[0].device)
+    encoded = tvio.encode_jpeg(contiguous, quality=quality)
     host = torch.cat([e.reshape(-1) for e in encoded]).cpu().numpy()
     bounds = np.cumsum([0] + [e.numel() for e in encoded])
     return [host[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])]
@@ -619,6 +623,16 @@ def _take_over(ready: torch.cuda.Event | None, tensors: Sequence[torch.Tensor]) 
     stream.wait_event(ready)
     for tensor in tensors:
         tensor.record_stream(stream)
+
+
+def _drain(dev: torch.device) -> None:
+    """On CUDA, wait (this thread only) until its stream has done what it was given. The CUDA
+    JPEG codecs run on streams of their own: torchvision's decoder writes into memory it takes
+    on the current stream without waiting for that stream (pytorch/vision#9606: a block the
+    stream still reads, freed to the allocator, is overwritten), and its encoder has read images
+    before they were ready (pytorch/vision#8587). So decode_jpegs and encode_jpegs drain it first."""
+    if dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()
 
 
 def _tensors(rendering: effect_torch.TorchRendering) -> list[torch.Tensor]:
