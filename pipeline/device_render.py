@@ -559,9 +559,11 @@ def _overlapped(
     def encoding() -> None:
         while (item := pipeline.get(rendered)) is not _END:
             result, size = item
+            del item  # nothing here holds a batch past its encode, when its bytes go back
             try:
                 encode(result)
             finally:
+                del result
                 in_flight.give(size)
 
     def side(work: Callable[[], None]) -> Callable[[], None]:
@@ -583,7 +585,10 @@ def _overlapped(
         with torch.inference_mode():
             while (item := pipeline.get(decoded)) is not _END:
                 result, size = item
-                pipeline.put(rendered, (compute(result), size))
+                del item
+                result = compute(result)  # the decoded photos go: the encode needs the renderings only
+                pipeline.put(rendered, (result, size))
+                del result
             pipeline.put(rendered, _END)
     except _Stopped:
         pass
