@@ -242,6 +242,7 @@ class _Clock:
     queued on (no wait between steps; read once, at the end), else the wall clock."""
 
     def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         self.origin = self.now()
 
@@ -249,7 +250,7 @@ class _Clock:
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)
-        event.record()  # on the current stream of the thread that marks
+        event.record(torch.cuda.current_stream(self.device))  # the stream of the thread that marks
         return event
 
     def seconds_since_origin(self, mark: object) -> float:
@@ -316,7 +317,7 @@ def render_on_device(
         dev,
         decode=lambda batch: _decode_batch(datas, batch, results, dev, clock),
         compute=lambda decoded: _compute_batch(decoded, settings, dev, budget, models, maps),
-        encode=lambda rendered: _encode_batch(rendered, settings, results, done),
+        encode=lambda rendered: _encode_batch(rendered, settings, dev, results, done),
     )
     if trace is not None:
         trace.extend(done)
@@ -375,7 +376,7 @@ def _compute_batch(
     maps: Sequence[SceneMaps] | None,
 ) -> _Rendered:
     """The models and the effect on one decoded batch (on the calling thread's stream)."""
-    _take_over(decoded.ready, list(decoded.photos.values()))
+    _take_over(dev, decoded.ready, list(decoded.photos.values()))
     photos, params = decoded.photos, settings.params
     live = list(photos)
     steps = _Steps(decoded.clock)
@@ -417,7 +418,7 @@ def _compute_batch(
 
 
 def _encode_batch(
-    batch: _Rendered, settings: RenderSettings, results: list[Finished | str], done: list[BatchSpans]
+    batch: _Rendered, settings: RenderSettings, dev: torch.device, results: list[Finished | str], done: list[BatchSpans]
 ) -> None:
     """The encode stage of one batch (its thread's stream is current), and what the host makes
     of its numbers (the reason a photo was left alone, the intermediates): its results set."""
@@ -425,7 +426,7 @@ def _encode_batch(
     if not live:
         return
     calls = {id(call): call for call, _ in rendered.values()}.values()  # the batch's effect calls
-    _take_over(batch.ready, [tensor for call in calls for tensor in _tensors(call)])
+    _take_over(dev, batch.ready, [tensor for call in calls for tensor in _tensors(call)])
     steps = _Steps(batch.clock)
     images = [rendered[i][0].image[rendered[i][1]] for i in live]
     if settings.format == "jpeg":
@@ -613,18 +614,18 @@ def _handed_over(dev: torch.device) -> torch.cuda.Event | None:
     if dev.type != "cuda":
         return None
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(dev))
     return event
 
 
-def _take_over(ready: torch.cuda.Event | None, tensors: Sequence[torch.Tensor]) -> None:
+def _take_over(dev: torch.device, ready: torch.cuda.Event | None, tensors: Sequence[torch.Tensor]) -> None:
     """Make the tensors another stage's stream made safe to read on this thread's stream: its
     work waits for theirs (``ready``), and the caching allocator, told that this stream uses
     them (record_stream), hands out their memory again only once this stream's work on them is
     done, not as soon as their maker's stream lets go of them."""
     if ready is None:
         return
-    stream = torch.cuda.current_stream(tensors[0].device if tensors else None)
+    stream = torch.cuda.current_stream(dev)
     stream.wait_event(ready)
     for tensor in tensors:
         tensor.record_stream(stream)
