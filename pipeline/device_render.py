@@ -226,9 +226,9 @@ def busy_share(batches: Sequence[BatchSpans], steps: Sequence[str] = COMPUTE_STE
     """The share of the wall time, first span to last, in which a batch was in one of ``steps``:
     1.0 when the models and the effect never wait for a decode or an encode."""
     spans = sorted((s.start, s.end) for b in batches for s in b.spans if s.step in steps)
-    everything = [s for b in batches for s in b.spans]
-    if not spans or not everything:
+    if not spans:
         return 0.0
+    everything = [s for b in batches for s in b.spans]
     wall = max(s.end for s in everything) - min(s.start for s in everything)
     covered, reach = 0.0, -float("inf")
     for start, end in spans:  # the union of overlapping spans
