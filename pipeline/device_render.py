@@ -14,6 +14,11 @@ time: anything but an 8-bit RGB or gray JPEG (PNG, HEIC, WebP, TIFF, CMYK), an I
 than sRGB, a photo over the megapixel limit (the CPU path says so in its own words), and what
 the device decoder refuses.
 
+The batches of a call overlap (_overlapped): while one is in the models and the effect on the
+calling thread, the next is decoded on a thread of its own and the one before encoded on another,
+which also makes what the host needs of it (its numbers, the reason a photo was left alone, the
+intermediates). Each batch's steps are timed (BatchSpans, ``trace``), so the overlap can be seen.
+
 Without torchvision (this package does not require it) the codec steps run through Pillow on the
 host, so the rest of the path runs and is tested on any machine.
 """
@@ -21,12 +26,16 @@ host, so the rest of the path runs and is tested on any machine.
 from __future__ import annotations
 
 import io
+import queue
 import struct
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,6 +115,7 @@ def decode_jpegs(datas: Sequence[bytes], device: torch.device) -> list[torch.Ten
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # bytes are read-only; the decoder only reads them
         tensors = [torch.frombuffer(d, dtype=torch.uint8) for d in datas]
+    _drain(device)
     try:
         return list(tvio.decode_jpeg(tensors, mode=tvio.ImageReadMode.RGB, device=device))
     except Exception:  # noqa: BLE001 - find the photo(s) the decoder refuses
@@ -145,7 +155,10 @@ def encode_jpegs(images: Sequence[torch.Tensor], quality: int) -> list[bytes]:
             Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy()).save(buffer, "JPEG", quality=quality)
             out.append(buffer.getvalue())
         return out
-    encoded = tvio.encode_jpeg([image.contiguous() for image in images], quality=quality)
+    contiguous = [image.contiguous() for image in images]
+    if contiguous:
+        _drain(contiguous[0].device)
+    encoded = tvio.encode_jpeg(contiguous, quality=quality)
     host = torch.cat([e.reshape(-1) for e in encoded]).cpu().numpy()
     bounds = np.cumsum([0] + [e.numel() for e in encoded])
     return [host[a:b].tobytes() for a, b in zip(bounds[:-1], bounds[1:])]
@@ -181,33 +194,85 @@ def model_copy(image: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------ the batch
 
 
-class _Clock:
-    """Seconds spent in each step of a batch on the device, read once at the end: CUDA events
-    where the work is queued on a GPU (no wait between steps), else the wall clock."""
+@dataclass(frozen=True)
+class Span:
+    """When one step of a device batch ran, in seconds since its render_on_device call began
+    (on CUDA, device time from events: when the work ran, not when it was queued)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, object]] = []
-        self.mark("")
+    step: str
+    start: float
+    end: float
 
-    def mark(self, step: str) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append((step, event))
-        else:
-            self.marks.append((step, time.perf_counter()))
+
+@dataclass(frozen=True)
+class BatchSpans:
+    """The steps of one device batch (photos: their indices in the call's ``datas``)."""
+
+    photos: tuple[int, ...]
+    spans: tuple[Span, ...]
 
     def seconds(self) -> dict[str, float]:
+        """Seconds spent in each step (decode comes twice: the photos, then the model copies)."""
         out: dict[str, float] = {}
-        for (_, before), (step, after) in zip(self.marks[:-1], self.marks[1:]):
-            if self.cuda:
-                after.synchronize()  # type: ignore[attr-defined]
-                spent = before.elapsed_time(after) / 1000  # type: ignore[attr-defined]
-            else:
-                spent = after - before  # type: ignore[operator]
-            out[step] = out.get(step, 0.0) + spent
+        for span in self.spans:
+            out[span.step] = out.get(span.step, 0.0) + span.end - span.start
         return out
+
+
+COMPUTE_STEPS = ("saliency", "depth", "effect")  # the models and the effect, on the calling thread
+
+
+def busy_share(batches: Sequence[BatchSpans], steps: Sequence[str] = COMPUTE_STEPS) -> float:
+    """The share of the wall time, first span to last, in which a batch was in one of ``steps``:
+    1.0 when the models and the effect never wait for a decode or an encode."""
+    spans = sorted((s.start, s.end) for b in batches for s in b.spans if s.step in steps)
+    if not spans:
+        return 0.0
+    everything = [s for b in batches for s in b.spans]
+    wall = max(s.end for s in everything) - min(s.start for s in everything)
+    covered, reach = 0.0, -float("inf")
+    for start, end in spans:  # the union of overlapping spans
+        covered += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return covered / wall if wall > 0 else 1.0
+
+
+class _Clock:
+    """The call's one time origin. On a GPU a mark is a CUDA event on the stream the work is
+    queued on (no wait between steps; read once, at the end), else the wall clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.origin = self.now()
+
+    def now(self) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))  # the stream of the thread that marks
+        return event
+
+    def seconds_since_origin(self, mark: object) -> float:
+        if not self.cuda:
+            return mark - self.origin  # type: ignore[operator]
+        mark.synchronize()  # type: ignore[attr-defined]
+        return self.origin.elapsed_time(mark) / 1000  # type: ignore[attr-defined]
+
+
+class _Steps:
+    """One stage's steps of one batch: each runs from the previous mark to its own."""
+
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+        self.marks: list[tuple[str, object]] = [("", clock.now())]
+
+    def mark(self, step: str) -> None:
+        self.marks.append((step, self.clock.now()))
+
+    def spans(self) -> list[Span]:
+        times = [(step, self.clock.seconds_since_origin(mark)) for step, mark in self.marks]
+        return [Span(step, start, end) for (_, start), (step, end) in zip(times[:-1], times[1:])]
 
 
 def render_on_device(
@@ -216,15 +281,19 @@ def render_on_device(
     device: str | torch.device,
     models: SceneModels | None = None,
     maps: Sequence[SceneMaps] | None = None,
+    trace: list[BatchSpans] | None = None,
 ) -> list[Finished | str]:
     """The device path: each photo decoded, run through ``models`` (or given ``maps``), rendered
     and encoded on ``device``: its Finished, or the reason it goes to the CPU path instead.
 
     The photos go to the device in batches of at most ``settings.device_batch_bytes`` decoded
-    pixel bytes (default: what the device's free memory holds, see device_budget), in their order.
+    pixel bytes (default: what the device's free memory holds, see device_budget), in their order,
+    overlapped: while one batch is in the models and the effect (on this thread), the next is
+    decoded and the one before encoded (each on a thread of its own, see _overlapped).
 
-    Finished.seconds holds the photo's share of the batch's decode, saliency, depth, effect and encode;
-    Finished.rendering carries the numbers, and the maps only with ``settings.intermediates``.
+    Finished.seconds holds the photo's share of its batch's decode, saliency, depth, effect and
+    encode; Finished.rendering carries the numbers, and the maps only with ``settings.intermediates``.
+    ``trace``, where given, gets the BatchSpans of each batch with a photo rendered, in order.
     """
     if (models is None) == (maps is None):
         raise ValueError("give models or maps")
@@ -237,86 +306,147 @@ def render_on_device(
         if isinstance(found, JpegHeader):
             headers[i] = found
     budget = device_budget(dev, settings.params, settings.device_batch_bytes)
-    for group in device_batches({i: decoded_bytes(h) for i, h in headers.items()}, budget.batch_bytes):
-        _render_group(datas, {i: headers[i] for i in group}, results, settings, dev, budget, models, maps)
+    sizes = {i: decoded_bytes(h) for i, h in headers.items()}
+    batches = device_batches(sizes, budget.batch_bytes)
+    clock = _Clock(dev)
+    done: list[BatchSpans] = []
+    _overlapped(
+        [{i: headers[i] for i in batch} for batch in batches],
+        [sum(sizes[i] for i in batch) for batch in batches],
+        budget.in_flight_bytes,
+        dev,
+        decode=lambda batch: _decode_batch(datas, batch, results, dev, clock),
+        compute=lambda decoded: _compute_batch(decoded, settings, dev, budget, models, maps),
+        encode=lambda rendered: _encode_batch(rendered, settings, dev, results, done),
+    )
+    if trace is not None:
+        trace.extend(done)
     return results
 
 
-def _render_group(
+@dataclass
+class _Decoded:
+    """A device batch after its decode: the photos decoded, upright (those the decoder refused
+    have their reason in the results already)."""
+
+    headers: dict[int, JpegHeader]
+    photos: dict[int, torch.Tensor]
+    clock: _Clock
+    steps: list[_Steps]  # read at the encode, so no stage waits for the device to read a clock
+    ready: torch.cuda.Event | None  # on CUDA: the decode stream's work on the photos is queued before it
+
+
+@dataclass
+class _Rendered:
+    """A device batch after the models and the effect, on its way to the encoder."""
+
+    headers: dict[int, JpegHeader]
+    live: list[int]  # the photos rendered, in order
+    rendered: dict[int, tuple[effect_torch.TorchRendering, int]]  # photo -> (its effect call, index there)
+    clock: _Clock
+    steps: list[_Steps]
+    ready: torch.cuda.Event | None
+
+
+def _decode_batch(
     datas: Sequence[bytes],
     headers: dict[int, JpegHeader],
     results: list[Finished | str],
+    dev: torch.device,
+    clock: _Clock,
+) -> _Decoded:
+    """The decode stage of one batch (its thread's stream is current): photos decoded and upright."""
+    steps = _Steps(clock)
+    photos: dict[int, torch.Tensor] = {}
+    for i, decoded in zip(headers, decode_jpegs([datas[i] for i in headers], dev)):
+        if isinstance(decoded, Exception):
+            results[i] = f"the device decoder refused it ({type(decoded).__name__})"
+        else:
+            photos[i] = upright(decoded, headers[i].orientation)
+    steps.mark("decode")
+    return _Decoded(headers, photos, clock, [steps], _handed_over(dev))
+
+
+def _compute_batch(
+    decoded: _Decoded,
     settings: RenderSettings,
     dev: torch.device,
     budget: DeviceBudget,
     models: SceneModels | None,
     maps: Sequence[SceneMaps] | None,
+) -> _Rendered:
+    """The models and the effect on one decoded batch (on the calling thread's stream)."""
+    _take_over(dev, decoded.ready, list(decoded.photos.values()))
+    photos, params = decoded.photos, settings.params
+    live = list(photos)
+    steps = _Steps(decoded.clock)
+    rendered: dict[int, tuple[effect_torch.TorchRendering, int]] = {}
+    if not live:
+        return _Rendered(decoded.headers, live, rendered, decoded.clock, decoded.steps, None)
+    if maps is not None:
+        saliency = [torch.from_numpy(np.ascontiguousarray(maps[i].saliency, np.float32)).to(dev) for i in live]
+        depth = [torch.from_numpy(np.ascontiguousarray(maps[i].depth, np.float32)).to(dev) for i in live]
+        depth_measured = all(maps[i].depth_measured for i in live)
+        steps.mark("saliency")
+        steps.mark("depth")
+    else:
+        assert models is not None
+        depth_measured = models.depth.measures_depth
+        copies = [model_copy(photos[i]) for i in live]
+        steps.mark("decode")  # the model copy, as in the CPU path's reading
+        saliency, depth = models.predict_on_device(copies, mark=steps.mark)
+
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for k, i in enumerate(live):
+        height, width = photos[i].shape[-2:]
+        by_size.setdefault((height, width), []).append(k)
+    for (height, width), same_size in by_size.items():
+        per_call = max(1, int(budget.effect_pixels // (height * width)))
+        for start in range(0, len(same_size), per_call):
+            members = same_size[start : start + per_call]
+            done = effect_torch.render(
+                torch.stack([photos[live[k]] for k in members]),
+                _stack_maps([saliency[k] for k in members]),
+                _stack_maps([depth[k] for k in members]),
+                params,
+                depth_measured,
+            )
+            for j, k in enumerate(members):
+                rendered[live[k]] = (done, j)
+    steps.mark("effect")
+    return _Rendered(decoded.headers, live, rendered, decoded.clock, [*decoded.steps, steps], _handed_over(dev))
+
+
+def _encode_batch(
+    batch: _Rendered, settings: RenderSettings, dev: torch.device, results: list[Finished | str], done: list[BatchSpans]
 ) -> None:
-    """render_on_device for one device batch (photos ``headers``): its results set in place."""
+    """The encode stage of one batch (its thread's stream is current), and what the host makes
+    of its numbers (the reason a photo was left alone, the intermediates): its results set."""
+    live, rendered, headers = batch.live, batch.rendered, batch.headers
+    if not live:
+        return
+    calls = {id(call): call for call, _ in rendered.values()}.values()  # the batch's effect calls
+    _take_over(dev, batch.ready, [tensor for call in calls for tensor in _tensors(call)])
+    steps = _Steps(batch.clock)
+    images = [rendered[i][0].image[rendered[i][1]] for i in live]
+    if settings.format == "jpeg":
+        jpegs = encode_jpegs(images, settings.quality)
+        encoded = [with_metadata(e, headers[i].exif) for i, e in zip(live, jpegs)]
+    else:
+        encoded = [
+            encode_photo(image.permute(1, 2, 0).cpu().numpy(), settings.format, settings.quality, headers[i].exif)
+            for i, image in zip(live, images)
+        ]
+    steps.mark("encode")
+    spans = BatchSpans(tuple(live), tuple(span for stage in (*batch.steps, steps) for span in stage.spans()))
+    done.append(spans)
+    seconds = {step: spent / len(live) for step, spent in spans.seconds().items()}
+    numbers = _numbers(rendered, live)
     params = settings.params
-    with torch.inference_mode():
-        clock = _Clock(dev)
-        photos: dict[int, torch.Tensor] = {}
-        for i, decoded in zip(headers, decode_jpegs([datas[i] for i in headers], dev)):
-            if isinstance(decoded, Exception):
-                results[i] = f"the device decoder refused it ({type(decoded).__name__})"
-            else:
-                photos[i] = upright(decoded, headers[i].orientation)
-        clock.mark("decode")
-        if not photos:
-            return
-        live = list(photos)
-        if maps is not None:
-            saliency = [torch.from_numpy(np.ascontiguousarray(maps[i].saliency, np.float32)).to(dev) for i in live]
-            depth = [torch.from_numpy(np.ascontiguousarray(maps[i].depth, np.float32)).to(dev) for i in live]
-            depth_measured = all(maps[i].depth_measured for i in live)
-            clock.mark("saliency")
-            clock.mark("depth")
-        else:
-            assert models is not None
-            depth_measured = models.depth.measures_depth
-            copies = [model_copy(photos[i]) for i in live]
-            clock.mark("decode")  # the model copy, as in the CPU path's reading
-            saliency, depth = models.predict_on_device(copies, mark=clock.mark)
-
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for k, i in enumerate(live):
-            height, width = photos[i].shape[-2:]
-            by_size.setdefault((height, width), []).append(k)
-        rendered: dict[int, tuple[effect_torch.TorchRendering, int]] = {}
-        for (height, width), same_size in by_size.items():
-            per_call = max(1, int(budget.effect_pixels // (height * width)))
-            for start in range(0, len(same_size), per_call):
-                members = same_size[start : start + per_call]
-                done = effect_torch.render(
-                    torch.stack([photos[live[k]] for k in members]),
-                    _stack_maps([saliency[k] for k in members]),
-                    _stack_maps([depth[k] for k in members]),
-                    params,
-                    depth_measured,
-                )
-                for j, k in enumerate(members):
-                    rendered[live[k]] = (done, j)
-        del photos
-        clock.mark("effect")
-
-        images = [rendered[i][0].image[rendered[i][1]] for i in live]
-        if settings.format == "jpeg":
-            jpegs = encode_jpegs(images, settings.quality)
-            encoded = [with_metadata(e, headers[i].exif) for i, e in zip(live, jpegs)]
-        else:
-            encoded = [
-                encode_photo(image.permute(1, 2, 0).cpu().numpy(), settings.format, settings.quality, headers[i].exif)
-                for i, image in zip(live, images)
-            ]
-        clock.mark("encode")
-        numbers = _numbers(rendered, live)
-        seconds = {step: spent / len(live) for step, spent in clock.seconds().items()}
-
-    for i, blob in zip(live, encoded):
-        batch, j = rendered[i]
-        height, width = images[live.index(i)].shape[-2:]
-        rendering = batch.host(j, with_image=False) if settings.intermediates else numbers[i]
+    for i, blob, image in zip(live, encoded, images):
+        torch_rendering, j = rendered[i]
+        height, width = image.shape[-2:]
+        rendering = torch_rendering.host(j, with_image=False) if settings.intermediates else numbers[i]
         kind, reason = left_alone_reason(rendering, params)
         results[i] = Finished(
             blob,
@@ -330,12 +460,200 @@ def _render_group(
         )
 
 
+# --------------------------------------------------------------------------- the overlap
+
+_POLL_SECONDS = 0.05  # how often a waiting side looks whether another side has failed
+
+
+class _Stopped(Exception):
+    """Another side of the pipeline failed: this one stops (the failure itself is raised)."""
+
+
+class _Pipeline:
+    """What the three sides share: the first failure, and the waits that give way to it."""
+
+    def __init__(self) -> None:
+        self.failure: BaseException | None = None
+        self.failed = threading.Event()
+
+    def fail(self, exc: BaseException) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self.failed.set()
+
+    def put(self, into: queue.Queue, item: object) -> None:
+        while not self.failed.is_set():
+            try:
+                into.put(item, timeout=_POLL_SECONDS)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    def get(self, out_of: queue.Queue) -> Any:
+        while not self.failed.is_set():
+            try:
+                return out_of.get(timeout=_POLL_SECONDS)
+            except queue.Empty:
+                continue
+        raise _Stopped
+
+
+class _InFlight:
+    """The decoded bytes of the batches between the start of their decode and the end of their
+    encode, held within a limit; a batch goes alone whatever its size, so none waits forever."""
+
+    def __init__(self, limit: int, pipeline: _Pipeline) -> None:
+        self.limit, self.pipeline = limit, pipeline
+        self.held = 0
+        self.changed = threading.Condition()
+
+    def take(self, size: int) -> None:
+        with self.changed:
+            while self.held and self.held + size > self.limit:
+                if self.pipeline.failed.is_set():
+                    raise _Stopped
+                self.changed.wait(_POLL_SECONDS)
+            self.held += size
+
+    def give(self, size: int) -> None:
+        with self.changed:
+            self.held -= size
+            self.changed.notify_all()
+
+
+_END = object()  # after the last batch
+
+
+def _overlapped(
+    batches: Sequence[object],
+    sizes: Sequence[int],
+    in_flight_bytes: int,
+    dev: torch.device,
+    decode: Callable[[Any], Any],
+    compute: Callable[[Any], Any],
+    encode: Callable[[Any], None],
+) -> None:
+    """decode, compute and encode each batch in turn, three batches at once: batch k+1 decoded
+    on a thread, batch k computed on this one (where the models are), batch k-1 encoded on
+    another, queues of one between them. A batch is decoded once its bytes fit beside those
+    in flight (``in_flight_bytes``). The first exception, on any side, stops the others and is
+    raised here; every wait gives way to it, so none hangs.
+
+    On CUDA each thread queues its work on a stream of its own. What one stage makes, the next
+    reads only after its stream waits on the maker's event, and with record_stream, so the
+    caching allocator (one for all streams) does not hand that memory to the maker's stream
+    while the reader still uses it (_take_over). Each codec is used by one thread only: the
+    decoder (nvJPEG) by the decode thread, the encoder by the encode thread.
+    """
+    pipeline = _Pipeline()
+    in_flight = _InFlight(in_flight_bytes, pipeline)
+    decoded: queue.Queue = queue.Queue(maxsize=1)
+    rendered: queue.Queue = queue.Queue(maxsize=1)
+
+    def decoding() -> None:
+        for batch, size in zip(batches, sizes):
+            in_flight.take(size)
+            pipeline.put(decoded, (decode(batch), size))
+        pipeline.put(decoded, _END)
+
+    def encoding() -> None:
+        while (item := pipeline.get(rendered)) is not _END:
+            result, size = item
+            del item  # nothing here holds a batch past its encode, when its bytes go back
+            try:
+                encode(result)
+            finally:
+                del result
+                in_flight.give(size)
+
+    def side(work: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                with _own_stream(dev), torch.inference_mode():
+                    work()
+            except _Stopped:
+                pass
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller below
+                pipeline.fail(exc)
+
+        return run
+
+    threads = [threading.Thread(target=side(w), name=f"device-{w.__name__}", daemon=True) for w in (decoding, encoding)]
+    for thread in threads:
+        thread.start()
+    try:
+        with torch.inference_mode():
+            while (item := pipeline.get(decoded)) is not _END:
+                result, size = item
+                del item
+                result = compute(result)  # the decoded photos go: the encode needs the renderings only
+                pipeline.put(rendered, (result, size))
+                del result
+            pipeline.put(rendered, _END)
+    except _Stopped:
+        pass
+    except BaseException as exc:  # noqa: BLE001 - raised below, once the threads are done
+        pipeline.fail(exc)
+    finally:
+        for thread in threads:
+            thread.join()
+    if pipeline.failure is not None:
+        raise pipeline.failure
+
+
+def _own_stream(dev: torch.device) -> AbstractContextManager:
+    """A CUDA stream of the thread's own made current (its work then runs beside the calling
+    thread's), or nothing to do on other devices."""
+    return torch.cuda.stream(torch.cuda.Stream(dev)) if dev.type == "cuda" else nullcontext()
+
+
+def _handed_over(dev: torch.device) -> torch.cuda.Event | None:
+    """On CUDA, an event after the work queued so far on this thread's stream: the next stage's
+    stream waits on it before it reads what this one made."""
+    if dev.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(dev))
+    return event
+
+
+def _take_over(dev: torch.device, ready: torch.cuda.Event | None, tensors: Sequence[torch.Tensor]) -> None:
+    """Make the tensors another stage's stream made safe to read on this thread's stream: its
+    work waits for theirs (``ready``), and the caching allocator, told that this stream uses
+    them (record_stream), hands out their memory again only once this stream's work on them is
+    done, not as soon as their maker's stream lets go of them."""
+    if ready is None:
+        return
+    stream = torch.cuda.current_stream(dev)
+    stream.wait_event(ready)
+    for tensor in tensors:
+        tensor.record_stream(stream)
+
+
+def _drain(dev: torch.device) -> None:
+    """On CUDA, wait (this thread only) until its stream has done what it was given. The CUDA
+    JPEG codecs run on streams of their own: torchvision's decoder writes into memory it takes
+    on the current stream without waiting for that stream (pytorch/vision#9606: a block the
+    stream still reads, freed to the allocator, is overwritten), and its encoder has read images
+    before they were ready (pytorch/vision#8587). So decode_jpegs and encode_jpegs drain it first."""
+    if dev.type == "cuda":
+        torch.cuda.current_stream(dev).synchronize()
+
+
+def _tensors(rendering: effect_torch.TorchRendering) -> list[torch.Tensor]:
+    return [value for value in vars(rendering).values() if isinstance(value, torch.Tensor)]
+
+
 # ------------------------------------------------------------------------- memory budget
 
 # A device batch holds each photo decoded, turned upright and rendered (3 bytes a pixel each)
 # until its encode; a share of the free memory is left for the models' and the encoder's work.
 HELD_PER_DECODED_BYTE = 3
 USABLE_SHARE = 0.8
+# Batches in flight at once where a batch size is given (one decoded while one is in the
+# models): each must fit beside the other.
+IN_FLIGHT = 2
 
 
 @dataclass(frozen=True)
@@ -344,6 +662,7 @@ class DeviceBudget:
 
     batch_bytes: int  # decoded pixel bytes of one device batch (a larger photo goes alone)
     effect_pixels: float  # photo pixels per effect_torch.render call
+    in_flight_bytes: int  # decoded pixel bytes of the batches in flight together (one alone may hold more)
 
 
 def free_device_memory(device: torch.device) -> int | None:
@@ -356,16 +675,19 @@ def free_device_memory(device: torch.device) -> int | None:
 
 
 def device_budget(device: torch.device, params: EffectParams, batch_bytes: int | None = None) -> DeviceBudget:
-    """``batch_bytes`` where given, else half the usable free memory for the batch's photos and
-    half for one effect call, so photos of any size (24 MP, 50 MP) and any mix of sizes fit."""
+    """``batch_bytes`` a batch where given, IN_FLIGHT of them in flight; else half the usable free
+    memory for the photos and half for one effect call, so photos of any size (24 MP, 50 MP) and
+    any mix of sizes fit. That half holds the photos of all the batches in flight together:
+    batches smaller than half of it overlap, and one as large waits until it can go alone."""
+    given = None if batch_bytes is None else (batch_bytes, IN_FLIGHT * batch_bytes)
     free = free_device_memory(device)
     if free is None:
-        return DeviceBudget(batch_bytes or sys.maxsize, _effect_pixels(params))
+        whole, in_flight = given or (sys.maxsize, sys.maxsize)
+        return DeviceBudget(whole, _effect_pixels(params), in_flight)
     half = USABLE_SHARE * free / 2
-    return DeviceBudget(
-        batch_bytes or int(half / HELD_PER_DECODED_BYTE),
-        min(_effect_pixels(params), half / _effect_bytes_per_pixel(params)),
-    )
+    photos = int(half / HELD_PER_DECODED_BYTE)
+    whole, in_flight = given or (photos, photos)
+    return DeviceBudget(whole, min(_effect_pixels(params), half / _effect_bytes_per_pixel(params)), in_flight)
 
 
 def decoded_bytes(header: JpegHeader) -> int:

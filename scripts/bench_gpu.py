@@ -19,7 +19,9 @@
    shared memory), this process does what the job's model actor then does (decode, both models,
    effect, encode, all on the device, ``ModelStage.render``), and a pool of writer threads writes
    the encoded bytes (the job's finishing tasks). Photos/s local disk to local disk, GPU busy share,
-   and the device's seconds per photo by step.
+   and the device's seconds per photo by step. Then one call of the device path over four groups
+   in four device batches: the share of the wall time each step was busy, from the batches' spans
+   (over 100 % together: a batch decoded while the one before is in the models).
 4. With Ray importable, and real IS-Net weights (the job loads models by name): the same library
    through ``pipeline.job.run_job``.
 
@@ -47,7 +49,7 @@ import time
 import types
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Self
@@ -563,6 +565,36 @@ def run_device_end_to_end(
     return EndToEnd(len(relpaths), seconds, busy.share(), device_seconds, statuses, per_photo, first_error, paths)
 
 
+def measure_overlap(
+    models: SceneModels, settings: RenderSettings, input_dir: Path, relpaths: list[str], device: str, shape: tuple
+) -> str:
+    """One render_on_device call over up to four groups in four device batches: how much of the
+    wall time each step was busy (from the batches' spans); over 100 % together means steps of
+    different batches ran at once (a batch decoded while the one before is in the models)."""
+    from pipeline.device_render import busy_share, render_on_device
+
+    datas = [(input_dir / relpath).read_bytes() for relpath in relpaths[: 4 * GROUP_SIZE]]
+    width, height = shape
+    per_batch = max(1, min(GROUP_SIZE, len(datas) // 4))
+    settings = replace(settings, device_batch_bytes=per_batch * width * height * 3)
+    render_on_device(datas[:per_batch], settings, device, models=models)  # warm-up
+    synchronize(device)
+    trace: list = []
+    started = time.perf_counter()
+    render_on_device(datas, settings, device, models=models, trace=trace)
+    seconds = time.perf_counter() - started
+    shares = {
+        "decode": busy_share(trace, ("decode",)),
+        "models + effect": busy_share(trace),
+        "encode": busy_share(trace, ("encode",)),
+    }
+    busy = ", ".join(f"{step} {100 * share:.0f} %" for step, share in shares.items())
+    return (
+        f"{len(datas)} photos in {len(trace)} device batches, one call: {len(datas) / seconds:.1f} photos/s; "
+        f"busy share of the wall time: {busy}"
+    )
+
+
 # ----------------------------------------------------------------------------- the job
 
 
@@ -766,6 +798,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  the effect gets the trivial models' {' and '.join(stand_ins)} maps (random weights)")
         result = run_device_end_to_end(stage, library, relpaths, args.workdir / "out-device", device, workers)
         print_device_end_to_end(result, width, height, workers, device)
+        line = measure_overlap(stage.models, config.render_settings(), library, relpaths, device, args.size)
+        print(f"  overlap: {line}", flush=True)
         del stage
     del models
 

@@ -41,6 +41,7 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path):
     assert out.count("ok 3)") == 2  # every photo went through both layouts to the end
     assert "GPU busy n/a" in out
     assert "End to end with the GPU render path" in out and "render paths: torch:cpu 3" in out
+    assert "overlap: 3 photos in 3 device batches, one call" in out and "models + effect" in out
     for run in ("out-end-to-end", "out-device"):  # the numpy backend's layout, the GPU render path
         images = sorted(p.name for p in (tmp_path / run / "images").iterdir())
         assert images == ["photo_00000.jpg", "photo_00001.jpg", "photo_00002.jpg"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ import torch
 from PIL import Image, ImageCms, ImageOps
 
 from pipeline import device_render
+from pipeline.models.trivial import TrivialDepth, TrivialSaliency
 from pipeline.params import PRESETS
-from pipeline.photo import NO_CLEAR_SUBJECT, RenderSettings, SceneMaps, render_on_host
+from pipeline.photo import NO_CLEAR_SUBJECT, RenderSettings, SceneMaps, SceneModels, render_on_host
 from pipeline.photo_io import decode_photo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -267,3 +269,147 @@ def test_device_batch_bytes_reaches_the_model_actor_and_is_checked(tmp_path):
     assert config.render_settings().device_batch_bytes == 2_000_000_000
     with pytest.raises(BadInputError, match="device-batch-bytes must be >= 1"):
         JobConfig(input=str(tmp_path), output=str(tmp_path / "out"), device_batch_bytes=0)
+
+
+# ------------------------------------------------------------------------- the overlap
+
+
+def small_jpegs(count: int, height: int = 48, width: int = 64) -> list[bytes]:
+    rng = np.random.default_rng(count)
+    return [jpeg(Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))) for _ in range(count)]
+
+
+class GatedSaliency(TrivialSaliency):
+    """The trivial mask; on its first batch it waits for the next batch's decode to begin (at
+    most 10 s: a device path that decodes only after the models fails the test, it does not hang)."""
+
+    def __init__(self, in_models: threading.Event, next_decoding: threading.Event) -> None:
+        super().__init__()
+        self.in_models, self.next_decoding = in_models, next_decoding
+        self.waited: list[bool] = []  # whether the next decode began while the first batch waited
+
+    def _predict_batch(self, photos):
+        self.in_models.set()
+        if not self.waited:
+            self.waited.append(self.next_decoding.wait(timeout=10))
+        return super()._predict_batch(photos)
+
+
+def overlaps(a: device_render.Span, b: device_render.Span) -> bool:
+    return a.start < b.end and b.start < a.end
+
+
+def test_the_next_batch_is_decoded_while_one_is_in_the_models(monkeypatch):
+    """Two batches in different steps at once, shown by their spans: the first batch's saliency
+    model waits until the second batch's decode has begun, and that decode until the first batch
+    is in the models, so the two spans overlap on any machine, however slow, or the test fails."""
+    datas = small_jpegs(4)
+    in_models, next_decoding = threading.Event(), threading.Event()
+    original = device_render.decode_jpegs
+    decodes = []
+
+    def gated_decode(batch, device):
+        decodes.append(len(batch))
+        if len(decodes) == 2:
+            next_decoding.set()
+            assert in_models.wait(timeout=10)
+        return original(batch, device)
+
+    monkeypatch.setattr(device_render, "decode_jpegs", gated_decode)
+    saliency = GatedSaliency(in_models, next_decoding)
+    models = SceneModels.from_models(saliency, TrivialDepth())
+    settings = RenderSettings(PRESETS["default"], device_batch_bytes=2 * 48 * 64 * 3)  # two photos a batch
+    trace: list[device_render.BatchSpans] = []
+    got = device_render.render_on_device(datas, settings, "cpu", models=models, trace=trace)
+
+    assert saliency.waited == [True] and decodes == [2, 2]
+    assert [batch.photos for batch in trace] == [(0, 1), (2, 3)]
+    first = {span.step: span for span in trace[0].spans}
+    second_decode = trace[1].spans[0]  # the decode stage's (the model copy is a decode step too)
+    assert second_decode.step == "decode" and overlaps(second_decode, first["saliency"])
+    for batch in trace:  # each step of a batch after the one before
+        assert all(a.end <= b.start for a, b in zip(batch.spans[:-1], batch.spans[1:]))
+        assert [span.step for span in batch.spans] == ["decode", "decode", "saliency", "depth", "effect", "encode"]
+    for batch in trace:  # each photo's seconds: its share of its batch's
+        for i in batch.photos:
+            done = got[i]
+            assert not isinstance(done, str), done
+            for step, spent in batch.seconds().items():
+                assert done.seconds[step] == pytest.approx(spent / len(batch.photos))
+    monkeypatch.setattr(device_render, "decode_jpegs", original)
+    whole = device_render.render_on_device(datas, RenderSettings(PRESETS["default"]), "cpu", models=models)
+    for a, b in zip(got, whole):  # the same pictures as one batch gives
+        assert not isinstance(a, str) and not isinstance(b, str)
+        assert np.array_equal(pixels(a.encoded), pixels(b.encoded))
+        assert (a.width, a.height, a.rendering.start, a.left_alone) == (
+            b.width,
+            b.height,
+            b.rendering.start,
+            b.left_alone,
+        )
+
+
+def test_batches_in_flight_stay_within_the_budget():
+    """Four batches of one photo, two in flight at most: no three batches' lives (first step to
+    last) overlap, and the photos come back in their order; a batch whose one photo the decoder
+    refuses gives its reason and holds up none of the others."""
+    datas = small_jpegs(4)
+    datas[1] = datas[1][: len(datas[1]) // 2]  # its header whole, its scan cut short
+    maps = [scene_maps(48, 64)] * 4
+    settings = RenderSettings(PRESETS["default"], device_batch_bytes=48 * 64 * 3)
+    trace: list[device_render.BatchSpans] = []
+    chosen = [SceneMaps(*m) for m in maps]
+    got = device_render.render_on_device(datas, settings, "cpu", maps=chosen, trace=trace)
+    assert [batch.photos for batch in trace] == [(0,), (2,), (3,)]
+    lives = [(batch.spans[0].start, batch.spans[-1].end) for batch in trace]
+    for start, _ in lives:
+        assert sum(a <= start < b for a, b in lives) <= device_render.IN_FLIGHT
+    assert isinstance(got[1], str) and "refused" in got[1]
+    assert all(not isinstance(got[i], str) for i in (0, 2, 3))
+
+
+@pytest.mark.parametrize(
+    ("where", "name"),
+    [(device_render, "decode_jpegs"), (device_render.effect_torch, "render"), (device_render, "encode_jpegs")],
+)
+def test_a_failure_on_any_side_of_the_overlap_reaches_the_caller(monkeypatch, where, name):
+    """The decode thread, this thread (the effect) or the encode thread fails on the second of
+    four batches: the caller gets that exception, and no thread of the call is left running; the
+    backend then gives each photo the reason."""
+    from pipeline.backend import device_results
+
+    datas = small_jpegs(4)
+    chosen = [SceneMaps(*scene_maps(48, 64))] * 4
+    settings = RenderSettings(PRESETS["default"], device_batch_bytes=48 * 64 * 3)
+    original, calls = getattr(where, name), []
+
+    def fails_on_the_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError(f"{name} lost the device")
+        return original(*args)
+
+    monkeypatch.setattr(where, name, fails_on_the_second)
+    with pytest.raises(RuntimeError, match=f"{name} lost the device"):
+        device_render.render_on_device(datas, settings, "cpu", maps=chosen)
+    assert not [t for t in threading.enumerate() if t.name.startswith("device-")]
+
+    monkeypatch.setattr(where, name, lambda *args: (_ for _ in ()).throw(RuntimeError(f"{name} lost the device")))
+    reasons = device_results(datas, settings, "cpu", maps=chosen)
+    assert reasons == [f"the device path failed (RuntimeError: {name} lost the device)"] * 4
+
+
+def test_two_batches_in_flight_where_a_batch_size_is_given(monkeypatch):
+    cpu = torch.device("cpu")
+    assert device_render.device_budget(cpu, PRESETS["seed"], 1000).in_flight_bytes == 2000
+    monkeypatch.setattr(device_render, "free_device_memory", lambda device: 12_000_000)
+    from_memory = device_render.device_budget(cpu, PRESETS["seed"])
+    assert from_memory.in_flight_bytes == from_memory.batch_bytes  # the photos' share, all batches together
+
+
+def test_busy_share_is_the_union_of_the_compute_spans_over_the_wall_time():
+    span = device_render.Span
+    first = device_render.BatchSpans((0,), (span("decode", 0, 1), span("saliency", 1, 3), span("encode", 3, 4)))
+    second = device_render.BatchSpans((1,), (span("decode", 1, 2), span("effect", 2.5, 5), span("encode", 5, 6)))
+    assert device_render.busy_share([first, second]) == pytest.approx(4 / 6)  # [1, 5] of [0, 6]
+    assert device_render.busy_share([]) == 0.0

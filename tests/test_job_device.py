@@ -48,6 +48,18 @@ def library(root: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["default", "seed"])
 def test_torch_backend_gives_the_numpy_backends_library(tmp_path, preset):
+    assert_torch_gives_the_numpy_library(tmp_path, preset)
+
+
+@pytest.mark.slow
+def test_overlapped_device_batches_give_the_numpy_backends_library(tmp_path):
+    """About a photo a device batch (the largest example is 1.1 MB decoded), two in flight: the
+    actor's calls go through the overlap (a batch decoded while the one before is in the models),
+    and the manifest rows are still the numpy backend's."""
+    assert_torch_gives_the_numpy_library(tmp_path, "default", device_batch_bytes=1_200_000)
+
+
+def assert_torch_gives_the_numpy_library(tmp_path: Path, preset: str, **torch_options) -> None:
     from pipeline.params import effect_params
 
     inputs = library(tmp_path / "in")
@@ -59,6 +71,7 @@ def test_torch_backend_gives_the_numpy_backends_library(tmp_path, preset):
             render_backend=backend,
             params=effect_params(preset),
             **TRIVIAL,
+            **(torch_options if backend == "torch" else {}),
         )
         summary = run_job(config)
         assert summary.counts == {"ok": len(EXAMPLES) + 2, "failed": 1}, summary.counts
