@@ -103,7 +103,7 @@ run() {
         trap 'kill "$sampler" 2>/dev/null || true' EXIT # a failed run leaves no sampler behind
     fi
     # shellcheck disable=SC2086 # EXTRA is a list of flags
-    "$PYTHON" -m pipeline.cli run "$WORK/photos-$SIZE" "$WORK/out" --render-backend torch --device "$DEVICE" \
+    "$PYTHON" -m pipeline.cli run "$WORK/photos-$SIZE" "$WORK/out" --runner ray --render-backend torch --device "$DEVICE" \
         --force ${models[@]+"${models[@]}"} $EXTRA 2>&1 | tee "$WORK/run.log" || echo "dreamfocus run failed (exit ${PIPESTATUS[0]})"
     if [[ -n $sampler ]]; then kill "$sampler"; fi
     "$PYTHON" "$ROOT/scripts/gpu_check.py" report "$WORK/out" --log "$WORK/run.log" --gpu-samples "$WORK/gpu-samples.txt"
