@@ -15,6 +15,7 @@ from __future__ import annotations
 import array
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -726,6 +727,11 @@ def _local_rows(
 ) -> Iterator[pa.Table]:
     """The photos' manifest rows, a group's table at a time, from the stages run in this process."""
     layout = model_layout(config, 0 if (config.device or "cpu") == "cpu" else 1)
+    if layout.device == "cpu" and config.model_batch_size is None:
+        # A photo a group: the CPU models take one at a time anyway (models/isnet.py), so the
+        # first photo is done after one photo's time, not a batch's, and no Ray task's cost
+        # asks for larger groups here.
+        layout = dataclasses.replace(layout, batch_size=1)
     on_device = render_backend_for(config.render_backend, layout.device) == "torch"
     kwargs = _model_stage_kwargs(config, models, layout, on_device)
     yield from run_stages(

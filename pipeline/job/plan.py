@@ -116,7 +116,9 @@ class JobConfig:
         1000, "write a manifest part every N photos (what a crash can lose is redone on rerun)", "job", metavar="N"
     )
     commit_seconds: float = _option(30.0, "and at least every S seconds while photos finish", "job", metavar="S")
-    model_batch_size: int | None = _option(None, "photos per model call (default: 16 on a GPU, 4 on CPUs)", "job")
+    model_batch_size: int | None = _option(
+        None, "photos per model call (default: 16 on a GPU, 4 on CPUs through Ray, 1 with the local runner)", "job"
+    )
     device_batch_bytes: int | None = _option(
         None,
         "decoded pixel bytes (width x height x 3) per batch on the device with the torch render backend; "
