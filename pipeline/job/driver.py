@@ -1,5 +1,6 @@
 """The driver: starts Ray (or joins a cluster), streams the plan into a Ray Data dataset of
-small photo groups, wires the stages, commits manifest rows as they arrive, and sums up.
+small photo groups, wires the stages, commits manifest rows as they arrive, and sums up. On one
+machine without a GPU the same stages run in this process instead (runner_for, local.py).
 
     plan (listing + manifest)  -> groups of GROUP_SIZE photos (one model batch on CPUs alone)
     -> read_stage (CPU tasks) -> ModelStage (one actor per GPU, both models) -> finish_stage (CPU tasks)
@@ -326,7 +327,8 @@ class Planner:
     photos, or fewer once a chunk's first photo is FLUSH_SECONDS old, so the first photos move
     at once. Until Ray is up, chunks wait here as Arrow tables; then they go to Ray's object
     store (`chunk_refs`, kept for a restart of the dataset) and to the running dataset's feed
-    (feed.py). Only counts and the chunk being made are kept, never the whole plan."""
+    (feed.py), or, with the local runner, to its LocalFeed (local.py). Only counts and the chunk
+    being made are kept, never the whole plan."""
 
     def __init__(
         self, config: JobConfig, inputs: Storage, output: Storage, run_id: str, other_files: OtherFilesWriter | None
