@@ -125,7 +125,8 @@ def quantized_openvino(
 ) -> Path:
     """An NNCF int8 graph made into ``workdir`` (once per ``tag``): the convolutions whose names
     start with one of ``fp32_scopes`` left in fp32; ``options``: overflow_fix (an OverflowFix
-    name), activations (a RangeEstimatorParametersSet name), fast_bias_correction."""
+    name), activations (a RangeEstimatorParametersSet name), fast_bias_correction, preset, and
+    scenes (that many generated scenes calibrated on too, none of those the IoUs are taken on)."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
@@ -146,10 +147,11 @@ def quantized_openvino(
             if "activations" in options
             else None,
         )
+        extra = [model_input(scene(1000 + seed))[None] for seed in range(options.get("scenes", 0))]
         quantized = nncf.quantize(
             model,
-            nncf.Dataset(calibration),
-            subset_size=len(calibration),
+            nncf.Dataset(calibration + extra),
+            subset_size=len(calibration) + len(extra),
             preset=nncf.QuantizationPreset[options.get("preset", "MIXED")],
             fast_bias_correction=options.get("fast_bias_correction", True),
             ignored_scope=nncf.IgnoredScope(names=kept) if kept else None,
@@ -167,6 +169,7 @@ NNCF_VARIANTS: dict[str, tuple[str, tuple[str, ...], dict]] = {
     "openvino int8 NNCF, every conv, minmax": ("every-conv-minmax", (), {"activations": "MINMAX"}),
     "openvino int8 NNCF, every conv, full bias corr.": ("every-conv-bc", (), {"fast_bias_correction": False}),
     "openvino int8 NNCF, every conv, performance": ("every-conv-perf", (), {"preset": "PERFORMANCE"}),
+    "openvino int8 NNCF, every conv, +6 scenes": ("every-conv-scenes", (), {"scenes": 6}),
     "openvino int8 NNCF, fp32 stage1+stage1d": ("fp32-stage1", ("/conv_in/", "/stage1/", "/stage1d/", "/side1/"), {}),
     "openvino int8 NNCF, fp32 512px decoder": ("fp32-512-decoder", FULL_RES_DECODER, {}),
     "openvino int8 NNCF, fp32 conv_in+side1": ("fp32-ends", ("/conv_in/", "/side1/"), {}),

@@ -36,18 +36,19 @@ onnxruntime):
 
 scripts/bench_runtimes.py times them side by side, with each one's masks against the fp32
 onnxruntime graph's (IoU at 0.5); a runtime is offered only where every example and generated
-scene agrees at IoU >= 0.98. On a shared, loaded 2-core CPU (AVX2, no VNNI; --rounds 2
---scenes 3), against fp32 onnxruntime: openvino-int8 0.59 of its time (worst IoU 0.983,
-rocket.jpg); with all of stage 1 and its decoder in fp32 (its graph before) 0.62; OpenVINO's
-compile settings (threads pinned, throughput hint, one thread) 0.57 to 0.62, none clearly
-better. Every convolution in int8 costs rocket.jpg its mask whatever NNCF's settings (IoU 0.975;
-overflow fix 0.969, min-max ranges 0.972, PERFORMANCE preset 0.960, full bias correction 0.975),
-and so do smaller fp32 sets (the 512x512 decoder convolutions 0.979, conv_in and side1 0.974):
-refused. Earlier (--rounds 1 --scenes 3): onnxruntime's own static int8 0.62 (0.935: refused),
-its dynamic int8 6.4 (ConvInteger); no onnxruntime optimisation level or thread setting beat its
-defaults; OpenVINO fp32 between 0.81 and 1.4 in runs on a busy machine. Earlier, on a 2-core
-CPU (scripts/bench_models.py --runtimes), onnxruntime took 1.8 s per photo and torch 2.2 s (fp32,
-channels-last), hence torch is never the CPU's choice.
+scene agrees at IoU >= 0.98. On a shared, loaded 2-core CPU (AVX2, no VNNI; --rounds 2 --scenes
+3), against fp32 onnxruntime: openvino-int8 0.59 of its time (worst IoU 0.983, rocket.jpg); with
+all of stage 1 and its decoder in fp32 (its graph before) 0.62; OpenVINO's compile settings
+(threads pinned, throughput hint, one thread) 0.57 to 0.62, none clearly better. Every
+convolution in int8 costs rocket.jpg its mask whatever NNCF's settings (IoU 0.975; overflow fix
+0.969, min-max ranges 0.972, PERFORMANCE preset 0.960, full bias correction 0.975, calibrated on
+generated scenes too 0.904), and so do smaller fp32 sets (the 512x512 decoder convolutions
+0.979, conv_in and side1 0.974): refused. Earlier (--rounds 1 --scenes 3): onnxruntime's own
+static int8 0.62 (0.935: refused), its dynamic int8 6.4 (ConvInteger); no onnxruntime
+optimisation level or thread setting beat its defaults; OpenVINO fp32 between 0.81 and 1.4 in
+runs on a busy machine. Earlier, on a 2-core CPU (scripts/bench_models.py --runtimes),
+onnxruntime took 1.8 s per photo and torch 2.2 s (fp32, channels-last), hence torch is never the
+CPU's choice.
 """
 
 from __future__ import annotations
