@@ -6,18 +6,21 @@ from that graph's (IoU of the masks at 0.5, worst photo), on the examples and on
 
 Runtimes whose package is missing here (openvino, nncf) are left out with a line saying so. The
 int8 graphs are made once into --workdir (onnxruntime.quantization: dynamic, and static QDQ
-calibrated on the examples and their mirror images; NNCF for OpenVINO, on the same photos, every convolution
-in int8), or into the cache (`--runtime openvino-int8`: NNCF, the full-resolution convolutions
-left in fp32, see pipeline/models/isnet.py); the generated
-scenes (tests/scenes.py) are photos none of them was calibrated on. The machine may be shared:
-every round runs each runtime on each photo in turn, so load from elsewhere hits all alike, and
-the ratios are of sums over the same photos in the same rounds. A runtime qualifies where its
-worst IoU is at least 0.98.
+calibrated on the examples and their mirror images; NNCF for OpenVINO on the same photos, in the
+variants of NNCF_VARIANTS: every convolution in int8 with NNCF's settings varied, or some
+convolutions left in fp32), or into the cache (`--runtime openvino-int8`: NNCF, the eight
+convolutions at 512x512 left in fp32, see pipeline/models/isnet.py); the generated scenes
+(tests/scenes.py) are photos none of them was calibrated on. The `--runtime openvino-int8`
+graph is also timed with other OpenVINO compile settings (threads pinned, throughput hint, one
+thread). The machine may be shared: every round runs each runtime on each photo in turn, so
+load from elsewhere hits all alike, and the ratios are of sums over the same photos in the same
+rounds. A runtime qualifies where its worst IoU is at least 0.98.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -35,7 +38,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from scenes import scene  # noqa: E402
 
 from pipeline.models.base import cpu_threads  # noqa: E402
-from pipeline.models.isnet import ISNet, calibration_inputs, derived_model, model_input  # noqa: E402
+from pipeline.models.isnet import ISNet, calibration_inputs, derived_model, model_input, quantized_model  # noqa: E402
 from pipeline.models.weights import resolve_weights, weights_digest  # noqa: E402
 
 QUALIFYING_IOU = 0.98
@@ -61,14 +64,17 @@ def ort_session(path: Path, level: str = "all", threads: int | None = None, para
     return lambda x: session.run(None, {name: x})[0][0, 0]
 
 
-def openvino_model(model_or_path, threads: int | None = None, hint: str = "LATENCY") -> Run:
+def openvino_model(model_or_path, threads: int | None = None, hint: str = "LATENCY", **properties) -> Run:
+    """``properties``: more compile properties (ENABLE_CPU_PINNING=True, say), over these."""
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
     model.reshape([1, 3, ISNet.size, ISNet.size])
     compiled = core.compile_model(
-        model, "CPU", {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads or cpu_threads(), "NUM_STREAMS": 1}
+        model,
+        "CPU",
+        {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": threads or cpu_threads(), "NUM_STREAMS": 1, **properties},
     )
     request = compiled.create_infer_request()
     return lambda x: request.infer({0: x})[0][0, 0]
@@ -114,19 +120,65 @@ def quantized_ort(graph: Path, calibration: list[np.ndarray], workdir: Path, sta
     return dest
 
 
-def quantized_openvino(graph: Path, calibration: list[np.ndarray], workdir: Path) -> Path:
+def quantized_openvino(
+    graph: Path, calibration: list[np.ndarray], workdir: Path, tag: str = "every-conv", fp32_scopes=(), **options
+) -> Path:
+    """An NNCF int8 graph made into ``workdir`` (once per ``tag``): the convolutions whose names
+    start with one of ``fp32_scopes`` left in fp32; ``options``: overflow_fix (an OverflowFix
+    name), activations (a RangeEstimatorParametersSet name), fast_bias_correction, preset, and
+    scenes (that many generated scenes calibrated on too, none of those the IoUs are taken on)."""
     import nncf
     import openvino as ov
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+    from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
-    dest = workdir / "isnet.ov-int8.xml"
+    dest = workdir / f"isnet.ov-int8.{tag}.xml"
     if not dest.is_file():
         model = ov.Core().read_model(str(graph))
         model.reshape([1, 3, ISNet.size, ISNet.size])
-        quantized = nncf.quantize(
-            model, nncf.Dataset(calibration), subset_size=len(calibration), preset=nncf.QuantizationPreset.MIXED
+        kept = [
+            op.get_friendly_name()
+            for op in model.get_ordered_ops()
+            if op.get_type_name() == "Convolution" and op.get_friendly_name().startswith(tuple(fp32_scopes))
+        ]
+        advanced = AdvancedQuantizationParameters(
+            overflow_fix=OverflowFix[options.get("overflow_fix", "FIRST_LAYER")],
+            activations_range_estimator_params=getattr(RangeEstimatorParametersSet, options["activations"])
+            if "activations" in options
+            else None,
         )
-        ov.save_model(quantized, str(dest))
+        extra = [model_input(scene(1000 + seed))[None] for seed in range(options.get("scenes", 0))]
+        quantized = nncf.quantize(
+            model,
+            nncf.Dataset(calibration + extra),
+            subset_size=len(calibration) + len(extra),
+            preset=nncf.QuantizationPreset[options.get("preset", "MIXED")],
+            fast_bias_correction=options.get("fast_bias_correction", True),
+            ignored_scope=nncf.IgnoredScope(names=kept) if kept else None,
+            advanced_parameters=advanced,
+        )
+        ov.save_model(quantized, str(dest), compress_to_fp16=False)
     return dest
+
+
+# NNCF int8 variants: name -> (tag of the graph in --workdir, convolutions kept in fp32, options).
+FULL_RES_DECODER = ("/stage1d/rebnconvin/", "/stage1d/rebnconv1/", "/stage1d/rebnconv1d/", "/side1/")
+NNCF_VARIANTS: dict[str, tuple[str, tuple[str, ...], dict]] = {
+    "openvino int8 NNCF, every conv": ("every-conv", (), {}),
+    "openvino int8 NNCF, every conv, overflow fix": ("every-conv-overflow", (), {"overflow_fix": "ENABLE"}),
+    "openvino int8 NNCF, every conv, minmax": ("every-conv-minmax", (), {"activations": "MINMAX"}),
+    "openvino int8 NNCF, every conv, full bias corr.": ("every-conv-bc", (), {"fast_bias_correction": False}),
+    "openvino int8 NNCF, every conv, performance": ("every-conv-perf", (), {"preset": "PERFORMANCE"}),
+    "openvino int8 NNCF, every conv, +6 scenes": ("every-conv-scenes", (), {"scenes": 6}),
+    "openvino int8 NNCF, fp32 stage1+stage1d": ("fp32-stage1", ("/conv_in/", "/stage1/", "/stage1d/", "/side1/"), {}),
+    "openvino int8 NNCF, fp32 512px decoder": ("fp32-512-decoder", FULL_RES_DECODER, {}),
+    "openvino int8 NNCF, fp32 conv_in+side1": ("fp32-ends", ("/conv_in/", "/side1/"), {}),
+    "openvino int8 NNCF, fp32 stage1 in + 512px decoder": (
+        "fp32-in-decoder",
+        ("/stage1/rebnconvin/",) + FULL_RES_DECODER,
+        {},
+    ),
+}
 
 
 def torch_model() -> Run:
@@ -134,6 +186,13 @@ def torch_model() -> Run:
     import torch
 
     return lambda x: model._forward(torch.from_numpy(x)).numpy()[0]
+
+
+def dreamfocus_int8_graph() -> Path:
+    """The int8 graph --runtime openvino-int8 runs (made into the cache if it is not there)."""
+    weights = Path(resolve_weights(ISNet, None))
+    digest = weights_digest(weights)
+    return quantized_model(derived_model(weights, digest, "fp32"), digest)
 
 
 def dreamfocus_openvino(runtime: str) -> Run:
@@ -156,10 +215,28 @@ def candidates(graph: Path, calibration: list[np.ndarray], workdir: Path) -> dic
         "openvino fp32 (--runtime openvino)": lambda: dreamfocus_openvino("openvino"),
         "openvino fp32 throughput hint": lambda: openvino_model(graph, hint="THROUGHPUT"),
         "openvino int8 static QDQ": lambda: openvino_model(quantized_ort(graph, calibration, workdir, static=True)),
-        "openvino int8 NNCF, every conv": lambda: openvino_model(quantized_openvino(graph, calibration, workdir)),
         "openvino int8 (--runtime openvino-int8)": lambda: dreamfocus_openvino("openvino-int8"),
+        "openvino int8 (--runtime openvino-int8) pinned": lambda: openvino_model(
+            dreamfocus_int8_graph(), ENABLE_CPU_PINNING=True
+        ),
+        "openvino int8 (--runtime openvino-int8) throughput": lambda: openvino_model(
+            dreamfocus_int8_graph(), hint="THROUGHPUT", ENABLE_CPU_PINNING=False
+        ),
+        "openvino int8 (--runtime openvino-int8) 1 thread": lambda: openvino_model(
+            dreamfocus_int8_graph(), threads=1, ENABLE_CPU_PINNING=False
+        ),
         "torch fp32 channels-last": torch_model,
     }
+    for name, (tag, scopes, options) in NNCF_VARIANTS.items():
+        made[name] = functools.partial(
+            lambda *a, **kw: openvino_model(quantized_openvino(*a, **kw)),
+            graph,
+            calibration,
+            workdir,
+            tag,
+            scopes,
+            **options,
+        )
     return made
 
 
