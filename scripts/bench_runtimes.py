@@ -198,7 +198,7 @@ def dreamfocus_int8_graph() -> Path:
 def dreamfocus_openvino(runtime: str) -> Run:
     """IS-Net as dreamfocus runs it with --runtime openvino or openvino-int8."""
     model = ISNet(device="cpu", runtime=runtime, batch_size=1)
-    return lambda x: model._run_openvino(x[0])
+    return lambda x: model._run_openvino([x[0]])[0]
 
 
 def candidates(graph: Path, calibration: list[np.ndarray], workdir: Path) -> dict[str, Callable[[], Run]]:

@@ -44,7 +44,7 @@ from ..manifest import (
     new_run_id,
 )
 from ..models import DEPTH, SALIENCY
-from ..models.base import cpu_threads, default_device
+from ..models.base import CPU_STREAMS, cpu_threads, default_device
 from ..storage import Storage, retried_total
 from .console import Progress, without_native_noise
 from .lease import RENEW_SECONDS, Lease
@@ -730,10 +730,10 @@ def _local_rows(
     """The photos' manifest rows, a group's table at a time, from the stages run in this process."""
     layout = model_layout(config, 0 if (config.device or "cpu") == "cpu" else 1)
     if layout.device == "cpu" and config.model_batch_size is None:
-        # A photo a group: the CPU models take one at a time anyway (models/isnet.py), so the
-        # first photo is done after one photo's time, not a batch's, and no Ray task's cost
-        # asks for larger groups here.
-        layout = dataclasses.replace(layout, batch_size=1)
+        # As many photos a group as the CPU model runs at once (CPU_STREAMS), no more: the
+        # first photos are done after that many photos' time, not a batch's of 4, and no Ray
+        # task's cost asks for larger groups here.
+        layout = dataclasses.replace(layout, batch_size=CPU_STREAMS)
     on_device = render_backend_for(config.render_backend, layout.device) == "torch"
     kwargs = _model_stage_kwargs(config, models, layout, on_device)
     yield from run_stages(

@@ -117,7 +117,7 @@ class JobConfig:
     )
     commit_seconds: float = _option(30.0, "and at least every S seconds while photos finish", "job", metavar="S")
     model_batch_size: int | None = _option(
-        None, "photos per model call (default: 16 on a GPU, 4 on CPUs through Ray, 1 with the local runner)", "job"
+        None, "photos per model call (default: 16 on a GPU, 4 on CPUs through Ray, 2 with the local runner)", "job"
     )
     device_batch_bytes: int | None = _option(
         None,

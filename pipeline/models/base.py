@@ -219,6 +219,7 @@ class MapModel(ABC):
         return resolve_weights(cls, source, fetch=True)
 
 
+CPU_STREAMS = 2  # photos a CPU model runs at once, each on its share of the cores (isnet.py)
 GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/kfd")  # what CUDA and ROCm need on Linux
 
 

@@ -29,7 +29,8 @@ onnxruntime):
   float Casts dropped, the 11 unused side outputs pruned, batch dimension dynamic), cached next
   to the weights as ``*.fp32.v<N>.onnx``. It matches the shipped graph within 8e-4 (masks
   differ on < 0.01% of pixels). One photo at a time: on the CPU a batch is no faster per photo.
-- openvino: that fp32 graph compiled by OpenVINO for this CPU, at a fixed input shape.
+- openvino: that fp32 graph compiled by OpenVINO for this CPU, at a fixed input shape, with
+  CPU_STREAMS streams: that many photos of a batch run at once, each on its share of the threads.
 - openvino-int8: the same graph quantized by NNCF (``quantized_model``, made once, cached as
   ``*.int8.v<N>.xml``): int8 convolutions but for the eight at 512x512 (FP32_SCOPES), calibrated
   on the example photos.
@@ -65,7 +66,7 @@ import numpy as np
 
 from ..errors import BadInputError, WeightsUnavailableError
 from . import npm, register
-from .base import SALIENCY, MapModel, cpu_threads, default_device, squash, unsquash
+from .base import CPU_STREAMS, SALIENCY, MapModel, cpu_threads, default_device, squash, unsquash
 from .weights import (
     ARCHIVE_SUFFIXES,
     cache_dir,
@@ -433,10 +434,13 @@ class ISNet(MapModel):
         fp32 = derived_model(weights_path, self._digest, "fp32")
         model = core.read_model(str(quantized_model(fp32, self._digest, self.size) if int8 else fp32))
         model.reshape([1, 3, self.size, self.size])
-        # Threads not pinned to cores: the job's CPU tasks (and anything else) share these cores.
-        settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": 1}
+        # CPU_STREAMS photos at once, each on its share of the threads: on few cores one photo's
+        # layers do not keep every thread busy (scripts/bench_vs_rembg.py). Threads not pinned to
+        # cores: the job's CPU stages (and anything else) share these cores.
+        streams = min(CPU_STREAMS, cpu_threads())
+        settings = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": streams}
         compiled = core.compile_model(model, "CPU", {**settings, "ENABLE_CPU_PINNING": False})
-        self._request = compiled.create_infer_request()
+        self._requests = ov.AsyncInferQueue(compiled, streams)
         self.runtime = "openvino-int8" if int8 else "openvino"
 
     # ----------------------------------------------------------------------------- inference
@@ -448,7 +452,7 @@ class ISNet(MapModel):
 
             outs = list(self._forward(torch.from_numpy(np.stack(inputs))).cpu().numpy())
         elif self.runtime.startswith("openvino"):
-            outs = [self._run_openvino(x) for x in inputs]
+            outs = self._run_openvino(inputs)
         else:
             outs = self._run_onnxruntime(inputs)
         return [unsquash(o, p) for o, p in zip(outs, photos)]
@@ -483,9 +487,18 @@ class ISNet(MapModel):
                 self._batchable = False
         return [self._run_session(x[None])[0] for x in inputs]
 
-    def _run_openvino(self, x: np.ndarray) -> np.ndarray:
-        out = self._request.infer({0: x[None]})[0]
-        return np.clip(out[0, 0].astype(np.float32), 0.0, 1.0)
+    def _run_openvino(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The maps of model inputs, as many at once as the compiled graph has streams."""
+        outs: list[np.ndarray] = [np.empty(0)] * len(inputs)
+
+        def keep(request, i: int) -> None:
+            outs[i] = np.clip(request.get_output_tensor(0).data[0, 0].astype(np.float32), 0.0, 1.0)
+
+        self._requests.set_callback(keep)
+        for i, x in enumerate(inputs):
+            self._requests.start_async({0: x[None]}, i)
+        self._requests.wait_all()
+        return outs
 
     def _run_session(self, x: np.ndarray) -> np.ndarray:
         out = self._session.run([self._output], {self._input: x})[0]
