@@ -23,6 +23,7 @@ class DepthAnythingV2Small(HFDepthModel):
     multiple = 14
     mean = (0.485, 0.456, 0.406)
     std = (0.229, 0.224, 0.225)
+    openvino_on_cpu = True
 
     @classmethod
     def model_class(cls):
