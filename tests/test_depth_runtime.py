@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 import pytest
-import torch
+from random_weights import scramble
 from scenes import scene
 
 from pipeline.errors import BadInputError
@@ -25,13 +25,9 @@ PHOTOS = [scene(0, 240, 320), scene(1, 300, 200), scene(2, 96, 500)]
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
     """A tiny Depth Anything V2 (the real architecture, few small layers) with He-scaled random
-    weights, saved as a hub-style folder: transformers' own init gives near-constant maps."""
+    weights, saved as a hub-style folder."""
     model = DepthAnythingV2Small.from_config(DepthAnythingV2Small.small_config(), device="cpu", runtime="torch")
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.model.parameters():
-            scale = (2.0 / p[0].numel()) ** 0.5 if p.ndim > 1 else 0.1
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    scramble(model.model, 3)
     folder = tmp_path_factory.mktemp("tiny-da")
     model.model.save_pretrained(folder)
     return folder
@@ -169,3 +165,10 @@ def test_map_agreement():
     assert map_agreement(flat, flat).agrees and not map_agreement(flat, flat + 1).agrees
     with pytest.raises(ValueError, match="cannot be compared"):
         map_agreement(a, a[:10])
+
+
+def test_fetching_the_weights_converts_the_graph_then(tiny_weights, cache):
+    path = DepthAnythingV2Small.fetch(str(tiny_weights))
+    assert path == cache / "depth-anything-v2-small"
+    graphs = _graphs(cache)
+    assert len(graphs) == 2 and DepthAnythingV2Small.cache_paths() == [path] + [cache / g for g in graphs]

@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from random_weights import scramble
 
 import pipeline.models as models
 from pipeline.errors import BadInputError, WeightsUnavailableError
@@ -56,15 +57,7 @@ def _tiny_dpt_config():
 
 
 def _scramble(model, seed: int) -> None:
-    """He-scaled random weights: transformers' own init gives near-constant maps, which would
-    make the equality checks below vacuous."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.model.parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    scramble(model.model, seed)
 
 
 @pytest.fixture(scope="module")

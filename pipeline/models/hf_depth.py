@@ -30,7 +30,8 @@ about 30 s for Depth Anything V2 Small on 2 cores), checked against torch's map 
 or disagrees leaves the model in torch, with a warning. A model with random weights converts
 without caching. It runs one photo at a time at a fixed 1 x 3 x size x size, in fp32 whatever
 the CPU (no bf16). scripts/bench_depth_runtimes.py measured it against torch fp32 and
-onnxruntime on a shared 2-core CPU (see depth_anything.py).
+onnxruntime on a shared 2-core CPU (see depth_anything.py); DPT and the hub's models were not
+measured and stay in torch.
 """
 
 from __future__ import annotations
