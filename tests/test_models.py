@@ -9,6 +9,7 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from random_weights import scramble
 
 import pipeline.models as models
 from pipeline.errors import BadInputError, WeightsUnavailableError
@@ -56,20 +57,15 @@ def _tiny_dpt_config():
 
 
 def _scramble(model, seed: int) -> None:
-    """He-scaled random weights: transformers' own init gives near-constant maps, which would
-    make the equality checks below vacuous."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.model.parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=g) * (2.0 / p[0].numel()) ** 0.5)
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    scramble(model.model, seed)
 
 
 @pytest.fixture(scope="module")
 def da():
-    model = DepthAnythingV2Small.from_config(DepthAnythingV2Small.small_config(), device="cpu", batch_size=4)
+    # torch: its weights are scrambled after loading, and the device path is tested on it
+    model = DepthAnythingV2Small.from_config(
+        DepthAnythingV2Small.small_config(), device="cpu", batch_size=4, runtime="torch"
+    )
     _scramble(model, 0)
     return model
 
@@ -265,7 +261,12 @@ def test_weights_from_local_folder(da, da_saved, cache):
     loaded = DepthAnythingV2Small(weights=str(da_saved), device="cpu")
     assert loaded.version == sha256_file(da_saved / "model.safetensors")[:12]
     np.testing.assert_allclose(loaded.predict(PHOTOS[:2])[0], da.predict(PHOTOS[:2])[0], atol=1e-5)
-    assert not cache.exists() or not any(cache.iterdir())  # a local folder is used in place
+    # a local folder is used in place: the cache holds only the OpenVINO graph converted from it
+    assert loaded.runtime == "openvino"
+    digest = sha256_file(da_saved / "model.safetensors")[:16]
+    assert sorted(p.name for p in cache.iterdir()) == [
+        f"depth-anything-v2-small.{digest}.openvino.v1.{ext}" for ext in ("bin", "xml")
+    ]
 
 
 def test_weights_from_uri_fetched_once_into_cache(da, da_saved, cache):

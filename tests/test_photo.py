@@ -49,7 +49,9 @@ def test_model_copy_keeps_small_photos_and_shrinks_large_ones_to_the_model_size(
 def torch_scene_models() -> SceneModels:
     torch.manual_seed(0)
     saliency = ISNet.from_network(ISNetNetwork(SMALL).eval(), device="cpu", batch_size=3, size=256)
-    depth = DepthAnythingV2Small.from_config(DepthAnythingV2Small.small_config(), device="cpu", batch_size=3)
+    depth = DepthAnythingV2Small.from_config(
+        DepthAnythingV2Small.small_config(), device="cpu", batch_size=3, runtime="torch"
+    )
     return SceneModels.from_models(saliency, depth)
 
 

@@ -20,6 +20,18 @@ cache has the model) -> WeightsUnavailableError.
 
 Device path (``predict_tensors``): the same resize (OpenCV's area and bicubic, done in torch),
 normalisation, edge padding and crop, on the device, batched.
+
+Runtimes: torch on a GPU; on the CPU a model with ``openvino_on_cpu`` (Depth Anything V2) runs in
+OpenVINO where it is installed, else in torch; $DREAMFOCUS_DEPTH_RUNTIME (torch or openvino)
+names one. The OpenVINO graph is the torch module converted once (``openvino.convert_model``,
+about 30 s for Depth Anything V2 Small on 2 cores), checked against torch's map on a test input
+(``map_agreement``) and cached in the weights cache as ``<name>.<weights digest>.openvino.v<N>.xml``
+(and .bin); a cached graph that cannot be read is converted again, and a conversion that fails
+or disagrees leaves the model in torch, with a warning. A model with random weights converts
+without caching. It runs one photo at a time at a fixed 1 x 3 x size x size, in fp32 whatever
+the CPU (no bf16). scripts/bench_depth_runtimes.py measured it against torch fp32 and
+onnxruntime on a shared 2-core CPU (see depth_anything.py); DPT and the hub's models were not
+measured and stay in torch.
 """
 
 from __future__ import annotations
@@ -29,6 +41,9 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlparse
@@ -36,13 +51,126 @@ from urllib.parse import urlparse
 import cv2
 import numpy as np
 
-from ..errors import WeightsUnavailableError
-from .base import DEPTH, MapModel
-from .weights import fetch_dir_to_cache, read_json, replaced_atomically, weights_digest, writable_cache_dir
+from ..errors import BadInputError, WeightsUnavailableError
+from .base import DEPTH, MapModel, cpu_threads
+from .weights import (
+    cache_dir,
+    fetch_dir_to_cache,
+    read_json,
+    replaced_atomically,
+    weights_digest,
+    writable_cache_dir,
+)
 
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+RUNTIME_ENV = "DREAMFOCUS_DEPTH_RUNTIME"
+RUNTIMES = ("openvino", "torch")
+OPENVINO_VERSION = 1  # of openvino_model(): bump to re-convert cached graphs
+# A map agrees with torch fp32's when it is off by at most this fraction of torch's depth range
+# anywhere and correlates with it at least this well (Pearson and Spearman): the normalised depth
+# the effect blends by (effect.normalize_depth) then moves by at most about 1% anywhere, and what
+# is nearer than what stays so.
+MAX_ERROR = 0.01
+MIN_CORRELATION = 0.999
+AGREEMENT = f"max|a - b| <= {MAX_ERROR:.0%} of torch's range, Pearson and Spearman >= {MIN_CORRELATION}"
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far a depth map is from the reference's (see map_agreement)."""
+
+    error: float  # max |a - b| over the reference's range
+    pearson: float
+    spearman: float
+
+    @property
+    def agrees(self) -> bool:
+        return self.error <= MAX_ERROR and min(self.pearson, self.spearman) >= MIN_CORRELATION
+
+    def __str__(self) -> str:
+        return f"error {self.error:.2%}, pearson {self.pearson:.5f}, spearman {self.spearman:.5f}"
+
+
+def map_agreement(reference: np.ndarray, other: np.ndarray) -> Agreement:
+    """The worst error of ``other`` relative to ``reference``'s range, and their correlations."""
+    a, b = reference.astype(np.float64).ravel(), other.astype(np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"maps of {reference.shape} and {other.shape} cannot be compared")
+    span = float(np.ptp(a))
+    worst = float(np.abs(a - b).max())
+    error = worst / span if span > 0 else (0.0 if worst == 0 else float("inf"))
+    return Agreement(error, _correlation(a, b), _correlation(_ranks(a), _ranks(b)))
+
+
+def _correlation(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    scale = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    if scale == 0:  # a constant map correlates only with an equally constant one
+        return 1.0 if not a.any() and not b.any() else 0.0
+    return float((a * b).sum() / scale)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Each value's rank, ties given their mean rank (as Spearman's correlation takes them)."""
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
+
+
+def choose_runtime(cls: type[HFDepthModel], device: str, requested: str | None = None) -> str:
+    """The runtime ``cls`` runs in on ``device``: ``requested``, else $DREAMFOCUS_DEPTH_RUNTIME, else
+    OpenVINO on the CPU for a model that has it (``openvino_on_cpu``) where it is installed, else
+    torch. One that is unknown, not installed, or OpenVINO on a GPU is a BadInputError."""
+    from .isnet import missing_packages
+
+    asked, where = (requested or "").strip().lower(), "runtime"
+    if asked in ("", "auto"):
+        asked, where = (os.environ.get(RUNTIME_ENV) or "").strip().lower(), RUNTIME_ENV
+    if asked in ("", "auto"):
+        return "openvino" if device == "cpu" and cls.openvino_on_cpu and not missing_packages("openvino") else "torch"
+    if asked not in RUNTIMES:
+        raise BadInputError(f"{where} {asked!r}: expected auto, {' or '.join(RUNTIMES)}")
+    if asked == "openvino":
+        if device != "cpu":
+            raise BadInputError(f"{where} {asked!r}: {cls.name} runs OpenVINO on the CPU only, not on {device}")
+        if missing_packages("openvino"):
+            raise BadInputError(f"{where} {asked!r}: the openvino package is not installed here; choose torch")
+    return asked
+
+
+def depth_only(model):
+    """The transformers model as a torch module of one tensor in, its predicted depth out (N x H x W):
+    what openvino.convert_model and torch.onnx.export take."""
+    import torch
+
+    class DepthOnly(torch.nn.Module):
+        def __init__(self, inner) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, pixel_values):
+            return self.inner(pixel_values=pixel_values).predicted_depth
+
+    return DepthOnly(model).eval()
+
+
+def openvino_request(model, size: int | None = None):
+    """An infer request for an OpenVINO model compiled for this CPU: one photo at a time, fp32
+    (no bf16 where the CPU has it: the maps stay torch fp32's), threads not pinned to cores (the
+    job's CPU tasks share them); reshaped to 1 x 3 x size x size where ``size`` is given."""
+    import openvino as ov
+
+    if size is not None:
+        model.reshape([1, 3, size, size])
+    settings = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": cpu_threads(),
+        "NUM_STREAMS": 1,
+        "ENABLE_CPU_PINNING": False,
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+    return ov.Core().compile_model(model, "CPU", settings).create_infer_request()
 
 
 class HFDepthModel(MapModel):
@@ -59,9 +187,18 @@ class HFDepthModel(MapModel):
     std: tuple[float, float, float]
 
     cache_name: ClassVar[str]  # the weights folder, <cache>/<cache_name>/
+    # Whether the CPU runs it in OpenVINO where that is installed (measured faster at the same maps).
+    openvino_on_cpu: ClassVar[bool] = False
     runtime = "torch"
 
-    def __init__(self, weights: str | None = None, device: str | None = None, batch_size: int = 4, config=None) -> None:
+    def __init__(
+        self,
+        weights: str | None = None,
+        device: str | None = None,
+        batch_size: int = 4,
+        config=None,
+        runtime: str | None = None,
+    ) -> None:
         super().__init__(weights, device, batch_size)
         import torch
 
@@ -69,6 +206,8 @@ class HFDepthModel(MapModel):
         from .weights import resolve_weights
 
         self._torch = torch
+        chosen = choose_runtime(type(self), self.device, runtime)  # a runtime that cannot be is refused first
+        self._weights_digest: str | None = None  # of the weights file; keys the cached OpenVINO graph
         if config is not None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
@@ -89,6 +228,8 @@ class HFDepthModel(MapModel):
         self._std = np.array(self.std, np.float32)
         self._mean_t = torch.tensor(self.mean, dtype=torch.float32, device=self._device).view(3, 1, 1)
         self._std_t = torch.tensor(self.std, dtype=torch.float32, device=self._device).view(3, 1, 1)
+        if chosen == "openvino":
+            self._open_openvino()
 
     # ----------------------------------------------------------------------------- building
 
@@ -110,9 +251,10 @@ class HFDepthModel(MapModel):
         raise NotImplementedError
 
     @classmethod
-    def from_config(cls, config=None, device: str | None = None, batch_size: int = 4):
+    def from_config(cls, config=None, device: str | None = None, batch_size: int = 4, runtime: str | None = None):
         """The real architecture with random (seeded) weights; ``config`` defaults to the real one."""
-        return cls(device=device, batch_size=batch_size, config=config if config is not None else cls.default_config())
+        config = config if config is not None else cls.default_config()
+        return cls(device=device, batch_size=batch_size, config=config, runtime=runtime)
 
     @property
     def version(self) -> str:
@@ -120,7 +262,7 @@ class HFDepthModel(MapModel):
 
     @property
     def accepts_tensors(self) -> bool:
-        return True
+        return self.runtime == "torch"
 
     def _load(self, where: str | Path):
         cls = self.model_class()
@@ -131,12 +273,15 @@ class HFDepthModel(MapModel):
         if isinstance(where, Path):
             self.weights_path = where
             weights_file = next(where / f for f in WEIGHT_FILES if (where / f).is_file())
-            self._version = weights_digest(weights_file)[:12]
+            self._weights_digest = weights_digest(weights_file)
+            self._version = self._weights_digest[:12]
             return cls.from_pretrained(str(where))
         self.weights_path = None
         # the hub id: already known to be cached or reachable; cached needs no network at all
         model = cls.from_pretrained(where, local_files_only=not hub_reachable())
-        self._version = f"hub:{where}@{_hub_revision(where)}"
+        revision = _hub_revision(where)
+        self._weights_digest = None if revision == "unknown" else revision
+        self._version = f"hub:{where}@{revision}"
         return model
 
     # ----------------------------------------------------------------------------- weights
@@ -158,6 +303,32 @@ class HFDepthModel(MapModel):
     def runs_model_type(cls, model_type: str | None) -> bool:
         """Whether weights whose config.json says this model_type are this model's."""
         return model_type == cls.model_type
+
+    @classmethod
+    def cache_paths(cls) -> list[Path]:
+        """The weights folder and the OpenVINO graphs converted from those weights."""
+        path = cls.local_weights()
+        if path is None:
+            return []
+        weights_file = next((path / f for f in WEIGHT_FILES if (path / f).is_file()), None)
+        if weights_file is None:
+            return [path]
+        derived = cache_dir().glob(f"{cls.cache_name}.{weights_digest(weights_file)[:16]}.openvino.v*")
+        return [path] + sorted(derived)
+
+    @classmethod
+    def fetch(cls, source: str | None = None) -> Path | None:
+        """The weights in the cache, and, where the CPU runs the model in OpenVINO, its graph
+        converted now (half a minute), so that no job waits for it later."""
+        from .base import default_device
+
+        path = super().fetch(source)
+        try:
+            if path is not None and choose_runtime(cls, default_device()) == "openvino":
+                cls(weights=str(path), device="cpu", batch_size=1, runtime="openvino")
+        except Exception as exc:  # noqa: BLE001 - the weights are fetched; a job's load says it again
+            log.warning("could not make %s's OpenVINO graph now (%s)", cls.name, exc)
+        return path
 
     @classmethod
     def copy_weights(cls, source: str, name: str, sha256: str | None = None) -> Path:
@@ -233,8 +404,10 @@ class HFDepthModel(MapModel):
 
     def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
         prepared = [self._prepare(p) for p in photos]
-        batch = self._torch.from_numpy(np.stack([x for x, _ in prepared]))
-        depth = self._forward(batch).cpu().numpy()
+        if self.runtime == "openvino":
+            depth = np.stack([self._request.infer({0: x[None]})[0][0] for x, _ in prepared])
+        else:
+            depth = self._forward(self._torch.from_numpy(np.stack([x for x, _ in prepared]))).cpu().numpy()
         return [
             np.ascontiguousarray(d[self._region((nh, nw), depth.shape[-2:])])
             for d, (_, (nh, nw)) in zip(depth, prepared)
@@ -263,6 +436,78 @@ class HFDepthModel(MapModel):
         with self._torch.inference_mode():
             depth = self.model(pixel_values=batch.half() if self.fp16 else batch).predicted_depth
         return (depth[:, 0] if depth.ndim == 4 else depth).float()
+
+    # ----------------------------------------------------------------------------- OpenVINO
+
+    def _open_openvino(self) -> None:
+        """Run in OpenVINO from now on; where its graph cannot be had, stay in torch (a warning)."""
+        try:
+            self._request = openvino_request(self.openvino_model(), self.size)
+        except Exception as exc:  # noqa: BLE001 - torch gives the same maps, only slower
+            log.warning("%s cannot run in OpenVINO (%s); running it in torch", self.name, exc)
+            return
+        self.runtime = "openvino"
+
+    def openvino_path(self) -> Path | None:
+        """Where the OpenVINO graph of these weights is cached (its .xml; the .bin beside it);
+        None for weights with no digest (random ones), whose graph is not cached."""
+        if self._weights_digest is None:
+            return None
+        name = f"{self.cache_name}.{self._weights_digest[:16]}.openvino.v{OPENVINO_VERSION}.xml"
+        return writable_cache_dir() / name
+
+    def openvino_model(self):
+        """The network as an OpenVINO model: the cached graph where it reads, else the torch
+        module converted, checked against torch's map and cached (see the module's notes)."""
+        import openvino as ov
+
+        dest = self.openvino_path()
+        if dest is not None and dest.is_file():
+            try:
+                return ov.Core().read_model(str(dest))
+            except Exception as exc:  # noqa: BLE001 - a damaged or partial cache entry
+                log.warning(
+                    "the cached OpenVINO graph %s cannot be read (%s); converting %s again", dest, exc, self.name
+                )
+        log.warning("converting %s to OpenVINO, once (about half a minute on a laptop)", self.name)
+        model = self._converted()
+        if dest is not None:
+            # Both files written aside, then the .bin moved before the .xml: an .xml is never without its .bin.
+            work = Path(tempfile.mkdtemp(prefix="openvino-", suffix=".partial", dir=dest.parent))
+            try:
+                ov.save_model(model, str(work / dest.name), compress_to_fp16=False)
+                os.replace(work / dest.with_suffix(".bin").name, dest.with_suffix(".bin"))
+                os.replace(work / dest.name, dest)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return model
+
+    def _converted(self):
+        """The torch module converted by OpenVINO at 1 x 3 x size x size, refused (ValueError)
+        unless its map of a test input agrees with torch's (map_agreement)."""
+        import openvino as ov
+
+        torch = self._torch
+        probe = torch.from_numpy(self._probe_input())
+        with torch.inference_mode():
+            expected = self._forward(probe).cpu().numpy()[0]
+        with warnings.catch_warnings():  # the trace fixes the input shape: so is the graph meant
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            model = ov.convert_model(depth_only(self.model), example_input=probe)
+        found = openvino_request(model, self.size).infer({0: probe.numpy()})[0][0]
+        agreement = map_agreement(expected, found)
+        if not agreement.agrees:
+            raise ValueError(f"its OpenVINO graph's map differs from torch's ({agreement}; needs {AGREEMENT})")
+        return model
+
+    def _probe_input(self) -> np.ndarray:
+        """A normalised 1 x 3 x size x size photo with structure at every scale (gradients and
+        edges, seeded noise) for the conversion's check."""
+        y, x = np.mgrid[0 : self.size, 0 : self.size].astype(np.float32) / self.size
+        rng = np.random.default_rng(0)
+        photo = np.stack([x, y, ((x * 7).astype(int) + (y * 5).astype(int)) % 2 * 0.8], axis=-1)
+        photo = np.clip(photo + rng.normal(0, 0.05, photo.shape), 0, 1).astype(np.float32)
+        return np.ascontiguousarray(((photo - self._mean) / self._std).transpose(2, 0, 1)[None])
 
     def _region(self, input_hw: tuple[int, int], output_hw) -> tuple[slice, slice]:
         """The part of the model's output that shows the photo (not the padding)."""
