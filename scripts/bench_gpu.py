@@ -121,12 +121,20 @@ def build_models(device: str, batch_size: int, random_weights: bool, tiny: bool,
         )
         words.append("IS-Net random" + (" (small network)" if tiny else ""))
     depth_dir = None if random_weights or tiny else DepthAnythingV2Small.local_weights()
+    # torch where the device path is measured, and for the small networks, whose input size is
+    # set after loading (an OpenVINO graph is compiled for one size); else the job's own choice.
+    depth_runtime = "torch" if tiny or isnet_runtime == "torch" else None
     if depth_dir is not None:
-        depth = DepthAnythingV2Small(weights=str(depth_dir), device=device, batch_size=batch_size)
+        depth = DepthAnythingV2Small(
+            weights=str(depth_dir), device=device, batch_size=batch_size, runtime=depth_runtime
+        )
         words.append(f"Depth Anything V2 Small real ({depth_dir})")
     else:
         depth = DepthAnythingV2Small.from_config(
-            DepthAnythingV2Small.small_config() if tiny else None, device=device, batch_size=batch_size
+            DepthAnythingV2Small.small_config() if tiny else None,
+            device=device,
+            batch_size=batch_size,
+            runtime=depth_runtime,
         )
         words.append("Depth Anything V2 Small random" + (" (small network)" if tiny else ""))
     if tiny:  # a small input too: the same code paths in a fraction of the time
