@@ -41,7 +41,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +57,7 @@ from .weights import (
     fetch_dir_to_cache,
     read_json,
     replaced_atomically,
+    save_openvino_model,
     weights_digest,
     writable_cache_dir,
 )
@@ -472,14 +472,7 @@ class HFDepthModel(MapModel):
         log.warning("converting %s to OpenVINO, once (about half a minute on a laptop)", self.name)
         model = self._converted()
         if dest is not None:
-            # Both files written aside, then the .bin moved before the .xml: an .xml is never without its .bin.
-            work = Path(tempfile.mkdtemp(prefix="openvino-", suffix=".partial", dir=dest.parent))
-            try:
-                ov.save_model(model, str(work / dest.name), compress_to_fp16=False)
-                os.replace(work / dest.with_suffix(".bin").name, dest.with_suffix(".bin"))
-                os.replace(work / dest.name, dest)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
+            save_openvino_model(model, dest)
         return model
 
     def _converted(self):

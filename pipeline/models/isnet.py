@@ -78,6 +78,7 @@ from .weights import (
     npm_package,
     replaced_atomically,
     resolve_weights,
+    save_openvino_model,
     uri_key,
     weights_digest,
     writable_cache_dir,
@@ -668,14 +669,7 @@ def quantized_model(fp32: Path, digest: str, size: int = ISNet.size) -> Path:
         preset=nncf.QuantizationPreset.MIXED,
         ignored_scope=nncf.IgnoredScope(names=kept),
     )
-    # Both files written aside, then the .bin moved before the .xml: an .xml is never without its .bin.
-    work = Path(tempfile.mkdtemp(prefix="int8-", suffix=".partial", dir=dest.parent))
-    try:
-        ov.save_model(quantized, str(work / dest.name), compress_to_fp16=False)
-        os.replace(work / dest.with_suffix(".bin").name, dest.with_suffix(".bin"))
-        os.replace(work / dest.name, dest)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    save_openvino_model(quantized, dest)
     return dest
 
 

@@ -407,6 +407,20 @@ def filesystem(uri: str, storage_options: dict | None = None):
         raise WeightsUnavailableError(f"cannot open {uri}: {exc}") from exc
 
 
+def save_openvino_model(model, dest: Path) -> None:
+    """An OpenVINO model saved as ``dest`` (.xml) and its .bin, in fp32. Both files are written
+    aside, then the .bin moved before the .xml: an .xml in the cache is never without its .bin."""
+    import openvino as ov
+
+    work = Path(tempfile.mkdtemp(prefix="openvino-", suffix=".partial", dir=dest.parent))
+    try:
+        ov.save_model(model, str(work / dest.name), compress_to_fp16=False)
+        os.replace(work / dest.with_suffix(".bin").name, dest.with_suffix(".bin"))
+        os.replace(work / dest.name, dest)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def replaced_atomically(final: Path) -> Iterator[Path]:
     """A temporary sibling of ``final`` (file or folder) that replaces it atomically when the
