@@ -31,7 +31,6 @@ import functools
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_runtimes import built, timed_rounds  # noqa: E402
 from random_weights import scramble  # noqa: E402
 from scenes import scene  # noqa: E402
 
@@ -138,31 +140,13 @@ def main() -> None:
         photos[name] = np.ascontiguousarray(x[None])
         regions[name] = model._region(shape, (model.size, model.size))
 
-    runs: dict[str, Run] = {}
-    for name, build in candidates(model, args.workdir).items():
-        if args.only and "baseline" not in name and not any(word in name for word in args.only):
-            continue
-        started = time.perf_counter()
-        try:
-            runs[name] = build()
-        except ImportError as exc:
-            print(f"{name}: left out ({exc})")
-            continue
-        print(f"{name}: ready in {time.perf_counter() - started:.1f} s", flush=True)
-
+    runs = built(candidates(model, args.workdir), args.only)
     baseline = next(iter(runs))
-    maps: dict[str, dict[str, np.ndarray]] = {name: {} for name in runs}
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run(photos[next(iter(photos))])  # warm-up
-    for round_ in range(args.rounds):
-        for photo_name, x in photos.items():
-            for name, run in runs.items():
-                started = time.perf_counter()
-                out = run(x)
-                seconds[name].append(time.perf_counter() - started)
-                maps[name][photo_name] = np.asarray(out, np.float32)[regions[photo_name]]
-        print(f"round {round_ + 1} of {args.rounds} done", flush=True)
+    outputs, seconds = timed_rounds(runs, photos, args.rounds)
+    maps = {
+        name: {p: np.asarray(out, np.float32)[regions[p]] for p, out in by_photo.items()}
+        for name, by_photo in outputs.items()
+    }
 
     print(
         f"\ndepth-anything-v2-small (random weights ({args.weights}), real architecture, {model.size} x {model.size}), "

@@ -245,6 +245,43 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((fa & fb).sum() / max(1, (fa | fb).sum()))
 
 
+def built(candidates: dict[str, Callable[[], Run]], only: list[str] | None) -> dict[str, Run]:
+    """The candidates made (those named by ``only`` and the baseline, the first), in order; one
+    whose package is missing is left out with a line saying so."""
+    runs: dict[str, Run] = {}
+    for name, build in candidates.items():
+        if only and "baseline" not in name and not any(word in name for word in only):
+            continue
+        started = time.perf_counter()
+        try:
+            runs[name] = build()
+        except ImportError as exc:
+            print(f"{name}: left out ({exc})")
+            continue
+        print(f"{name}: ready in {time.perf_counter() - started:.1f} s", flush=True)
+    return runs
+
+
+def timed_rounds(
+    runs: dict[str, Run], photos: dict[str, np.ndarray], rounds: int
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[float]]]:
+    """Each run on each photo in turn, ``rounds`` times (load from elsewhere hits all alike):
+    run -> photo -> its output, and run -> seconds of each call."""
+    maps: dict[str, dict[str, np.ndarray]] = {name: {} for name in runs}
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for run in runs.values():
+        run(photos[next(iter(photos))])  # warm-up
+    for round_ in range(rounds):
+        for photo_name, x in photos.items():
+            for name, run in runs.items():
+                started = time.perf_counter()
+                out = run(x)
+                seconds[name].append(time.perf_counter() - started)
+                maps[name][photo_name] = out
+        print(f"round {round_ + 1} of {rounds} done", flush=True)
+    return maps, seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -263,31 +300,9 @@ def main() -> None:
     photos = {name: model_input(photo)[None] for name, photo in {**examples, **scenes}.items()}
     calibration = calibration_inputs()  # what --runtime openvino-int8 is calibrated on
 
-    runs: dict[str, Run] = {}
-    for name, build in candidates(graph, calibration, args.workdir).items():
-        if args.only and "baseline" not in name and not any(word in name for word in args.only):
-            continue
-        started = time.perf_counter()
-        try:
-            runs[name] = build()
-        except ImportError as exc:
-            print(f"{name}: left out ({exc})")
-            continue
-        print(f"{name}: ready in {time.perf_counter() - started:.1f} s", flush=True)
-
+    runs = built(candidates(graph, calibration, args.workdir), args.only)
     baseline = next(iter(runs))
-    maps: dict[str, dict[str, np.ndarray]] = {name: {} for name in runs}
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for run in runs.values():
-        run(photos[next(iter(photos))])  # warm-up
-    for round_ in range(args.rounds):
-        for photo_name, x in photos.items():
-            for name, run in runs.items():
-                started = time.perf_counter()
-                out = run(x)
-                seconds[name].append(time.perf_counter() - started)
-                maps[name][photo_name] = out
-        print(f"round {round_ + 1} of {args.rounds} done", flush=True)
+    maps, seconds = timed_rounds(runs, photos, args.rounds)
 
     print(
         f"\nIS-Net, {len(examples)} examples + {len(scenes)} generated scenes, {args.rounds} rounds, "

@@ -30,7 +30,8 @@ onnxruntime):
   to the weights as ``*.fp32.v<N>.onnx``. It matches the shipped graph within 8e-4 (masks
   differ on < 0.01% of pixels). One photo at a time: on the CPU a batch is no faster per photo.
 - openvino: that fp32 graph compiled by OpenVINO for this CPU, at a fixed input shape, with
-  CPU_STREAMS streams: that many photos of a batch run at once, each on its share of the threads.
+  CPU_STREAMS streams for batches (that many photos run at once, each on its share of the
+  threads), one for a model of batch size 1.
 - openvino-int8: the same graph quantized by NNCF (``quantized_model``, made once, cached as
   ``*.int8.v<N>.xml``): int8 convolutions but for the eight at 512x512 (FP32_SCOPES), calibrated
   on the example photos.
@@ -435,11 +436,13 @@ class ISNet(MapModel):
         fp32 = derived_model(weights_path, self._digest, "fp32")
         model = core.read_model(str(quantized_model(fp32, self._digest, self.size) if int8 else fp32))
         model.reshape([1, 3, self.size, self.size])
-        # CPU_STREAMS photos at once, each on its share of the threads: on few cores one photo's
-        # layers do not keep every thread busy (scripts/bench_vs_rembg.py). Threads not pinned to
+        # Batches of CPU_STREAMS photos at once, each on its share of the threads: on few cores
+        # one photo's layers do not keep every thread busy (scripts/bench_startup.py). One photo
+        # at a time (batch_size 1: `render`) keeps every thread for it. Threads not pinned to
         # cores: the job's CPU stages (and anything else) share these cores.
-        streams = min(CPU_STREAMS, cpu_threads())
-        settings = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": streams}
+        streams = max(1, min(CPU_STREAMS, self.batch_size, cpu_threads()))
+        hint = "THROUGHPUT" if streams > 1 else "LATENCY"
+        settings = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": streams}
         compiled = core.compile_model(model, "CPU", {**settings, "ENABLE_CPU_PINNING": False})
         self._requests = ov.AsyncInferQueue(compiled, streams)
         self.runtime = "openvino-int8" if int8 else "openvino"
