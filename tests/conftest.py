@@ -1,4 +1,5 @@
-"""Shared fixtures: a local S3 (moto's standalone server on 127.0.0.1) and fresh buckets."""
+"""Shared fixtures: a local S3 (moto's standalone server on 127.0.0.1), fresh buckets, and an empty
+weights cache."""
 
 from __future__ import annotations
 
@@ -54,3 +55,18 @@ def s3_bucket(s3_server):
     s3fs.S3FileSystem.clear_instance_cache()  # no stale listings or endpoints from before
     yield f"s3://{name}"
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty weights cache: no hub, no weights URLs or depth runtime in the environment."""
+    from pipeline import models
+    from pipeline.models.hf_depth import RUNTIME_ENV
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("DREAMFOCUS_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("DREAMFOCUS_DEPTH_ANYTHING_URL", "DREAMFOCUS_DPT_URL", "DREAMFOCUS_ISNET_URL", RUNTIME_ENV):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(models, "_warned_fallback", set())
+    return root

@@ -33,15 +33,6 @@ def tiny_weights(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    root = tmp_path / "cache"
-    monkeypatch.setenv("DREAMFOCUS_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv(RUNTIME_ENV, raising=False)
-    return root
-
-
 def _graphs(cache):
     return sorted(p.name for p in cache.glob("depth-anything-v2-small.*.openvino.v*.*")) if cache.exists() else []
 

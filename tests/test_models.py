@@ -85,18 +85,6 @@ def da_saved(da, tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty weights cache, no hub, no weights URLs in the environment."""
-    root = tmp_path / "cache"
-    monkeypatch.setenv("DREAMFOCUS_CACHE", str(root))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    for var in ("DREAMFOCUS_DEPTH_ANYTHING_URL", "DREAMFOCUS_DPT_URL", "DREAMFOCUS_ISNET_URL"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(models, "_warned_fallback", set())
-    return root
-
-
 # ------------------------------------------------------------------------------------ registry
 
 
