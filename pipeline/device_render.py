@@ -14,10 +14,14 @@ time: anything but an 8-bit RGB or gray JPEG (PNG, HEIC, WebP, TIFF, CMYK), an I
 than sRGB, a photo over the megapixel limit (the CPU path says so in its own words), and what
 the device decoder refuses.
 
-The batches of a call overlap (_overlapped): while one is in the models and the effect on the
-calling thread, the next is decoded on a thread of its own and the one before encoded on another,
-which also makes what the host needs of it (its numbers, the reason a photo was left alone, the
-intermediates). Each batch's steps are timed (BatchSpans, ``trace``), so the overlap can be seen.
+The batches of a call overlap (_overlapped), four at once: while one is in the models on the
+calling thread, the next is decoded on a thread of its own, the one before goes through the effect
+on another (its subject decisions included, whose host copy and watershed so wait for the device
+on that thread alone, not on the models'), and the one before that is encoded on a fourth, which
+also makes what the host needs of it (its numbers, the reason a photo was left alone, the
+intermediates). A device batch holds at most the models' batch of photos, so a call of several
+model batches overlaps. Each batch's steps are timed (BatchSpans, ``trace``), so the overlap can be
+seen.
 
 Without torchvision (this package does not require it) the codec steps run through Pillow on the
 host, so the rest of the path runs and is tested on any machine.
@@ -32,7 +36,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -287,9 +291,10 @@ def render_on_device(
     and encoded on ``device``: its Finished, or the reason it goes to the CPU path instead.
 
     The photos go to the device in batches of at most ``settings.device_batch_bytes`` decoded
-    pixel bytes (default: what the device's free memory holds, see device_budget), in their order,
-    overlapped: while one batch is in the models and the effect (on this thread), the next is
-    decoded and the one before encoded (each on a thread of its own, see _overlapped).
+    pixel bytes (default: what the device's free memory holds, see device_budget) and at most the
+    models' batch size, in their order, overlapped: while one batch is in the models (on this
+    thread), the next is decoded, the one before goes through the effect and the one before that
+    is encoded (each on a thread of its own, see _overlapped).
 
     Finished.seconds holds the photo's share of its batch's decode, saliency, depth, effect and
     encode; Finished.rendering carries the numbers, and the maps only with ``settings.intermediates``.
@@ -307,7 +312,7 @@ def render_on_device(
             headers[i] = found
     budget = device_budget(dev, settings.params, settings.device_batch_bytes)
     sizes = {i: decoded_bytes(h) for i, h in headers.items()}
-    batches = device_batches(sizes, budget.batch_bytes)
+    batches = device_batches(sizes, budget.batch_bytes, models.batch_size if models is not None else None)
     clock = _Clock(dev)
     done: list[BatchSpans] = []
     _overlapped(
@@ -315,9 +320,12 @@ def render_on_device(
         [sum(sizes[i] for i in batch) for batch in batches],
         budget.in_flight_bytes,
         dev,
-        decode=lambda batch: _decode_batch(datas, batch, results, dev, clock),
-        compute=lambda decoded: _compute_batch(decoded, settings, dev, budget, models, maps),
-        encode=lambda rendered: _encode_batch(rendered, settings, dev, results, done),
+        [
+            lambda batch: _decode_batch(datas, batch, results, dev, clock),
+            lambda decoded: _model_batch(decoded, dev, models, maps),
+            lambda modelled: _effect_batch(modelled, settings, dev, budget),
+            lambda rendered: _encode_batch(rendered, settings, dev, results, done),
+        ],
     )
     if trace is not None:
         trace.extend(done)
@@ -336,9 +344,24 @@ class _Decoded:
     ready: torch.cuda.Event | None  # on CUDA: the decode stream's work on the photos is queued before it
 
 
+@dataclass(frozen=True)
+class _Modelled:
+    """A device batch after the models: the photos and their maps, on their way to the effect."""
+
+    headers: dict[int, JpegHeader]
+    photos: dict[int, torch.Tensor]
+    live: list[int]  # the photos decoded, in order
+    saliency: list[torch.Tensor]  # per live photo, at the model copy's size
+    depth: list[torch.Tensor]
+    depth_measured: bool
+    clock: _Clock
+    steps: list[_Steps]
+    ready: torch.cuda.Event | None
+
+
 @dataclass
 class _Rendered:
-    """A device batch after the models and the effect, on its way to the encoder."""
+    """A device batch after the effect, on its way to the encoder."""
 
     headers: dict[int, JpegHeader]
     live: list[int]  # the photos rendered, in order
@@ -367,35 +390,53 @@ def _decode_batch(
     return _Decoded(headers, photos, clock, [steps], _handed_over(dev))
 
 
-def _compute_batch(
-    decoded: _Decoded,
-    settings: RenderSettings,
-    dev: torch.device,
-    budget: DeviceBudget,
-    models: SceneModels | None,
-    maps: Sequence[SceneMaps] | None,
-) -> _Rendered:
-    """The models and the effect on one decoded batch (on the calling thread's stream)."""
+def _model_batch(
+    decoded: _Decoded, dev: torch.device, models: SceneModels | None, maps: Sequence[SceneMaps] | None
+) -> _Modelled:
+    """The models on one decoded batch (or the given maps brought to the device), on the calling
+    thread's stream, where the models are."""
     _take_over(dev, decoded.ready, list(decoded.photos.values()))
-    photos, params = decoded.photos, settings.params
+    photos = decoded.photos
     live = list(photos)
     steps = _Steps(decoded.clock)
-    rendered: dict[int, tuple[effect_torch.TorchRendering, int]] = {}
-    if not live:
-        return _Rendered(decoded.headers, live, rendered, decoded.clock, decoded.steps, None)
-    if maps is not None:
+    saliency: list[torch.Tensor] = []
+    depth: list[torch.Tensor] = []
+    depth_measured = True
+    if live and maps is not None:
         saliency = [torch.from_numpy(np.ascontiguousarray(maps[i].saliency, np.float32)).to(dev) for i in live]
         depth = [torch.from_numpy(np.ascontiguousarray(maps[i].depth, np.float32)).to(dev) for i in live]
         depth_measured = all(maps[i].depth_measured for i in live)
         steps.mark("saliency")
         steps.mark("depth")
-    else:
+    elif live:
         assert models is not None
         depth_measured = models.depth.measures_depth
         copies = [model_copy(photos[i]) for i in live]
         steps.mark("decode")  # the model copy, as in the CPU path's reading
         saliency, depth = models.predict_on_device(copies, mark=steps.mark)
+    return _Modelled(
+        decoded.headers,
+        photos,
+        live,
+        saliency,
+        depth,
+        depth_measured,
+        decoded.clock,
+        [*decoded.steps, steps],
+        _handed_over(dev),
+    )
 
+
+def _effect_batch(modelled: _Modelled, settings: RenderSettings, dev: torch.device, budget: DeviceBudget) -> _Rendered:
+    """The effect on one batch with its maps (on its thread's stream): its subject decisions wait
+    for the device on this thread, while the next batch is in the models."""
+    photos, live = modelled.photos, modelled.live
+    rendered: dict[int, tuple[effect_torch.TorchRendering, int]] = {}
+    if not live:
+        return _Rendered(modelled.headers, live, rendered, modelled.clock, modelled.steps, None)
+    _take_over(dev, modelled.ready, [*(photos[i] for i in live), *modelled.saliency, *modelled.depth])
+    steps = _Steps(modelled.clock)
+    saliency, depth = modelled.saliency, modelled.depth
     by_size: dict[tuple[int, int], list[int]] = {}
     for k, i in enumerate(live):
         height, width = photos[i].shape[-2:]
@@ -408,13 +449,13 @@ def _compute_batch(
                 torch.stack([photos[live[k]] for k in members]),
                 _stack_maps([saliency[k] for k in members]),
                 _stack_maps([depth[k] for k in members]),
-                params,
-                depth_measured,
+                settings.params,
+                modelled.depth_measured,
             )
             for j, k in enumerate(members):
                 rendered[live[k]] = (done, j)
     steps.mark("effect")
-    return _Rendered(decoded.headers, live, rendered, decoded.clock, [*decoded.steps, steps], _handed_over(dev))
+    return _Rendered(modelled.headers, live, rendered, modelled.clock, [*modelled.steps, steps], _handed_over(dev))
 
 
 def _encode_batch(
@@ -523,6 +564,7 @@ class _InFlight:
 
 
 _END = object()  # after the last batch
+MODELS_STAGE = 1  # render_on_device's stages: decode, models (on the calling thread), effect, encode
 
 
 def _overlapped(
@@ -530,71 +572,65 @@ def _overlapped(
     sizes: Sequence[int],
     in_flight_bytes: int,
     dev: torch.device,
-    decode: Callable[[Any], Any],
-    compute: Callable[[Any], Any],
-    encode: Callable[[Any], None],
+    stages: Sequence[Callable[[Any], Any]],
+    on_caller: int = MODELS_STAGE,
 ) -> None:
-    """decode, compute and encode each batch in turn, three batches at once: batch k+1 decoded
-    on a thread, batch k computed on this one (where the models are), batch k-1 encoded on
-    another, queues of one between them. A batch is decoded once its bytes fit beside those
-    in flight (``in_flight_bytes``). The first exception, on any side, stops the others and is
-    raised here; every wait gives way to it, so none hangs.
+    """Each batch through ``stages`` in turn (each takes what the one before made; the first
+    takes the batch, the last's result is dropped), every stage on a batch of its own at once:
+    stage ``on_caller`` on this thread (where the models are), each other on a thread of its
+    own, queues of one between them. A batch starts once its bytes fit beside those in flight
+    (``in_flight_bytes``) and holds them until its last stage is done. The first exception, in
+    any stage, stops the others and is raised here; every wait gives way to it, so none hangs.
 
     On CUDA each thread queues its work on a stream of its own. What one stage makes, the next
     reads only after its stream waits on the maker's event, and with record_stream, so the
     caching allocator (one for all streams) does not hand that memory to the maker's stream
     while the reader still uses it (_take_over). Each codec is used by one thread only: the
-    decoder (nvJPEG) by the decode thread, the encoder by the encode thread.
+    decoder (nvJPEG) by the first stage's, the encoder by the last's.
     """
     pipeline = _Pipeline()
     in_flight = _InFlight(in_flight_bytes, pipeline)
-    decoded: queue.Queue = queue.Queue(maxsize=1)
-    rendered: queue.Queue = queue.Queue(maxsize=1)
+    between: list[queue.Queue] = [queue.Queue(maxsize=1) for _ in stages[1:]]  # between[k]: stage k's results
 
-    def decoding() -> None:
+    def taken() -> Iterator[tuple[object, int]]:
         for batch, size in zip(batches, sizes):
             in_flight.take(size)
-            pipeline.put(decoded, (decode(batch), size))
-        pipeline.put(decoded, _END)
+            yield batch, size
 
-    def encoding() -> None:
-        while (item := pipeline.get(rendered)) is not _END:
+    def stage(k: int) -> None:
+        last = k == len(stages) - 1
+        items = taken() if k == 0 else iter(lambda: pipeline.get(between[k - 1]), _END)
+        for item in items:
             result, size = item
-            del item  # nothing here holds a batch past its encode, when its bytes go back
-            try:
-                encode(result)
-            finally:
+            del item  # nothing here holds a batch past its stage: its memory goes with the next
+            result = stages[k](result)
+            if last:
                 del result
                 in_flight.give(size)
+            else:
+                pipeline.put(between[k], (result, size))
+                del result
+        if not last:
+            pipeline.put(between[k], _END)
 
-    def side(work: Callable[[], None]) -> Callable[[], None]:
-        def run() -> None:
-            try:
-                with _own_stream(dev), torch.inference_mode():
-                    work()
-            except _Stopped:
-                pass
-            except BaseException as exc:  # noqa: BLE001 - raised in the caller below
-                pipeline.fail(exc)
+    def run(k: int) -> None:
+        try:
+            with nullcontext() if k == on_caller else _own_stream(dev), torch.inference_mode():
+                stage(k)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller below
+            pipeline.fail(exc)
 
-        return run
-
-    threads = [threading.Thread(target=side(w), name=f"device-{w.__name__}", daemon=True) for w in (decoding, encoding)]
+    threads = [
+        threading.Thread(target=run, args=(k,), name=f"device-stage-{k}", daemon=True)
+        for k in range(len(stages))
+        if k != on_caller
+    ]
     for thread in threads:
         thread.start()
     try:
-        with torch.inference_mode():
-            while (item := pipeline.get(decoded)) is not _END:
-                result, size = item
-                del item
-                result = compute(result)  # the decoded photos go: the encode needs the renderings only
-                pipeline.put(rendered, (result, size))
-                del result
-            pipeline.put(rendered, _END)
-    except _Stopped:
-        pass
-    except BaseException as exc:  # noqa: BLE001 - raised below, once the threads are done
-        pipeline.fail(exc)
+        run(on_caller)
     finally:
         for thread in threads:
             thread.join()
@@ -651,9 +687,9 @@ def _tensors(rendering: effect_torch.TorchRendering) -> list[torch.Tensor]:
 # until its encode; a share of the free memory is left for the models' and the encoder's work.
 HELD_PER_DECODED_BYTE = 3
 USABLE_SHARE = 0.8
-# Batches in flight at once where a batch size is given (one decoded while one is in the
-# models): each must fit beside the other.
-IN_FLIGHT = 2
+# Batches in flight at once where a batch size is given: one in each stage of _overlapped
+# (decoded, in the models, in the effect, encoded); each must fit beside the others.
+IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -695,13 +731,13 @@ def decoded_bytes(header: JpegHeader) -> int:
     return header.width * header.height * 3
 
 
-def device_batches(sizes: dict[int, int], budget: int) -> list[list[int]]:
+def device_batches(sizes: dict[int, int], budget: int, most: int | None = None) -> list[list[int]]:
     """The photos (index -> decoded bytes) in order, cut into batches of at most ``budget``
-    bytes; a photo over the budget makes a batch of its own."""
+    bytes and ``most`` photos; a photo over the budget makes a batch of its own."""
     batches: list[list[int]] = []
     held = budget  # so the first photo opens a batch
     for i, size in sizes.items():
-        if held + size > budget:
+        if held + size > budget or (most is not None and len(batches[-1]) >= most):
             batches.append([])
             held = 0
         batches[-1].append(i)

@@ -49,7 +49,7 @@ import time
 import types
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Self
@@ -76,7 +76,7 @@ def _allow_missing_heif() -> bool:
 HEIF_STUBBED = _allow_missing_heif()  # at import: worker processes import this module too
 
 from pipeline.batches import pack_depth, pack_saliency, unpack_map
-from pipeline.job.driver import GROUP_SIZE, model_layout  # no Ray until run_job
+from pipeline.job.driver import GROUP_SIZE, model_call_rows, model_layout  # no Ray until run_job
 from pipeline.job.plan import JobConfig
 from pipeline.job.stages import ModelStage, read_photos, render_and_write
 from pipeline.models import create_model
@@ -512,14 +512,21 @@ def tally(results: list[dict], steps: tuple[str, ...]) -> tuple[dict[str, int], 
 
 
 def run_device_end_to_end(
-    stage: ModelStage, input_dir: Path, relpaths: list[str], output_dir: Path, device: str, workers: int
+    stage: ModelStage,
+    input_dir: Path,
+    relpaths: list[str],
+    output_dir: Path,
+    device: str,
+    workers: int,
+    call_rows: int,
 ) -> EndToEnd:
-    """Groups of GROUP_SIZE photos: bytes read by reader threads, decoded, run through the models,
-    rendered and encoded on the device here (the model actor's ``render``), written by writer
-    threads; all at once, as the job streams them."""
+    """Calls of ``call_rows`` photos, as the job makes them: bytes read by reader threads,
+    decoded, run through the models, rendered and encoded on the device here (the model actor's
+    ``render``, its device batches overlapped), written by writer threads; all at once, as the
+    job streams them."""
     shutil.rmtree(output_dir, ignore_errors=True)
     config = JobConfig(input=str(input_dir), output=str(output_dir), device=device, render_backend="torch")
-    groups = [relpaths[i : i + GROUP_SIZE] for i in range(0, len(relpaths), GROUP_SIZE)]
+    groups = [relpaths[i : i + call_rows] for i in range(0, len(relpaths), call_rows)]
 
     def read(group: list[str]) -> dict:
         batch = {"relpath": np.array(group, dtype=object), "output_relpath": np.array(group, dtype=object)}
@@ -574,18 +581,15 @@ def run_device_end_to_end(
 
 
 def measure_overlap(
-    models: SceneModels, settings: RenderSettings, input_dir: Path, relpaths: list[str], device: str, shape: tuple
+    models: SceneModels, settings: RenderSettings, input_dir: Path, relpaths: list[str], device: str, call_rows: int
 ) -> str:
-    """One render_on_device call over up to four groups in four device batches: how much of the
-    wall time each step was busy (from the batches' spans); over 100 % together means steps of
-    different batches ran at once (a batch decoded while the one before is in the models)."""
+    """One render_on_device call of the job's size (device batches of a model batch each): how
+    much of the wall time each step was busy (from the batches' spans); over 100 % together means
+    steps of different batches ran at once (a batch decoded while the one before is in the models)."""
     from pipeline.device_render import busy_share, render_on_device
 
-    datas = [(input_dir / relpath).read_bytes() for relpath in relpaths[: 4 * GROUP_SIZE]]
-    width, height = shape
-    per_batch = max(1, min(GROUP_SIZE, len(datas) // 4))
-    settings = replace(settings, device_batch_bytes=per_batch * width * height * 3)
-    render_on_device(datas[:per_batch], settings, device, models=models)  # warm-up
+    datas = [(input_dir / relpath).read_bytes() for relpath in relpaths[:call_rows]]
+    render_on_device(datas[: models.batch_size], settings, device, models=models)  # warm-up
     synchronize(device)
     trace: list = []
     started = time.perf_counter()
@@ -593,6 +597,8 @@ def measure_overlap(
     seconds = time.perf_counter() - started
     shares = {
         "decode": busy_share(trace, ("decode",)),
+        "models": busy_share(trace, ("saliency", "depth")),
+        "effect": busy_share(trace, ("effect",)),
         "models + effect": busy_share(trace),
         "encode": busy_share(trace, ("encode",)),
     }
@@ -600,6 +606,48 @@ def measure_overlap(
     return (
         f"{len(datas)} photos in {len(trace)} device batches, one call: {len(datas) / seconds:.1f} photos/s; "
         f"busy share of the wall time: {busy}"
+    )
+
+
+def measure_subject_decisions(
+    settings: RenderSettings, input_dir: Path, relpaths: list[str], device: str, batch: int
+) -> str:
+    """What the subject decisions (a host copy of the working-size photo and maps, then OpenCV's
+    watershed and connected components per photo) cost a device batch of ``batch`` photos, beside
+    the whole effect on it: the time the effect's thread waits on them, which the overlap hides
+    from the models as long as the effect keeps up with them."""
+    import torch
+
+    from pipeline import effect_torch
+    from pipeline.device_render import decode_jpegs, model_copy
+
+    dev = torch.device(device)
+    params = settings.params
+    photos = decode_jpegs([(input_dir / relpath).read_bytes() for relpath in relpaths[:batch]], dev)
+    stack = torch.stack([p for p in photos if isinstance(p, torch.Tensor)])
+    height, width = stack.shape[-2:]
+    size = effect_torch.working_size(height, width, params)
+    work_photo = effect_torch.downscale(stack, size.factor)
+    copy_h, copy_w = model_copy(stack[0]).shape[:2]
+    yy, xx = torch.meshgrid(
+        torch.linspace(-1, 1, copy_h, device=dev), torch.linspace(-1, 1, copy_w, device=dev), indexing="ij"
+    )
+    fg = ((yy**2 + (xx / 0.6) ** 2) < 0.5).to(torch.float32).expand(len(stack), -1, -1).contiguous()
+    depth = (yy + 1.0 + 0.3 * fg).contiguous()
+    measured = [True] * len(stack)
+
+    def decisions() -> None:
+        effect_torch.subject_decisions(work_photo, fg, depth, params, measured)
+
+    def whole_effect() -> None:
+        effect_torch.render(stack, fg, depth, params, True)
+
+    with torch.inference_mode():
+        deciding = seconds_per_call(decisions, device, 1, 3, 0.0)
+        rendering = seconds_per_call(whole_effect, device, 1, 3, 0.0)
+    return (
+        f"{1000 * deciding / len(stack):.1f} ms a photo ({100 * deciding / rendering:.0f} % of the effect's "
+        f"{1000 * rendering / len(stack):.1f} ms), batch {len(stack)} at working size {size.width}x{size.height}"
     )
 
 
@@ -690,13 +738,15 @@ def print_end_to_end(result: EndToEnd, width: int, height: int, workers: int) ->
         print(f"  first failure: {result.first_error}")
 
 
-def print_device_end_to_end(result: EndToEnd, width: int, height: int, workers: int, device: str) -> None:
+def print_device_end_to_end(
+    result: EndToEnd, width: int, height: int, workers: int, device: str, call_rows: int
+) -> None:
     statuses = ", ".join(f"{k} {v}" for k, v in sorted(result.statuses.items()))
     paths = ", ".join(f"{k} {v}" for k, v in sorted((result.render_paths or {}).items()))
     print(
         f"\nEnd to end with the GPU render path, without Ray, local disk to local disk ({result.photos} photos of "
         f"{width}x{height}; {workers} reader + {workers} writer threads; decode, models, effect, encode on {device} "
-        f"in this process, groups of {GROUP_SIZE}):"
+        f"in this process, calls of {call_rows}):"
     )
     print(f"  {result.rate:.1f} photos/s ({result.seconds:.1f} s; {statuses})   target >= {TARGET_DEVICE_JOB}")
     print(
@@ -731,6 +781,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument(
         "--workdir", type=Path, default=Path("/tmp/dreamfocus-bench-gpu"), help="photos (kept for reruns) and outputs"
+    )
+    parser.add_argument(
+        "--model-batch-size", type=int, default=None, help="steps 2 and 3: photos a model batch (default: the job's)"
     )
     parser.add_argument("--workers", type=int, default=None, help="processes per CPU pool (default: CPU count)")
     parser.add_argument("--models-only", action="store_true", help="step 1 only")
@@ -782,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
     library = args.workdir / f"library-{width}x{height}-v{LIBRARY_VERSION}"
     print(f"\n2. end to end without Ray: library {library}", flush=True)
     relpaths = make_library(library, args.photos, width, height, workers)
-    layout = model_layout(JobConfig(input=str(library), output=str(args.workdir)), 1 if gpu else 0)
+    job = JobConfig(input=str(library), output=str(args.workdir), model_batch_size=args.model_batch_size)
+    layout = model_layout(job, 1 if gpu else 0)
     models = build_models(device, layout.batch_size, args.random_weights, args.tiny_models, None)
     stand_ins = tuple(
         task for task, model in (("saliency", models.saliency), ("depth", models.depth)) if model.version == RANDOM
@@ -804,10 +858,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  model stage: {'; '.join(stage.models.describe())}, batch {layout.batch_size}", flush=True)
         if stand_ins:
             print(f"  the effect gets the trivial models' {' and '.join(stand_ins)} maps (random weights)")
-        result = run_device_end_to_end(stage, library, relpaths, args.workdir / "out-device", device, workers)
-        print_device_end_to_end(result, width, height, workers, device)
-        line = measure_overlap(stage.models, config.render_settings(), library, relpaths, device, args.size)
+        call_rows = model_call_rows(layout, on_device=True)
+        result = run_device_end_to_end(
+            stage, library, relpaths, args.workdir / "out-device", device, workers, call_rows
+        )
+        print_device_end_to_end(result, width, height, workers, device, call_rows)
+        line = measure_overlap(stage.models, config.render_settings(), library, relpaths, device, call_rows)
         print(f"  overlap: {line}", flush=True)
+        line = measure_subject_decisions(config.render_settings(), library, relpaths, device, layout.batch_size)
+        print(f"  subject decisions: {line}", flush=True)
         del stage
     del models
 

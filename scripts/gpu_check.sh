@@ -10,10 +10,8 @@
 #   DEVICE=cuda          cpu: the same steps on a machine without a GPU
 #   PHOTOS=300 SIZE=4000x3000 (12 MP)    WORK=/tmp/dreamfocus-gpu-check
 #   PACK=.gpu-pack       what scripts/pack_ray.py wrote: ray-cpXY.tar.xz [, weights.part-NN]
-#   EXTRA="..."          more flags for `dreamfocus run` (e.g. --model-batch-size 32); for the
-#                        device path's overlap in each actor call, calls of several device
-#                        batches: "--model-batch-size 64 --device-batch-bytes 600000000"
-#                        (16 12-MP photos a batch, two in flight)
+#   EXTRA="..."          more flags for `dreamfocus run` (e.g. --model-batch-size 32: each
+#                        actor call is four model batches, which overlap on the device)
 #
 # `unpack` alone suits a first call that carries the archive (and the first weights parts);
 # a later call carries the other parts and runs `run` (ignored files stay on a warm machine).

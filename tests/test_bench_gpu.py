@@ -27,6 +27,8 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path):
         "--batch-sizes",
         "1",
         "2",
+        "--model-batch-size",
+        "1",
         "--workers",
         "1",
         "--skip-job",
@@ -42,6 +44,7 @@ def test_bench_gpu_runs_on_the_cpu(tmp_path):
     assert "GPU busy n/a" in out
     assert "End to end with the GPU render path" in out and "render paths: torch:cpu 3" in out
     assert "overlap: 3 photos in 3 device batches, one call" in out and "models + effect" in out
+    assert "subject decisions:" in out and "batch 1 at working size 320x240" in out
     for run in ("out-end-to-end", "out-device"):  # the numpy backend's layout, the GPU render path
         images = sorted(p.name for p in (tmp_path / run / "images").iterdir())
         assert images == ["photo_00000.jpg", "photo_00001.jpg", "photo_00002.jpg"]

@@ -259,6 +259,28 @@ def test_a_mixed_batch_is_split_to_fit_a_declared_device_memory(monkeypatch):
 def test_device_batches_are_cut_by_bytes_in_order():
     assert device_render.device_batches({0: 4, 1: 4, 2: 9, 3: 1, 5: 2}, budget=8) == [[0, 1], [2], [3, 5]]
     assert device_render.device_batches({}, budget=8) == []
+    # at most the models' batch of photos too: a call of several model batches overlaps them
+    assert device_render.device_batches(dict.fromkeys(range(5), 1), budget=100, most=2) == [[0, 1], [2, 3], [4]]
+    assert device_render.device_batches({0: 4, 1: 4, 2: 1}, budget=8, most=2) == [[0, 1], [2]]
+
+
+def test_a_model_call_on_the_device_path_holds_several_device_batches(tmp_path):
+    """A GPU's model actor is called with four model batches, each a device batch of its own, so
+    they overlap within the call (one device batch a call would leave the device idle while it
+    is decoded and encoded); the CPU stage's calls stay a model batch."""
+    from pipeline.job.driver import DEVICE_BATCHES_PER_CALL, model_call_rows, model_layout
+    from pipeline.job.plan import JobConfig
+
+    layout = model_layout(JobConfig(input=str(tmp_path), output=str(tmp_path / "out")), cluster_gpus=1)
+    assert (layout.batch_size, DEVICE_BATCHES_PER_CALL) == (16, 4)
+    assert model_call_rows(layout, on_device=True) == 64 and model_call_rows(layout, on_device=False) == 16
+
+    models = SceneModels.from_models(TrivialSaliency(batch_size=2), TrivialDepth(batch_size=2))
+    trace: list[device_render.BatchSpans] = []
+    settings = RenderSettings(PRESETS["default"])  # no byte limit on the CPU: the models' batch cuts
+    got = device_render.render_on_device(small_jpegs(8), settings, "cpu", models=models, trace=trace)
+    assert [batch.photos for batch in trace] == [(0, 1), (2, 3), (4, 5), (6, 7)]
+    assert all(not isinstance(done, str) for done in got)
 
 
 def test_device_batch_bytes_reaches_the_model_actor_and_is_checked(tmp_path):
@@ -349,23 +371,69 @@ def test_the_next_batch_is_decoded_while_one_is_in_the_models(monkeypatch):
         )
 
 
+class SecondBatchGate(TrivialSaliency):
+    """The trivial mask; on its second batch it says so and waits (at most 10 s) until the first
+    batch's subject decisions have begun."""
+
+    def __init__(self, second_in_models: threading.Event, deciding: threading.Event) -> None:
+        super().__init__()
+        self.second_in_models, self.deciding = second_in_models, deciding
+        self.batches = 0
+
+    def _predict_batch(self, photos):
+        self.batches += 1
+        if self.batches == 2:
+            self.second_in_models.set()
+            assert self.deciding.wait(timeout=10)
+        return super()._predict_batch(photos)
+
+
+def test_a_batchs_subject_decisions_run_while_the_next_is_in_the_models(monkeypatch):
+    """The subject decisions (a host copy and a watershed, which wait for the device) are off the
+    models' thread: the first batch's decisions wait until the second batch is in the saliency
+    model, which waits until those decisions have begun, so the first batch's effect and the
+    second's saliency overlap, or the test fails after 10 s (a pipeline with the effect on the
+    models' thread would), it does not hang."""
+    second_in_models, deciding = threading.Event(), threading.Event()
+    original = device_render.effect_torch.subject_decisions
+    waited: list[bool] = []
+
+    def gated_decisions(*args):
+        if not waited:
+            deciding.set()
+            waited.append(second_in_models.wait(timeout=10))
+        return original(*args)
+
+    monkeypatch.setattr(device_render.effect_torch, "subject_decisions", gated_decisions)
+    models = SceneModels.from_models(SecondBatchGate(second_in_models, deciding), TrivialDepth())
+    settings = RenderSettings(PRESETS["default"], device_batch_bytes=2 * 48 * 64 * 3)  # two photos a batch
+    trace: list[device_render.BatchSpans] = []
+    got = device_render.render_on_device(small_jpegs(4), settings, "cpu", models=models, trace=trace)
+
+    assert waited == [True] and all(not isinstance(done, str) for done in got)
+    first = {span.step: span for span in trace[0].spans}
+    second = {span.step: span for span in trace[1].spans}
+    assert overlaps(first["effect"], second["saliency"])
+
+
 def test_batches_in_flight_stay_within_the_budget():
-    """Four batches of one photo, two in flight at most: no three batches' lives (first step to
-    last) overlap, and the photos come back in their order; a batch whose one photo the decoder
-    refuses gives its reason and holds up none of the others."""
-    datas = small_jpegs(4)
+    """Eight batches of one photo, IN_FLIGHT (4) at most in flight: no five batches' lives (first
+    step to last) overlap (without the budget the stages and the queues between them could hold
+    seven), and the photos come back in their order; a batch whose one photo the decoder refuses
+    gives its reason and holds up none of the others."""
+    datas = small_jpegs(8)
     datas[1] = datas[1][: len(datas[1]) // 2]  # its header whole, its scan cut short
-    maps = [scene_maps(48, 64)] * 4
+    maps = [scene_maps(48, 64)] * 8
     settings = RenderSettings(PRESETS["default"], device_batch_bytes=48 * 64 * 3)
     trace: list[device_render.BatchSpans] = []
     chosen = [SceneMaps(*m) for m in maps]
     got = device_render.render_on_device(datas, settings, "cpu", maps=chosen, trace=trace)
-    assert [batch.photos for batch in trace] == [(0,), (2,), (3,)]
+    assert [batch.photos for batch in trace] == [(i,) for i in (0, *range(2, 8))]
     lives = [(batch.spans[0].start, batch.spans[-1].end) for batch in trace]
     for start, _ in lives:
         assert sum(a <= start < b for a, b in lives) <= device_render.IN_FLIGHT
     assert isinstance(got[1], str) and "refused" in got[1]
-    assert all(not isinstance(got[i], str) for i in (0, 2, 3))
+    assert all(not isinstance(got[i], str) for i in (0, *range(2, 8)))
 
 
 @pytest.mark.parametrize(
@@ -373,7 +441,7 @@ def test_batches_in_flight_stay_within_the_budget():
     [(device_render, "decode_jpegs"), (device_render.effect_torch, "render"), (device_render, "encode_jpegs")],
 )
 def test_a_failure_on_any_side_of_the_overlap_reaches_the_caller(monkeypatch, where, name):
-    """The decode thread, this thread (the effect) or the encode thread fails on the second of
+    """The decode thread, the effect's thread or the encode thread fails on the second of
     four batches: the caller gets that exception, and no thread of the call is left running; the
     backend then gives each photo the reason."""
     from pipeline.backend import device_results
@@ -399,9 +467,9 @@ def test_a_failure_on_any_side_of_the_overlap_reaches_the_caller(monkeypatch, wh
     assert reasons == [f"the device path failed (RuntimeError: {name} lost the device)"] * 4
 
 
-def test_two_batches_in_flight_where_a_batch_size_is_given(monkeypatch):
+def test_a_batch_in_each_stage_where_a_batch_size_is_given(monkeypatch):
     cpu = torch.device("cpu")
-    assert device_render.device_budget(cpu, PRESETS["seed"], 1000).in_flight_bytes == 2000
+    assert device_render.device_budget(cpu, PRESETS["seed"], 1000).in_flight_bytes == 4000
     monkeypatch.setattr(device_render, "free_device_memory", lambda device: 12_000_000)
     from_memory = device_render.device_budget(cpu, PRESETS["seed"])
     assert from_memory.in_flight_bytes == from_memory.batch_bytes  # the photos' share, all batches together

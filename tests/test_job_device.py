@@ -53,7 +53,7 @@ def test_torch_backend_gives_the_numpy_backends_library(tmp_path, preset):
 
 @pytest.mark.slow
 def test_overlapped_device_batches_give_the_numpy_backends_library(tmp_path):
-    """About a photo a device batch (the largest example is 1.1 MB decoded), two in flight: the
+    """About a photo a device batch (the largest example is 1.1 MB decoded), four in flight: the
     actor's calls go through the overlap (a batch decoded while the one before is in the models),
     and the manifest rows are still the numpy backend's."""
     assert_torch_gives_the_numpy_library(tmp_path, "default", device_batch_bytes=1_200_000)

@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 # one finish task. Tens, not thousands, so every core is busy from the start and results flow
 # out as groups are done; not fewer, as each group costs Ray Data about 80 ms of scheduling.
 GROUP_SIZE = 16
+# Device batches (of a model batch each) per call of the model stage with the torch render
+# backend: within a call they overlap (device_render: one decoded, one in the models, one in the
+# effect, one encoded), so the device idles only at a call's first decode and last encode.
+DEVICE_BATCHES_PER_CALL = 4
 PLAN_CHUNK = 2000  # plan rows per object put into Ray's object store as the listing proceeds
 STOP_SECONDS = 10.0  # the planning thread's time to stop where the run ends early
 FLUSH_SECONDS = 0.5  # ... or fewer, this long after the chunk's first photo: the first photos go at once
@@ -617,6 +621,12 @@ def model_layout(config: JobConfig, cluster_gpus: float) -> ModelLayout:
     )
 
 
+def model_call_rows(layout: ModelLayout, on_device: bool) -> int:
+    """Photos per call of the model stage: a model batch, or DEVICE_BATCHES_PER_CALL of them
+    on the device path, whose batches overlap within a call."""
+    return layout.batch_size * (DEVICE_BATCHES_PER_CALL if on_device else 1)
+
+
 def _rows(
     config: JobConfig, inputs: Storage, planner: Planner, run_id: str, models: dict[str, JobModel], seen: RunFaults
 ) -> Iterator[pa.Table]:
@@ -705,14 +715,15 @@ def _execute(
     # On CPUs alone the model takes seconds a photo: groups of one model batch, so the first
     # results come after one batch and the CPU stages of a group run while the model works on
     # the next one.
-    group = GROUP_SIZE if layout.gpus_per_actor else layout.batch_size
-    ds = plan_groups(source.in_groups_of(group * -(-layout.batch_size // group)), group)
     on_device = render_backend_for(config.render_backend, layout.device) == "torch"
+    call = model_call_rows(layout, on_device)
+    group = GROUP_SIZE if layout.gpus_per_actor else layout.batch_size
+    ds = plan_groups(source.in_groups_of(group * -(-call // group)), group)
     ds = ds.map_batches(_read(config, inputs, on_device), batch_size=group, batch_format="pyarrow", num_cpus=1)
     ds = ds.map_batches(
         ModelStage,
         fn_constructor_kwargs=_model_stage_kwargs(config, models, layout, on_device, ship(models)),
-        batch_size=layout.batch_size,
+        batch_size=call,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=layout.actors),
         num_gpus=layout.gpus_per_actor,
@@ -738,7 +749,7 @@ def _local_rows(
     kwargs = _model_stage_kwargs(config, models, layout, on_device)
     yield from run_stages(
         feed,
-        layout.batch_size,
+        model_call_rows(layout, on_device),
         _read(config, inputs, on_device),
         functools.partial(ModelStage, **kwargs),
         _finish(config, inputs, run_id),

@@ -122,7 +122,7 @@ class JobConfig:
     device_batch_bytes: int | None = _option(
         None,
         "decoded pixel bytes (width x height x 3) per batch on the device with the torch render backend; "
-        "larger batches go in parts, two in flight at once (default: from the device's free memory)",
+        "larger batches go in parts, four in flight at once (default: from the device's free memory)",
         "job",
         metavar="BYTES",
     )
