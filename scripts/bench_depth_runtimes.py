@@ -62,10 +62,10 @@ def torch_run(model: DepthAnythingV2Small) -> Run:
 
 def dreamfocus_openvino(model: DepthAnythingV2Small) -> Run:
     """The depth model as dreamfocus runs it in OpenVINO (converted from the torch module)."""
-    from pipeline.models.hf_depth import openvino_request
+    from pipeline.models.openvino_cpu import CpuGraph
 
-    request = openvino_request(model.openvino_model(), model.size)
-    return lambda x: request.infer({0: x})[0][0]
+    graph = CpuGraph(model.openvino_model(), 1, model.size)
+    return lambda x: graph.run([x[0]])[0]
 
 
 @functools.cache
@@ -99,10 +99,10 @@ def ort_run(path: Path) -> Run:
 def openvino_onnx_run(path: Path) -> Run:
     import openvino as ov
 
-    from pipeline.models.hf_depth import openvino_request
+    from pipeline.models.openvino_cpu import CpuGraph
 
-    request = openvino_request(ov.Core().read_model(str(path)))
-    return lambda x: request.infer({0: x})[0][0]
+    graph = CpuGraph(ov.Core().read_model(str(path)))
+    return lambda x: graph.run([x[0]])[0]
 
 
 def candidates(model: DepthAnythingV2Small, workdir: Path) -> dict[str, Callable[[], Run]]:

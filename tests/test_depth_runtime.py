@@ -15,6 +15,7 @@ from scenes import scene
 from pipeline.errors import BadInputError
 from pipeline.models import DEPTH, load_model
 from pipeline.models import hf_depth as hf_depth_module
+from pipeline.models.base import CPU_STREAMS, cpu_threads
 from pipeline.models.depth_anything import DepthAnythingV2Small
 from pipeline.models.dpt import DPTLarge
 from pipeline.models.hf_depth import RUNTIME_ENV, choose_runtime, map_agreement
@@ -88,6 +89,12 @@ def test_openvino_maps_agree_with_torch_and_the_graph_is_cached_once(tiny_weight
     for f, a in zip(found, again.predict(PHOTOS)):
         np.testing.assert_array_equal(f, a)
 
+    # A batch runs two photos at once (where there are two cores); one at a time, the same maps.
+    alone = DepthAnythingV2Small(weights=str(tiny_weights), device="cpu", batch_size=1)
+    assert (alone._graph.streams, again._graph.streams) == (1, min(CPU_STREAMS, cpu_threads()))
+    for f, a in zip(found, alone.predict(PHOTOS)):
+        np.testing.assert_allclose(f, a, rtol=1e-4, atol=1e-4 * float(np.ptp(f)))
+
 
 def test_a_damaged_cached_graph_is_converted_again(tiny_weights, cache, caplog):
     first = DepthAnythingV2Small(weights=str(tiny_weights), device="cpu")
@@ -122,16 +129,12 @@ def test_a_graph_that_cannot_be_made_leaves_the_model_in_torch(tiny_weights, cac
 def test_the_conversion_refuses_a_graph_whose_map_disagrees(tiny_weights, cache, monkeypatch):
     """The check itself: an OpenVINO graph that computes something else is refused."""
     model = DepthAnythingV2Small(weights=str(tiny_weights), device="cpu", runtime="torch")
-    real = hf_depth_module.openvino_request
 
-    class Shifted:
-        def __init__(self, request):
-            self.request = request
+    class Shifted(hf_depth_module.CpuGraph):
+        def run(self, inputs):
+            return [out * 0.5 + 1.0 for out in super().run(inputs)]
 
-        def infer(self, inputs):
-            return [out * 0.5 + 1.0 for out in self.request.infer(inputs).values()]
-
-    monkeypatch.setattr(hf_depth_module, "openvino_request", lambda m, size=None: Shifted(real(m, size)))
+    monkeypatch.setattr(hf_depth_module, "CpuGraph", Shifted)
     with pytest.raises(ValueError, match="map differs from torch's"):
         model._converted()
 

@@ -28,10 +28,10 @@ about 30 s for Depth Anything V2 Small on 2 cores), checked against torch's map 
 (``map_agreement``) and cached in the weights cache as ``<name>.<weights digest>.openvino.v<N>.xml``
 (and .bin); a cached graph that cannot be read is converted again, and a conversion that fails
 or disagrees leaves the model in torch, with a warning. A model with random weights converts
-without caching. It runs one photo at a time at a fixed 1 x 3 x size x size, in fp32 whatever
-the CPU (no bf16). scripts/bench_depth_runtimes.py measured it against torch fp32 and
-onnxruntime on a shared 2-core CPU (see depth_anything.py); DPT and the hub's models were not
-measured and stay in torch.
+without caching. It runs as IS-Net's OpenVINO graph does (openvino_cpu.CpuGraph: a fixed
+1 x 3 x size x size, two photos of a batch at once, fp32 whatever the CPU).
+scripts/bench_depth_runtimes.py measured it against torch fp32 and onnxruntime on a shared
+2-core CPU (see depth_anything.py); DPT and the hub's models were not measured and stay in torch.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ import cv2
 import numpy as np
 
 from ..errors import BadInputError, WeightsUnavailableError
-from .base import DEPTH, MapModel, cpu_threads
+from .base import DEPTH, MapModel
+from .openvino_cpu import CpuGraph
 from .weights import (
     cache_dir,
     fetch_dir_to_cache,
@@ -153,24 +154,6 @@ def depth_only(model):
             return self.inner(pixel_values=pixel_values).predicted_depth
 
     return DepthOnly(model).eval()
-
-
-def openvino_request(model, size: int | None = None):
-    """An infer request for an OpenVINO model compiled for this CPU: one photo at a time, fp32
-    (no bf16 where the CPU has it: the maps stay torch fp32's), threads not pinned to cores (the
-    job's CPU tasks share them); reshaped to 1 x 3 x size x size where ``size`` is given."""
-    import openvino as ov
-
-    if size is not None:
-        model.reshape([1, 3, size, size])
-    settings = {
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": cpu_threads(),
-        "NUM_STREAMS": 1,
-        "ENABLE_CPU_PINNING": False,
-        "INFERENCE_PRECISION_HINT": "f32",
-    }
-    return ov.Core().compile_model(model, "CPU", settings).create_infer_request()
 
 
 class HFDepthModel(MapModel):
@@ -405,7 +388,7 @@ class HFDepthModel(MapModel):
     def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
         prepared = [self._prepare(p) for p in photos]
         if self.runtime == "openvino":
-            depth = np.stack([self._request.infer({0: x[None]})[0][0] for x, _ in prepared])
+            depth = np.stack(self._graph.run([x for x, _ in prepared]))
         else:
             depth = self._forward(self._torch.from_numpy(np.stack([x for x, _ in prepared]))).cpu().numpy()
         return [
@@ -442,7 +425,7 @@ class HFDepthModel(MapModel):
     def _open_openvino(self) -> None:
         """Run in OpenVINO from now on; where its graph cannot be had, stay in torch (a warning)."""
         try:
-            self._request = openvino_request(self.openvino_model(), self.size)
+            self._graph = CpuGraph(self.openvino_model(), self.batch_size, self.size)
         except Exception as exc:  # noqa: BLE001 - torch gives the same maps, only slower
             log.warning("%s cannot run in OpenVINO (%s); running it in torch", self.name, exc)
             return
@@ -487,7 +470,7 @@ class HFDepthModel(MapModel):
         with warnings.catch_warnings():  # the trace fixes the input shape: so is the graph meant
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             model = ov.convert_model(depth_only(self.model), example_input=probe)
-        found = openvino_request(model, self.size).infer({0: probe.numpy()})[0][0]
+        found = CpuGraph(model, 1, self.size).run([probe.numpy()[0]])[0]
         agreement = map_agreement(expected, found)
         if not agreement.agrees:
             raise ValueError(f"its OpenVINO graph's map differs from torch's ({agreement}; needs {AGREEMENT})")

@@ -29,9 +29,8 @@ onnxruntime):
   float Casts dropped, the 11 unused side outputs pruned, batch dimension dynamic), cached next
   to the weights as ``*.fp32.v<N>.onnx``. It matches the shipped graph within 8e-4 (masks
   differ on < 0.01% of pixels). One photo at a time: on the CPU a batch is no faster per photo.
-- openvino: that fp32 graph compiled by OpenVINO for this CPU, at a fixed input shape, with
-  CPU_STREAMS streams for batches (that many photos run at once, each on its share of the
-  threads), one for a model of batch size 1.
+- openvino: that fp32 graph compiled by OpenVINO for this CPU (openvino_cpu.CpuGraph: a fixed
+  input shape, two photos of a batch at once, each on its share of the threads).
 - openvino-int8: the same graph quantized by NNCF (``quantized_model``, made once, cached as
   ``*.int8.v<N>.xml``): int8 convolutions but for seven of the eight at 512x512 (FP32_SCOPES), calibrated
   on the example photos.
@@ -71,7 +70,7 @@ import numpy as np
 
 from ..errors import BadInputError, WeightsUnavailableError
 from . import npm, register
-from .base import CPU_STREAMS, SALIENCY, MapModel, cpu_threads, default_device, squash, unsquash
+from .base import SALIENCY, MapModel, cpu_threads, default_device, squash, unsquash
 from .weights import (
     ARCHIVE_SUFFIXES,
     cache_dir,
@@ -431,23 +430,14 @@ class ISNet(MapModel):
         compiles nothing."""
         import openvino as ov
 
+        from .openvino_cpu import CpuGraph
+
         if self.device != "cpu":
             log.warning("OpenVINO runs %s on the CPU here, not on %s", self.name, self.device)
             self.device = "cpu"
-        core = ov.Core()
-        core.set_property({"CACHE_DIR": str(writable_cache_dir() / "openvino")})
         fp32 = derived_model(weights_path, self._digest, "fp32")
-        model = core.read_model(str(quantized_model(fp32, self._digest, self.size) if int8 else fp32))
-        model.reshape([1, 3, self.size, self.size])
-        # Batches of CPU_STREAMS photos at once, each on its share of the threads: on few cores
-        # one photo's layers do not keep every thread busy (scripts/bench_startup.py). One photo
-        # at a time (batch_size 1: `render`) keeps every thread for it. Threads not pinned to
-        # cores: the job's CPU stages (and anything else) share these cores.
-        streams = max(1, min(CPU_STREAMS, self.batch_size, cpu_threads()))
-        hint = "THROUGHPUT" if streams > 1 else "LATENCY"
-        settings = {"PERFORMANCE_HINT": hint, "INFERENCE_NUM_THREADS": cpu_threads(), "NUM_STREAMS": streams}
-        compiled = core.compile_model(model, "CPU", {**settings, "ENABLE_CPU_PINNING": False})
-        self._requests = ov.AsyncInferQueue(compiled, streams)
+        model = ov.Core().read_model(str(quantized_model(fp32, self._digest, self.size) if int8 else fp32))
+        self._graph = CpuGraph(model, self.batch_size, self.size, cache=writable_cache_dir() / "openvino")
         self.runtime = "openvino-int8" if int8 else "openvino"
 
     # ----------------------------------------------------------------------------- inference
@@ -495,17 +485,7 @@ class ISNet(MapModel):
         return [self._run_session(x[None])[0] for x in inputs]
 
     def _run_openvino(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        """The maps of model inputs, as many at once as the compiled graph has streams."""
-        outs: list[np.ndarray] = [np.empty(0)] * len(inputs)
-
-        def keep(request, i: int) -> None:
-            outs[i] = np.clip(request.get_output_tensor(0).data[0, 0].astype(np.float32), 0.0, 1.0)
-
-        self._requests.set_callback(keep)
-        for i, x in enumerate(inputs):
-            self._requests.start_async({0: x[None]}, i)
-        self._requests.wait_all()
-        return outs
+        return [np.clip(out[0].astype(np.float32), 0.0, 1.0) for out in self._graph.run(inputs)]
 
     def _run_session(self, x: np.ndarray) -> np.ndarray:
         out = self._session.run([self._output], {self._input: x})[0]
