@@ -133,7 +133,8 @@ def quantized_openvino(
     """An NNCF int8 graph made into ``workdir`` (once per ``tag``): the convolutions whose names
     start with one of ``fp32_scopes`` left in fp32; ``options``: overflow_fix (an OverflowFix
     name), activations (a RangeEstimatorParametersSet name), fast_bias_correction, preset, and
-    scenes (that many generated scenes calibrated on too, none of those the IoUs are taken on)."""
+    scenes (that many generated scenes calibrated on too, none of those the IoUs are taken on),
+    crops (the examples' quarters calibrated on too)."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
@@ -155,6 +156,11 @@ def quantized_openvino(
             else None,
         )
         extra = [model_input(scene(1000 + seed))[None] for seed in range(options.get("scenes", 0))]
+        if options.get("crops"):  # each example's four quarters too, zoomed in: finer detail
+            for path in sorted(ROOT.glob("examples/*.jpg")):
+                photo = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+                h, w = photo.shape[0] // 2, photo.shape[1] // 2
+                extra += [model_input(photo[y : y + h, x : x + w])[None] for y in (0, h) for x in (0, w)]
         quantized = nncf.quantize(
             model,
             nncf.Dataset(calibration + extra),
@@ -197,6 +203,8 @@ for _scopes, _tag, _options in (
     (("/stage1/rebnconvin/",), "", {}),
     (("/stage1/rebnconv1d/",), " (the job's)", {}),
     (("/stage1/rebnconvin/", "/stage1/rebnconv1d/"), "", {}),
+    (("/stage1/rebnconvin/", "/stage1/rebnconv1d/"), ", +quarters", {"crops": True}),
+    (("/stage1d/rebnconvin/",), ", +quarters", {"crops": True}),
 ):
     _name = "+".join(scope.strip("/").replace("/rebnconv", ".") for scope in _scopes) or "none (graph v2)"
     NNCF_VARIANTS[f"openvino int8 NNCF, 512px fp32 but {_name}{_tag}"] = (
