@@ -14,7 +14,9 @@ DIR=${1:-.cache/wallpapers}
 PHOTOS="Aqua Blinds BytheWater ColdRipple ColorfulCups DarkestHour Dune EveningGlow FallenLeaf
 FreshFlower Garden GreenMeadow Grey Kite LadyBird OneStandsOut Path RainDrops Storm TwoWings
 Volna Wood YellowFlower summer_1am"
-if [ "$(ls "$DIR"/*.jpg 2>/dev/null | wc -l)" -ge 24 ]; then
+missing=0
+for name in $PHOTOS; do [ -f "$DIR/$name.jpg" ] || missing=1; done
+if [ "$missing" = 0 ]; then
     exit 0
 fi
 mkdir -p "$DIR"
