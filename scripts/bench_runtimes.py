@@ -55,6 +55,7 @@ from pipeline.models.isnet import (  # noqa: E402
 from pipeline.models.weights import resolve_weights, weights_digest  # noqa: E402
 
 QUALIFYING_IOU = 0.98
+MASK_LEVEL = 0.5  # a map is cut into a mask here
 SUBJECT_SHARE = 0.01  # of the frame: a held-out photo's mask counts towards the IoU from this size
 Run = Callable[[np.ndarray], np.ndarray]  # 1 x 3 x 1024 x 1024 input -> 1024 x 1024 map
 
@@ -285,7 +286,7 @@ def candidates(graph: Path, calibration: list[np.ndarray], workdir: Path) -> dic
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
-    fa, fb = a >= 0.5, b >= 0.5
+    fa, fb = a >= MASK_LEVEL, b >= MASK_LEVEL
     return float((fa & fb).sum() / max(1, (fa | fb).sum()))
 
 
@@ -358,7 +359,7 @@ def main() -> None:
         f"{'map ho':>7s}  verdict (examples and scenes)"
     )
     base_total = sum(seconds[baseline])
-    with_subject = [p for p in held_out if np.mean(maps[baseline][p] >= 0.5) >= SUBJECT_SHARE]
+    with_subject = [p for p in held_out if np.mean(maps[baseline][p] >= MASK_LEVEL) >= SUBJECT_SHARE]
     for name in runs:
         ious = {p: iou(maps[baseline][p], maps[name][p]) for p in [*examples, *scenes, *with_subject]}
         worst_examples = min(ious[p] for p in examples)
