@@ -184,7 +184,7 @@ def run_cli(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
-N_KILLED = 80
+N_KILLED = 30
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
@@ -192,7 +192,7 @@ def test_killed_run_is_completed_by_rerunning(runner, tmp_path):
     inputs, output = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     rng = np.random.default_rng(0)
-    base = rng.integers(0, 255, (1500, 2000, 3), dtype=np.uint8)
+    base = rng.integers(0, 255, (750, 1000, 3), dtype=np.uint8)
     for i in range(N_KILLED):  # large enough that the run is still going when the first part lands
         Image.fromarray(np.roll(base, i, axis=0)).save(inputs / f"p{i:02d}.jpg")
     command = [
