@@ -635,7 +635,10 @@ def two_node_cluster(local_ray):
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, num_gpus=0))
+    # A lost node is known in about 3 s, not Ray's 15 (five failed health checks 3 s apart); a
+    # second of timeout still leaves a busy machine's live nodes time to answer.
+    health = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, num_gpus=0, _system_config=health))
     worker = cluster.add_node(num_cpus=1, num_gpus=1)
     ray.init(address=cluster.address, **ray_options())
     yield cluster, worker
