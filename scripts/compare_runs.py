@@ -7,7 +7,7 @@ runtimes, to see what an int8 graph's mask differences change in what a user get
     python scripts/compare_runs.py OUT_A OUT_B
 
 Per photo: each run's status and kind (its `error_kind`, the reason's kind for a photo left
-alone) and, where both wrote a result, the mean absolute difference of the two results' pixels
+alone) and, where both edited the photo, the mean absolute difference of the two results' pixels
 (0 to 255), its 99th percentile and the share of pixels more than 32 levels apart in any channel.
 Then the number of photos decided alike and the worst of each figure. Exit status 0.
 """
