@@ -25,21 +25,19 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline.manifest import latest_rows, read_manifest  # noqa: E402
-from pipeline.storage import Storage  # noqa: E402
+from pipeline.manifest import MANIFEST_DIR, latest_rows, read_manifest  # noqa: E402
+from pipeline.storage import Storage, read_file  # noqa: E402
 
 FAR_APART = 32  # levels in a channel: a difference anyone sees
 
 
-def rows_of(output: str) -> tuple[Storage, dict[str, dict]]:
-    store = Storage(output)
-    table = latest_rows(read_manifest(Storage(f"{store.uri}/manifest")))
-    return store, {row["relpath"]: row for row in table.to_pylist()}
+def rows_of(output: str) -> dict[str, dict]:
+    table = latest_rows(read_manifest(Storage(f"{Storage(output).uri}/{MANIFEST_DIR}")))
+    return {row["relpath"]: row for row in table.to_pylist()}
 
 
-def result(store: Storage, row: dict) -> np.ndarray:
-    relpath = row["output_uri"].removeprefix(f"{store.uri}/")
-    with Image.open(io.BytesIO(store.read_bytes(relpath))) as image:
+def result(row: dict) -> np.ndarray:
+    with Image.open(io.BytesIO(read_file(row["output_uri"]))) as image:
         return np.asarray(image.convert("RGB")).astype(np.int16)
 
 
@@ -52,7 +50,7 @@ def main() -> None:
     parser.add_argument("a", help="the first run's OUTPUT")
     parser.add_argument("b", help="the second run's OUTPUT")
     args = parser.parse_args()
-    (store_a, a), (store_b, b) = rows_of(args.a), rows_of(args.b)
+    a, b = rows_of(args.a), rows_of(args.b)
     runtimes = [sorted({r["saliency_runtime"] for r in rows.values() if r["saliency_runtime"]}) for rows in (a, b)]
     print(f"A {args.a} (saliency runtime {', '.join(runtimes[0]) or '-'}), {len(a)} photos")
     print(f"B {args.b} (saliency runtime {', '.join(runtimes[1]) or '-'}), {len(b)} photos")
@@ -67,7 +65,7 @@ def main() -> None:
         alike += da == db
         figures = ""
         if ra["output_uri"] and rb["output_uri"] and ra["status"] == rb["status"] == "ok":
-            image_a, image_b = result(store_a, ra), result(store_b, rb)
+            image_a, image_b = result(ra), result(rb)
             if image_a.shape == image_b.shape:
                 diff = np.abs(image_a - image_b)
                 means.append(float(diff.mean()))
