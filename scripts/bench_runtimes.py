@@ -8,8 +8,9 @@ Runtimes whose package is missing here (openvino, nncf) are left out with a line
 int8 graphs are made once into --workdir (onnxruntime.quantization: dynamic, and static QDQ
 calibrated on the examples and their mirror images; NNCF for OpenVINO on the same photos, in the
 variants of NNCF_VARIANTS: every convolution in int8 with NNCF's settings varied, or some
-convolutions left in fp32), or into the cache (`--runtime openvino-int8`: NNCF, seven of the
-eight convolutions at 512x512 left in fp32, see pipeline/models/isnet.py); the generated scenes
+convolutions left in fp32, with or without the convolutions of concatenations split), or into
+the cache (`--runtime openvino-int8`: NNCF, split, three convolutions left in fp32, see
+pipeline/models/isnet.py); the generated scenes
 (tests/scenes.py) are photos none of them was calibrated on. The `--runtime openvino-int8`
 graph is also timed with other OpenVINO compile settings (threads pinned, throughput hint, one
 thread). The machine may be shared: every round runs each runtime on each photo in turn, so
@@ -45,12 +46,12 @@ from scenes import scene  # noqa: E402
 
 from pipeline.models.base import cpu_threads  # noqa: E402
 from pipeline.models.isnet import (  # noqa: E402
-    FP32_SCOPES,
     ISNet,
     calibration_inputs,
     derived_model,
     model_input,
     quantized_model,
+    split_concatenated_convolutions,
 )
 from pipeline.models.weights import resolve_weights, weights_digest  # noqa: E402
 
@@ -146,14 +147,22 @@ def quantized_openvino(
     start with one of ``fp32_scopes`` left in fp32; ``options``: overflow_fix (an OverflowFix
     name), activations (a RangeEstimatorParametersSet name), fast_bias_correction, preset, and
     scenes (that many generated scenes calibrated on too, none of those the IoUs are taken on),
-    crops (the examples' quarters calibrated on too)."""
+    crops (the examples' quarters calibrated on too), split (the convolutions of concatenations
+    split first, as --runtime openvino-int8 does, their sums left fp32)."""
     import nncf
+    import onnx
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     dest = workdir / f"isnet.ov-int8.{tag}.xml"
     if not dest.is_file():
+        sums: list[str] = []
+        if options.get("split"):
+            split = onnx.load(str(graph))
+            sums = split_concatenated_convolutions(split)
+            graph = workdir / f"isnet.split.{tag}.onnx"
+            onnx.save(split, str(graph))
         model = ov.Core().read_model(str(graph))
         model.reshape([1, 3, ISNet.size, ISNet.size])
         kept = [
@@ -179,7 +188,7 @@ def quantized_openvino(
             subset_size=len(calibration) + len(extra),
             preset=nncf.QuantizationPreset[options.get("preset", "MIXED")],
             fast_bias_correction=options.get("fast_bias_correction", True),
-            ignored_scope=nncf.IgnoredScope(names=kept) if kept else None,
+            ignored_scope=nncf.IgnoredScope(names=kept + sums) if kept or sums else None,
             advanced_parameters=advanced,
         )
         ov.save_model(quantized, str(dest), compress_to_fp16=False)
@@ -204,25 +213,44 @@ NNCF_VARIANTS: dict[str, tuple[str, tuple[str, ...], dict]] = {
         {},
     ),
 }
-# The graph the job runs keeps seven of the eight 512x512 convolutions in fp32 (FP32_SCOPES):
-# these keep all eight (its graph v2), or take the costliest (in multiply-adds) to int8.
-EIGHT_512PX = (*FP32_SCOPES, "/stage1/rebnconv1d/")
+# Unsplit, the eight convolutions at 512x512 in fp32 (the job's graph v2), or all but the costliest
+# (in multiply-adds); all but stage 1's last was graph v3. Split, the same and smaller fp32 sets.
+EIGHT_512PX = (
+    "/conv_in/",
+    "/stage1/rebnconvin/",
+    "/stage1/rebnconv1/",
+    "/stage1/rebnconv1d/",
+    "/stage1d/rebnconvin/",
+    "/stage1d/rebnconv1/",
+    "/stage1d/rebnconv1d/",
+    "/side1/",
+)
 for _scopes, _tag, _options in (
     ((), "", {}),
     (("/stage1d/rebnconvin/",), "", {}),
     (("/stage1d/rebnconvin/",), ", full bias corr.", {"fast_bias_correction": False}),
     (("/stage1d/rebnconvin/",), ", minmax", {"activations": "MINMAX"}),
     (("/stage1/rebnconvin/",), "", {}),
-    (("/stage1/rebnconv1d/",), " (the job's)", {}),
+    (("/stage1/rebnconv1d/",), " (graph v3)", {}),
     (("/stage1/rebnconvin/", "/stage1/rebnconv1d/"), "", {}),
     (("/stage1/rebnconvin/", "/stage1/rebnconv1d/"), ", +quarters", {"crops": True}),
     (("/stage1d/rebnconvin/",), ", +quarters", {"crops": True}),
+    (("/stage1d/rebnconvin/",), ", split", {"split": True}),
 ):
     _name = "+".join(scope.strip("/").replace("/rebnconv", ".") for scope in _scopes) or "none (graph v2)"
     NNCF_VARIANTS[f"openvino int8 NNCF, 512px fp32 but {_name}{_tag}"] = (
         "fp32-512-but-" + "".join(c if c.isalnum() else "-" for c in _name + _tag),
         tuple(scope for scope in EIGHT_512PX if scope not in _scopes),
         _options,
+    )
+
+
+for _scopes in ((), ("/conv_in/", "/side1/"), ("/stage1/rebnconvin/",)):  # the job's: isnet.FP32_SCOPES
+    _name = "+".join(scope.strip("/").replace("/rebnconv", ".") for scope in _scopes) or "none"
+    NNCF_VARIANTS[f"openvino int8 NNCF, split, fp32 {_name}"] = (
+        "split-fp32-" + "".join(c if c.isalnum() else "-" for c in _name),
+        _scopes,
+        {"split": True},
     )
 
 

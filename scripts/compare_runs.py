@@ -8,7 +8,9 @@ runtimes, to see what an int8 graph's mask differences change in what a user get
 
 Per photo: each run's status and kind (its `error_kind`, the reason's kind for a photo left
 alone) and, where both edited the photo, the mean absolute difference of the two results' pixels
-(0 to 255), its 99th percentile and the share of pixels more than 32 levels apart in any channel.
+(0 to 255), its 99th percentile, the share of pixels more than 32 levels apart in any channel,
+and the share of the frame each run kept sharp (the manifest's `fg_fraction`: the subject as the
+effect extended it), which tells a changed mask from a changed extension of it.
 Then the number of photos decided alike and the worst of each figure. Exit status 0.
 """
 
@@ -25,6 +27,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline.errors import BadInputError  # noqa: E402
 from pipeline.manifest import MANIFEST_DIR, latest_rows, read_manifest  # noqa: E402
 from pipeline.storage import Storage, read_file  # noqa: E402
 
@@ -57,7 +60,7 @@ def main() -> None:
     both = sorted(set(a) & set(b))
     alike, means, p99s, shares = 0, [], [], []
     width = max((len(p) for p in both), default=5)
-    header = f"{'mean':>6s} {'p99':>5s} {'>' + str(FAR_APART):>8s}"
+    header = f"{'mean':>6s} {'p99':>5s} {'>' + str(FAR_APART):>8s} {'sharp A':>7s} {'sharp B':>7s}"
     print(f"{'photo':{width}s}  {'A':32s} {'B (where not the same)':32s} {header}")
     for relpath in both:
         ra, rb = a[relpath], b[relpath]
@@ -65,15 +68,20 @@ def main() -> None:
         alike += da == db
         figures = ""
         if ra["output_uri"] and rb["output_uri"] and ra["status"] == rb["status"] == "ok":
-            image_a, image_b = result(ra), result(rb)
-            if image_a.shape == image_b.shape:
-                diff = np.abs(image_a - image_b)
-                means.append(float(diff.mean()))
-                p99s.append(float(np.percentile(diff, 99)))
-                shares.append(float(np.mean(diff.max(axis=-1) > FAR_APART)))
-                figures = f"{means[-1]:6.2f} {p99s[-1]:5.1f} {shares[-1]:8.4f}"
+            try:
+                image_a, image_b = result(ra), result(rb)
+            except BadInputError as exc:  # a result moved or deleted since its run: say so, go on
+                figures = f"not compared: {exc}"
             else:
-                figures = f"sizes differ: {image_a.shape[:2]} against {image_b.shape[:2]}"
+                if image_a.shape == image_b.shape:
+                    diff = np.abs(image_a - image_b)
+                    means.append(float(diff.mean()))
+                    p99s.append(float(np.percentile(diff, 99)))
+                    shares.append(float(np.mean(diff.max(axis=-1) > FAR_APART)))
+                    figures = f"{means[-1]:6.2f} {p99s[-1]:5.1f} {shares[-1]:8.4f}"
+                    figures += f" {ra['fg_fraction']:7.3f} {rb['fg_fraction']:7.3f}"
+                else:
+                    figures = f"sizes differ: {image_a.shape[:2]} against {image_b.shape[:2]}"
         print(f"{relpath:{width}s}  {da:32s} {'' if da == db else db:32s} {figures}")
     only = sorted(set(a) ^ set(b))
     if only:

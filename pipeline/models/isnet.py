@@ -32,8 +32,8 @@ onnxruntime):
 - openvino: that fp32 graph compiled by OpenVINO for this CPU (openvino_cpu.CpuGraph: a fixed
   input shape, two photos of a batch at once, each on its share of the threads).
 - openvino-int8: the same graph quantized by NNCF (``quantized_model``, made once, cached as
-  ``*.int8.v<N>.xml``): int8 convolutions but for seven of the eight at 512x512 (FP32_SCOPES), calibrated
-  on the example photos.
+  ``*.int8.v<N>.xml``): int8 convolutions but for three (FP32_SCOPES), those of concatenations
+  split so that each input has its own int8 range, calibrated on the example photos.
 
 scripts/bench_runtimes.py times them side by side, with each one's masks against the fp32
 onnxruntime graph's (IoU at 0.5); a runtime is offered only where every example and generated
@@ -54,6 +54,18 @@ optimisation level or thread setting beat its defaults; OpenVINO fp32 between 0.
 runs on a busy machine. Earlier, on a 2-core CPU (scripts/bench_models.py --runtimes),
 onnxruntime took 1.8 s per photo and torch 2.2 s (fp32, channels-last), hence torch is never the
 CPU's choice.
+
+Graph v4, the one kept: each of the decoder's convolutions reads a concatenation of an upsampled
+decoder map and an encoder map, and one int8 range over both costs the finer one its detail, so
+each is split into one convolution per input (split_concatenated_convolutions), each with its own
+range. Then (--rounds 1 --scenes 2, on a second 2-core machine) rocket.jpg keeps IoU 0.9825 with
+only conv_in, stage 1's first and side1 in fp32 (6% of the multiply-adds; v3 26%, 0.9813 in the
+same run); stage 1's first alone in fp32 0.9817, conv_in and side1 0.9747, none 0.9782 (0.975
+unsplit); v2's fp32 set but stage1d.rebnconvin 0.9837 (0.978 unsplit). That machine's CPU (an
+EPYC reported as family 23 model 1; onnxruntime 4.5 s a photo) runs OpenVINO's int8
+convolutions no faster than its fp32 ones, so there every int8 graph, v3 and v4 alike, takes
+0.88 to 0.92 of onnxruntime's time; where int8 is faster, as on the first machine, v4 has the
+fewest fp32 multiply-adds of the graphs that keep the masks.
 """
 
 from __future__ import annotations
@@ -105,20 +117,18 @@ RUNTIME_PACKAGES = {
     "openvino-int8": ("openvino", "nncf"),
     "torch": ("torch",),
 }
-INT8_VERSION = 3  # of quantized_model(): bump to re-make cached int8 graphs
-# Convolutions the int8 graph keeps in fp32: seven of the eight at 512x512 (the first, the input
-# and first layers of stage 1, those of its decoder stage and the side output), stage 1's last
-# (rebnconv1d) in int8 too, which takes 8% off the graph's time. With every convolution in int8
-# the thin lattice of examples/rocket.jpg loses 2.5% of its mask (IoU 0.975 against fp32); with
-# these in fp32 every example and generated scene agrees at IoU >= 0.98 (rocket.jpg 0.981); of the
-# larger sets taken to int8, stage1d's rebnconvin drops it to 0.978 (scripts/bench_runtimes.py).
+INT8_VERSION = 4  # of quantized_model(): bump to re-make cached int8 graphs
+# Convolutions the int8 graph keeps in fp32: the first, stage 1's first and the side output; all
+# else is int8, 94% of the multiply-adds (graph v3 kept seven of the eight 512x512 ones in fp32,
+# 74% int8). What lets the rest go int8 is split_concatenated_convolutions(): each decoder
+# convolution reads a concatenation of an upsampled decoder map and an encoder map, and one int8
+# range over both costs the finer one its detail; split, each gets its own range. On the examples'
+# worst photo (rocket.jpg, IoU against fp32) this set gives 0.9825, v3 0.9813; every convolution
+# in int8 0.9782 split and 0.9750 not; stage 1d's first in int8 as well, v2's seven others in fp32,
+# 0.9837 split against 0.9779 not (scripts/bench_runtimes.py).
 FP32_SCOPES = (
     "/conv_in/",
     "/stage1/rebnconvin/",
-    "/stage1/rebnconv1/",
-    "/stage1d/rebnconvin/",
-    "/stage1d/rebnconv1/",
-    "/stage1d/rebnconv1d/",
     "/side1/",
 )
 # Photos the int8 graph's activation ranges are measured on (links to examples/): real photos,
@@ -628,19 +638,24 @@ def calibration_inputs(size: int = ISNet.size) -> list[np.ndarray]:
 
 
 def quantized_model(fp32: Path, digest: str, size: int = ISNet.size) -> Path:
-    """The OpenVINO int8 graph of the fp32 graph at ``fp32`` (its .xml; the .bin beside it), made
-    with NNCF once (a minute or two on a laptop's CPU) and cached by the weights' digest:
-    convolutions int8 (weights per channel, activations calibrated on CALIBRATION), those of
-    FP32_SCOPES left in fp32."""
+    """The OpenVINO int8 graph of the fp32 ONNX graph at ``fp32``, made with NNCF once (a minute
+    or two on a laptop's CPU) and cached by the weights' digest: the convolutions of
+    concatenations split (split_concatenated_convolutions), then convolutions int8 (weights per
+    channel, activations calibrated on CALIBRATION), those of FP32_SCOPES left in fp32."""
     dest = writable_cache_dir() / f"isnet-{digest[:16]}.int8.v{INT8_VERSION}.xml"
     if dest.is_file() and dest.with_suffix(".bin").is_file():
         return dest
     import nncf
+    import onnx
     import openvino as ov
 
     log.warning("making IS-Net's int8 graph for OpenVINO, once (a minute or two on a laptop)")
     nncf.set_log_level(logging.WARNING)  # not a line per convolution kept in fp32
-    model = ov.Core().read_model(str(fp32))
+    graph = onnx.load(str(fp32))
+    sums = split_concatenated_convolutions(graph)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(graph, str(Path(tmp) / "split.onnx"))
+        model = ov.Core().read_model(str(Path(tmp) / "split.onnx"))
     model.reshape([1, 3, size, size])
     kept = [
         op.get_friendly_name()
@@ -653,10 +668,76 @@ def quantized_model(fp32: Path, digest: str, size: int = ISNet.size) -> Path:
         nncf.Dataset(inputs),
         subset_size=len(inputs),
         preset=nncf.QuantizationPreset.MIXED,
-        ignored_scope=nncf.IgnoredScope(names=kept),
+        # The sums of the split convolutions stay fp32: an int8 range there would undo the split.
+        ignored_scope=nncf.IgnoredScope(names=kept + sums),
     )
     save_openvino_model(quantized, dest)
     return dest
+
+
+def split_concatenated_convolutions(model) -> list[str]:
+    """Edit an ONNX model in place: each Conv(Concat(a, b, ...), W, bias) becomes
+    Conv(a, W_a, bias) + Conv(b, W_b) + ..., W cut along its input channels. The same arithmetic
+    (in fp32 within rounding), but once quantized each part of the concatenation has its own
+    int8 range. Returns the names of the Add nodes made."""
+    from onnx import NodeProto, helper, numpy_helper
+
+    g = model.graph
+    producer = {out: n for n in g.node for out in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for name in n.input:
+            readers[name] = readers.get(name, 0) + 1
+    weights = {t.name: t for t in g.initializer}
+
+    def channels(name: str) -> int:
+        """Channels of a map, traced back to the convolutions that made it (the ops between,
+        Relu, Resize, MaxPool, Add, keep them)."""
+        n = producer[name]
+        if n.op_type == "Conv":
+            return int(weights[n.input[1]].dims[0])
+        if n.op_type == "Concat":
+            return sum(channels(i) for i in n.input)
+        return channels(n.input[0])
+
+    nodes, sums, unread = [], [], set()
+    for n in g.node:
+        concat = producer.get(n.input[0]) if n.op_type == "Conv" else None
+        if concat is None or concat.op_type != "Concat" or n.input[1] not in weights:
+            nodes.append(NodeProto.FromString(n.SerializeToString()))  # a copy: g.node is rebuilt
+            continue
+        w = numpy_helper.to_array(weights[n.input[1]])
+        parts, start = [], 0
+        for k, src in enumerate(concat.input):
+            width = channels(src)
+            part_w = f"{n.input[1]}.part{k}"
+            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w[:, start : start + width]), part_w))
+            start += width
+            part = helper.make_node(
+                "Conv", [src, part_w, *n.input[2:3]] if k == 0 else [src, part_w], [f"{n.output[0]}.part{k}"]
+            )
+            part.name = f"{n.name}.part{k}"
+            part.attribute.extend(n.attribute)
+            nodes.append(part)
+            parts.append(part.output[0])
+        if start != w.shape[1]:
+            raise ValueError(f"{n.name}: the concatenation has {start} channels, the weights {w.shape[1]}")
+        total = parts[0]
+        for k, part_out in enumerate(parts[1:], 1):
+            out = n.output[0] if k == len(parts) - 1 else f"{n.output[0]}.sum{k}"
+            nodes.append(helper.make_node("Add", [total, part_out], [out], name=f"{n.name}.sum{k}"))
+            sums.append(nodes[-1].name)
+            total = out
+        readers[concat.output[0]] -= 1
+        if readers[concat.output[0]] == 0:
+            unread.add(concat.output[0])
+    del g.node[:]
+    g.node.extend(n for n in nodes if not (n.op_type == "Concat" and n.output[0] in unread))
+    read = {name for n in g.node for name in n.input}
+    kept = [t for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return sums
 
 
 def convert_graph(model, to_fp32: bool = True) -> None:
