@@ -312,8 +312,9 @@ def test_convert_graph_to_fp32_with_dynamic_batch():
 
 
 def test_split_concatenated_convolutions_computes_the_same():
-    """Conv(Concat(a, b)) becomes Conv(a) + Conv(b), with the bias once; a concatenation read by
-    anything else stays for that reader; the result is the same within float rounding."""
+    """Conv(Concat(a, b)) becomes Conv(a) + Conv(b), with the bias once; a grouped convolution is
+    left as it is, and a concatenation read by anything else stays for that reader; the result is
+    the same within float rounding."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -331,19 +332,21 @@ def test_split_concatenated_convolutions_computes_the_same():
         helper.make_node("Conv", ["ab", "w", "bias"], ["c"], pads=[1, 1, 1, 1], name="decoder"),
         helper.make_node("Concat", ["c", "b"], ["cb"], axis=1),
         helper.make_node("Conv", ["cb", "w2"], ["d"], name="fuse"),
-        helper.make_node("Concat", ["d", "ab"], ["output"], axis=1),  # "ab" read by more than its Conv
+        helper.make_node("Conv", ["ab", "wg"], ["g"], group=9),  # per channel: not split
+        helper.make_node("Concat", ["d", "ab", "g"], ["output"], axis=1),  # "ab" read by more than its Conv
     ]
     graph = helper.make_graph(
         nodes,
         "concatenations",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 11, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 20, 8, 8])],
         initializer=[
             weights("wa", 4, 3, 3, 3),
             weights("wb", 5, 3, 3, 3),
             weights("w", 6, 9, 3, 3),
             weights("bias", 6),
             weights("w2", 2, 11, 1, 1),
+            weights("wg", 9, 1, 1, 1),
         ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
@@ -357,8 +360,8 @@ def test_split_concatenated_convolutions_computes_the_same():
     assert split_concatenated_convolutions(model) == ["decoder.sum1", "fuse.sum1"]
     onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("Conv") == 6 and ops.count("Add") == 2
+    assert ops.count("Conv") == 7 and ops.count("Add") == 2
     assert [n.output[0] for n in model.graph.node if n.op_type == "Concat"] == ["ab", "output"]
     initializers = {t.name for t in model.graph.initializer}
-    assert initializers == {"wa", "wb", "bias", "w.part0", "w.part1", "w2.part0", "w2.part1"}
+    assert initializers == {"wa", "wb", "bias", "w.part0", "w.part1", "w2.part0", "w2.part1", "wg"}
     np.testing.assert_allclose(run(model), expected, rtol=1e-5, atol=1e-5)

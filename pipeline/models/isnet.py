@@ -700,12 +700,26 @@ def split_concatenated_convolutions(model) -> list[str]:
             return sum(channels(i) for i in n.input)
         return channels(n.input[0])
 
+    def attribute(node, name: str, default: int) -> int:
+        return next((a.i for a in node.attribute if a.name == name), default)
+
+    def splittable(conv) -> bool:
+        """A plain convolution (one group, weights known) of maps concatenated along channels."""
+        concat = producer.get(conv.input[0])
+        return (
+            concat is not None
+            and concat.op_type == "Concat"
+            and attribute(concat, "axis", 0) in (1, -3)
+            and attribute(conv, "group", 1) == 1
+            and conv.input[1] in weights
+        )
+
     nodes, sums, unread = [], [], set()
     for n in g.node:
-        concat = producer.get(n.input[0]) if n.op_type == "Conv" else None
-        if concat is None or concat.op_type != "Concat" or n.input[1] not in weights:
+        if n.op_type != "Conv" or not splittable(n):
             nodes.append(NodeProto.FromString(n.SerializeToString()))  # a copy: g.node is rebuilt
             continue
+        concat = producer[n.input[0]]
         w = numpy_helper.to_array(weights[n.input[1]])
         parts, start = [], 0
         for k, src in enumerate(concat.input):
