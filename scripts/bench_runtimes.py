@@ -51,7 +51,7 @@ from pipeline.models.isnet import (  # noqa: E402
     derived_model,
     model_input,
     quantized_model,
-    split_concatenated_convolutions,
+    split_graph,
 )
 from pipeline.models.weights import resolve_weights, weights_digest  # noqa: E402
 
@@ -150,20 +150,13 @@ def quantized_openvino(
     crops (the examples' quarters calibrated on too), split (the convolutions of concatenations
     split first, as --runtime openvino-int8 does, their sums left fp32)."""
     import nncf
-    import onnx
     import openvino as ov
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
     dest = workdir / f"isnet.ov-int8.{tag}.xml"
     if not dest.is_file():
-        sums: list[str] = []
-        if options.get("split"):
-            split = onnx.load(str(graph))
-            sums = split_concatenated_convolutions(split)
-            graph = workdir / f"isnet.split.{tag}.onnx"
-            onnx.save(split, str(graph))
-        model = ov.Core().read_model(str(graph))
+        model, sums = split_graph(graph) if options.get("split") else (ov.Core().read_model(str(graph)), [])
         model.reshape([1, 3, ISNet.size, ISNet.size])
         kept = [
             op.get_friendly_name()

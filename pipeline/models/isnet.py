@@ -646,16 +646,10 @@ def quantized_model(fp32: Path, digest: str, size: int = ISNet.size) -> Path:
     if dest.is_file() and dest.with_suffix(".bin").is_file():
         return dest
     import nncf
-    import onnx
-    import openvino as ov
 
     log.warning("making IS-Net's int8 graph for OpenVINO, once (a minute or two on a laptop)")
     nncf.set_log_level(logging.WARNING)  # not a line per convolution kept in fp32
-    graph = onnx.load(str(fp32))
-    sums = split_concatenated_convolutions(graph)
-    with tempfile.TemporaryDirectory() as tmp:
-        onnx.save(graph, str(Path(tmp) / "split.onnx"))
-        model = ov.Core().read_model(str(Path(tmp) / "split.onnx"))
+    model, sums = split_graph(fp32)
     model.reshape([1, 3, size, size])
     kept = [
         op.get_friendly_name()
@@ -673,6 +667,19 @@ def quantized_model(fp32: Path, digest: str, size: int = ISNet.size) -> Path:
     )
     save_openvino_model(quantized, dest)
     return dest
+
+
+def split_graph(fp32: Path):
+    """The ONNX graph at ``fp32`` as an openvino.Model with its convolutions of concatenations
+    split (split_concatenated_convolutions), and the names of the sums it made."""
+    import onnx
+    import openvino as ov
+
+    graph = onnx.load(str(fp32))
+    sums = split_concatenated_convolutions(graph)
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(graph, str(Path(tmp) / "split.onnx"))
+        return ov.Core().read_model(str(Path(tmp) / "split.onnx")), sums
 
 
 def split_concatenated_convolutions(model) -> list[str]:
