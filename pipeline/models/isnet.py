@@ -691,7 +691,7 @@ def split_concatenated_convolutions(model) -> list[str]:
 
     g = model.graph
     producer = {out: n for n in g.node for out in n.output}
-    readers: dict[str, int] = {}
+    readers = {o.name: 1 for o in g.output}  # a graph output is read too
     for n in g.node:
         for name in n.input:
             readers[name] = readers.get(name, 0) + 1
