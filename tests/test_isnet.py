@@ -313,8 +313,8 @@ def test_convert_graph_to_fp32_with_dynamic_batch():
 
 def test_split_concatenated_convolutions_computes_the_same():
     """Conv(Concat(a, b)) becomes Conv(a) + Conv(b), with the bias once; a grouped convolution is
-    left as it is, and a concatenation read by anything else stays for that reader; the result is
-    the same within float rounding."""
+    left as it is, and a concatenation read by anything else (a graph output too) stays for that
+    reader; the results are the same within float rounding."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
@@ -339,7 +339,10 @@ def test_split_concatenated_convolutions_computes_the_same():
         nodes,
         "concatenations",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 20, 8, 8])],
+        [
+            helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 20, 8, 8]),
+            helper.make_tensor_value_info("cb", TensorProto.FLOAT, [1, 11, 8, 8]),  # read by "fuse" too
+        ],
         initializer=[
             weights("wa", 4, 3, 3, 3),
             weights("wb", 5, 3, 3, 3),
@@ -354,14 +357,15 @@ def test_split_concatenated_convolutions_computes_the_same():
 
     def run(m):
         session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
-        return session.run(None, {"input": x})[0]
+        return session.run(None, {"input": x})
 
     expected = run(model)
     assert split_concatenated_convolutions(model) == ["decoder.sum1", "fuse.sum1"]
     onnx.checker.check_model(model)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("Conv") == 7 and ops.count("Add") == 2
-    assert [n.output[0] for n in model.graph.node if n.op_type == "Concat"] == ["ab", "output"]
+    assert [n.output[0] for n in model.graph.node if n.op_type == "Concat"] == ["ab", "cb", "output"]
     initializers = {t.name for t in model.graph.initializer}
     assert initializers == {"wa", "wb", "bias", "w.part0", "w.part1", "w2.part0", "w2.part1", "wg"}
-    np.testing.assert_allclose(run(model), expected, rtol=1e-5, atol=1e-5)
+    for got, want in zip(run(model), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
