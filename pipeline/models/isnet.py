@@ -120,12 +120,8 @@ RUNTIME_PACKAGES = {
 INT8_VERSION = 4  # of quantized_model(): bump to re-make cached int8 graphs
 # Convolutions the int8 graph keeps in fp32: the first, stage 1's first and the side output; all
 # else is int8, 94% of the multiply-adds (graph v3 kept seven of the eight 512x512 ones in fp32,
-# 74% int8). What lets the rest go int8 is split_concatenated_convolutions(): each decoder
-# convolution reads a concatenation of an upsampled decoder map and an encoder map, and one int8
-# range over both costs the finer one its detail; split, each gets its own range. On the examples'
-# worst photo (rocket.jpg, IoU against fp32) this set gives 0.9825, v3 0.9813; every convolution
-# in int8 0.9782 split and 0.9750 not; stage 1d's first in int8 as well, v2's seven others in fp32,
-# 0.9837 split against 0.9779 not (scripts/bench_runtimes.py).
+# 74% int8). split_concatenated_convolutions() is what lets the rest go int8 and keep the masks
+# (the module's docstring, "Graph v4", has the figures).
 FP32_SCOPES = (
     "/conv_in/",
     "/stage1/rebnconvin/",
