@@ -48,6 +48,7 @@ from pipeline.models.base import cpu_threads  # noqa: E402
 from pipeline.models.isnet import (  # noqa: E402
     ISNet,
     calibration_inputs,
+    convolutions_in,
     derived_model,
     model_input,
     quantized_model,
@@ -158,11 +159,7 @@ def quantized_openvino(
     if not dest.is_file():
         model, sums = split_graph(graph) if options.get("split") else (ov.Core().read_model(str(graph)), [])
         model.reshape([1, 3, ISNet.size, ISNet.size])
-        kept = [
-            op.get_friendly_name()
-            for op in model.get_ordered_ops()
-            if op.get_type_name() == "Convolution" and op.get_friendly_name().startswith(tuple(fp32_scopes))
-        ]
+        kept = convolutions_in(model, tuple(fp32_scopes))
         advanced = AdvancedQuantizationParameters(
             overflow_fix=OverflowFix[options.get("overflow_fix", "FIRST_LAYER")],
             activations_range_estimator_params=getattr(RangeEstimatorParametersSet, options["activations"])

@@ -647,11 +647,7 @@ def quantized_model(fp32: Path, digest: str, size: int = ISNet.size) -> Path:
     nncf.set_log_level(logging.WARNING)  # not a line per convolution kept in fp32
     model, sums = split_graph(fp32)
     model.reshape([1, 3, size, size])
-    kept = [
-        op.get_friendly_name()
-        for op in model.get_ordered_ops()
-        if op.get_type_name() == "Convolution" and op.get_friendly_name().startswith(FP32_SCOPES)
-    ]
+    kept = convolutions_in(model, FP32_SCOPES)
     inputs = calibration_inputs(size)
     quantized = nncf.quantize(
         model,
@@ -663,6 +659,15 @@ def quantized_model(fp32: Path, digest: str, size: int = ISNet.size) -> Path:
     )
     save_openvino_model(quantized, dest)
     return dest
+
+
+def convolutions_in(model, scopes: tuple[str, ...]) -> list[str]:
+    """The names of an openvino.Model's convolutions that start with one of ``scopes``."""
+    return [
+        op.get_friendly_name()
+        for op in model.get_ordered_ops()
+        if op.get_type_name() == "Convolution" and op.get_friendly_name().startswith(scopes)
+    ]
 
 
 def split_graph(fp32: Path):
