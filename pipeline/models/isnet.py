@@ -105,7 +105,7 @@ log = logging.getLogger(__name__)
 GRAPH_VERSION = 2  # of convert_graph(): bump to re-derive cached graphs
 RUNTIME_ENV = "DREAMFOCUS_ISNET_RUNTIME"
 # Every runtime by its name, and the short names that also say it.
-RUNTIMES = ("onnxruntime", "openvino", "openvino-int8", "torch")
+RUNTIMES = ("nnpack", "onnxruntime", "openvino", "openvino-int8", "torch")
 ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino", "int8": "openvino-int8"}
 # The CPU's choice where none is asked for: the fastest first (scripts/bench_runtimes.py).
 # OpenVINO fp32 is not among them: on a busy machine it took 0.8 to 1.4 times onnxruntime's time.
@@ -116,6 +116,7 @@ RUNTIME_PACKAGES = {
     "openvino": ("openvino",),
     "openvino-int8": ("openvino", "nncf"),
     "torch": ("torch",),
+    "nnpack": ("torch",),
 }
 INT8_VERSION = 4  # of quantized_model(): bump to re-make cached int8 graphs
 # Convolutions the int8 graph keeps in fp32: the first, stage 1's first and the side output; all
@@ -137,8 +138,18 @@ def missing_packages(runtime: str) -> list[str]:
     return [package for package in RUNTIME_PACKAGES[runtime] if importlib.util.find_spec(package) is None]
 
 
+def runs_here(runtime: str) -> bool:
+    """Whether this CPU runs ``runtime`` once its packages are installed: NNPACK needs x86-64
+    with AVX2 or ARM NEON."""
+    if runtime != "nnpack":
+        return True
+    from . import winograd
+
+    return winograd.available()
+
+
 def runtime_available(runtime: str) -> bool:
-    return not missing_packages(runtime)
+    return not missing_packages(runtime) and runs_here(runtime)
 
 
 def choose_runtime(device: str, requested: str | None = None) -> str:
@@ -163,6 +174,11 @@ def choose_runtime(device: str, requested: str | None = None) -> str:
             f"{'are' if len(missing) > 1 else 'is'} not installed here; install "
             f"{'them' if len(missing) > 1 else 'it'} (`make setup` does) or choose another runtime: "
             f"{', '.join(r for r in RUNTIMES if r != choice and runtime_available(r))}"
+        )
+    if not runs_here(choice):
+        raise BadInputError(
+            f"{where} {asked!r}: NNPACK does not run on this CPU (it needs x86-64 with AVX2 or ARM "
+            f"NEON); choose another runtime: {', '.join(r for r in RUNTIMES if r != choice and runtime_available(r))}"
         )
     return choice
 
@@ -195,7 +211,7 @@ class ISNet(MapModel):
         self.weights_path: Path | None = None
         if network is not None:  # see from_network
             self._digest = "random-init"
-            self._open_torch(network)
+            self._open_nnpack(network) if runtime == "nnpack" else self._open_torch(network)
             return
         path = Path(resolve_weights(type(self), weights))
         self.weights_path, self.weights = path, str(path)
@@ -203,16 +219,26 @@ class ISNet(MapModel):
         chosen = choose_runtime(self.device, runtime)
         if chosen == "torch":
             self._open_torch(onnx_network(path))
+        elif chosen == "nnpack":
+            self._open_nnpack(onnx_network(path))
         elif chosen.startswith("openvino"):
             self._open_openvino(path, int8=chosen == "openvino-int8")
         else:
             self._open_onnxruntime(path)
 
     @classmethod
-    def from_network(cls, network, device: str | None = None, batch_size: int = 4, size: int | None = None) -> ISNet:
-        """IS-Net running ``network`` (an ``rsu.ISNetNetwork``, say with random weights) in torch,
-        with no weights file, at input size ``size`` (default 1024): for benchmarks and tests."""
-        model = cls(device=device, batch_size=batch_size, network=network)
+    def from_network(
+        cls,
+        network,
+        device: str | None = None,
+        batch_size: int = 4,
+        size: int | None = None,
+        runtime: str = "torch",
+    ) -> ISNet:
+        """IS-Net running ``network`` (an ``rsu.ISNetNetwork``, say with random weights) in torch
+        (or ``runtime="nnpack"``), with no weights file, at input size ``size`` (default 1024):
+        for benchmarks and tests."""
+        model = cls(device=device, batch_size=batch_size, runtime=runtime, network=network)
         model.size = size or cls.size
         return model
 
@@ -402,6 +428,19 @@ class ISNet(MapModel):
         self._network = convolutional(network, self._device)
         self.runtime = "torch"
 
+    def _open_nnpack(self, network) -> None:
+        """The torch network with its 3x3 convolutions in NNPACK's Winograd kernels (winograd.py),
+        on the CPU, one photo at a time."""
+        from .tensors import torch_device
+        from .winograd import winograd_network
+
+        if self.device != "cpu":
+            log.warning("NNPACK runs %s on the CPU here, not on %s", self.name, self.device)
+            self.device = "cpu"
+        self._device = torch_device("cpu")
+        self._network = winograd_network(network)
+        self.runtime = "nnpack"
+
     def _open_onnxruntime(self, weights_path: Path) -> None:
         import onnxruntime as ort
 
@@ -450,7 +489,11 @@ class ISNet(MapModel):
 
     def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
         inputs = [self._preprocess(p) for p in photos]
-        if self.runtime == "torch":
+        if self.runtime == "nnpack":
+            import torch
+
+            outs = [self._forward(torch.from_numpy(x[None])).numpy()[0] for x in inputs]
+        elif self.runtime == "torch":
             import torch
 
             outs = list(self._forward(torch.from_numpy(np.stack(inputs))).cpu().numpy())
@@ -478,7 +521,9 @@ class ISNet(MapModel):
         from .tensors import channels_last, inference
 
         with inference(self._device, autocast_fp16=True):
-            return self._network(channels_last(batch, self._device))[:, 0].float().clamp_(0.0, 1.0)
+            # NNPACK reads NCHW; oneDNN and tensor cores run faster channels-last
+            x = batch if self.runtime == "nnpack" else channels_last(batch, self._device)
+            return self._network(x)[:, 0].float().clamp_(0.0, 1.0)
 
     def _run_onnxruntime(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         inputs = [x.astype(self._input_dtype, copy=False) for x in inputs]

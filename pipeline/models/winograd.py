@@ -1,0 +1,78 @@
+"""IS-Net's 3x3 convolutions through NNPACK's Winograd kernels: the ``nnpack`` CPU runtime.
+
+A Winograd convolution computes a 3x3 convolution with a fraction of the multiply-adds of a
+direct one (NNPACK's F(6x6, 3x3) tiles: 64 instead of 324 per tile and channel pair), at the
+cost of transforming inputs, kernels and outputs. The CPU builds of torch carry NNPACK (x86-64
+with AVX2, and ARM NEON), but torch only calls it for batches of 16 or more, so the network
+here calls it itself. On a 2-core AVX2 CPU that runs OpenVINO's int8 convolutions no faster than
+its fp32 ones, IS-Net's 3x3 convolutions take 2.0 s this way against 3.7 s in oneDNN
+(channels-last), and its output stays within 1e-5 of onnxruntime's (scripts/bench_runtimes.py
+has the whole network's times and masks).
+
+NNPACK needs NCHW tensors and a stride and dilation of 1; the strided ``conv_in`` and the
+dilated convolutions go on through oneDNN, as do the small ones, where transforming the kernel
+costs more than it saves.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Below this many multiply-adds (kernel size x output pixels) a convolution runs as fast or
+# faster in oneDNN: the kernel transform is then most of NNPACK's work.
+MIN_MULTIPLY_ADDS = 100_000_000
+
+
+def available() -> bool:
+    """Whether NNPACK runs on this CPU. The call also initialises NNPACK, without which its
+    convolutions fail; torch makes it only from here."""
+    return torch.backends.nnpack.is_available()
+
+
+class WinogradConv2d(nn.Module):
+    """A 3x3 convolution of stride 1 that runs in NNPACK on CPU float32 tensors large enough
+    to gain from it, and through ``F.conv2d`` otherwise. Its parameters keep the names and
+    shapes of the ``nn.Conv2d`` it replaces."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not eligible(conv):
+            raise ValueError(f"not a plain 3x3 convolution of stride 1: {conv}")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.padding = (int(conv.padding[0]), int(conv.padding[1]))  # type: ignore[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and self.multiply_adds(x) >= MIN_MULTIPLY_ADDS:
+            return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, self.padding, (1, 1))
+        return F.conv2d(x, self.weight, self.bias, padding=self.padding)
+
+    def multiply_adds(self, x: torch.Tensor) -> int:
+        return self.weight.numel() * x.shape[-2] * x.shape[-1]
+
+
+def eligible(conv: nn.Module) -> bool:
+    """A convolution NNPACK computes: 2-D, 3x3, stride and dilation 1, one group, a padding
+    smaller than the kernel."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and isinstance(conv.padding, tuple)
+        and all(p < 3 for p in conv.padding)
+        and conv.padding_mode == "zeros"
+    )
+
+
+def winograd_network(network: nn.Module) -> nn.Module:
+    """``network`` in eval mode on the CPU, in the NCHW layout NNPACK reads, each eligible
+    convolution replaced by a WinogradConv2d sharing its weights (the state dict is unchanged)."""
+    for parent in list(network.modules()):
+        for name, child in list(parent.named_children()):
+            if eligible(child):
+                setattr(parent, name, WinogradConv2d(child))  # type: ignore[arg-type]
+    return network.eval().to("cpu", memory_format=torch.contiguous_format)  # type: ignore[call-overload]

@@ -1,0 +1,106 @@
+"""The ``nnpack`` CPU runtime: NNPACK's Winograd convolutions against torch's own, the whole
+network against the plain one, the fast max-pool against max_pool2d, and the runtime's choice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.errors import BadInputError
+from pipeline.models import isnet as isnet_module
+from pipeline.models import winograd
+from pipeline.models.isnet import ISNet, choose_runtime
+from pipeline.models.rsu import SMALL, ISNetNetwork, MaxPool2x2
+
+pytestmark = pytest.mark.skipif(not winograd.available(), reason="NNPACK does not run on this CPU")
+
+
+def _network(seed: int) -> ISNetNetwork:
+    torch.manual_seed(seed)
+    network = ISNetNetwork(SMALL).eval()
+    with torch.no_grad():
+        for m in network.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.normal_(0.0, (2.0 / m.weight[0].numel()) ** 0.5)
+                m.bias.normal_(0.0, 0.1)
+    return network
+
+
+@pytest.mark.parametrize("size", [256, 20])  # in NNPACK, and below MIN_MULTIPLY_ADDS through F.conv2d
+def test_a_winograd_convolution_is_the_convolution(size):
+    conv = torch.nn.Conv2d(64, 48, 3, padding=1)
+    x = torch.randn(1, 64, size, size)
+    fast = winograd.WinogradConv2d(conv)
+    with torch.inference_mode():
+        want, got = conv(x), fast(x)
+        channels_last = fast(x.contiguous(memory_format=torch.channels_last))
+    assert (fast.multiply_adds(x) >= winograd.MIN_MULTIPLY_ADDS) == (size == 256)
+    assert got.shape == want.shape == (1, 48, size, size)
+    # Winograd rounds differently: within 1e-4 of the largest output
+    scale = float(want.abs().max())
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4 * scale)
+    np.testing.assert_allclose(channels_last.numpy(), want.numpy(), atol=1e-4 * scale)
+
+
+def test_only_plain_3x3_convolutions_of_stride_1_are_replaced():
+    assert winograd.eligible(torch.nn.Conv2d(8, 8, 3, padding=1))
+    assert not winograd.eligible(torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2))
+    assert not winograd.eligible(torch.nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    assert not winograd.eligible(torch.nn.Conv2d(8, 8, 1))
+    assert not winograd.eligible(torch.nn.Conv2d(8, 8, 3, padding=1, groups=2))
+    with pytest.raises(ValueError, match="not a plain 3x3 convolution"):
+        winograd.WinogradConv2d(torch.nn.Conv2d(8, 8, 3, stride=2))
+
+
+def test_the_winograd_network_gives_the_plain_networks_maps():
+    plain = _network(3)
+    state = {k: v.clone() for k, v in plain.state_dict().items()}
+    fast = winograd.winograd_network(_network(3))
+    replaced = [m for m in fast.modules() if isinstance(m, winograd.WinogradConv2d)]
+    kept = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    # conv_in (stride 2) and the dilated ones stay; every other convolution is replaced
+    assert len(kept) == 1 + sum(1 for m in plain.modules() if isinstance(m, torch.nn.Conv2d) and m.dilation != (1, 1))
+    assert len(replaced) == sum(1 for m in plain.modules() if winograd.eligible(m)) > 0
+    assert fast.state_dict().keys() == state.keys()
+    assert all(torch.equal(fast.state_dict()[k], v) for k, v in state.items())
+    x = torch.randn(1, 3, 512, 512)  # large enough that stage 1 runs in NNPACK
+
+    def logits(network):  # before the sigmoid, which would hide differences where it saturates
+        return network.side1(network.decode(network.conv_in(x))[0])
+
+    with torch.inference_mode():
+        want, got = logits(plain), logits(fast)
+        assert torch.equal(fast(x), torch.sigmoid(F.interpolate(got, size=(512, 512), mode="bilinear")))
+    scale = float(want.abs().max())
+    assert float(want.std()) > 0.1 * scale  # a map with structure, so agreement means something
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4 * scale)
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 16, 24), (2, 3, 9, 14), (1, 4, 7, 7)])
+def test_the_fast_max_pool_is_max_pool2d_with_ceil_mode(shape):
+    x = torch.randn(*shape)
+    x[0, 0, 0, 0] = float("nan")  # a NaN propagates in both
+    want = F.max_pool2d(x, 2, stride=2, ceil_mode=True)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        got = MaxPool2x2()(x.contiguous(memory_format=layout))
+        torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_nnpack_is_a_runtime_of_its_own(monkeypatch):
+    monkeypatch.delenv(isnet_module.RUNTIME_ENV, raising=False)
+    assert choose_runtime("cpu", "nnpack") == "nnpack"
+    model = ISNet.from_network(_network(4), device="cpu", batch_size=1, size=128, runtime="nnpack")
+    assert model.runtime == "nnpack" and not model.accepts_tensors
+    photo = np.random.default_rng(0).integers(0, 255, (90, 140, 3), dtype=np.uint8)
+    (saliency,) = model.predict([photo])
+    assert saliency.shape == (90, 140) and saliency.dtype == np.float32
+    assert 0.0 <= saliency.min() < saliency.max() <= 1.0
+
+
+def test_nnpack_asked_for_where_it_does_not_run_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv(isnet_module.RUNTIME_ENV, raising=False)
+    monkeypatch.setattr(winograd, "available", lambda: False)
+    with pytest.raises(BadInputError, match=r"'nnpack': NNPACK does not run on this CPU .*choose another runtime: "):
+        choose_runtime("cpu", "nnpack")
