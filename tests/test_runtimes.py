@@ -4,6 +4,7 @@ against onnxruntime's on the examples and on generated scenes."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -27,9 +28,11 @@ TRIVIAL = ("--saliency-model", "trivial-saliency", "--depth-model", "trivial-dep
 
 
 @pytest.fixture
-def installed(monkeypatch):
-    """Say which runtime packages are installed: installed({"onnxruntime"})."""
+def installed(monkeypatch, tmp_path):
+    """Say which runtime packages are installed: installed({"onnxruntime"}); with a cache of its
+    own, so that no runtime measured on this machine (measure_cpu_runtimes) takes part."""
     monkeypatch.delenv(RUNTIME_ENV, raising=False)
+    monkeypatch.setenv("DREAMFOCUS_CACHE", str(tmp_path / "cache"))
 
     def only(names: set[str]) -> None:
         def missing(runtime: str) -> list[str]:
@@ -48,6 +51,48 @@ def test_auto_is_torch_on_a_gpu_and_the_fastest_installed_on_the_cpu(installed):
     assert choose_runtime("cpu") == "onnxruntime"
     installed({"onnxruntime", "torch"})
     assert choose_runtime("cpu") == "onnxruntime"
+
+
+def write_measurement(fastest: str, **changes) -> None:
+    record = {
+        "version": isnet_module.CPU_CHOICE_VERSION,
+        "fastest": fastest,
+        "seconds": {fastest: 1.0, "onnxruntime": 2.0},
+        "machine": isnet_module.this_machine(),
+    }
+    path = isnet_module.cache_dir() / isnet_module.CPU_CHOICE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record | changes))
+
+
+def test_auto_on_the_cpu_runs_the_runtime_measured_fastest_on_this_machine(installed):
+    installed({"onnxruntime", "openvino", "openvino-int8", "torch", "nnpack"})
+    write_measurement("nnpack")
+    assert choose_runtime("cpu") == "nnpack" and choose_runtime("cuda") == "torch"
+    assert ISNet.runtime_note() == "on this CPU, a photo: nnpack 1.00 s, onnxruntime 2.00 s; auto runs nnpack"
+    write_measurement("onnxruntime", seconds={"onnxruntime": 2.0, "openvino-int8": 2.5})
+    assert choose_runtime("cpu") == "onnxruntime"  # measured, over the preference for int8
+    installed({"onnxruntime", "openvino", "openvino-int8", "torch"})
+    write_measurement("nnpack")  # no longer installed
+    assert choose_runtime("cpu") == "openvino-int8" and ISNet.runtime_note() is None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"machine": {"cpu": "another CPU"}},
+        {"version": isnet_module.CPU_CHOICE_VERSION + 1},
+        {"fastest": "tensorflow"},
+        {"seconds": "fast"},
+    ],
+    ids=["another machine", "another version", "unknown runtime", "damaged"],
+)
+def test_a_measurement_not_of_this_machine_or_damaged_is_not_used(installed, changes):
+    installed({"onnxruntime", "openvino", "openvino-int8", "torch", "nnpack"})
+    write_measurement(**({"fastest": "nnpack"} | changes))
+    assert choose_runtime("cpu") == "openvino-int8" and ISNet.runtime_note() is None
+    (isnet_module.cache_dir() / isnet_module.CPU_CHOICE_FILE).write_text('{"fastest": "nnp')  # cut short
+    assert choose_runtime("cpu") == "openvino-int8"
 
 
 def test_a_runtime_asked_for_wins_by_name_or_alias(installed, monkeypatch):
@@ -148,6 +193,19 @@ def reference():
         except WeightsUnavailableError as exc:
             pytest.skip(f"IS-Net weights are not cached and could not be fetched: {exc}")
     return create_model("isnet-general-use", device="cpu", runtime="onnxruntime", batch_size=1)
+
+
+@pytest.mark.slow
+def test_the_cpu_runtimes_are_timed_on_the_real_weights_and_the_fastest_kept(reference, monkeypatch, tmp_path):
+    monkeypatch.delenv(RUNTIME_ENV, raising=False)
+    weights = ISNet.local_weights()
+    monkeypatch.setenv("DREAMFOCUS_CACHE", str(tmp_path))  # the fp32 graph is derived again there
+    candidates = tuple(r for r in ("nnpack", "onnxruntime") if isnet_module.runtime_available(r))
+    seconds = isnet_module.measure_cpu_runtimes(weights, candidates, rounds=1)
+    assert set(seconds) == set(candidates) and all(0 < s < 120 for s in seconds.values())
+    fastest = min(seconds, key=seconds.__getitem__)
+    assert choose_runtime("cpu") == isnet_module.measured_cpu_runtime() == fastest
+    assert ISNet.runtime_note().endswith(f"; auto runs {fastest}")
 
 
 @pytest.mark.slow

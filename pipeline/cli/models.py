@@ -79,7 +79,8 @@ def list_models() -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[-1])
-    print(f"cache: {cache_dir()}")
+    notes = [f"{name} {note}" for name in model_names() if (note := model_class(name).runtime_note())]
+    print("\n".join([*notes, f"cache: {cache_dir()}"]))
     if missing:
         print("\ndefault models without weights here (`dreamfocus models fetch NAME` fetches what is reachable):")
         print("\n".join(f"  {line}" for line in missing))
@@ -100,6 +101,9 @@ def fetch_models(names: list[str], source: str | None, missing_ok: bool = False,
             print(f"dreamfocus: {'warning' if missing_ok else 'error'}: {exc}", file=sys.stderr)
             continue
         print(f"{cls.name}: {path if path is not None else 'built in, nothing to fetch'}")
+        note = cls.runtime_note()
+        if note:
+            print(f"  {note}")
         if path is not None:
             fetched[cls.name] = path
     if to and fetched:

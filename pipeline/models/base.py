@@ -213,6 +213,12 @@ class MapModel(ABC):
         return f"{cls.name} weights cannot be fetched automatically; pass a weights file or URI{env}"
 
     @classmethod
+    def runtime_note(cls) -> str | None:
+        """A line on the runtime this machine runs the model in, measured when it was fetched
+        (`models fetch` and `models list` print it); None where nothing was measured."""
+        return None
+
+    @classmethod
     def fetch(cls, source: str | None = None) -> Path | None:
         """The weights in the cache (from ``source`` when given); their path. See
         ``pipeline.models.weights.resolve_weights`` (``fetch``). Models without weights return None."""

@@ -17,13 +17,16 @@ and the 1024x1024 output is stretched back to the photo's own size; no pixel of 
 meets another's.
 
 Runtimes (``--runtime`` of `run` and `render`, else ``DREAMFOCUS_ISNET_RUNTIME``, names one;
-else torch on a GPU and on the CPU openvino-int8 where OpenVINO and NNCF are installed, else
-onnxruntime):
+else torch on a GPU, and on the CPU the one of CPU_CANDIDATES measured fastest on this machine
+when the weights were fetched (measure_cpu_runtimes), else openvino-int8 where OpenVINO and NNCF
+are installed, else onnxruntime):
 
 - torch: the network (``rsu.ISNetNetwork``) with the ONNX file's initialisers loaded by the
   module names the export gave its nodes (see :func:`onnx_state_dict`); on a GPU with fp16
   autocast, batches, channels-last tensors and a device path (``predict_tensors``). The pip
   onnxruntime has no CUDA provider, so this is what runs on GPUs.
+- nnpack: the torch network on the CPU with its 3x3 convolutions in NNPACK's Winograd kernels
+  (winograd.py), in fp32: its maps are within 1e-5 of onnxruntime's.
 - onnxruntime: the shipped fp16 graph makes onnxruntime's CPU provider wrap every fp16 op in
   Casts to run fp32 kernels, so on CPU it runs a derived fp32 graph (fp16 initializers widened,
   float Casts dropped, the 11 unused side outputs pruned, batch dimension dynamic), cached next
@@ -70,11 +73,15 @@ fewest fp32 multiply-adds of the graphs that keep the masks.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
+import platform
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
@@ -107,9 +114,14 @@ RUNTIME_ENV = "DREAMFOCUS_ISNET_RUNTIME"
 # Every runtime by its name, and the short names that also say it.
 RUNTIMES = ("nnpack", "onnxruntime", "openvino", "openvino-int8", "torch")
 ALIASES = {"onnx": "onnxruntime", "ort": "onnxruntime", "ov": "openvino", "int8": "openvino-int8"}
-# The CPU's choice where none is asked for: the fastest first (scripts/bench_runtimes.py).
-# OpenVINO fp32 is not among them: on a busy machine it took 0.8 to 1.4 times onnxruntime's time.
+# The CPU runtimes the auto choice measures on each machine (measure_cpu_runtimes). OpenVINO
+# fp32 is not among them: it was never the fastest (0.8 to 1.4 times onnxruntime's time).
+CPU_CANDIDATES = ("nnpack", "openvino-int8", "onnxruntime")
+# The CPU's choice where none was measured on this machine: the first installed.
 CPU_PREFERENCE = ("openvino-int8", "onnxruntime")
+# Where the measured choice is kept, in the cache, and the version of its record.
+CPU_CHOICE_FILE = "isnet-cpu-runtime.json"
+CPU_CHOICE_VERSION = 1
 # The packages each runtime needs (NNCF makes the int8 graph).
 RUNTIME_PACKAGES = {
     "onnxruntime": ("onnxruntime",),
@@ -154,8 +166,9 @@ def runtime_available(runtime: str) -> bool:
 
 def choose_runtime(device: str, requested: str | None = None) -> str:
     """The runtime IS-Net runs in: ``requested`` (a name of RUNTIMES, an alias, or "auto"), else
-    $DREAMFOCUS_ISNET_RUNTIME, else torch on a GPU and on the CPU the fastest installed one
-    (CPU_PREFERENCE). A runtime asked for that is unknown or not installed is a BadInputError."""
+    $DREAMFOCUS_ISNET_RUNTIME, else torch on a GPU and on the CPU the one measured fastest on this
+    machine (measured_cpu_runtime), else the first installed of CPU_PREFERENCE. A runtime asked
+    for that is unknown, not installed or cannot run on this CPU is a BadInputError."""
     asked = (requested or "").strip().lower()
     where = "runtime"
     if asked in ("", "auto"):
@@ -163,7 +176,7 @@ def choose_runtime(device: str, requested: str | None = None) -> str:
     if asked in ("", "auto"):
         if device != "cpu":
             return "torch"
-        return next((r for r in CPU_PREFERENCE if runtime_available(r)), "onnxruntime")
+        return measured_cpu_runtime() or next((r for r in CPU_PREFERENCE if runtime_available(r)), "onnxruntime")
     choice = ALIASES.get(asked, asked)
     if choice not in RUNTIMES:
         raise BadInputError(f"{where} {asked!r}: expected auto, {', '.join(RUNTIMES)} (or {', '.join(ALIASES)})")
@@ -181,6 +194,76 @@ def choose_runtime(device: str, requested: str | None = None) -> str:
             f"NEON); choose another runtime: {', '.join(r for r in RUNTIMES if r != choice and runtime_available(r))}"
         )
     return choice
+
+
+def this_machine() -> dict[str, object]:
+    """What the CPU runtimes' speeds depend on: the CPU, the threads inference may use, and the
+    runtimes' versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    packages = {}
+    for package in ("torch", "onnxruntime", "openvino", "nncf"):
+        try:
+            packages[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "machine": platform.machine(), "threads": cpu_threads(), "packages": packages}
+
+
+def cpu_measurement() -> dict | None:
+    """What measure_cpu_runtimes wrote, if it measured this machine (the same CPU, threads and
+    versions) and the runtime it found fastest is still installed; else None."""
+    try:
+        record = json.loads((cache_dir() / CPU_CHOICE_FILE).read_text())
+        fastest, machine, version, seconds = record["fastest"], record["machine"], record["version"], record["seconds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if version != CPU_CHOICE_VERSION or machine != this_machine() or fastest not in CPU_CANDIDATES:
+        return None
+    if not isinstance(seconds, dict) or missing_packages(fastest):
+        return None
+    return record
+
+
+def measured_cpu_runtime() -> str | None:
+    """The CPU runtime measured fastest on this machine (cpu_measurement), or None."""
+    record = cpu_measurement()
+    return record["fastest"] if record else None
+
+
+def measure_cpu_runtimes(
+    weights: Path, candidates: tuple[str, ...] = CPU_CANDIDATES, rounds: int = 2
+) -> dict[str, float]:
+    """Seconds per photo of each of ``candidates`` that runs here, on IS-Net's ``weights`` (the
+    best of ``rounds`` on one calibration photo after a first run, the runtimes in turn so that
+    load from elsewhere hits all alike). Every candidate's masks agree with fp32 onnxruntime's
+    (scripts/bench_runtimes.py), so the fastest is the one to run: it is written to the cache for
+    choose_runtime, with this machine's description."""
+    photo = calibration_photos()[0]
+    runnable = [r for r in candidates if runtime_available(r)]
+    models = {r: ISNet(weights=str(weights), device="cpu", runtime=r, batch_size=1) for r in runnable}
+    seconds = {r: float("inf") for r in models}
+    for model in models.values():
+        model.predict([photo])
+    for _ in range(rounds):
+        for runtime, model in models.items():
+            start = time.perf_counter()
+            model.predict([photo])
+            seconds[runtime] = min(seconds[runtime], time.perf_counter() - start)
+    if seconds:
+        record = {
+            "version": CPU_CHOICE_VERSION,
+            "fastest": min(seconds, key=seconds.__getitem__),
+            "seconds": seconds,
+            "machine": this_machine(),
+        }
+        with replaced_atomically(writable_cache_dir() / CPU_CHOICE_FILE) as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
+    return seconds
 
 
 @register
@@ -267,8 +350,9 @@ class ISNet(MapModel):
 
     @classmethod
     def fetch(cls, source: str | None = None) -> Path | None:
-        """The weights in the cache, and the graphs the CPU runtimes run made from them now (the
-        int8 one takes a minute or two), so that no job waits for them later."""
+        """The weights in the cache, the graphs the CPU runtimes run made from them now (the int8
+        one takes a minute or two), and, once per machine, the CPU runtimes timed (half a minute)
+        so that auto runs the fastest: no job waits for either later."""
         path = super().fetch(source)
         if path is not None:
             digest = weights_digest(path)
@@ -278,7 +362,20 @@ class ISNet(MapModel):
                     quantized_model(fp32, digest, cls.size)
                 except Exception as exc:  # noqa: BLE001 - the weights are fine; the runtime retries at its start
                     log.warning("could not make IS-Net's int8 graph now (%s)", exc)
+            if measured_cpu_runtime() is None:
+                try:
+                    measure_cpu_runtimes(path)
+                except Exception as exc:  # noqa: BLE001 - the weights are fine; auto falls back to CPU_PREFERENCE
+                    log.warning("could not time IS-Net's CPU runtimes (%s)", exc)
         return path
+
+    @classmethod
+    def runtime_note(cls) -> str | None:
+        record = cpu_measurement()
+        if record is None:
+            return None
+        timings = ", ".join(f"{r} {s:.2f} s" for r, s in sorted(record["seconds"].items(), key=lambda rs: rs[1]))
+        return f"on this CPU, a photo: {timings}; auto runs {record['fastest']}"
 
     @classmethod
     def how_to_fetch(cls) -> str:
@@ -665,16 +762,22 @@ def derived_model(src: Path, digest: str, variant: str) -> Path:
         return src
 
 
-def calibration_inputs(size: int = ISNet.size) -> list[np.ndarray]:
-    """The calibration photos as IS-Net takes them (1 x 3 x size x size), each also mirrored."""
+def calibration_photos() -> list[np.ndarray]:
+    """The calibration photos, RGB."""
     photos = []
     for path in sorted(CALIBRATION.glob("*.jpg")):
         image = cv2.imread(str(path))
         if image is None:
-            raise WeightsUnavailableError(f"{path}: cannot be read, so the int8 graph cannot be made")
+            raise WeightsUnavailableError(f"{path}: cannot be read")
         photos.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
     if not photos:
-        raise WeightsUnavailableError(f"no calibration photos in {CALIBRATION}: the int8 graph cannot be made")
+        raise WeightsUnavailableError(f"no calibration photos in {CALIBRATION}")
+    return photos
+
+
+def calibration_inputs(size: int = ISNet.size) -> list[np.ndarray]:
+    """The calibration photos as IS-Net takes them (1 x 3 x size x size), each also mirrored."""
+    photos = calibration_photos()
     return [model_input(p, size)[None] for photo in photos for p in (photo, np.ascontiguousarray(photo[:, ::-1]))]
 
 
