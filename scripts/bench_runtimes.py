@@ -244,8 +244,10 @@ for _scopes in ((), ("/conv_in/", "/side1/"), ("/stage1/rebnconvin/",)):  # the 
     )
 
 
-def torch_model() -> Run:
-    model = ISNet(device="cpu", runtime="torch", batch_size=1)
+def torch_model(runtime: str = "torch") -> Run:
+    """IS-Net in torch as dreamfocus runs it with --runtime torch (channels-last, oneDNN) or
+    --runtime nnpack (NCHW, NNPACK's Winograd convolutions)."""
+    model = ISNet(device="cpu", runtime=runtime, batch_size=1)
     import torch
 
     return lambda x: model._forward(torch.from_numpy(x)).numpy()[0]
@@ -289,6 +291,7 @@ def candidates(graph: Path, calibration: list[np.ndarray], workdir: Path) -> dic
             dreamfocus_int8_graph(), threads=1, ENABLE_CPU_PINNING=False
         ),
         "torch fp32 channels-last": torch_model,
+        "torch fp32 nnpack (--runtime nnpack)": lambda: torch_model("nnpack"),
     }
     for name, (tag, scopes, options) in NNCF_VARIANTS.items():
         made[name] = functools.partial(
