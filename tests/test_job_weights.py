@@ -306,9 +306,11 @@ def real_isnet() -> Path:
 
 def copy_cache(weights: Path, cache: Path, with_graphs: bool = False) -> Path:
     """A cache holding ``weights``; ``with_graphs``: also the IS-Net graphs already made from
-    them beside it (`models fetch` would otherwise spend a minute making the int8 graph again)."""
+    them beside it and the CPU runtimes' timings (`models fetch` would otherwise spend a minute
+    making the int8 graph again and half a minute timing the runtimes)."""
     cache.mkdir(parents=True)
-    graphs = [p for p in weights.parent.glob("isnet-*.*") if p.suffix in (".onnx", ".xml", ".bin") and p != weights]
+    made = (".onnx", ".xml", ".bin", ".json")
+    graphs = [p for p in weights.parent.glob("isnet-*.*") if p.suffix in made and p != weights]
     for path in [weights, *(graphs if with_graphs else [])]:
         try:
             os.link(path, cache / path.name)  # same file system: no copy

@@ -357,7 +357,9 @@ class ISNet(MapModel):
         if path is not None:
             digest = weights_digest(path)
             fp32 = derived_model(path, digest, "fp32")
-            if fp32 != path and runtime_available("openvino-int8"):
+            if fp32 == path:  # not a graph onnxruntime can run in fp32: nothing to make or time
+                return path
+            if runtime_available("openvino-int8"):
                 try:
                     quantized_model(fp32, digest, cls.size)
                 except Exception as exc:  # noqa: BLE001 - the weights are fine; the runtime retries at its start
