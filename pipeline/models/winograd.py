@@ -2,12 +2,12 @@
 
 A Winograd convolution computes a 3x3 convolution with a fraction of the multiply-adds of a
 direct one (NNPACK's F(6x6, 3x3) tiles: 64 instead of 324 per tile and channel pair), at the
-cost of transforming inputs, kernels and outputs. The CPU builds of torch carry NNPACK (x86-64
-with AVX2, and ARM NEON), but torch only calls it for batches of 16 or more, so the network
-here calls it itself. On a 2-core AVX2 CPU that runs OpenVINO's int8 convolutions no faster than
-its fp32 ones, IS-Net's 3x3 convolutions take 2.0 s this way against 3.7 s in oneDNN
-(channels-last), and its output stays within 1e-5 of onnxruntime's (scripts/bench_runtimes.py
-has the whole network's times and masks).
+cost of transforming inputs, kernels and outputs. torch's CPU builds for x86-64 carry NNPACK
+(it runs where the CPU has AVX2; ARM builds may carry it for NEON), but torch only calls it for
+batches of 16 or more, so the network here calls it itself. On a 2-core AVX2 CPU that runs
+OpenVINO's int8 convolutions no faster than its fp32 ones, IS-Net's 3x3 convolutions take 2.0 s
+this way against 3.7 s in oneDNN (channels-last), and its output stays within 1e-5 of
+onnxruntime's (scripts/bench_runtimes.py has the whole network's times and masks).
 
 NNPACK needs NCHW tensors and a stride and dilation of 1; the strided ``conv_in`` and the
 dilated convolutions go on through oneDNN, as do the small ones, where transforming the kernel
@@ -71,6 +71,8 @@ def eligible(conv: nn.Module) -> bool:
 def winograd_network(network: nn.Module) -> nn.Module:
     """``network`` in eval mode on the CPU, in the NCHW layout NNPACK reads, each eligible
     convolution replaced by a WinogradConv2d sharing its weights (the state dict is unchanged)."""
+    if not available():
+        raise RuntimeError("NNPACK does not run on this CPU (it needs x86-64 with AVX2 or ARM NEON)")
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             if eligible(child):
