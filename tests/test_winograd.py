@@ -14,7 +14,7 @@ from pipeline.models import winograd
 from pipeline.models.isnet import ISNet, choose_runtime
 from pipeline.models.rsu import SMALL, ISNetNetwork, MaxPool2x2
 
-pytestmark = pytest.mark.skipif(not winograd.available(), reason="NNPACK does not run on this CPU")
+needs_nnpack = pytest.mark.skipif(not winograd.available(), reason="NNPACK does not run on this CPU")
 
 
 def _network(seed: int) -> ISNetNetwork:
@@ -28,6 +28,7 @@ def _network(seed: int) -> ISNetNetwork:
     return network
 
 
+@needs_nnpack
 @pytest.mark.parametrize("size", [256, 20])  # in NNPACK, and below MIN_MULTIPLY_ADDS through F.conv2d
 def test_a_winograd_convolution_is_the_convolution(size):
     conv = torch.nn.Conv2d(64, 48, 3, padding=1)
@@ -54,6 +55,7 @@ def test_only_plain_3x3_convolutions_of_stride_1_are_replaced():
         winograd.WinogradConv2d(torch.nn.Conv2d(8, 8, 3, stride=2))
 
 
+@needs_nnpack
 def test_the_winograd_network_gives_the_plain_networks_maps():
     plain = _network(3)
     state = {k: v.clone() for k, v in plain.state_dict().items()}
@@ -88,6 +90,7 @@ def test_the_fast_max_pool_is_max_pool2d_with_ceil_mode(shape):
         torch.testing.assert_close(got, want, equal_nan=True)
 
 
+@needs_nnpack
 def test_nnpack_is_a_runtime_of_its_own(monkeypatch):
     monkeypatch.delenv(isnet_module.RUNTIME_ENV, raising=False)
     assert choose_runtime("cpu", "nnpack") == "nnpack"
@@ -104,3 +107,17 @@ def test_nnpack_asked_for_where_it_does_not_run_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(winograd, "available", lambda: False)
     with pytest.raises(BadInputError, match=r"'nnpack': NNPACK does not run on this CPU .*choose another runtime: "):
         choose_runtime("cpu", "nnpack")
+
+
+@pytest.mark.parametrize("outside", [None, "ACTIVE"])
+def test_openmp_threads_sleep_between_operations_unless_told_otherwise(outside):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if outside:
+        env["OMP_WAIT_POLICY"] = outside
+    code = "import os, pipeline, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == (outside or "PASSIVE")

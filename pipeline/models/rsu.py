@@ -24,13 +24,15 @@ def upsample_like(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class MaxPool2x2(nn.MaxPool2d):
     """The 2x2 max-pool of stride 2 rounding up (``ceil_mode``) of the authors' code. On the CPU a
     map of even height and width takes the maximum of its four strided views instead: five times
-    faster there than ``max_pool2d``, which also computes the indices of the maxima."""
+    faster there than ``max_pool2d``, which also computes the indices of the maxima. A graph
+    being traced or exported keeps the max-pool, whose shape does not depend on the input's."""
 
     def __init__(self) -> None:
         super().__init__(2, stride=2, ceil_mode=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.shape[-2] % 2 or x.shape[-1] % 2:
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if tracing or x.device.type != "cpu" or x.shape[-2] % 2 or x.shape[-1] % 2:
             return super().forward(x)
         top = torch.maximum(x[..., ::2, ::2], x[..., ::2, 1::2])
         return torch.maximum(top, torch.maximum(x[..., 1::2, ::2], x[..., 1::2, 1::2]))
