@@ -23,6 +23,8 @@ from torch import nn
 # Below this many multiply-adds (kernel size x output pixels) a convolution runs as fast or
 # faster in oneDNN: the kernel transform is then most of NNPACK's work.
 MIN_MULTIPLY_ADDS = 100_000_000
+# Why the nnpack runtime cannot run where available() is False.
+UNAVAILABLE = "NNPACK does not run on this CPU (torch's x86-64 builds carry it; it needs AVX2)"
 
 
 def available() -> bool:
@@ -72,7 +74,7 @@ def winograd_network(network: nn.Module) -> nn.Module:
     """``network`` in eval mode on the CPU, in the NCHW layout NNPACK reads, each eligible
     convolution replaced by a WinogradConv2d sharing its weights (the state dict is unchanged)."""
     if not available():
-        raise RuntimeError("NNPACK does not run on this CPU (it needs x86-64 with AVX2 or ARM NEON)")
+        raise RuntimeError(UNAVAILABLE)
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             if eligible(child):
