@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from scenes import scene  # noqa: E402
 
-from pipeline.models.base import cpu_threads  # noqa: E402
+from pipeline.models.base import CPU_STREAMS, cpu_threads  # noqa: E402
 from pipeline.models.isnet import (  # noqa: E402
     ISNet,
     calibration_inputs,
@@ -244,13 +244,34 @@ for _scopes in ((), ("/conv_in/", "/side1/"), ("/stage1/rebnconvin/",)):  # the 
     )
 
 
-def torch_model(runtime: str = "torch") -> Run:
-    """IS-Net in torch as dreamfocus runs it with --runtime torch (channels-last, oneDNN) or
-    --runtime nnpack (NCHW, NNPACK's Winograd convolutions)."""
-    model = ISNet(device="cpu", runtime=runtime, batch_size=1)
+def torch_model() -> Run:
+    """IS-Net in torch as dreamfocus runs it with --runtime torch (channels-last, oneDNN)."""
+    model = ISNet(device="cpu", runtime="torch", batch_size=1)
     import torch
 
     return lambda x: model._forward(torch.from_numpy(x)).numpy()[0]
+
+
+class NnpackSideBySide:
+    """IS-Net as a job runs it with --runtime nnpack (NCHW, NNPACK's Winograd convolutions):
+    CPU_STREAMS copies of the photo at once, on a thread each where the cores allow
+    (winograd.streams), timed per photo. It is the process's only NNPACK runtime, because the
+    first NNPACK call sizes NNPACK's one thread pool for every later one."""
+
+    photos_at_once = CPU_STREAMS
+
+    def __init__(self) -> None:
+        self.model = ISNet(device="cpu", runtime="nnpack", batch_size=CPU_STREAMS)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        def forward(x: np.ndarray) -> np.ndarray:
+            return self.model._forward(torch.from_numpy(x)).numpy()[0]
+
+        copies = [x] * self.photos_at_once
+        streams = self.model._streams
+        return list(streams.map(forward, copies) if streams else map(forward, copies))[0]
 
 
 def dreamfocus_int8_graph() -> Path:
@@ -291,7 +312,7 @@ def candidates(graph: Path, calibration: list[np.ndarray], workdir: Path) -> dic
             dreamfocus_int8_graph(), threads=1, ENABLE_CPU_PINNING=False
         ),
         "torch fp32 channels-last": torch_model,
-        "torch fp32 nnpack (--runtime nnpack)": lambda: torch_model("nnpack"),
+        f"torch fp32 nnpack, {CPU_STREAMS} photos at once (--runtime nnpack)": NnpackSideBySide,
     }
     for name, (tag, scopes, options) in NNCF_VARIANTS.items():
         made[name] = functools.partial(
@@ -332,7 +353,7 @@ def timed_rounds(
     runs: dict[str, Run], photos: dict[str, np.ndarray], rounds: int
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, list[float]]]:
     """Each run on each photo in turn, ``rounds`` times (load from elsewhere hits all alike):
-    run -> photo -> its output, and run -> seconds of each call."""
+    run -> photo -> its output, and run -> seconds of each call per photo (a call may run several)."""
     maps: dict[str, dict[str, np.ndarray]] = {name: {} for name in runs}
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     for run in runs.values():
@@ -342,7 +363,7 @@ def timed_rounds(
             for name, run in runs.items():
                 started = time.perf_counter()
                 out = run(x)
-                seconds[name].append(time.perf_counter() - started)
+                seconds[name].append((time.perf_counter() - started) / getattr(run, "photos_at_once", 1))
                 maps[name][photo_name] = out
         print(f"round {round_ + 1} of {rounds} done", flush=True)
     return maps, seconds

@@ -102,6 +102,36 @@ def test_nnpack_is_a_runtime_of_its_own(monkeypatch):
     assert 0.0 <= saliency.min() < saliency.max() <= 1.0
 
 
+def test_photos_run_side_by_side_only_on_one_thread_each():
+    assert [winograd.streams(photos, threads=2) for photos in (1, 2, 4)] == [1, 2, 2]
+    assert winograd.streams(4, threads=1) == 1  # one core: nothing to share
+    assert winograd.streams(4, threads=4) == 1  # NNPACK's one pool would have 4 threads: all on it
+
+
+@needs_nnpack
+def test_two_cores_run_two_photos_at_once_with_the_maps_of_one_at_a_time(monkeypatch):
+    import threading
+
+    monkeypatch.setattr(isnet_module, "cpu_threads", lambda: 2)
+    one, two = (ISNet.from_network(_network(5), device="cpu", batch_size=n, size=128, runtime="nnpack") for n in (1, 2))
+    assert one._streams is None and two._streams is not None
+    ran_on = set()
+    predict_one = two._predict_one
+
+    def recorded(photo):
+        ran_on.add(threading.current_thread().name)
+        return predict_one(photo)
+
+    monkeypatch.setattr(two, "_predict_one", recorded)
+    rng = np.random.default_rng(1)
+    photos = [rng.integers(0, 255, (90 + 10 * i, 140, 3), dtype=np.uint8) for i in range(3)]
+    want, got = one.predict(photos), two.predict(photos)
+    assert len(ran_on) == 2 and all(name.startswith("dreamfocus-nnpack") for name in ran_on)
+    assert [m.shape for m in got] == [p.shape[:2] for p in photos]  # each photo's own, in order
+    for a, b in zip(want, got):
+        np.testing.assert_allclose(b, a, atol=1e-6)
+
+
 def test_nnpack_asked_for_where_it_does_not_run_is_a_clear_error(monkeypatch):
     monkeypatch.delenv(isnet_module.RUNTIME_ENV, raising=False)
     monkeypatch.setattr(winograd, "available", lambda: False)

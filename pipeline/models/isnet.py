@@ -82,6 +82,7 @@ import platform
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -89,7 +90,7 @@ import numpy as np
 
 from ..errors import BadInputError, WeightsUnavailableError
 from . import npm, register
-from .base import SALIENCY, MapModel, cpu_threads, default_device, squash, unsquash
+from .base import CPU_STREAMS, SALIENCY, MapModel, cpu_threads, default_device, squash, unsquash
 from .weights import (
     ARCHIVE_SUFFIXES,
     cache_dir,
@@ -121,7 +122,7 @@ CPU_CANDIDATES = ("nnpack", "openvino-int8", "onnxruntime")
 CPU_PREFERENCE = ("openvino-int8", "onnxruntime")
 # Where the measured choice is kept, in the cache, and the version of its record.
 CPU_CHOICE_FILE = "isnet-cpu-runtime.json"
-CPU_CHOICE_VERSION = 1
+CPU_CHOICE_VERSION = 2  # 2: photos timed CPU_STREAMS at once
 # The packages each runtime needs (NNCF makes the int8 graph).
 RUNTIME_PACKAGES = {
     "onnxruntime": ("onnxruntime",),
@@ -240,21 +241,22 @@ def measure_cpu_runtimes(
     weights: Path, candidates: tuple[str, ...] = CPU_CANDIDATES, rounds: int = 2
 ) -> dict[str, float]:
     """Seconds per photo of each of ``candidates`` that runs here, on IS-Net's ``weights`` (the
-    best of ``rounds`` on one calibration photo after a first run, the runtimes in turn so that
-    load from elsewhere hits all alike). Every candidate's masks agree with fp32 onnxruntime's
-    (scripts/bench_runtimes.py), so the fastest is the one to run: it is written to the cache for
-    choose_runtime, with this machine's description."""
-    photo = calibration_photos()[0]
+    best of ``rounds`` on CPU_STREAMS copies of one calibration photo at once, as a job gives
+    them, after a first run; the runtimes in turn so that load from elsewhere hits all alike).
+    Every candidate's masks agree with fp32 onnxruntime's (scripts/bench_runtimes.py), so the
+    fastest is the one to run: it is written to the cache for choose_runtime, with this
+    machine's description."""
+    photos = calibration_photos()[:1] * CPU_STREAMS
     runnable = [r for r in candidates if runtime_available(r)]
-    models = {r: ISNet(weights=str(weights), device="cpu", runtime=r, batch_size=1) for r in runnable}
+    models = {r: ISNet(weights=str(weights), device="cpu", runtime=r, batch_size=CPU_STREAMS) for r in runnable}
     seconds = {r: float("inf") for r in models}
     for model in models.values():
-        model.predict([photo])
+        model.predict(photos)
     for _ in range(rounds):
         for runtime, model in models.items():
             start = time.perf_counter()
-            model.predict([photo])
-            seconds[runtime] = min(seconds[runtime], time.perf_counter() - start)
+            model.predict(photos)
+            seconds[runtime] = min(seconds[runtime], (time.perf_counter() - start) / len(photos))
     if seconds:
         record = {
             "version": CPU_CHOICE_VERSION,
@@ -530,15 +532,26 @@ class ISNet(MapModel):
 
     def _open_nnpack(self, network) -> None:
         """The torch network with its 3x3 convolutions in NNPACK's Winograd kernels (winograd.py),
-        on the CPU, one photo at a time."""
+        on the CPU, a photo at a time on each of its streams (winograd.streams). A stream is a
+        thread whose torch operations run on that thread alone: its first call sets torch's
+        thread count to one (which also sizes NNPACK's pool, made at the process's first NNPACK
+        call), and later settings made on other threads leave its own as it is."""
+        import torch
+
         from .tensors import torch_device
-        from .winograd import winograd_network
+        from .winograd import streams, winograd_network
 
         if self.device != "cpu":
             log.warning("NNPACK runs %s on the CPU here, not on %s", self.name, self.device)
             self.device = "cpu"
         self._device = torch_device("cpu")
         self._network = winograd_network(network)
+        n = streams(self.batch_size, cpu_threads())
+        self._streams = (
+            ThreadPoolExecutor(n, "dreamfocus-nnpack", initializer=torch.set_num_threads, initargs=(1,))
+            if n > 1
+            else None
+        )
         self.runtime = "nnpack"
 
     def _open_onnxruntime(self, weights_path: Path) -> None:
@@ -588,18 +601,25 @@ class ISNet(MapModel):
     # ----------------------------------------------------------------------------- inference
 
     def _predict_batch(self, photos: list[np.ndarray]) -> list[np.ndarray]:
+        if self.runtime == "nnpack":  # a batch runs slower per photo than one photo at a time
+            streams = self._streams
+            return list(streams.map(self._predict_one, photos)) if streams else [self._predict_one(p) for p in photos]
         inputs = [self._preprocess(p) for p in photos]
-        if self.runtime in ("torch", "nnpack"):
+        if self.runtime == "torch":
             import torch
 
-            # NNPACK runs a batch slower per photo than one photo at a time
-            batches = [x[None] for x in inputs] if self.runtime == "nnpack" else [np.stack(inputs)]
-            outs = [out for b in batches for out in self._forward(torch.from_numpy(b)).cpu().numpy()]
+            outs = list(self._forward(torch.from_numpy(np.stack(inputs))).cpu().numpy())
         elif self.runtime.startswith("openvino"):
             outs = self._run_openvino(inputs)
         else:
             outs = self._run_onnxruntime(inputs)
         return [unsquash(o, p) for o, p in zip(outs, photos)]
+
+    def _predict_one(self, photo: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(self._preprocess(photo)[None])
+        return unsquash(self._forward(x)[0].numpy(), photo)
 
     def _predict_tensor_batch(self, photos, saliency=None):
         import torch

@@ -12,6 +12,11 @@ onnxruntime's (scripts/bench_runtimes.py has the whole network's times and masks
 NNPACK needs NCHW tensors and a stride and dilation of 1; the strided ``conv_in`` and the
 dilated convolutions go on through oneDNN, as do the small ones, where transforming the kernel
 costs more than it saves.
+
+On two cores the runtime runs two photos at once, each on one thread (``streams``): NNPACK and
+oneDNN gain only 1.5 times from a second thread on this network, so two single-threaded photos
+side by side take about 0.8 of the time of the same two one after the other on both threads
+(scripts/bench_runtimes.py: 0.58 of onnxruntime's time, against 0.68 one photo at a time).
 """
 
 from __future__ import annotations
@@ -25,6 +30,17 @@ from torch import nn
 MIN_MULTIPLY_ADDS = 100_000_000
 # Why the nnpack runtime cannot run where available() is False.
 UNAVAILABLE = "NNPACK does not run on this CPU (torch's x86-64 builds carry it; it needs AVX2)"
+
+
+def streams(photos_at_once: int, threads: int) -> int:
+    """How many photos the nnpack runtime runs at once, each on a thread of its own, given a call
+    of ``photos_at_once`` photos and ``threads`` cores: one a core where the call has a photo for
+    each (and at most CPU_STREAMS), else one on every core. torch gives NNPACK one thread pool a
+    process, which runs one convolution at a time; a pool of one thread runs each on its caller,
+    so only single-threaded photos run side by side."""
+    from .base import CPU_STREAMS
+
+    return threads if 1 < threads <= min(photos_at_once, CPU_STREAMS) else 1
 
 
 def available() -> bool:
