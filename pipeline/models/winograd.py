@@ -9,9 +9,11 @@ OpenVINO's int8 convolutions no faster than its fp32 ones, IS-Net's 3x3 convolut
 this way against 3.7 s in oneDNN (channels-last), and its output stays within 1e-5 of
 onnxruntime's (scripts/bench_runtimes.py has the whole network's times and masks).
 
-NNPACK needs NCHW tensors and a stride and dilation of 1; the strided ``conv_in`` and the
-dilated convolutions go on through oneDNN, as do the small ones, where transforming the kernel
-costs more than it saves.
+NNPACK needs NCHW tensors and a stride and dilation of 1. A dilated convolution is an ordinary
+one on each of the maps of every d-th pixel, so it runs in NNPACK on those maps laid side by
+side (MosaicConv2d): half the time of oneDNN's dilated kernels at 32 x 32. The strided
+``conv_in`` goes on through oneDNN, as do, on more than one thread, the small convolutions,
+where transforming the kernel costs more than it saves.
 
 On two cores the runtime runs two photos at once, each on one thread (``streams``): NNPACK and
 oneDNN gain only 1.5 times from a second thread on this network, so two single-threaded photos
@@ -25,9 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Below this many multiply-adds (kernel size x output pixels) a convolution runs as fast or
-# faster in oneDNN: the kernel transform is then most of NNPACK's work.
+# On more than one thread, below this many multiply-adds (kernel size x output pixels) a
+# convolution runs as fast or faster in oneDNN: the kernel transform is then most of NNPACK's
+# work. On one thread NNPACK is the faster at every size IS-Net has.
 MIN_MULTIPLY_ADDS = 100_000_000
+# A dilated convolution runs as a mosaic on maps this large a side, or whose sub-maps are at
+# least MOSAIC_MIN_PART a side; below both, the mosaic's gutters cost more than it saves.
+MOSAIC_MIN_SIDE = 32
+MOSAIC_MIN_PART = 8
 # Why the nnpack runtime cannot run where available() is False.
 UNAVAILABLE = "NNPACK does not run on this CPU (torch's x86-64 builds carry it; it needs AVX2)"
 
@@ -63,36 +70,89 @@ class WinogradConv2d(nn.Module):
         self.padding = (int(conv.padding[0]), int(conv.padding[1]))  # type: ignore[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and self.multiply_adds(x) >= MIN_MULTIPLY_ADDS:
+        if in_nnpack(x, self.weight, x.shape[-2] * x.shape[-1]):
             return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias, self.padding, (1, 1))
         return F.conv2d(x, self.weight, self.bias, padding=self.padding)
 
-    def multiply_adds(self, x: torch.Tensor) -> int:
-        return self.weight.numel() * x.shape[-2] * x.shape[-1]
+
+class MosaicConv2d(nn.Module):
+    """A 3x3 convolution of dilation d (and padding d, so of the input's size) as one NNPACK
+    convolution: each output pixel sums the input's pixels d apart, so the output at the pixels
+    (i*d + a, j*d + b) is an ordinary convolution of the map of input pixels (i*d + a, j*d + b).
+    The d x d such maps are laid side by side in a mosaic with a row and a column of zeros after
+    each, which pad each map as the dilated convolution's own padding does. Maps whose sides d
+    does not divide, and small ones, go through ``F.conv2d``. Its parameters keep the names and
+    shapes of the ``nn.Conv2d`` it replaces."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not mosaic_eligible(conv):
+            raise ValueError(f"not a 3x3 convolution of dilation d and padding d: {conv}")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.dilation = int(conv.dilation[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.dilation
+        n, c, height, width = x.shape
+        h, w = height // d, width // d
+        pays = min(height, width) >= MOSAIC_MIN_SIDE or min(h, w) >= MOSAIC_MIN_PART
+        if height % d or width % d or not pays or not in_nnpack(x, self.weight, d * d * (h + 1) * (w + 1)):
+            return F.conv2d(x, self.weight, self.bias, padding=d, dilation=d)
+        mosaic = x.new_zeros(n, c, d * (h + 1), d * (w + 1))
+        mosaic.view(n, c, d, h + 1, d, w + 1)[:, :, :, :h, :, :w] = x.reshape(n, c, h, d, w, d).permute(
+            0, 1, 3, 2, 5, 4
+        )
+        out = torch._nnpack_spatial_convolution(mosaic, self.weight, self.bias, (1, 1), (1, 1))
+        k = out.shape[1]
+        parts = out.view(n, k, d, h + 1, d, w + 1)[:, :, :, :h, :, :w]
+        return parts.permute(0, 1, 3, 2, 5, 4).reshape(n, k, height, width)
+
+
+def in_nnpack(x: torch.Tensor, weight: torch.Tensor, pixels: int) -> bool:
+    """Whether a convolution of ``weight`` over ``pixels`` output pixels of ``x`` runs faster
+    in NNPACK than in oneDNN (MIN_MULTIPLY_ADDS); NNPACK takes CPU float32 tensors only."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    return torch.get_num_threads() == 1 or weight.numel() * pixels >= MIN_MULTIPLY_ADDS
+
+
+def _plain_3x3(conv: nn.Module) -> bool:
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and isinstance(conv.padding, tuple)
+    )
 
 
 def eligible(conv: nn.Module) -> bool:
     """A convolution NNPACK computes: 2-D, 3x3, stride and dilation 1, one group, a padding
     smaller than the kernel."""
-    return (
-        isinstance(conv, nn.Conv2d)
-        and conv.kernel_size == (3, 3)
-        and conv.stride == (1, 1)
-        and conv.dilation == (1, 1)
-        and conv.groups == 1
-        and isinstance(conv.padding, tuple)
-        and all(p < 3 for p in conv.padding)
-        and conv.padding_mode == "zeros"
-    )
+    return _plain_3x3(conv) and conv.dilation == (1, 1) and all(p < 3 for p in conv.padding)  # type: ignore[union-attr]
+
+
+def mosaic_eligible(conv: nn.Module) -> bool:
+    """A convolution MosaicConv2d computes: as ``eligible`` but of dilation d > 1 both ways and
+    padding d (the output has the input's size)."""
+    if not _plain_3x3(conv):
+        return False
+    d = conv.dilation[0]  # type: ignore[index]
+    return bool(d > 1 and conv.dilation == (d, d) and conv.padding == (d, d))
 
 
 def winograd_network(network: nn.Module) -> nn.Module:
     """``network`` in eval mode on the CPU, in the NCHW layout NNPACK reads, each eligible
-    convolution replaced by a WinogradConv2d sharing its weights (the state dict is unchanged)."""
+    convolution replaced by a WinogradConv2d and each dilated one by a MosaicConv2d, sharing its
+    weights (the state dict is unchanged)."""
     if not available():
         raise RuntimeError(UNAVAILABLE)
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
             if eligible(child):
                 setattr(parent, name, WinogradConv2d(child))  # type: ignore[arg-type]
+            elif mosaic_eligible(child):
+                setattr(parent, name, MosaicConv2d(child))  # type: ignore[arg-type]
     return network.eval().to("cpu", memory_format=torch.contiguous_format)  # type: ignore[call-overload]
