@@ -8,4 +8,9 @@ import os
 # imported; the processes Ray starts inherit it. A value set outside is kept.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Before any thread of the job starts: see heap.py.
+from .heap import keep_freed_memory  # noqa: E402
+
+keep_freed_memory()
+
 __version__ = "0.1.0"
