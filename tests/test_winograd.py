@@ -68,6 +68,19 @@ def test_a_dilated_convolution_as_a_mosaic_is_the_convolution(size, dilation, mo
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize(("outputs", "bias", "batch"), [(1, True, 1), (2, False, 2)])
+def test_a_convolution_to_few_maps_as_shifted_sums_is_the_convolution(outputs, bias, batch):
+    conv = torch.nn.Conv2d(32, outputs, 3, padding=1, bias=bias)
+    x = torch.randn(batch, 32, 40, 56)
+    fast = winograd.ShiftedSumConv2d(conv)
+    with torch.inference_mode():
+        want, got = conv(x), fast(x)
+    assert got.shape == want.shape == (batch, outputs, 40, 56)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5 * float(want.abs().max()))
+    assert not winograd.shifted_sum_eligible(torch.nn.Conv2d(32, winograd.FEW_OUTPUTS + 1, 3, padding=1))
+    assert not winograd.shifted_sum_eligible(torch.nn.Conv2d(32, 1, 3, padding=0))
+
+
 def test_only_plain_3x3_convolutions_of_stride_1_are_replaced():
     assert winograd.eligible(torch.nn.Conv2d(8, 8, 3, padding=1))
     assert not winograd.eligible(torch.nn.Conv2d(8, 8, 3, padding=2, dilation=2))
@@ -89,9 +102,11 @@ def test_the_winograd_network_gives_the_plain_networks_maps():
     replaced = [m for m in fast.modules() if isinstance(m, winograd.WinogradConv2d)]
     mosaics = [m for m in fast.modules() if isinstance(m, winograd.MosaicConv2d)]
     kept = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
-    # conv_in (stride 2) stays; every other convolution is replaced, the dilated ones by mosaics
+    # conv_in (stride 2) stays; every other convolution is replaced, the dilated ones by
+    # mosaics, side1 (to one map) by shifted sums
     assert [m.stride for m in kept] == [(2, 2)]
-    assert len(replaced) == sum(1 for m in plain.modules() if winograd.eligible(m)) > 0
+    assert isinstance(fast.side1, winograd.ShiftedSumConv2d)
+    assert len(replaced) == sum(1 for m in plain.modules() if winograd.eligible(m)) - 1 > 0
     assert len(mosaics) == sum(1 for m in plain.modules() if winograd.mosaic_eligible(m)) > 0
     assert fast.state_dict().keys() == state.keys()
     assert all(torch.equal(fast.state_dict()[k], v) for k, v in state.items())

@@ -34,6 +34,8 @@ MIN_MULTIPLY_ADDS = 100_000_000
 # A dilated convolution runs as a mosaic on maps this large a side, or whose sub-maps are at
 # least MOSAIC_MIN_PART a side; below both, the mosaic's gutters cost more than it saves.
 MOSAIC_MIN_SIDE = 32
+# A 3x3 convolution to this many maps or fewer runs as shifted sums (ShiftedSumConv2d).
+FEW_OUTPUTS = 2
 MOSAIC_MIN_PART = 8
 # Why the nnpack runtime cannot run where available() is False.
 UNAVAILABLE = "NNPACK does not run on this CPU (torch's x86-64 builds carry it; it needs AVX2)"
@@ -109,6 +111,33 @@ class MosaicConv2d(nn.Module):
         return parts.permute(0, 1, 3, 2, 5, 4).reshape(n, k, height, width)
 
 
+class ShiftedSumConv2d(nn.Module):
+    """A 3x3 convolution of stride 1 and padding 1 to at most FEW_OUTPUTS maps (IS-Net's
+    ``side1``: 64 channels to 1 at 512 x 512) as a 1x1 convolution to one map per output and
+    kernel tap, the nine taps' maps then summed, each shifted by its offset: a third of the time
+    NNPACK takes, whose transforms gain nothing with one output channel. Its parameters keep
+    the names and shapes of the ``nn.Conv2d`` it replaces."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not shifted_sum_eligible(conv):
+            raise ValueError(f"not a 3x3 convolution of padding 1 to at most {FEW_OUTPUTS} maps: {conv}")
+        self.weight = conv.weight
+        self.bias = conv.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        k = self.weight.shape[0]
+        taps = self.weight.permute(2, 3, 0, 1).reshape(9 * k, -1, 1, 1)  # (row, column, output) x input
+        maps = F.pad(F.conv2d(x, taps), (1, 1, 1, 1)).view(n, 3, 3, k, h + 2, w + 2)
+        out = maps[:, 0, 0, :, :h, :w].clone()
+        for row in range(3):
+            for column in range(3):
+                if row or column:
+                    out += maps[:, row, column, :, row : row + h, column : column + w]
+        return out if self.bias is None else out.add_(self.bias.view(1, k, 1, 1))
+
+
 def in_nnpack(x: torch.Tensor, weight: torch.Tensor, pixels: int) -> bool:
     """Whether a convolution of ``weight`` over ``pixels`` output pixels of ``x`` runs faster
     in NNPACK than in oneDNN (MIN_MULTIPLY_ADDS); NNPACK takes CPU float32 tensors only."""
@@ -134,6 +163,13 @@ def eligible(conv: nn.Module) -> bool:
     return _plain_3x3(conv) and conv.dilation == (1, 1) and all(p < 3 for p in conv.padding)  # type: ignore[union-attr]
 
 
+def shifted_sum_eligible(conv: nn.Module) -> bool:
+    """A convolution ShiftedSumConv2d computes: as ``eligible``, of padding 1, to at most
+    FEW_OUTPUTS maps."""
+    few = isinstance(conv, nn.Conv2d) and conv.out_channels <= FEW_OUTPUTS
+    return few and eligible(conv) and conv.padding == (1, 1)
+
+
 def mosaic_eligible(conv: nn.Module) -> bool:
     """A convolution MosaicConv2d computes: as ``eligible`` but of dilation d > 1 both ways and
     padding d (the output has the input's size)."""
@@ -145,13 +181,15 @@ def mosaic_eligible(conv: nn.Module) -> bool:
 
 def winograd_network(network: nn.Module) -> nn.Module:
     """``network`` in eval mode on the CPU, in the NCHW layout NNPACK reads, each eligible
-    convolution replaced by a WinogradConv2d and each dilated one by a MosaicConv2d, sharing its
-    weights (the state dict is unchanged)."""
+    convolution replaced by a WinogradConv2d (or where it has few outputs a ShiftedSumConv2d)
+    and each dilated one by a MosaicConv2d, sharing its weights (the state dict is unchanged)."""
     if not available():
         raise RuntimeError(UNAVAILABLE)
     for parent in list(network.modules()):
         for name, child in list(parent.named_children()):
-            if eligible(child):
+            if shifted_sum_eligible(child):
+                setattr(parent, name, ShiftedSumConv2d(child))  # type: ignore[arg-type]
+            elif eligible(child):
                 setattr(parent, name, WinogradConv2d(child))  # type: ignore[arg-type]
             elif mosaic_eligible(child):
                 setattr(parent, name, MosaicConv2d(child))  # type: ignore[arg-type]
