@@ -18,7 +18,8 @@ where transforming the kernel costs more than it saves.
 On two cores the runtime runs two photos at once, each on one thread (``streams``): NNPACK and
 oneDNN gain only 1.5 times from a second thread on this network, so two single-threaded photos
 side by side take about 0.8 of the time of the same two one after the other on both threads
-(scripts/bench_runtimes.py: 0.58 of onnxruntime's time, against 0.68 one photo at a time).
+(scripts/bench_runtimes.py: 0.58 of onnxruntime's time, against 0.68 one photo at a time;
+0.48 with the mosaics and pipeline/heap.py's malloc settings).
 """
 
 from __future__ import annotations
