@@ -8,7 +8,10 @@ IS-Net on the nnpack runtime here, 15% of its time with two photos at once. One 
 what is freed lets each pass reuse the pages of the last (scripts/bench_heap.py); the process
 then holds on to its peak, which it reaches again with the next photo.
 
-Only glibc's malloc has these settings; elsewhere (macOS, musl) nothing changes. A setting
+The settings hold for threads that first allocate after them, so `pipeline` sets them when it
+is imported, before the job starts its threads (a process that started threads of its own
+before importing it keeps their arenas). Only glibc's malloc has these settings; elsewhere
+(macOS, musl) nothing changes. A setting
 given in the environment (MALLOC_ARENA_MAX and the others, read by glibc at start-up) is kept.
 """
 
