@@ -35,9 +35,9 @@ MIN_MULTIPLY_ADDS = 100_000_000
 # A dilated convolution runs as a mosaic on maps this large a side, or whose sub-maps are at
 # least MOSAIC_MIN_PART a side; below both, the mosaic's gutters cost more than it saves.
 MOSAIC_MIN_SIDE = 32
+MOSAIC_MIN_PART = 8
 # A 3x3 convolution to this many maps or fewer runs as shifted sums (ShiftedSumConv2d).
 FEW_OUTPUTS = 2
-MOSAIC_MIN_PART = 8
 # Why the nnpack runtime cannot run where available() is False.
 UNAVAILABLE = "NNPACK does not run on this CPU (torch's x86-64 builds carry it; it needs AVX2)"
 
@@ -103,13 +103,12 @@ class MosaicConv2d(nn.Module):
         if height % d or width % d or not pays or not in_nnpack(x, self.weight, d * d * (h + 1) * (w + 1)):
             return F.conv2d(x, self.weight, self.bias, padding=d, dilation=d)
         mosaic = x.new_zeros(n, c, d * (h + 1), d * (w + 1))
-        mosaic.view(n, c, d, h + 1, d, w + 1)[:, :, :, :h, :, :w] = x.reshape(n, c, h, d, w, d).permute(
-            0, 1, 3, 2, 5, 4
-        )
+        maps = x.reshape(n, c, h, d, w, d).permute(0, 1, 3, 2, 5, 4)  # n, c, d, h, d, w
+        mosaic.view(n, c, d, h + 1, d, w + 1)[:, :, :, :h, :, :w] = maps
         out = torch._nnpack_spatial_convolution(mosaic, self.weight, self.bias, (1, 1), (1, 1))
         k = out.shape[1]
-        parts = out.view(n, k, d, h + 1, d, w + 1)[:, :, :, :h, :, :w]
-        return parts.permute(0, 1, 3, 2, 5, 4).reshape(n, k, height, width)
+        out_maps = out.view(n, k, d, h + 1, d, w + 1)[:, :, :, :h, :, :w]
+        return out_maps.permute(0, 1, 3, 2, 5, 4).reshape(n, k, height, width)
 
 
 class ShiftedSumConv2d(nn.Module):
