@@ -750,7 +750,9 @@ def load_onnx_weights(network, path: Path) -> None:
         for key, want in expected.items():
             if attrs.get(key, 1 if key == "group" else None) != want:
                 problems.append(f"{module_name} {key} {attrs.get(key)} != {want}")
-    state = {k: torch.from_numpy(v) for k, v in weights.items()}
+    # torch-owned copies, as without assign: a tensor backed by a numpy array frees it from C++
+    # whenever the tensor goes, interpreter exit included
+    state = {k: torch.from_numpy(v).clone() for k, v in weights.items()}
     own = network.state_dict()
     problems += [f"unexpected {k}" for k in state if k not in own]
     problems += [
