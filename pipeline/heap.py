@@ -4,15 +4,15 @@ torch's CPU tensors come from malloc. glibc hands out blocks above 32 MB (and ev
 thread other than the main one asks for above 64 MB) by mmap, and gives them back to the kernel
 when they are freed, so each forward pass of a network at 1024 x 1024 faults in its large
 activations afresh, a page at a time: 250,000 page faults and 0.5 s of kernel time a photo for
-IS-Net on the nnpack runtime here, 15% of its time with two photos at once. One heap that keeps
+IS-Net on the nnpack runtime here, 10 to 15% of its time with two photos at once. One heap that keeps
 what is freed lets each pass reuse the pages of the last (scripts/bench_heap.py); the process
 then holds on to its peak, which it reaches again with the next photo.
 
 The settings hold for threads that first allocate after them, so `pipeline` sets them when it
 is imported, before the job starts its threads (a process that started threads of its own
 before importing it keeps their arenas). Only glibc's malloc has these settings; elsewhere
-(macOS, musl) nothing changes. A setting
-given in the environment (MALLOC_ARENA_MAX and the others, read by glibc at start-up) is kept.
+(macOS, musl) nothing changes. A setting given in the environment (MALLOC_ARENA_MAX and the
+others, read by glibc at start-up) is kept.
 """
 
 from __future__ import annotations
